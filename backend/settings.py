@@ -1,0 +1,138 @@
+"""One typed settings object for the whole backend.
+
+Values come from ``BOXLOOP_*`` environment variables, then from an optional
+YAML/JSON config file named by ``BOXLOOP_CONFIG``; environment variables win.
+Everything that a user might want to change lives here, so there is exactly
+one place to read when asking "what can I configure?".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DetectorName = Literal["fasterrcnn_effnet_lite0", "fasterrcnn_mobilenet_v3", "ssdlite320"]
+
+
+def _default_shared_data() -> Path:
+    return Path(os.environ.get("BOXLOOP_SHARED_DATA", "../shared/data"))
+
+
+class Settings(BaseSettings):
+    """All boxloop configuration. Read with :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="BOXLOOP_", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./var/boxloop"), description="Database, model versions, features.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/boxloop.db. PostgreSQL works."
+    )
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 9090
+    auth_token: SecretStr | None = Field(None, description="If set, every request needs Bearer <token>.")
+    basic_auth_user: str | None = None
+    basic_auth_password: SecretStr | None = None
+
+    # --- Label Studio --------------------------------------------------------------------------
+    label_studio_url: str | None = Field(None, description="e.g. http://127.0.0.1:8080")
+    label_studio_token: SecretStr | None = Field(
+        None, description="Legacy API token (Token ...) used for the SDK and image fetches."
+    )
+    allowed_local_roots: list[Path] = Field(
+        default_factory=list, description="Local directories images may be read from."
+    )
+    reconcile_on_startup: bool = True
+
+    # --- images --------------------------------------------------------------------------------
+    max_image_pixels: int = Field(40_000_000, description="Larger images get a 413.")
+    max_image_bytes: int = 50 * 1024 * 1024
+    image_fetch_timeout_s: float = 20.0
+
+    # --- detector ------------------------------------------------------------------------------
+    detector: DetectorName = "fasterrcnn_effnet_lite0"
+    torchvision_weights_dir: Path | None = Field(
+        None, description="TORCH_HOME-style dir holding COCO weights for torchvision detectors."
+    )
+    onnx_model_path: Path | None = Field(
+        None, description="Inference-only COCO ONNX detector (YOLOX) used before the first training."
+    )
+    onnx_class_names_path: Path | None = None
+    detector_min_size: int = 512
+    detector_max_size: int = 853
+    score_threshold: float = 0.3
+    max_detections: int = 100
+    num_threads: int = Field(2, description="torch / onnxruntime intra-op threads.")
+
+    # --- training ------------------------------------------------------------------------------
+    train_after_new_annotations: int = Field(
+        10, description="Start a background training job after this many new annotations."
+    )
+    train_epochs: int = 8
+    train_batch_size: int = 4
+    train_lr: float = 0.01
+    train_box_batch_size_per_image: int = 128
+    train_freeze_backbone_body: bool = True
+    train_seed: int = 0
+    keep_model_versions: int = 5
+
+    # --- features & ordering -------------------------------------------------------------------
+    feature_extractor: str = "imgnet_effnet_lite0"
+    feature_batch_size: int = 32
+    order_batch_size: int = 10
+    order_strategy: str = "random"
+    order_seed: int = 0
+
+    # --- misc --------------------------------------------------------------------------------
+    log_level: str = "INFO"
+
+    @field_validator("allowed_local_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'boxloop.db').resolve()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.data_dir / "features"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings: config file values < environment variables < explicit overrides."""
+    file_values: dict[str, Any] = {}
+    path = config_file or os.environ.get("BOXLOOP_CONFIG")
+    if path:
+        text = Path(path).read_text()
+        loaded = yaml.safe_load(text) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        file_values = {k: v for k, v in loaded.items() if f"BOXLOOP_{k.upper()}" not in os.environ}
+    return Settings(**{**file_values, **overrides})
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

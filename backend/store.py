@@ -1,0 +1,633 @@
+"""Durable backend state: projects, tasks, annotations, model versions, jobs, features, orders.
+
+SQLAlchemy Core over SQLite by default (one file in ``data_dir``); any SQLAlchemy
+URL works, so PostgreSQL takes its place with ``BOXLOOP_DATABASE_URL``. Every
+write is committed before the call returns: a webhook handler that called
+:meth:`Store.upsert_annotation` may answer Label Studio knowing the annotation
+survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+
+from backend.boxes import Boxes
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+metadata = MetaData()
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("label_config", Text, nullable=False),
+    Column("from_name", String(255), nullable=False),
+    Column("to_name", String(255), nullable=False),
+    Column("image_key", String(255), nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("hostname", String(1024)),
+    Column("trained_revision", Integer, nullable=False, default=0),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+    Column("updated_at", DateTime, nullable=False, default=utcnow, onupdate=utcnow),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("task_id", Integer, primary_key=True, autoincrement=False),
+    Column("data", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+)
+
+annotations = Table(
+    "annotations",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("annotation_id", Integer, primary_key=True, autoincrement=False),
+    Column("task_id", Integer, nullable=False, index=True),
+    Column("result", JSON, nullable=False),
+    Column("boxes", JSON),
+    Column("parse_error", Text),
+    Column("was_cancelled", Boolean, nullable=False, default=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("revision", Integer, nullable=False, index=True),
+    Column("source", String(32), nullable=False, default="webhook"),
+    Column("updated_at", DateTime, nullable=False, default=utcnow),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("version", String(255), primary_key=True),
+    Column("path", String(2048), nullable=False),
+    Column("labels", JSON, nullable=False),
+    Column("n_annotations", Integer, nullable=False, default=0),
+    Column("n_images", Integer, nullable=False, default=0),
+    Column("annotations_revision", Integer, nullable=False, default=0),
+    Column("metrics", JSON),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+)
+
+training_jobs = Table(
+    "training_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project_id", Integer, nullable=False, index=True),
+    Column("status", String(32), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("progress", Float, nullable=False, default=0.0),
+    Column("message", Text),
+    Column("error", Text),
+    Column("model_version", String(255)),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+)
+
+features = Table(
+    "features",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("task_id", Integer, primary_key=True, autoincrement=False),
+    Column("extractor", String(255), primary_key=True),
+    Column("dim", Integer, nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("strategy", String(64), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("task_ids", JSON, nullable=False),
+    Column("view_id", Integer),
+    Column("updated_at", DateTime, nullable=False, default=utcnow),
+)
+
+JOB_ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    label_config: str
+    from_name: str
+    to_name: str
+    image_key: str
+    labels: list[str]
+    hostname: str | None
+    trained_revision: int
+
+
+@dataclass(frozen=True)
+class Annotation:
+    project_id: int
+    annotation_id: int
+    task_id: int
+    result: list[dict[str, Any]]
+    boxes: Boxes | None
+    parse_error: str | None
+    was_cancelled: bool
+    deleted: bool
+    revision: int
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    project_id: int
+    version: str
+    path: str
+    labels: list[str]
+    n_annotations: int
+    n_images: int
+    annotations_revision: int
+    metrics: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    id: int
+    project_id: int
+    status: str
+    reason: str
+    progress: float
+    message: str | None
+    error: str | None
+    model_version: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TaskOrder:
+    project_id: int
+    strategy: str
+    params: dict[str, Any]
+    task_ids: list[int]
+    view_id: int | None
+    updated_at: datetime
+
+
+class Store:
+    """All persistent state. Thread-safe: one engine, short transactions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+        self._revision_lock = threading.Lock()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ projects
+    def upsert_project(
+        self,
+        project_id: int,
+        *,
+        label_config: str,
+        from_name: str,
+        to_name: str,
+        image_key: str,
+        labels: Sequence[str],
+        hostname: str | None = None,
+    ) -> Project:
+        values = {
+            "label_config": label_config,
+            "from_name": from_name,
+            "to_name": to_name,
+            "image_key": image_key,
+            "labels": list(labels),
+            "updated_at": utcnow(),
+        }
+        if hostname:
+            values["hostname"] = hostname
+        with self._tx() as conn:
+            exists = conn.execute(select(projects.c.id).where(projects.c.id == project_id)).first()
+            if exists:
+                conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
+            else:
+                conn.execute(
+                    projects.insert().values(
+                        id=project_id, hostname=hostname, trained_revision=0, **values
+                    )
+                )
+        project = self.get_project(project_id)
+        assert project is not None
+        return project
+
+    def get_project(self, project_id: int) -> Project | None:
+        with self._tx() as conn:
+            row = conn.execute(select(projects).where(projects.c.id == project_id)).mappings().first()
+        if row is None:
+            return None
+        return Project(
+            id=row["id"],
+            label_config=row["label_config"],
+            from_name=row["from_name"],
+            to_name=row["to_name"],
+            image_key=row["image_key"],
+            labels=list(row["labels"]),
+            hostname=row["hostname"],
+            trained_revision=row["trained_revision"],
+        )
+
+    def list_projects(self) -> list[Project]:
+        with self._tx() as conn:
+            ids = [r[0] for r in conn.execute(select(projects.c.id).order_by(projects.c.id))]
+        return [p for p in (self.get_project(i) for i in ids) if p is not None]
+
+    def set_trained_revision(self, project_id: int, revision: int) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(projects)
+                .where(projects.c.id == project_id)
+                .values(trained_revision=revision, updated_at=utcnow())
+            )
+
+    # ------------------------------------------------------------------ tasks
+    def upsert_tasks(self, project_id: int, items: Iterable[tuple[int, dict[str, Any]]]) -> int:
+        """Insert or refresh tasks ``(task_id, data)``; returns how many were new."""
+        new = 0
+        with self._tx() as conn:
+            for task_id, data in items:
+                key = (tasks.c.project_id == project_id) & (tasks.c.task_id == task_id)
+                if conn.execute(select(tasks.c.task_id).where(key)).first():
+                    conn.execute(update(tasks).where(key).values(data=data))
+                else:
+                    conn.execute(tasks.insert().values(project_id=project_id, task_id=task_id, data=data))
+                    new += 1
+        return new
+
+    def get_task_data(self, project_id: int, task_id: int) -> dict[str, Any] | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(tasks.c.data).where(
+                    (tasks.c.project_id == project_id) & (tasks.c.task_id == task_id)
+                )
+            ).first()
+        return None if row is None else dict(row[0])
+
+    def list_tasks(self, project_id: int) -> list[tuple[int, dict[str, Any]]]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(tasks.c.task_id, tasks.c.data)
+                .where(tasks.c.project_id == project_id)
+                .order_by(tasks.c.task_id)
+            ).all()
+        return [(int(r[0]), dict(r[1])) for r in rows]
+
+    # ------------------------------------------------------------------ annotations
+    def _next_revision(self, conn: Connection) -> int:
+        current = conn.execute(select(func.max(annotations.c.revision))).scalar()
+        return int(current or 0) + 1
+
+    def upsert_annotation(
+        self,
+        project_id: int,
+        annotation_id: int,
+        task_id: int,
+        result: list[dict[str, Any]],
+        boxes: Boxes | None,
+        *,
+        parse_error: str | None = None,
+        was_cancelled: bool = False,
+        source: str = "webhook",
+    ) -> tuple[int, bool]:
+        """Store (or replace) one annotation; returns ``(revision, changed)``.
+
+        A re-delivery of identical content (e.g. the same annotation pulled by a
+        reconcile after its webhook arrived) keeps its revision, so it does not
+        count as new work for the training trigger.
+        """
+        boxes_json = None if boxes is None else boxes.to_dict()
+        with self._revision_lock, self._tx() as conn:
+            key = (annotations.c.project_id == project_id) & (
+                annotations.c.annotation_id == annotation_id
+            )
+            row = conn.execute(
+                select(annotations.c.result, annotations.c.deleted, annotations.c.revision,
+                       annotations.c.task_id, annotations.c.was_cancelled).where(key)
+            ).first()
+            if (
+                row is not None
+                and not row.deleted
+                and row.task_id == task_id
+                and bool(row.was_cancelled) == was_cancelled
+                and _canonical(row.result) == _canonical(result)
+            ):
+                return int(row.revision), False
+            revision = self._next_revision(conn)
+            values = {
+                "task_id": task_id,
+                "result": result,
+                "boxes": boxes_json,
+                "parse_error": parse_error,
+                "was_cancelled": was_cancelled,
+                "deleted": False,
+                "revision": revision,
+                "source": source,
+                "updated_at": utcnow(),
+            }
+            if row is None:
+                conn.execute(
+                    annotations.insert().values(
+                        project_id=project_id, annotation_id=annotation_id, **values
+                    )
+                )
+            else:
+                conn.execute(update(annotations).where(key).values(**values))
+        return revision, True
+
+    def delete_annotations(self, project_id: int, annotation_ids: Iterable[int]) -> int:
+        """Mark annotations deleted (kept as tombstones); returns how many changed."""
+        changed = 0
+        with self._revision_lock, self._tx() as conn:
+            for annotation_id in annotation_ids:
+                key = (
+                    (annotations.c.project_id == project_id)
+                    & (annotations.c.annotation_id == annotation_id)
+                    & (annotations.c.deleted.is_(False))
+                )
+                revision = self._next_revision(conn)
+                res = conn.execute(
+                    update(annotations)
+                    .where(key)
+                    .values(deleted=True, revision=revision, updated_at=utcnow())
+                )
+                changed += res.rowcount or 0
+        return changed
+
+    def list_annotations(self, project_id: int, include_deleted: bool = False) -> list[Annotation]:
+        query = select(annotations).where(annotations.c.project_id == project_id)
+        if not include_deleted:
+            query = query.where(annotations.c.deleted.is_(False))
+        with self._tx() as conn:
+            rows = conn.execute(query.order_by(annotations.c.annotation_id)).mappings().all()
+        return [
+            Annotation(
+                project_id=r["project_id"],
+                annotation_id=r["annotation_id"],
+                task_id=r["task_id"],
+                result=list(r["result"]),
+                boxes=None if r["boxes"] is None else Boxes.from_dict(r["boxes"]),
+                parse_error=r["parse_error"],
+                was_cancelled=bool(r["was_cancelled"]),
+                deleted=bool(r["deleted"]),
+                revision=r["revision"],
+            )
+            for r in rows
+        ]
+
+    def annotation_revision(self, project_id: int) -> int:
+        with self._tx() as conn:
+            value = conn.execute(
+                select(func.max(annotations.c.revision)).where(
+                    annotations.c.project_id == project_id
+                )
+            ).scalar()
+        return int(value or 0)
+
+    def count_annotations_since(self, project_id: int, revision: int) -> int:
+        with self._tx() as conn:
+            value = conn.execute(
+                select(func.count()).where(
+                    (annotations.c.project_id == project_id) & (annotations.c.revision > revision)
+                )
+            ).scalar()
+        return int(value or 0)
+
+    def annotation_counts(self, project_id: int) -> dict[str, int]:
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(annotations.c.deleted, annotations.c.parse_error.is_(None), func.count())
+                .where(annotations.c.project_id == project_id)
+                .group_by(annotations.c.deleted, annotations.c.parse_error.is_(None))
+            ).all()
+        counts = {"stored": 0, "deleted": 0, "unparsable": 0}
+        for deleted, parsed_ok, n in rows:
+            if deleted:
+                counts["deleted"] += n
+            else:
+                counts["stored"] += n
+                if not parsed_ok:
+                    counts["unparsable"] += n
+        return counts
+
+    # ------------------------------------------------------------------ model versions
+    def add_model_version(
+        self,
+        project_id: int,
+        version: str,
+        path: str,
+        labels: Sequence[str],
+        *,
+        n_annotations: int,
+        n_images: int,
+        annotations_revision: int,
+        metrics: dict[str, Any] | None = None,
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                model_versions.insert().values(
+                    project_id=project_id,
+                    version=version,
+                    path=path,
+                    labels=list(labels),
+                    n_annotations=n_annotations,
+                    n_images=n_images,
+                    annotations_revision=annotations_revision,
+                    metrics=metrics,
+                    created_at=utcnow(),
+                )
+            )
+
+    def list_model_versions(self, project_id: int) -> list[ModelVersion]:
+        with self._tx() as conn:
+            rows = (
+                conn.execute(
+                    select(model_versions)
+                    .where(model_versions.c.project_id == project_id)
+                    .order_by(model_versions.c.created_at, model_versions.c.version)
+                )
+                .mappings()
+                .all()
+            )
+        return [
+            ModelVersion(
+                project_id=r["project_id"],
+                version=r["version"],
+                path=r["path"],
+                labels=list(r["labels"]),
+                n_annotations=r["n_annotations"],
+                n_images=r["n_images"],
+                annotations_revision=r["annotations_revision"],
+                metrics=r["metrics"],
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    def latest_model_version(self, project_id: int) -> ModelVersion | None:
+        versions = self.list_model_versions(project_id)
+        return versions[-1] if versions else None
+
+    # ------------------------------------------------------------------ training jobs
+    def create_job(self, project_id: int, reason: str) -> int:
+        with self._tx() as conn:
+            res = conn.execute(
+                training_jobs.insert().values(
+                    project_id=project_id, status="queued", reason=reason, progress=0.0,
+                    created_at=utcnow(),
+                )
+            )
+            key = res.inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+    def update_job(self, job_id: int, **values: Any) -> None:
+        with self._tx() as conn:
+            conn.execute(update(training_jobs).where(training_jobs.c.id == job_id).values(**values))
+
+    def get_job(self, job_id: int) -> TrainingJob | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(training_jobs).where(training_jobs.c.id == job_id)
+            ).mappings().first()
+        return None if row is None else TrainingJob(**dict(row))
+
+    def list_jobs(self, project_id: int | None = None, statuses: Sequence[str] | None = None,
+                  limit: int = 50) -> list[TrainingJob]:
+        query = select(training_jobs).order_by(training_jobs.c.id.desc()).limit(limit)
+        if project_id is not None:
+            query = query.where(training_jobs.c.project_id == project_id)
+        if statuses:
+            query = query.where(training_jobs.c.status.in_(list(statuses)))
+        with self._tx() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [TrainingJob(**dict(r)) for r in rows]
+
+    # ------------------------------------------------------------------ features
+    def put_features(
+        self, project_id: int, extractor: str, items: Iterable[tuple[int, np.ndarray]]
+    ) -> None:
+        with self._tx() as conn:
+            for task_id, vector in items:
+                vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+                key = (
+                    (features.c.project_id == project_id)
+                    & (features.c.task_id == task_id)
+                    & (features.c.extractor == extractor)
+                )
+                conn.execute(features.delete().where(key))
+                conn.execute(
+                    features.insert().values(
+                        project_id=project_id, task_id=task_id, extractor=extractor,
+                        dim=len(vec), vector=vec.tobytes(), created_at=utcnow(),
+                    )
+                )
+
+    def get_features(
+        self, project_id: int, extractor: str, task_ids: Sequence[int] | None = None
+    ) -> tuple[list[int], np.ndarray]:
+        """Stored vectors as ``(task_ids, (N, d) float32 array)``, ordered by task id."""
+        query = (
+            select(features.c.task_id, features.c.dim, features.c.vector)
+            .where((features.c.project_id == project_id) & (features.c.extractor == extractor))
+            .order_by(features.c.task_id)
+        )
+        if task_ids is not None:
+            query = query.where(features.c.task_id.in_(list(task_ids)))
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        if not rows:
+            return [], np.zeros((0, 0), np.float32)
+        ids = [int(r[0]) for r in rows]
+        matrix = np.stack([np.frombuffer(r[2], dtype=np.float32, count=r[1]) for r in rows])
+        return ids, matrix
+
+    # ------------------------------------------------------------------ orders
+    def set_order(
+        self, project_id: int, strategy: str, params: dict[str, Any], task_ids: Sequence[int],
+        view_id: int | None = None,
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(orders.delete().where(orders.c.project_id == project_id))
+            conn.execute(
+                orders.insert().values(
+                    project_id=project_id, strategy=strategy, params=params,
+                    task_ids=[int(t) for t in task_ids], view_id=view_id, updated_at=utcnow(),
+                )
+            )
+
+    def get_order(self, project_id: int) -> TaskOrder | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(orders).where(orders.c.project_id == project_id)
+            ).mappings().first()
+        if row is None:
+            return None
+        return TaskOrder(
+            project_id=row["project_id"], strategy=row["strategy"], params=dict(row["params"]),
+            task_ids=list(row["task_ids"]), view_id=row["view_id"], updated_at=row["updated_at"],
+        )
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
