@@ -257,7 +257,7 @@ class Store:
             else:
                 conn.execute(
                     projects.insert().values(
-                        id=project_id, hostname=hostname, trained_revision=0, **values
+                        id=project_id, trained_revision=0, **{"hostname": hostname, **values}
                     )
                 )
         project = self.get_project(project_id)

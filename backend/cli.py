@@ -1,0 +1,113 @@
+"""The ``boxloop`` command line: one entry point, subcommands.
+
+Subcommands from other installed packages (the benchmark harness adds ``bench``)
+are discovered through the ``boxloop.commands`` entry-point group, so the
+backend never imports its harness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+from backend.settings import load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from backend.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    settings = load_settings(args.settings_file, **overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _service(args: argparse.Namespace) -> Any:
+    from backend.service import BoxloopService
+
+    return BoxloopService(load_settings(args.settings_file))
+
+
+def _status(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    print(json.dumps(svc.status(), indent=2, default=str))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train one version in the foreground (same code path as the background job)."""
+    from backend.training_job import run_training_job
+
+    svc = _service(args)
+    job_id = svc.train_now(args.project)
+    version = run_training_job(svc.settings, svc.store, job_id)
+    print(json.dumps({"job": job_id, "model_version": version}))
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from backend.app import create_app
+
+    spec = create_app(load_settings(args.settings_file)).openapi()
+    text = json.dumps(spec, indent=2)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boxloop", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--settings", dest="settings_file", help="YAML settings file (BOXLOOP_* env vars win)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the Label Studio ML backend over HTTP")
+    serve.add_argument("--host", help="bind address (default BOXLOOP_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default BOXLOOP_PORT or 9090)")
+    serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="print projects, model versions, jobs and queues")
+    status.set_defaults(func=_status)
+
+    train = sub.add_parser("train", help="train a new model version for a project now")
+    train.add_argument("--project", type=int, required=True)
+    train.set_defaults(func=_train)
+
+    openapi = sub.add_parser("openapi", help="write the HTTP API's OpenAPI spec")
+    openapi.add_argument("--output", "-o", help="file to write (default: stdout)")
+    openapi.set_defaults(func=_openapi)
+
+    for entry in entry_points(group="boxloop.commands"):
+        register = entry.load()
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

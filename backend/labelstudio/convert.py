@@ -1,0 +1,202 @@
+"""Label Studio formats, both ways: label configs, percent regions ↔ :class:`Boxes`.
+
+Label Studio describes a rectangle in percent of the image (``x, y, width,
+height`` of the top-left corner, plus ``rotation`` in degrees about that corner);
+boxloop works in pixels. These functions are the only place that knows both.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backend.boxes import Boxes
+
+
+class LabelConfigError(ValueError):
+    """The project's label config cannot drive a box detector."""
+
+
+class AnnotationParseError(ValueError):
+    """An annotation result could not be turned into boxes."""
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """What boxloop needs from a label config: the rectangle control and its image."""
+
+    from_name: str
+    to_name: str
+    image_key: str
+    labels: tuple[str, ...]
+
+    @property
+    def label_index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+def parse_label_config(xml: str) -> LabelConfig:
+    """Find the ``RectangleLabels`` control, its ``Image`` target and label values.
+
+    Raises :class:`LabelConfigError` with a message a project admin can act on.
+    """
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("label config is empty")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise LabelConfigError(f"label config is not valid XML: {exc}") from exc
+    controls = [el for el in root.iter() if el.tag == "RectangleLabels"]
+    if not controls:
+        found = sorted({el.tag for el in root.iter() if el.tag not in ("View", "Header", "Style")})
+        raise LabelConfigError(
+            "label config has no <RectangleLabels> control; boxloop serves bounding boxes only "
+            f"(found: {', '.join(found) or 'nothing'})"
+        )
+    control = controls[0]
+    from_name = control.get("name")
+    to_name = control.get("toName")
+    if not from_name or not to_name:
+        raise LabelConfigError("<RectangleLabels> needs both name and toName attributes")
+    to_name = to_name.split(",")[0].strip()
+    images = [el for el in root.iter() if el.tag == "Image" and el.get("name") == to_name]
+    if not images:
+        raise LabelConfigError(
+            f"<RectangleLabels name={from_name!r}> points at toName={to_name!r}, "
+            "but there is no <Image> with that name"
+        )
+    value = images[0].get("value", "")
+    if not value.startswith("$") or len(value) < 2:
+        raise LabelConfigError(f'<Image name={to_name!r}> needs value="$field", got {value!r}')
+    labels: list[str] = []
+    for label in control.iter("Label"):
+        name = label.get("value")
+        if name and name not in labels:
+            labels.append(name)
+    if not labels:
+        raise LabelConfigError(f"<RectangleLabels name={from_name!r}> lists no <Label value=...>")
+    return LabelConfig(from_name, to_name, value[1:], tuple(labels))
+
+
+def _region_xyxy(value: dict[str, Any], width: float, height: float) -> tuple[float, ...]:
+    x = float(value["x"]) * width / 100.0
+    y = float(value["y"]) * height / 100.0
+    w = float(value["width"]) * width / 100.0
+    h = float(value["height"]) * height / 100.0
+    angle = math.radians(float(value.get("rotation") or 0.0))
+    if abs(angle) < 1e-9:
+        return x, y, x + w, y + h
+    # Rotation is about the top-left corner; the detector is axis-aligned, so use the hull.
+    cos, sin = math.cos(angle), math.sin(angle)
+    xs = [x, x + w * cos, x + w * cos - h * sin, x - h * sin]
+    ys = [y, y + w * sin, y + w * sin + h * cos, y + h * cos]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def regions_to_boxes(
+    result: Iterable[dict[str, Any]],
+    config: LabelConfig,
+    image_size: tuple[int, int] | None = None,
+) -> Boxes:
+    """Rectangle regions of one annotation → pixel ``Boxes``.
+
+    ``image_size`` defaults to the regions' ``original_width``/``original_height``.
+    Regions of other controls (e.g. a TextArea beside the boxes) are ignored;
+    a rectangle whose label is not in the config raises :class:`AnnotationParseError`
+    naming the label, so the caller can keep the raw annotation and report it.
+    """
+    index = config.label_index
+    xyxy: list[tuple[float, ...]] = []
+    labels: list[int] = []
+    size = image_size
+    for region in result:
+        if not isinstance(region, dict):
+            raise AnnotationParseError(f"region is not an object: {region!r:.80}")
+        if region.get("type") != "rectanglelabels" or region.get("from_name") != config.from_name:
+            continue
+        value = region.get("value")
+        if not isinstance(value, dict):
+            raise AnnotationParseError("rectangle region has no value object")
+        names = value.get("rectanglelabels") or []
+        if not names:
+            raise AnnotationParseError("rectangle region has no label")
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise AnnotationParseError(
+                f"label {unknown[0]!r} is not in the project's RectangleLabels "
+                f"({', '.join(config.labels)})"
+            )
+        if size is None:
+            ow, oh = region.get("original_width"), region.get("original_height")
+            if not ow or not oh:
+                raise AnnotationParseError(
+                    "region has no original_width/original_height and no image size was given"
+                )
+            size = (int(ow), int(oh))
+        try:
+            box = _region_xyxy(value, size[0], size[1])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AnnotationParseError(
+                f"rectangle region has a bad x/y/width/height: {exc}"
+            ) from exc
+        xyxy.append(box)
+        labels.append(index[names[0]])
+    if size is None:
+        size = (0, 0)
+    boxes = Boxes(np.asarray(xyxy, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), size)
+    return boxes.clipped() if size != (0, 0) else boxes
+
+
+def boxes_to_regions(
+    boxes: Boxes, config: LabelConfig, labels: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Pixel ``Boxes`` → Label Studio prediction regions (percent, with per-box score).
+
+    ``labels`` names the box label indices (the model's label list); boxes whose
+    label is not in the project's config are dropped, since Label Studio rejects
+    predictions with unknown label values.
+    """
+    names = list(labels) if labels is not None else list(config.labels)
+    allowed = set(config.labels)
+    width, height = boxes.image_size
+    if width <= 0 or height <= 0:
+        raise ValueError("boxes need a positive image size to be converted to percent")
+    regions: list[dict[str, Any]] = []
+    clipped = boxes.clipped()
+    for i in range(len(clipped)):
+        name = names[int(clipped.labels[i])]
+        if name not in allowed:
+            continue
+        x0, y0, x1, y1 = (float(v) for v in clipped.xyxy[i])
+        region: dict[str, Any] = {
+            "from_name": config.from_name,
+            "to_name": config.to_name,
+            "type": "rectanglelabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {
+                "x": 100.0 * x0 / width,
+                "y": 100.0 * y0 / height,
+                "width": 100.0 * (x1 - x0) / width,
+                "height": 100.0 * (y1 - y0) / height,
+                "rotation": 0,
+                "rectanglelabels": [name],
+            },
+        }
+        if clipped.scores is not None:
+            region["score"] = float(clipped.scores[i])
+        regions.append(region)
+    return regions
+
+
+def task_score(boxes: Boxes) -> float:
+    """A task-level score: the mean box confidence (0 with no boxes)."""
+    if boxes.scores is None or len(boxes) == 0:
+        return 0.0
+    return float(np.mean(boxes.scores))

@@ -1,0 +1,56 @@
+"""Reconciliation: pull a project's annotations from Label Studio into the store.
+
+Label Studio sends webhooks once, with a 1 s timeout, and never retries; a
+backend that was down or slow misses them. Before each training run and on
+start-up boxloop asks Label Studio for every annotation of the project and
+stores what it lacks, and tombstones what Label Studio no longer has.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from backend.ingest import AnnotationPayloadError, ingest_annotation
+from backend.labelstudio.client import StudioClient
+from backend.labelstudio.convert import LabelConfig
+from backend.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    project_id: int
+    pulled: int
+    changed: int
+    tombstoned: int
+    tasks_new: int
+    malformed: int
+
+
+def reconcile_project(
+    store: Store, client: StudioClient, project_id: int, config: LabelConfig
+) -> ReconcileReport:
+    tasks = client.list_tasks(project_id)
+    tasks_new = store.upsert_tasks(
+        project_id, [(int(t["id"]), dict(t.get("data") or {})) for t in tasks]
+    )
+    remote = client.list_annotations(project_id)
+    changed = malformed = 0
+    remote_ids: set[int] = set()
+    for annotation in remote:
+        try:
+            result = ingest_annotation(store, project_id, config, annotation, source="reconcile")
+        except AnnotationPayloadError as exc:
+            malformed += 1
+            log.warning("project %s: skipped a malformed annotation from the API: %s", project_id, exc)
+            continue
+        remote_ids.add(result.annotation_id)
+        changed += int(result.changed)
+    local = store.list_annotations(project_id)
+    gone = [a.annotation_id for a in local if a.annotation_id not in remote_ids]
+    tombstoned = store.delete_annotations(project_id, gone) if gone else 0
+    report = ReconcileReport(project_id, len(remote), changed, tombstoned, tasks_new, malformed)
+    log.info("reconciled %s", report)
+    return report

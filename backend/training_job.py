@@ -1,0 +1,159 @@
+"""One training job, start to finish: reconcile, gather samples, train, publish a version.
+
+Runs in the worker process started by :mod:`backend.jobs`. The new version is
+written to disk atomically and only then recorded in the store; the server
+swaps it in after the job reports success, so the old version serves until then.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backend.images import ImageError, image_source_for, load_image
+from backend.labelstudio.convert import (
+    AnnotationParseError,
+    LabelConfig,
+    parse_label_config,
+    regions_to_boxes,
+)
+from backend.settings import Settings
+from backend.store import Annotation, Project, Store, utcnow
+from backend.training import (
+    TrainConfig,
+    TrainSample,
+    load_model_version,
+    save_model_version,
+    train_detector,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatheredSamples:
+    samples: list[TrainSample]
+    n_annotations: int
+    skipped: dict[str, int]
+
+
+def version_name(project_id: int, number: int) -> str:
+    return f"boxloop-p{project_id}-v{number}"
+
+
+def latest_per_task(annotations: list[Annotation]) -> list[Annotation]:
+    """One annotation per task: the newest non-cancelled one (several annotators may overlap)."""
+    chosen: dict[int, Annotation] = {}
+    for annotation in annotations:
+        if annotation.was_cancelled or annotation.deleted:
+            continue
+        current = chosen.get(annotation.task_id)
+        if current is None or annotation.revision > current.revision:
+            chosen[annotation.task_id] = annotation
+    return [chosen[t] for t in sorted(chosen)]
+
+
+def gather_samples(
+    settings: Settings, store: Store, project: Project, config: LabelConfig
+) -> GatheredSamples:
+    source = image_source_for(
+        label_studio_url=settings.label_studio_url,
+        setup_hostname=project.hostname,
+        token=settings.label_studio_token.get_secret_value() if settings.label_studio_token else None,
+        allowed_local_roots=settings.allowed_local_roots,
+        max_pixels=settings.max_image_pixels,
+        max_bytes=settings.max_image_bytes,
+        timeout_s=settings.image_fetch_timeout_s,
+    )
+    skipped = {"no_task_data": 0, "image_error": 0, "parse_error": 0}
+    samples: list[TrainSample] = []
+    chosen = latest_per_task(store.list_annotations(project.id))
+    for annotation in chosen:
+        data = store.get_task_data(project.id, annotation.task_id)
+        reference = None if data is None else data.get(config.image_key)
+        if not isinstance(reference, str):
+            skipped["no_task_data"] += 1
+            continue
+        try:
+            image = load_image(reference, source)
+            boxes = regions_to_boxes(annotation.result, config, image.size)
+        except ImageError as exc:
+            log.warning("task %s: %s", annotation.task_id, exc.message)
+            skipped["image_error"] += 1
+            continue
+        except AnnotationParseError as exc:
+            log.warning("task %s: annotation %s: %s", annotation.task_id, annotation.annotation_id, exc)
+            skipped["parse_error"] += 1
+            continue
+        samples.append(TrainSample(image=image, boxes=boxes))
+    return GatheredSamples(samples, len(chosen), skipped)
+
+
+def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
+    """Run job ``job_id``; returns the new model version."""
+    job = store.get_job(job_id)
+    if job is None:
+        raise ValueError(f"no training job {job_id}")
+    project = store.get_project(job.project_id)
+    if project is None:
+        raise ValueError(f"training job {job_id}: project {job.project_id} is unknown")
+    torch.set_num_threads(max(1, settings.num_threads))
+    store.update_job(job_id, status="running", started_at=utcnow(), progress=0.0,
+                     message="reconciling with Label Studio")
+    config = parse_label_config(project.label_config)
+    if settings.label_studio_url and settings.label_studio_token:
+        from backend.labelstudio.client import StudioClient
+        from backend.reconcile import reconcile_project
+
+        try:
+            client = StudioClient(settings.label_studio_url,
+                                  settings.label_studio_token.get_secret_value())
+            reconcile_project(store, client, project.id, config)
+        except Exception as exc:  # Label Studio down: train on what is stored
+            log.warning("reconcile before training failed, training on stored annotations: %s", exc)
+    revision = store.annotation_revision(project.id)
+    store.update_job(job_id, message="loading images")
+    gathered = gather_samples(settings, store, project, config)
+    if not gathered.samples:
+        raise ValueError(
+            f"no usable annotations for project {project.id} (skipped: {gathered.skipped})"
+        )
+    previous = store.latest_model_version(project.id)
+    init: torch.nn.Module | None = None
+    if previous is not None and list(previous.labels) == list(config.labels):
+        init, _ = load_model_version(Path(previous.path))
+
+    def progress(fraction: float, message: str) -> None:
+        store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
+
+    train_config = TrainConfig.from_settings(settings)
+    model = train_detector(gathered.samples, list(config.labels), train_config, init=init,
+                           progress=progress)
+    number = len(store.list_model_versions(project.id)) + 1
+    version = version_name(project.id, number)
+    directory = settings.models_dir / f"project-{project.id}" / version
+    metadata = {
+        "version": version,
+        "project_id": project.id,
+        "labels": list(config.labels),
+        "detector": settings.detector,
+        "n_images": len(gathered.samples),
+        "n_annotations": gathered.n_annotations,
+        "annotations_revision": revision,
+        "skipped": gathered.skipped,
+        "train_config": train_config.to_dict(),
+        "job_id": job_id,
+    }
+    save_model_version(model, directory, metadata)
+    store.add_model_version(
+        project.id, version, str(directory), list(config.labels),
+        n_annotations=gathered.n_annotations, n_images=len(gathered.samples),
+        annotations_revision=revision, metrics={"skipped": gathered.skipped},
+    )
+    store.set_trained_revision(project.id, revision)
+    store.update_job(job_id, status="succeeded", progress=1.0, finished_at=utcnow(),
+                     model_version=version, message=f"trained on {len(gathered.samples)} images")
+    return version

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.boxes import Boxes
+from backend.labelstudio.convert import (
+    AnnotationParseError,
+    LabelConfigError,
+    boxes_to_regions,
+    parse_label_config,
+    regions_to_boxes,
+)
+from tests.synthetic import LABEL_CONFIG
+
+
+def test_parse_label_config() -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    assert (config.from_name, config.to_name, config.image_key) == ("label", "image", "image")
+    assert config.labels == ("Square", "Disc")
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ('<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="x"/></Choices></View>',
+         "no <RectangleLabels>"),
+        ("<View><Image", "not valid XML"),
+        ('<View><RectangleLabels name="l" toName="nope"><Label value="a"/></RectangleLabels></View>',
+         "no <Image> with that name"),
+        ('<View><Image name="i" value="$img"/><RectangleLabels name="l" toName="i"/></View>',
+         "lists no <Label"),
+        ("", "empty"),
+    ],
+)
+def test_bad_label_configs_say_what_is_wrong(xml: str, message: str) -> None:
+    with pytest.raises(LabelConfigError, match=message):
+        parse_label_config(xml)
+
+
+def test_regions_roundtrip_in_pixels() -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    boxes = Boxes(np.array([[10, 20, 110, 70], [0, 0, 50, 50]]), np.array([0, 1]), (200, 100),
+                  scores=np.array([0.9, 0.4]))
+    regions = boxes_to_regions(boxes, config)
+    assert regions[0]["value"]["x"] == pytest.approx(5.0)
+    assert regions[0]["value"]["height"] == pytest.approx(50.0)
+    assert regions[1]["value"]["rectanglelabels"] == ["Disc"]
+    assert regions[0]["score"] == pytest.approx(0.9)
+    back = regions_to_boxes(regions, config)
+    np.testing.assert_allclose(back.xyxy, boxes.xyxy, atol=1e-3)
+    np.testing.assert_array_equal(back.labels, boxes.labels)
+
+
+def test_rotated_region_becomes_its_axis_aligned_hull() -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    region = {"from_name": "label", "to_name": "image", "type": "rectanglelabels",
+              "value": {"x": 50, "y": 10, "width": 10, "height": 20, "rotation": 90,
+                        "rectanglelabels": ["Square"]}}
+    boxes = regions_to_boxes([region], config, (100, 100))
+    # rotated 90° clockwise about the top-left corner (50, 10): x spans [30, 50], y spans [10, 20]
+    np.testing.assert_allclose(boxes.xyxy[0], [30, 10, 50, 20], atol=1e-4)
+
+
+def test_unknown_label_and_missing_size_are_errors() -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    region = {"from_name": "label", "type": "rectanglelabels",
+              "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Cat"]}}
+    with pytest.raises(AnnotationParseError, match="'Cat' is not in"):
+        regions_to_boxes([region], config, (10, 10))
+    region["value"]["rectanglelabels"] = ["Square"]  # type: ignore[index]
+    with pytest.raises(AnnotationParseError, match="original_width"):
+        regions_to_boxes([region], config)
+
+
+def test_other_controls_are_ignored_and_labels_outside_the_config_dropped() -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    assert len(regions_to_boxes([{"from_name": "notes", "type": "textarea", "value": {}}],
+                                config, (10, 10))) == 0
+    boxes = Boxes(np.array([[1, 1, 5, 5], [2, 2, 8, 8]]), np.array([0, 1]), (10, 10))
+    regions = boxes_to_regions(boxes, config, labels=["Square", "Cat"])
+    assert [r["value"]["rectanglelabels"] for r in regions] == [["Square"]]

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.boxes import Boxes
+from backend.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+def _project(store: Store, pid: int = 1) -> None:
+    store.upsert_project(pid, label_config="<View/>", from_name="label", to_name="image",
+                         image_key="image", labels=["a", "b"], hostname="http://ls")
+
+
+def test_project_roundtrip_and_update(store: Store) -> None:
+    _project(store)
+    store.upsert_project(1, label_config="<View/>", from_name="label", to_name="image",
+                         image_key="image", labels=["a", "b", "c"])
+    project = store.get_project(1)
+    assert project is not None
+    assert project.labels == ["a", "b", "c"]
+    assert project.hostname == "http://ls"  # an update without hostname keeps the old one
+    assert [p.id for p in store.list_projects()] == [1]
+
+
+def test_annotation_revisions_count_new_work_once(store: Store) -> None:
+    _project(store)
+    boxes = Boxes(np.array([[1, 2, 30, 40]]), np.array([1]), (100, 80))
+    rev1, changed1 = store.upsert_annotation(1, 10, 5, [{"r": 1}], boxes)
+    rev_same, changed_same = store.upsert_annotation(1, 10, 5, [{"r": 1}], boxes, source="reconcile")
+    rev2, changed2 = store.upsert_annotation(1, 10, 5, [{"r": 2}], boxes)
+    assert changed1 and not changed_same and changed2
+    assert rev_same == rev1 and rev2 > rev1
+    assert store.count_annotations_since(1, 0) == 1
+    assert store.count_annotations_since(1, rev2) == 0
+    stored = store.list_annotations(1)
+    assert len(stored) == 1 and stored[0].result == [{"r": 2}]
+    assert stored[0].boxes == boxes
+
+
+def test_deleted_annotations_are_tombstones(store: Store) -> None:
+    _project(store)
+    store.upsert_annotation(1, 10, 5, [], None)
+    store.upsert_annotation(1, 11, 6, [], None, parse_error="label 'x' unknown")
+    assert store.delete_annotations(1, [10, 99]) == 1
+    assert [a.annotation_id for a in store.list_annotations(1)] == [11]
+    everything = store.list_annotations(1, include_deleted=True)
+    assert {a.annotation_id: a.deleted for a in everything} == {10: True, 11: False}
+    assert store.annotation_counts(1) == {"stored": 1, "deleted": 1, "unparsable": 1}
+    # a re-created annotation comes back to life
+    store.upsert_annotation(1, 10, 5, [], None)
+    assert len(store.list_annotations(1)) == 2
+
+
+def test_state_survives_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    first = Store(url)
+    _project(first)
+    first.upsert_annotation(1, 10, 5, [{"r": 1}], None)
+    job = first.create_job(1, "test")
+    first.close()
+    second = Store(url)
+    assert len(second.list_annotations(1)) == 1
+    record = second.get_job(job)
+    assert record is not None and record.status == "queued"
+
+
+def test_features_and_orders(store: Store) -> None:
+    vectors = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    store.put_features(1, "imgnet-v1", [(30, vectors[2]), (10, vectors[0]), (20, vectors[1])])
+    ids, matrix = store.get_features(1, "imgnet-v1")
+    assert ids == [10, 20, 30]
+    np.testing.assert_array_equal(matrix, vectors)
+    store.put_features(1, "imgnet-v1", [(10, vectors[2])])  # recompute replaces
+    ids, matrix = store.get_features(1, "imgnet-v1", task_ids=[10])
+    np.testing.assert_array_equal(matrix[0], vectors[2])
+    assert store.get_features(1, "other")[0] == []
+    store.set_order(1, "dissimilar", {"seed": 0}, [30, 10, 20], view_id=4)
+    order = store.get_order(1)
+    assert order is not None and order.task_ids == [30, 10, 20] and order.view_id == 4
