@@ -12,11 +12,11 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DetectorName = Literal["fasterrcnn_effnet_lite0", "fasterrcnn_mobilenet_v3", "ssdlite320"]
 
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     label_studio_token: SecretStr | None = Field(
         None, description="Legacy API token (Token ...) used for the SDK and image fetches."
     )
-    allowed_local_roots: list[Path] = Field(
+    allowed_local_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Local directories images may be read from."
     )
     reconcile_on_startup: bool = True

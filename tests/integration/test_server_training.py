@@ -1,0 +1,158 @@
+"""The served backend as a process: background training, requests during training,
+kill -9 while training, restart, and the new version pre-annotating."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.synthetic import LABEL_CONFIG, ls_result, write_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+N_IMAGES = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+
+def _wait(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[[], Server]]:
+    servers: list[Server] = []
+    env = dict(os.environ)
+    env.update({
+        "BOXLOOP_DATA_DIR": str(tmp_path / "data"),
+        "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(tmp_path / "images"),
+        "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(N_IMAGES),
+        "BOXLOOP_TRAIN_EPOCHS": "6",
+        "BOXLOOP_DETECTOR_MIN_SIZE": "240",
+        "BOXLOOP_DETECTOR_MAX_SIZE": "320",
+        "BOXLOOP_NUM_THREADS": "1",
+        "BOXLOOP_SCORE_THRESHOLD": "0.2",
+        "BOXLOOP_RECONCILE_ON_STARTUP": "false",
+    })
+    for key in ("BOXLOOP_LABEL_STUDIO_URL", "BOXLOOP_LABEL_STUDIO_TOKEN", "BOXLOOP_ONNX_MODEL_PATH"):
+        env.pop(key, None)
+
+    def start() -> Server:
+        port = _free_port()
+        log = tmp_path / f"server-{len(servers)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        )
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        servers.append(server)
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(server.url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                assert process.poll() is None, log.read_text()[-3000:]
+                return False
+
+        _wait(healthy, 60, "the server to answer /health")
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.terminate()
+            server.process.wait(15)
+
+
+def _annotation_payload(i: int, path: Path, objects: list) -> dict[str, Any]:
+    return {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": 100 + i, "task": i + 1, "result": ls_result(objects)},
+        "task": {"id": i + 1, "data": {"image": str(path)}},
+        "project": {"id": 3, "label_config": LABEL_CONFIG},
+    }
+
+
+def _job(client: httpx.Client) -> dict[str, Any] | None:
+    projects = client.get("/status").json()["projects"]
+    jobs = projects[0]["training_jobs"] if projects else []
+    return jobs[0] if jobs else None
+
+
+@pytest.mark.slow
+def test_training_survives_kill_9_and_serves_the_new_version(
+    tmp_path: Path, start_server: Callable[[], Server]
+) -> None:
+    dataset = write_dataset(tmp_path / "images", N_IMAGES + 2, seed=1)
+    server = start_server()
+    with server.client() as client:
+        assert client.post("/setup", json={"project": 3, "schema": LABEL_CONFIG}).json()[
+            "model_version"] == "boxloop-untrained"
+        for i, (path, objects) in enumerate(dataset[:N_IMAGES]):
+            answer = client.post("/webhook", json=_annotation_payload(i, path, objects))
+            assert answer.status_code == 200, answer.text
+        # the N-th annotation queued a background job, which starts running
+        _wait(lambda: (_job(client) or {}).get("status") == "running", 60, "training to start")
+        # requests are answered while it trains
+        answer = client.post("/webhook", json=_annotation_payload(N_IMAGES, *dataset[N_IMAGES]))
+        assert answer.status_code == 200 and answer.json()["stored"] == 1
+        predict = client.post("/predict", json={"tasks": [{"id": 99, "data": {"image": str(dataset[-1][0])}}],
+                                                "project": 3, "label_config": LABEL_CONFIG})
+        assert predict.status_code == 200
+        assert predict.json()["results"][0]["model_version"] == "boxloop-untrained"
+
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+
+    restarted = start_server()
+    with restarted.client() as client:
+        project = client.get("/status").json()["projects"][0]
+        assert project["annotations"]["stored"] == N_IMAGES + 1  # nothing lost
+        jobs = project["training_jobs"]
+        # the job the kill interrupted is marked so, and a queued job (the one the 13th
+        # annotation queued during training, or a "resume after restart") takes over
+        assert jobs[1]["status"] == "interrupted"
+        assert jobs[0]["status"] in ("queued", "running")
+        done = _wait(lambda: (_job(client) or {}).get("status") in ("succeeded", "failed") and _job(client),
+                     900, "the resumed training job to finish")
+        assert done["status"] == "succeeded", done
+        version = done["model_version"]
+        assert version == "boxloop-p3-v1"
+        assert client.post("/setup", json={"project": 3, "schema": LABEL_CONFIG}).json()[
+            "model_version"] == version
+        path, objects = dataset[-1]
+        predict = client.post("/predict", json={"tasks": [{"id": 99, "data": {"image": str(path)}}],
+                                                "project": 3, "label_config": LABEL_CONFIG}).json()
+        result = predict["results"][0]
+        assert result["model_version"] == version
+        assert result["result"], "the trained version found nothing on a held-out image"
