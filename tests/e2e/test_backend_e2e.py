@@ -1,0 +1,103 @@
+"""The whole loop against a real Label Studio 1.23.2 and a real ``boxloop serve``:
+
+connect → predictions through the Data Manager action → annotations submitted through the API
+arrive by webhook and are stored → background training → the new version is swapped in, the
+backend title follows it, and it pre-annotates the next tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import (
+    LabelStudioServer,
+    StartBoxloop,
+    connect_backend,
+    create_image_project,
+    ground_truth_result,
+    retrieve_predictions,
+    submit_annotation,
+    task_predictions,
+    voc_images,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+N_TASKS = 10
+N_TRAIN = 6
+
+
+def _status(url: str) -> dict[str, Any]:
+    return httpx.get(url + "/status", timeout=30).json()["projects"][0]
+
+
+def test_preannotate_store_train_and_serve_the_new_version(
+    label_studio: LabelStudioServer, start_boxloop: StartBoxloop
+) -> None:
+    # Raccoons: one class, mostly one box an image, so a few annotations teach the detector
+    # something measurable (VOC's 20 classes need far more than a test can label).
+    raccoons = voc_images(N_TASKS, subset="raccoon")
+    project = create_image_project(label_studio, N_TASKS, images=raccoons or None)
+    env = {
+        "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(N_TRAIN),
+        "BOXLOOP_TRAIN_EPOCHS": "25",
+        "BOXLOOP_TRAIN_BATCH_SIZE": "2",
+        "BOXLOOP_DETECTOR_MIN_SIZE": "320",
+        "BOXLOOP_DETECTOR_MAX_SIZE": "512",
+        "BOXLOOP_SCORE_THRESHOLD": "0.05",
+    }
+    server = start_boxloop(env)
+    backend = connect_backend(label_studio, project.id, server.url)
+    before = httpx.post(server.url + "/setup", json={"project": project.id,
+                                                      "schema": project.label_config}).json()
+    first_version = before["model_version"]
+    assert first_version == "boxloop-untrained"  # no trained version yet, no ONNX model set
+
+    # 1. pre-annotations for every task through the Data Manager action
+    retrieve_predictions(label_studio, project.id)
+    predictions = task_predictions(label_studio, project.id)
+    assert set(predictions) == set(project.task_ids)
+    assert all(p and p[0]["model_version"] == first_version for p in predictions.values())
+
+    # 2. annotators submit; every annotation is stored by webhook
+    train_tasks = project.task_ids[:N_TRAIN]
+    for task_id in train_tasks:
+        submit_annotation(label_studio, task_id, ground_truth_result(project, task_id))
+    # Label Studio sends webhooks right after the API call commits; give the last one a moment
+    wait_for(lambda: _status(server.url)["annotations"]["stored"] == N_TRAIN, timeout_s=30,
+             what=f"all {N_TRAIN} annotations to be stored by webhook")
+
+    # 3. the N-th annotation started background training; a new version is swapped in
+    def finished() -> dict[str, Any] | None:
+        jobs = _status(server.url)["training_jobs"]
+        done = [j for j in jobs if j["status"] in ("succeeded", "failed")]
+        return done[0] if done else None
+
+    job = wait_for(finished, timeout_s=900, what="background training to finish")
+    assert job["status"] == "succeeded", job
+    new_version = job["model_version"]
+    assert new_version == f"boxloop-p{project.id}-v1"
+
+    # 4. the ML backend's title (and so the project's model_version) follows the new version
+    def title_followed() -> bool:
+        titles = [b["title"] for b in label_studio.studio.list_backends(project.id)]
+        return titles == [new_version]
+
+    wait_for(title_followed, timeout_s=120, what="the backend title to follow the new version")
+    assert label_studio.studio.get_project(project.id)["model_version"] == new_version
+    assert backend["id"] == label_studio.studio.list_backends(project.id)[0]["id"]
+
+    # 5. the new version pre-annotates the next (unlabeled) tasks
+    next_tasks = project.task_ids[N_TRAIN:]
+    retrieve_predictions(label_studio, project.id, next_tasks)
+    predictions = task_predictions(label_studio, project.id)
+    served = {t: [p for p in predictions[t] if p["model_version"] == new_version] for t in next_tasks}
+    assert all(len(p) == 1 for p in served.values()), served
+    labels = set(project.labels)
+    boxes = [r for p in served.values() for r in p[0]["result"]]
+    assert boxes, "the retrained version found no box on any of the next tasks"
+    assert all(r["value"]["rectanglelabels"][0] in labels for r in boxes)
