@@ -1,0 +1,281 @@
+"""A thin, typed wrapper around ``label-studio-sdk`` for what the backend asks of Label Studio.
+
+Why a wrapper and not the SDK directly: the SDK returns pydantic models whose shape differs by
+user role (``RoleBasedTask`` is a union), paginates by running into a 404, and sends the token in
+a header form that depends on the token's shape (legacy ``Token <t>`` versus a JWT personal access
+token exchanged for ``Bearer <access>``). The engine wants plain dicts, all pages, and one place
+that knows how to authenticate image downloads, so that is all this module offers.
+
+The token is a secret: it never appears in ``repr``, ``str`` or log lines, and it is only sent to
+the Label Studio host itself (see :meth:`StudioClient.image_request`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.request_options import RequestOptions
+from pydantic import SecretStr
+
+log = logging.getLogger(__name__)
+
+#: Page size for task listing: large enough to keep round trips few on big projects, small
+#: enough that one page of tasks with their annotations stays a few MB.
+PAGE_SIZE = 100
+
+
+class StudioError(RuntimeError):
+    """A Label Studio call failed in a way the caller should report (not a bug in boxloop)."""
+
+
+class StudioClient:
+    """Label Studio access for one server and one token.
+
+    ``token`` is the legacy API token (Account & Settings → Legacy Token; needs
+    ``LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true`` on the server) or a personal access token
+    (a JWT refresh token; the SDK exchanges it for short-lived access tokens itself).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: str | SecretStr,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        if not url:
+            raise ValueError("Label Studio URL is empty")
+        secret = token.get_secret_value() if isinstance(token, SecretStr) else token
+        if not secret:
+            raise ValueError("Label Studio token is empty")
+        self.url = url.rstrip("/")
+        self.page_size = page_size
+        self.sdk = LabelStudio(
+            base_url=self.url,
+            api_key=secret,
+            timeout=timeout_s,
+            max_retries=max_retries,
+        )
+
+    def __repr__(self) -> str:
+        return f"StudioClient(url={self.url!r}, token='**********')"
+
+    __str__ = __repr__
+
+    # ------------------------------------------------------------------ auth & images
+    # These two read the SDK's token state (private attributes of label-studio-sdk 2.1.2, pinned;
+    # tests/e2e/test_studio_client.py fails if an upgrade moves them) so that image downloads
+    # authenticate exactly as the SDK's own API calls do, PATs included.
+    @property
+    def uses_legacy_token(self) -> bool:
+        """True when the token is sent as ``Token <t>`` (not a JWT personal access token)."""
+        return bool(self.sdk._client_wrapper._tokens_client._use_legacy_token)
+
+    def auth_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header Label Studio wants, as the SDK would send it now.
+
+        ``{"Authorization": "Token <t>"}`` for a legacy token; for a personal access token
+        ``Bearer <access>``, refreshed by the SDK when it has expired (so call this per request,
+        do not cache the result for long).
+        """
+        headers = self.sdk._client_wrapper.get_headers()
+        return {"Authorization": headers["Authorization"]}
+
+    def absolute_url(self, url: str) -> str:
+        """Resolve a task's image reference against the server (tasks hold relative paths)."""
+        return urljoin(self.url + "/", url)
+
+    def is_studio_url(self, url: str) -> bool:
+        """Whether ``url`` (absolute or relative) points at this Label Studio server."""
+        target = urlsplit(self.absolute_url(url))
+        base = urlsplit(self.url)
+        return (target.scheme, target.netloc) == (base.scheme, base.netloc)
+
+    def image_request(self, url: str) -> tuple[str, dict[str, str]]:
+        """``(absolute_url, headers)`` for downloading one task image.
+
+        The token goes only to the Label Studio host: an image on some other host (a public
+        bucket, a CDN) is fetched without it, so a task cannot exfiltrate the token by naming
+        an attacker's URL.
+        """
+        absolute = self.absolute_url(url)
+        headers = self.auth_headers() if self.is_studio_url(absolute) else {}
+        return absolute, headers
+
+    # ------------------------------------------------------------------ projects & tasks
+    def get_project(self, project_id: int) -> dict[str, Any]:
+        """The project as a dict (``label_config``, ``model_version``, ``sampling``, ...)."""
+        project = self.sdk.projects.get(project_id)
+        return _as_dict(project)
+
+    def iter_tasks(self, project_id: int, *, with_annotations: bool) -> Iterator[dict[str, Any]]:
+        """All tasks of a project, page by page; each as a dict.
+
+        With ``with_annotations`` the tasks carry their ``annotations`` (and ``predictions``):
+        one paginated pass instead of one request per task.
+        """
+        pager: Iterable[Any] = self.sdk.tasks.list(
+            project=project_id,
+            fields="all" if with_annotations else "task_only",
+            page_size=self.page_size,
+        )
+        for task in pager:
+            yield _as_dict(task)
+
+    def list_tasks(self, project_id: int) -> list[dict[str, Any]]:
+        """``[{"id": ..., "data": {...}}, ...]`` for every task of the project, by id."""
+        tasks = [
+            {"id": int(t["id"]), "data": dict(t.get("data") or {})}
+            for t in self.iter_tasks(project_id, with_annotations=False)
+        ]
+        return sorted(tasks, key=lambda t: t["id"])
+
+    def list_annotations(self, project_id: int) -> list[dict[str, Any]]:
+        """Every annotation of every task of the project (cancelled ones included), by id.
+
+        Used to reconcile after missed webhooks: Label Studio sends webhooks once, with a 1 s
+        timeout and no retry. Each dict is Label Studio's annotation (``id``, ``task``,
+        ``result``, ``was_cancelled``, ``updated_at``, ...), with ``task`` and ``project``
+        filled in even where the list endpoint leaves them out.
+        """
+        found: dict[int, dict[str, Any]] = {}
+        for task in self.iter_tasks(project_id, with_annotations=True):
+            task_id = int(task["id"])
+            items = task.get("annotations") or []
+            if any("result" not in a for a in items):
+                # Some servers return lightweight stubs here (a lazy-loading feature flag);
+                # ask for this task's annotations in full.
+                items = [_as_dict(a) for a in self.sdk.annotations.list(task_id)]
+            for annotation in items:
+                record = dict(annotation)
+                record["task"] = task_id
+                record["project"] = project_id
+                found[int(record["id"])] = record
+        return [found[k] for k in sorted(found)]
+
+    # ------------------------------------------------------------------ ML backend
+    def list_backends(self, project_id: int) -> list[dict[str, Any]]:
+        """The ML backends connected to a project."""
+        return [_as_dict(b) for b in self.sdk.ml.list(project=project_id)]
+
+    def find_backends(
+        self, project_id: int, backend_url_or_id: str | int | None
+    ) -> list[dict[str, Any]]:
+        """The project's ML backends with this id, or whose URL equals this URL (slash-blind).
+
+        ``None`` means every backend of the project (boxloop expects to be the only one). A URL
+        can match several: Label Studio lets the same backend be connected twice. Raises
+        :class:`StudioError` when nothing matches, listing what is connected.
+        """
+        backends = self.list_backends(project_id)
+        if backend_url_or_id is None:
+            matches = backends
+        elif isinstance(backend_url_or_id, int) or str(backend_url_or_id).isdigit():
+            wanted_id = int(backend_url_or_id)
+            matches = [b for b in backends if b.get("id") == wanted_id]
+        else:
+            wanted_url = _normalise_url(str(backend_url_or_id))
+            matches = [b for b in backends if _normalise_url(str(b.get("url", ""))) == wanted_url]
+        if not matches:
+            known = ", ".join(f"{b.get('id')}={b.get('url')}" for b in backends) or "none"
+            raise StudioError(
+                f"project {project_id} has no ML backend {backend_url_or_id!r} (connected: {known})"
+            )
+        return matches
+
+    def set_backend_title(
+        self, project_id: int, backend_url_or_id: str | int | None, title: str
+    ) -> dict[str, Any]:
+        """Rename the project's ML backend(s) to ``title`` (the served model version).
+
+        Why: Label Studio sets the project's ``model_version`` to the backend's title, and
+        uncertainty sampling and "skip tasks that already have this version's prediction" both
+        compare against it. Keeping title == served version keeps the queue order and the
+        prediction cache right after a retrain.
+
+        Label Studio validates the backend on this PATCH (it calls the backend's ``/health`` and
+        ``/setup``, several times), so a backend calling this about itself must not block the
+        thread that serves those requests: call it from a worker thread. Returns the (last)
+        updated backend; afterwards the project's ``model_version`` equals ``title``.
+        """
+        updated: dict[str, Any] = {}
+        for backend in self.find_backends(project_id, backend_url_or_id):
+            if backend.get("title") == title:
+                updated = backend
+                continue
+            # Label Studio 1.23.2 answers 500 ("healthcheck_() missing ... 'url'") to a PATCH
+            # that leaves the URL out: it re-validates the backend with the body's URL.
+            result = self.sdk.ml.update(
+                int(backend["id"]), url=str(backend["url"]), project=project_id, title=title
+            )
+            updated = _as_dict(result)
+            log.info("ML backend %s of project %s renamed to %r", backend["id"], project_id, title)
+        # Label Studio moves the project's model_version with a renamed backend only if it still
+        # equalled the old title (ml/models.py, MLBackend.save); it may have been changed by
+        # hand or cleared since. The project accepts "", a backend title, or a version that
+        # stored predictions carry, so setting it to this backend's new title is always valid.
+        if self.get_project(project_id).get("model_version") != title:
+            self.sdk.projects.update(id=project_id, model_version=title)
+        return updated
+
+    # ------------------------------------------------------------------ data manager
+    def retrieve_predictions(
+        self, project_id: int, task_ids: list[int] | None = None, *, timeout_s: float = 300.0
+    ) -> dict[str, Any]:
+        """Run the Data Manager action "Retrieve Predictions" and wait for it.
+
+        Synchronous on a server without Redis: Label Studio calls the backend's ``/predict``
+        for the selected tasks before answering. (The SDK's ``ml.predict_all_tasks`` answers 404
+        in the open-source edition.)
+        """
+        selected: dict[str, Any] = (
+            {"all": True, "excluded": []}
+            if task_ids is None
+            else {"all": False, "included": [int(t) for t in task_ids]}
+        )
+        response = self.sdk.actions.with_raw_response.create(
+            id="retrieve_tasks_predictions",
+            project=project_id,
+            selected_items=selected,  # type: ignore[arg-type]
+            request_options=RequestOptions(timeout=timeout_s, max_retries=0),
+        )
+        try:
+            body = response.response.json()
+        except ValueError:
+            body = {}
+        return body if isinstance(body, dict) else {"response": body}
+
+
+def local_files_path(url: str) -> str | None:
+    """The relative path in a ``/data/local-files/?d=<path>`` URL, else ``None``.
+
+    A backend that can read the same directory (``BOXLOOP_ALLOWED_LOCAL_ROOTS`` holding Label
+    Studio's ``LOCAL_FILES_DOCUMENT_ROOT``) may open the file directly instead of downloading it.
+    The value comes from task data: resolve ``root / path`` and check it is still under ``root``
+    before reading (``d=../../etc/passwd`` is a valid query string).
+    """
+    parts = urlsplit(url)
+    if not parts.path.endswith("/data/local-files/") and parts.path != "/data/local-files":
+        return None
+    values = parse_qs(parts.query).get("d")
+    return values[0] if values else None
+
+
+def _normalise_url(url: str) -> str:
+    return url.strip().rstrip("/").lower()
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """SDK models (pydantic, ``extra=allow``) and plain dicts to a JSON-ready dict."""
+    if isinstance(value, dict):
+        return dict(value)
+    result = value.model_dump(mode="json", by_alias=True)
+    if not isinstance(result, dict):
+        raise TypeError(f"cannot turn {type(value).__name__} into a dict")
+    return result
