@@ -1,0 +1,91 @@
+"""Detectors: the :class:`Detector` protocol, the trainable torchvision models and the ONNX YOLOX.
+
+``build_detector_for`` is the one place that decides which model serves a project: its trained
+version when there is one, else the COCO YOLOX mapped to the project's labels, else nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from backend.detectors.base import Detector
+from backend.detectors.fasterrcnn import (
+    ARCH_ALIASES,
+    ArchName,
+    ArchSpec,
+    EffNetFPNBackbone,
+    arch_spec_of,
+    build_model,
+    configure_inference,
+    replace_class_head,
+    resolve_arch,
+    set_input_size,
+)
+from backend.detectors.label_names import canonical_name, map_class_names
+from backend.detectors.onnx_yolox import OnnxYoloxDetector
+from backend.detectors.torch_detector import TorchDetector
+from backend.detectors.versions import (
+    load_model_version,
+    load_torch_detector,
+    read_metadata,
+    save_model_version,
+)
+from backend.detectors.weights import WeightsNotFoundError
+from backend.settings import Settings
+
+__all__ = [
+    "ARCH_ALIASES",
+    "ArchName",
+    "ArchSpec",
+    "Detector",
+    "EffNetFPNBackbone",
+    "OnnxYoloxDetector",
+    "TorchDetector",
+    "WeightsNotFoundError",
+    "arch_spec_of",
+    "build_detector_for",
+    "build_model",
+    "canonical_name",
+    "configure_inference",
+    "load_model_version",
+    "load_torch_detector",
+    "map_class_names",
+    "read_metadata",
+    "replace_class_head",
+    "resolve_arch",
+    "save_model_version",
+    "set_input_size",
+]
+
+log = logging.getLogger(__name__)
+
+
+def build_detector_for(
+    settings: Settings, labels: Sequence[str], model_version_dir: Path | None = None
+) -> Detector | None:
+    """The detector to serve a project with ``labels``.
+
+    * ``model_version_dir`` given: that trained version (:class:`TorchDetector`); errors propagate.
+    * else ``settings.onnx_model_path``: the COCO YOLOX with its classes mapped onto ``labels``
+      (``None`` if none of them maps).
+    * else ``None``: nothing sensible to predict with before the first training (an untrained
+      head would only produce noise).
+    """
+    if model_version_dir is not None:
+        return load_torch_detector(Path(model_version_dir), settings)
+    if settings.onnx_model_path is None:
+        return None
+    yolox = OnnxYoloxDetector.from_path(
+        Path(settings.onnx_model_path),
+        settings.onnx_class_names_path,
+        labels=labels,
+        num_threads=settings.num_threads,
+        score_threshold=settings.score_threshold,
+        max_detections=settings.max_detections,
+    )
+    if not yolox.class_map:
+        log.info("no COCO class of %s matches the labels %s", settings.onnx_model_path, labels)
+        return None
+    return yolox

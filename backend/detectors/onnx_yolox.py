@@ -1,0 +1,214 @@
+"""COCO-pretrained YOLOX (ONNX, onnxruntime CPU) as an inference-only :class:`Detector`.
+
+Why: before a project's first training there is no project model, and a small COCO detector gives
+useful pre-annotations for classes COCO knows (YOLOX-Nano: ~9 ms an image on this CPU). COCO
+classes are mapped to the project's labels by name (:mod:`backend.detectors.label_names`).
+
+Pre- and post-processing follow YOLOX's own demo (``yolox/data/data_augment.py`` ``ValTransform``,
+``yolox/utils/demo_utils.py``) for models exported without ``--decode_in_inference``:
+
+* letterbox: scale ``r = min(H_in / h, W_in / w)``, bilinear resize (OpenCV ``INTER_LINEAR``
+  semantics: half-pixel centres, no antialias, rounded to uint8), pasted at the **top-left** of an
+  ``H_in × W_in`` canvas filled with 114; channels **BGR**, values 0–255, no normalisation;
+* output ``(1, A, 5 + C)`` rows ``[dx, dy, log w, log h, objectness, class scores]`` over
+  strides 8/16/32 (objectness and class scores already sigmoid-ed); boxes decode as
+  ``xy = (grid + d) * stride``, ``wh = exp(log wh) * stride``;
+* score = objectness × class score; class-aware NMS (IoU 0.45); boxes divided by ``r``.
+
+Whether a model already decodes its boxes is detected once from its output on a blank image
+(decoded centres sit on their grid cells; raw offsets do not) and can be forced with ``decoded=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import batched_nms
+
+from backend.boxes import Boxes
+from backend.detectors.label_names import map_class_names
+
+__all__ = ["OnnxYoloxDetector", "letterbox", "read_class_names"]
+
+_STRIDES = (8, 16, 32)
+_PAD_VALUE = 114.0
+
+
+def read_class_names(path: Path) -> list[str]:
+    """One class name a line; blank lines ignored."""
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path} lists no class names")
+    return names
+
+
+def letterbox(image: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """``(1, 3, H, W)`` float32 BGR 0–255 input as YOLOX's ``ValTransform``, and the scale ``r``."""
+    height, width = size
+    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    r = min(height / h, width / w)
+    new_h, new_w = int(h * r), int(w * r)
+    tensor = torch.from_numpy(rgb[:, :, ::-1].copy()).permute(2, 0, 1)[None].float()  # BGR
+    if (new_h, new_w) != (h, w):
+        tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        tensor = tensor.round_().clamp_(0, 255)
+    canvas = torch.full((1, 3, height, width), _PAD_VALUE)
+    canvas[:, :, :new_h, :new_w] = tensor
+    return canvas.numpy(), r
+
+
+def _grids(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Cell ``(x, y)`` and stride of each output row, in YOLOX's row order."""
+    height, width = size
+    cells, strides = [], []
+    for stride in _STRIDES:
+        ys, xs = np.meshgrid(np.arange(height // stride), np.arange(width // stride), indexing="ij")
+        cells.append(np.stack([xs, ys], axis=-1).reshape(-1, 2))
+        strides.append(np.full((cells[-1].shape[0], 1), stride))
+    return np.concatenate(cells).astype(np.float32), np.concatenate(strides).astype(np.float32)
+
+
+class OnnxYoloxDetector:
+    """YOLOX ONNX detector whose classes are mapped onto ``labels``.
+
+    With ``labels=None`` the detector reports the model's own class names. Use
+    :meth:`with_labels` to get a view for a project (sharing the onnxruntime session).
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        class_names: Sequence[str],
+        labels: Sequence[str] | None = None,
+        *,
+        version: str = "pretrained-yolox",
+        score_threshold: float = 0.3,
+        nms_threshold: float = 0.45,
+        max_detections: int = 100,
+        decoded: bool | None = None,
+    ) -> None:
+        self.session = session
+        self.class_names = list(class_names)
+        self.labels = list(labels) if labels is not None else list(class_names)
+        self.version = version
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        self.max_detections = int(max_detections)
+        model_input = session.get_inputs()[0]
+        self._input_name = model_input.name
+        self.input_size: tuple[int, int] = (int(model_input.shape[2]), int(model_input.shape[3]))
+        self._cells, self._strides = _grids(self.input_size)
+        self._class_map = map_class_names(self.class_names, self.labels)
+        # source class index → project label index, -1 for dropped classes
+        self._lookup = np.full(len(self.class_names), -1, dtype=np.int64)
+        for source, target in self._class_map.items():
+            self._lookup[source] = target
+        self.decoded = self._detect_decoded() if decoded is None else decoded
+
+    @classmethod
+    def from_path(
+        cls,
+        model_path: Path,
+        class_names_path: Path | None = None,
+        *,
+        labels: Sequence[str] | None = None,
+        num_threads: int = 2,
+        score_threshold: float = 0.3,
+        nms_threshold: float = 0.45,
+        max_detections: int = 100,
+    ) -> OnnxYoloxDetector:
+        """Load ``model_path``; class names default to ``coco_classes.txt`` beside it."""
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {model_path}")
+        names_path = (
+            Path(class_names_path) if class_names_path else model_path.parent / "coco_classes.txt"
+        )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, int(num_threads))
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        return cls(
+            session,
+            read_class_names(names_path),
+            labels,
+            version=f"pretrained-{model_path.stem}",
+            score_threshold=score_threshold,
+            nms_threshold=nms_threshold,
+            max_detections=max_detections,
+        )
+
+    def with_labels(self, labels: Sequence[str]) -> OnnxYoloxDetector:
+        """The same model reporting ``labels`` (classes with no matching label are dropped)."""
+        return OnnxYoloxDetector(
+            self.session,
+            self.class_names,
+            labels,
+            version=self.version,
+            score_threshold=self.score_threshold,
+            nms_threshold=self.nms_threshold,
+            max_detections=self.max_detections,
+            decoded=self.decoded,
+        )
+
+    @property
+    def class_map(self) -> dict[int, int]:
+        """``{model class index: label index}`` for the classes this detector reports."""
+        return dict(self._class_map)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        (raw,) = self.session.run(None, {self._input_name: batch})[:1]
+        out = np.asarray(raw, dtype=np.float32)[0]
+        expected = 5 + len(self.class_names)
+        if out.ndim != 2 or out.shape[1] != expected or out.shape[0] != len(self._cells):
+            raise ValueError(
+                f"YOLOX output {out.shape} does not fit {len(self.class_names)} classes at "
+                f"input {self.input_size} (expected ({len(self._cells)}, {expected}))"
+            )
+        return out
+
+    def _detect_decoded(self) -> bool:
+        blank = np.full((1, 3, *self.input_size), _PAD_VALUE, dtype=np.float32)
+        out = self._run(blank)
+        centres = (self._cells + 0.5) * self._strides
+        distance = np.abs(out[:, :2] - centres).mean(axis=1) / self._strides[:, 0]
+        return bool(np.median(distance) < 1.0)
+
+    def _decode(self, out: np.ndarray) -> np.ndarray:
+        if self.decoded:
+            xy, wh = out[:, :2], out[:, 2:4]
+        else:
+            xy = (out[:, :2] + self._cells) * self._strides
+            wh = np.exp(np.clip(out[:, 2:4], None, 20.0)) * self._strides
+        return np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
+
+    def predict(self, images: Sequence[Image.Image]) -> list[Boxes]:
+        """Detections per image, mapped to ``labels``; unmapped COCO classes are dropped."""
+        return [self._predict_one(image) for image in images]
+
+    def _predict_one(self, image: Image.Image) -> Boxes:
+        batch, ratio = letterbox(image, self.input_size)
+        out = self._run(batch)
+        class_scores = out[:, 5:] * out[:, 4:5]
+        classes = class_scores.argmax(axis=1)
+        scores = class_scores[np.arange(len(classes)), classes]
+        keep = (scores >= self.score_threshold) & (self._lookup[classes] >= 0)
+        if not keep.any():
+            return Boxes.empty(image.size, with_scores=True)
+        boxes = torch.from_numpy((self._decode(out)[keep] / ratio).astype(np.float32))
+        score_t = torch.from_numpy(scores[keep].astype(np.float32))
+        class_t = torch.from_numpy(classes[keep])
+        order = batched_nms(boxes, score_t, class_t, self.nms_threshold)[: self.max_detections]
+        chosen = order.numpy()
+        labels = self._lookup[class_t.numpy()[chosen]]
+        result = Boxes(boxes.numpy()[chosen], labels, image.size, score_t.numpy()[chosen])
+        return result.clipped()

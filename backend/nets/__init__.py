@@ -1,0 +1,1 @@
+"""Pretrained network bodies shared by the detectors and the feature extractors."""

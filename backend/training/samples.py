@@ -1,0 +1,74 @@
+"""Training samples: an image (or a way to get it) and its ground-truth boxes.
+
+Images may be given lazily (a path or a zero-argument callable) so a training set of hundreds of
+photos does not have to sit decoded in memory; :func:`load_sample_image` resolves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from backend.boxes import Boxes
+
+__all__ = ["ImageLike", "TrainSample", "load_sample_image", "sample_target"]
+
+ImageLike = Image.Image | Path | str | Callable[[], Image.Image]
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One annotated image. ``boxes`` label indices refer to the training label list.
+
+    An image with zero boxes is a valid negative (it teaches the model what is background).
+    Boxes flagged ``ignore`` are left out of training.
+    """
+
+    image: ImageLike
+    boxes: Boxes
+
+
+def load_sample_image(sample: TrainSample) -> Image.Image:
+    """The sample's image as RGB PIL (decoding a path or calling a loader)."""
+    source = sample.image
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, str | Path):
+        with Image.open(source) as opened:
+            image = opened.convert("RGB")
+    elif callable(source):
+        image = source()
+    else:
+        raise TypeError(f"unsupported image source {type(source).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def sample_target(
+    boxes: Boxes, image_size: tuple[int, int], num_labels: int, flip: bool
+) -> dict[str, torch.Tensor]:
+    """torchvision target (``boxes`` xyxy float32, ``labels`` 1-based int64) for an image.
+
+    Boxes are rescaled if they were annotated on a different image size, clipped, stripped of
+    ignored and degenerate boxes, and mirrored when ``flip`` (the image is flipped likewise).
+    """
+    if len(boxes) and (boxes.labels.min() < 0 or boxes.labels.max() >= num_labels):
+        raise ValueError(
+            f"box label indices {sorted(set(boxes.labels.tolist()))} outside 0..{num_labels - 1}"
+        )
+    kept = boxes.kept()
+    if kept.image_size != image_size and len(kept):
+        kept = kept.scaled(image_size[0] / kept.width, image_size[1] / kept.height)
+    kept = Boxes(kept.xyxy, kept.labels, image_size).clipped()
+    xyxy = kept.xyxy.copy()
+    if flip:
+        width = float(image_size[0])
+        xyxy[:, [0, 2]] = width - xyxy[:, [2, 0]]
+    return {
+        "boxes": torch.from_numpy(np.ascontiguousarray(xyxy, dtype=np.float32)).reshape(-1, 4),
+        "labels": torch.from_numpy(kept.labels.astype(np.int64) + 1),
+    }
