@@ -67,7 +67,9 @@ def _credentials_ok(settings: Settings, header: str | None) -> bool:
             user, _, password = base64.b64decode(value.strip()).decode().partition(":")
         except (ValueError, UnicodeDecodeError):
             return False
-        expected = settings.basic_auth_password.get_secret_value() if settings.basic_auth_password else ""
+        expected = (
+            settings.basic_auth_password.get_secret_value() if settings.basic_auth_password else ""
+        )
         return hmac.compare_digest(user, settings.basic_auth_user) and hmac.compare_digest(
             password, expected
         )
@@ -141,14 +143,11 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
     @app.post("/predict", tags=["protocol"])
     def predict(body: PredictRequest) -> JSONResponse:
         predictions = svc.predict(body.tasks, body.label_config, body.project)
-        errors = [
-            {"task": p.task_id, "status": p.status_code, "error": p.error}
-            for p in predictions
-            if p.error is not None
-        ]
-        if predictions and len(errors) == len(predictions):
-            worst = max(e["status"] for e in errors)
-            return _error(worst, errors[0]["error"], errors=errors)
+        failed = [p for p in predictions if p.error is not None]
+        errors = [{"task": p.task_id, "status": p.status_code, "error": p.error} for p in failed]
+        if predictions and len(failed) == len(predictions):
+            worst = max(p.status_code for p in failed)
+            return _error(worst, str(failed[0].error), errors=errors)
         version = predictions[0].model_version if predictions else None
         content: dict[str, Any] = {
             "results": [p.to_json() for p in predictions],
@@ -181,9 +180,14 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
         if record is None:
             raise ServiceError(404, f"no training job {job_id}")
         return {
-            "id": record.id, "project": record.project_id, "status": record.status,
-            "reason": record.reason, "progress": record.progress, "message": record.message,
-            "error": record.error, "model_version": record.model_version,
+            "id": record.id,
+            "project": record.project_id,
+            "status": record.status,
+            "reason": record.reason,
+            "progress": record.progress,
+            "message": record.message,
+            "error": record.error,
+            "model_version": record.model_version,
         }
 
     return app

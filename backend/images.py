@@ -82,8 +82,8 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
         )
     try:
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return image.convert("RGB")
+        upright: Image.Image = ImageOps.exif_transpose(image) or image
+        return upright.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image data ({exc})") from exc
 
@@ -136,7 +136,9 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
                 chunks.append(chunk)
             return b"".join(chunks)
     except httpx.HTTPError as exc:
-        raise ImageFetchError(f"{name}: fetching the image failed ({exc.__class__.__name__})") from exc
+        raise ImageFetchError(
+            f"{name}: fetching the image failed ({exc.__class__.__name__})"
+        ) from exc
     finally:
         if own:
             http.close()
@@ -160,8 +162,12 @@ def read_image_bytes(
                 f"{name}: a Label Studio path, but no Label Studio URL is known "
                 "(set BOXLOOP_LABEL_STUDIO_URL or connect through /setup)"
             )
-        return _fetch_http(urljoin(source.label_studio_url.rstrip("/") + "/", reference.lstrip("/")),
-                           source, name, client)
+        return _fetch_http(
+            urljoin(source.label_studio_url.rstrip("/") + "/", reference.lstrip("/")),
+            source,
+            name,
+            client,
+        )
     if parsed.scheme:
         raise ImageForbidden(f"{name}: unsupported URL scheme {parsed.scheme!r}")
     return _read_local(Path(reference), source, name)

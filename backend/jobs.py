@@ -171,7 +171,9 @@ def _worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one boxloop training job (used internally).")
     parser.add_argument("--job", type=int, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = load_settings()
     store = Store(settings.resolved_database_url)
     from backend.training_job import run_training_job

@@ -44,7 +44,9 @@ def reconcile_project(
             result = ingest_annotation(store, project_id, config, annotation, source="reconcile")
         except AnnotationPayloadError as exc:
             malformed += 1
-            log.warning("project %s: skipped a malformed annotation from the API: %s", project_id, exc)
+            log.warning(
+                "project %s: skipped a malformed annotation from the API: %s", project_id, exc
+            )
             continue
         remote_ids.add(result.annotation_id)
         changed += int(result.changed)

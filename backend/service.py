@@ -133,7 +133,9 @@ class BoxloopService:
             log.info("requeued training jobs after restart: %s", requeued)
         self.scheduler.start()
         if self.settings.reconcile_on_startup and self._studio_configured():
-            threading.Thread(target=self._reconcile_all, name="boxloop-reconcile", daemon=True).start()
+            threading.Thread(
+                target=self._reconcile_all, name="boxloop-reconcile", daemon=True
+            ).start()
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -148,7 +150,8 @@ class BoxloopService:
             if path is not None:
                 try:
                     self._pretrained = OnnxYoloxDetector.from_path(
-                        Path(path), self.settings.onnx_class_names_path,
+                        Path(path),
+                        self.settings.onnx_class_names_path,
                         num_threads=self.settings.num_threads,
                         score_threshold=self.settings.score_threshold,
                         max_detections=self.settings.max_detections,
@@ -239,8 +242,9 @@ class BoxloopService:
             if client is None:
                 continue
             try:
-                reconcile_project(self.store, client, project.id,
-                                  parse_label_config(project.label_config))
+                reconcile_project(
+                    self.store, client, project.id, parse_label_config(project.label_config)
+                )
                 self.maybe_schedule_training(project.id)
             except Exception as exc:
                 log.warning("start-up reconcile of project %s failed: %s", project.id, exc)
@@ -270,8 +274,12 @@ class BoxloopService:
             raise ServiceError(400, f"'project' must be a project id, got {project!r:.60}")
         config = self._parse_config(label_config)
         self.store.upsert_project(
-            project_id, label_config=label_config, from_name=config.from_name,
-            to_name=config.to_name, image_key=config.image_key, labels=config.labels,
+            project_id,
+            label_config=label_config,
+            from_name=config.from_name,
+            to_name=config.to_name,
+            image_key=config.image_key,
+            labels=config.labels,
             hostname=hostname,
         )
         if access_token:
@@ -306,12 +314,13 @@ class BoxloopService:
         references = [self._image_reference(task, config) for task in tasks]
         futures = [
             self._fetch_pool.submit(load_image, ref[1], source, client=self._http)
-            if ref[0] else None
+            if ref[0]
+            else None
             for ref in references
         ]
         out: list[TaskPrediction] = []
         good: list[tuple[int, Image.Image]] = []
-        for i, (task, (ok, ref), future) in enumerate(zip(tasks, references, futures, strict=True)):
+        for i, (task, (_, ref), future) in enumerate(zip(tasks, references, futures, strict=True)):
             task_id = task.get("id") if isinstance(task, dict) else None
             out.append(TaskPrediction(task_id, [], 0.0, model.version))
             if future is None:
@@ -320,8 +329,9 @@ class BoxloopService:
             try:
                 good.append((i, future.result()))
             except ImageError as exc:
-                out[i] = TaskPrediction(task_id, [], 0.0, model.version, exc.message,
-                                        exc.status_code)
+                out[i] = TaskPrediction(
+                    task_id, [], 0.0, model.version, exc.message, exc.status_code
+                )
         if model.detector is not None and good:
             detections = model.detector.predict([image for _, image in good])
             for (i, _), boxes in zip(good, detections, strict=True):
@@ -347,8 +357,13 @@ class BoxloopService:
     ) -> TaskPrediction:
         assert model.detector is not None
         regions = boxes_to_regions(boxes, config, model.detector.labels)
-        served = boxes[[i for i, name in enumerate(boxes.labels)
-                        if model.detector.labels[int(name)] in config.labels]]
+        served = boxes[
+            [
+                i
+                for i, name in enumerate(boxes.labels)
+                if model.detector.labels[int(name)] in config.labels
+            ]
+        ]
         score = task_score(served)
         return TaskPrediction(task.get("id"), regions, score, model.version)
 
@@ -359,8 +374,12 @@ class BoxloopService:
             raise ServiceError(400, "webhook payload has no 'action'")
         outcome = WebhookOutcome(action)
         if action not in {
-            "ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
-            "ANNOTATIONS_DELETED", "START_TRAINING", "TASKS_CREATED",
+            "ANNOTATION_CREATED",
+            "ANNOTATION_UPDATED",
+            "ANNOTATIONS_CREATED",
+            "ANNOTATIONS_DELETED",
+            "START_TRAINING",
+            "TASKS_CREATED",
         }:
             outcome.warnings.append(f"action {action} is not used by boxloop")
             return outcome
@@ -377,16 +396,20 @@ class BoxloopService:
             items = payload.get("annotations")
             if not isinstance(items, list):
                 raise ServiceError(400, "ANNOTATIONS_DELETED needs an 'annotations' list")
-            ids = [a.get("id") for a in items if isinstance(a, dict)]
-            if any(not isinstance(i, int) for i in ids) or len(ids) != len(items):
+            ids = [a.get("id") if isinstance(a, dict) else None for a in items]
+            int_ids = [i for i in ids if isinstance(i, int)]
+            if len(int_ids) != len(items):
                 raise ServiceError(400, "ANNOTATIONS_DELETED: every annotation needs an integer id")
-            outcome.deleted = self.store.delete_annotations(project.id, [int(i) for i in ids])
+            outcome.deleted = self.store.delete_annotations(project.id, int_ids)
         elif action == "TASKS_CREATED":
             items = payload.get("tasks")
             if not isinstance(items, list):
                 raise ServiceError(400, "TASKS_CREATED needs a 'tasks' list")
-            rows = [(t["id"], t.get("data") or {}) for t in items
-                    if isinstance(t, dict) and isinstance(t.get("id"), int)]
+            rows = [
+                (t["id"], t.get("data") or {})
+                for t in items
+                if isinstance(t, dict) and isinstance(t.get("id"), int)
+            ]
             self.store.upsert_tasks(project.id, rows)
             outcome.tasks = len(rows)
         if action == "START_TRAINING":
@@ -415,8 +438,12 @@ class BoxloopService:
             else:
                 if stored is None or stored.label_config != label_config:
                     stored = self.store.upsert_project(
-                        project_id, label_config=label_config, from_name=config.from_name,
-                        to_name=config.to_name, image_key=config.image_key, labels=config.labels,
+                        project_id,
+                        label_config=label_config,
+                        from_name=config.from_name,
+                        to_name=config.to_name,
+                        image_key=config.image_key,
+                        labels=config.labels,
                     )
         if stored is None:
             raise ServiceError(
@@ -432,7 +459,10 @@ class BoxloopService:
         config = parse_label_config(project.label_config)
         try:
             result = ingest_annotation(
-                self.store, project.id, config, annotation,
+                self.store,
+                project.id,
+                config,
+                annotation,
                 task=task if isinstance(task, dict) else None,
             )
         except AnnotationPayloadError as exc:
@@ -474,30 +504,52 @@ class BoxloopService:
             order = self.store.get_order(project.id)
             with self._models_lock:
                 serving = self._models.get(project.id)
-            projects_out.append({
-                "id": project.id,
-                "labels": project.labels,
-                "serving_version": serving.version if serving else (
-                    versions[-1].version if versions
-                    else self.current_model(None, project.labels).version),
-                "model_versions": [
-                    {"version": v.version, "created_at": v.created_at.isoformat() + "Z",
-                     "n_images": v.n_images, "n_annotations": v.n_annotations}
-                    for v in versions
-                ],
-                "annotations": self.store.annotation_counts(project.id),
-                "new_annotations_since_training": self.store.count_annotations_since(
-                    project.id, project.trained_revision),
-                "train_after_new_annotations": self.settings.train_after_new_annotations,
-                "training_jobs": [
-                    {"id": j.id, "status": j.status, "reason": j.reason, "progress": j.progress,
-                     "message": j.message, "error": j.error, "model_version": j.model_version}
-                    for j in jobs
-                ],
-                "queue": None if order is None else {
-                    "strategy": order.strategy, "params": order.params,
-                    "tasks": len(order.task_ids), "view_id": order.view_id,
-                    "updated_at": order.updated_at.isoformat() + "Z",
-                },
-            })
+            projects_out.append(
+                {
+                    "id": project.id,
+                    "labels": project.labels,
+                    "serving_version": serving.version
+                    if serving
+                    else (
+                        versions[-1].version
+                        if versions
+                        else self.current_model(None, project.labels).version
+                    ),
+                    "model_versions": [
+                        {
+                            "version": v.version,
+                            "created_at": v.created_at.isoformat() + "Z",
+                            "n_images": v.n_images,
+                            "n_annotations": v.n_annotations,
+                        }
+                        for v in versions
+                    ],
+                    "annotations": self.store.annotation_counts(project.id),
+                    "new_annotations_since_training": self.store.count_annotations_since(
+                        project.id, project.trained_revision
+                    ),
+                    "train_after_new_annotations": self.settings.train_after_new_annotations,
+                    "training_jobs": [
+                        {
+                            "id": j.id,
+                            "status": j.status,
+                            "reason": j.reason,
+                            "progress": j.progress,
+                            "message": j.message,
+                            "error": j.error,
+                            "model_version": j.model_version,
+                        }
+                        for j in jobs
+                    ],
+                    "queue": None
+                    if order is None
+                    else {
+                        "strategy": order.strategy,
+                        "params": order.params,
+                        "tasks": len(order.task_ids),
+                        "view_id": order.view_id,
+                        "updated_at": order.updated_at.isoformat() + "Z",
+                    },
+                }
+            )
         return {"projects": projects_out}

@@ -33,13 +33,16 @@ class Settings(BaseSettings):
     # --- storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./var/boxloop"), description="Database, model versions, features.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/boxloop.db. PostgreSQL works."
+        None,
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/boxloop.db. PostgreSQL works.",
     )
 
     # --- HTTP ---------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 9090
-    auth_token: SecretStr | None = Field(None, description="If set, every request needs Bearer <token>.")
+    auth_token: SecretStr | None = Field(
+        None, description="If set, every request needs Bearer <token>."
+    )
     basic_auth_user: str | None = None
     basic_auth_password: SecretStr | None = None
 
@@ -64,7 +67,8 @@ class Settings(BaseSettings):
         None, description="TORCH_HOME-style dir holding COCO weights for torchvision detectors."
     )
     onnx_model_path: Path | None = Field(
-        None, description="Inference-only COCO ONNX detector (YOLOX) used before the first training."
+        None,
+        description="Inference-only COCO ONNX detector (YOLOX) used before the first training.",
     )
     onnx_class_names_path: Path | None = None
     detector_min_size: int = 512

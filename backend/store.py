@@ -72,7 +72,7 @@ tasks = Table(
     Column("created_at", DateTime, nullable=False, default=utcnow),
 )
 
-annotations = Table(
+annotations_table = Table(
     "annotations",
     metadata,
     Column("project_id", Integer, primary_key=True, autoincrement=False),
@@ -266,7 +266,9 @@ class Store:
 
     def get_project(self, project_id: int) -> Project | None:
         with self._tx() as conn:
-            row = conn.execute(select(projects).where(projects.c.id == project_id)).mappings().first()
+            row = (
+                conn.execute(select(projects).where(projects.c.id == project_id)).mappings().first()
+            )
         if row is None:
             return None
         return Project(
@@ -303,7 +305,9 @@ class Store:
                 if conn.execute(select(tasks.c.task_id).where(key)).first():
                     conn.execute(update(tasks).where(key).values(data=data))
                 else:
-                    conn.execute(tasks.insert().values(project_id=project_id, task_id=task_id, data=data))
+                    conn.execute(
+                        tasks.insert().values(project_id=project_id, task_id=task_id, data=data)
+                    )
                     new += 1
         return new
 
@@ -327,7 +331,7 @@ class Store:
 
     # ------------------------------------------------------------------ annotations
     def _next_revision(self, conn: Connection) -> int:
-        current = conn.execute(select(func.max(annotations.c.revision))).scalar()
+        current = conn.execute(select(func.max(annotations_table.c.revision))).scalar()
         return int(current or 0) + 1
 
     def upsert_annotation(
@@ -350,12 +354,17 @@ class Store:
         """
         boxes_json = None if boxes is None else boxes.to_dict()
         with self._revision_lock, self._tx() as conn:
-            key = (annotations.c.project_id == project_id) & (
-                annotations.c.annotation_id == annotation_id
+            key = (annotations_table.c.project_id == project_id) & (
+                annotations_table.c.annotation_id == annotation_id
             )
             row = conn.execute(
-                select(annotations.c.result, annotations.c.deleted, annotations.c.revision,
-                       annotations.c.task_id, annotations.c.was_cancelled).where(key)
+                select(
+                    annotations_table.c.result,
+                    annotations_table.c.deleted,
+                    annotations_table.c.revision,
+                    annotations_table.c.task_id,
+                    annotations_table.c.was_cancelled,
+                ).where(key)
             ).first()
             if (
                 row is not None
@@ -379,12 +388,12 @@ class Store:
             }
             if row is None:
                 conn.execute(
-                    annotations.insert().values(
+                    annotations_table.insert().values(
                         project_id=project_id, annotation_id=annotation_id, **values
                     )
                 )
             else:
-                conn.execute(update(annotations).where(key).values(**values))
+                conn.execute(update(annotations_table).where(key).values(**values))
         return revision, True
 
     def delete_annotations(self, project_id: int, annotation_ids: Iterable[int]) -> int:
@@ -393,13 +402,13 @@ class Store:
         with self._revision_lock, self._tx() as conn:
             for annotation_id in annotation_ids:
                 key = (
-                    (annotations.c.project_id == project_id)
-                    & (annotations.c.annotation_id == annotation_id)
-                    & (annotations.c.deleted.is_(False))
+                    (annotations_table.c.project_id == project_id)
+                    & (annotations_table.c.annotation_id == annotation_id)
+                    & (annotations_table.c.deleted.is_(False))
                 )
                 revision = self._next_revision(conn)
                 res = conn.execute(
-                    update(annotations)
+                    update(annotations_table)
                     .where(key)
                     .values(deleted=True, revision=revision, updated_at=utcnow())
                 )
@@ -407,11 +416,11 @@ class Store:
         return changed
 
     def list_annotations(self, project_id: int, include_deleted: bool = False) -> list[Annotation]:
-        query = select(annotations).where(annotations.c.project_id == project_id)
+        query = select(annotations_table).where(annotations_table.c.project_id == project_id)
         if not include_deleted:
-            query = query.where(annotations.c.deleted.is_(False))
+            query = query.where(annotations_table.c.deleted.is_(False))
         with self._tx() as conn:
-            rows = conn.execute(query.order_by(annotations.c.annotation_id)).mappings().all()
+            rows = conn.execute(query.order_by(annotations_table.c.annotation_id)).mappings().all()
         return [
             Annotation(
                 project_id=r["project_id"],
@@ -430,8 +439,8 @@ class Store:
     def annotation_revision(self, project_id: int) -> int:
         with self._tx() as conn:
             value = conn.execute(
-                select(func.max(annotations.c.revision)).where(
-                    annotations.c.project_id == project_id
+                select(func.max(annotations_table.c.revision)).where(
+                    annotations_table.c.project_id == project_id
                 )
             ).scalar()
         return int(value or 0)
@@ -440,7 +449,7 @@ class Store:
         with self._tx() as conn:
             value = conn.execute(
                 select(func.count()).where(
-                    (annotations.c.project_id == project_id) & (annotations.c.revision > revision)
+                    (annotations_table.c.project_id == project_id) & (annotations_table.c.revision > revision)
                 )
             ).scalar()
         return int(value or 0)
@@ -448,9 +457,9 @@ class Store:
     def annotation_counts(self, project_id: int) -> dict[str, int]:
         with self._tx() as conn:
             rows = conn.execute(
-                select(annotations.c.deleted, annotations.c.parse_error.is_(None), func.count())
-                .where(annotations.c.project_id == project_id)
-                .group_by(annotations.c.deleted, annotations.c.parse_error.is_(None))
+                select(annotations_table.c.deleted, annotations_table.c.parse_error.is_(None), func.count())
+                .where(annotations_table.c.project_id == project_id)
+                .group_by(annotations_table.c.deleted, annotations_table.c.parse_error.is_(None))
             ).all()
         counts = {"stored": 0, "deleted": 0, "unparsable": 0}
         for deleted, parsed_ok, n in rows:
@@ -525,7 +534,10 @@ class Store:
         with self._tx() as conn:
             res = conn.execute(
                 training_jobs.insert().values(
-                    project_id=project_id, status="queued", reason=reason, progress=0.0,
+                    project_id=project_id,
+                    status="queued",
+                    reason=reason,
+                    progress=0.0,
                     created_at=utcnow(),
                 )
             )
@@ -539,13 +551,16 @@ class Store:
 
     def get_job(self, job_id: int) -> TrainingJob | None:
         with self._tx() as conn:
-            row = conn.execute(
-                select(training_jobs).where(training_jobs.c.id == job_id)
-            ).mappings().first()
+            row = (
+                conn.execute(select(training_jobs).where(training_jobs.c.id == job_id))
+                .mappings()
+                .first()
+            )
         return None if row is None else TrainingJob(**dict(row))
 
-    def list_jobs(self, project_id: int | None = None, statuses: Sequence[str] | None = None,
-                  limit: int = 50) -> list[TrainingJob]:
+    def list_jobs(
+        self, project_id: int | None = None, statuses: Sequence[str] | None = None, limit: int = 50
+    ) -> list[TrainingJob]:
         query = select(training_jobs).order_by(training_jobs.c.id.desc()).limit(limit)
         if project_id is not None:
             query = query.where(training_jobs.c.project_id == project_id)
@@ -570,8 +585,12 @@ class Store:
                 conn.execute(features.delete().where(key))
                 conn.execute(
                     features.insert().values(
-                        project_id=project_id, task_id=task_id, extractor=extractor,
-                        dim=len(vec), vector=vec.tobytes(), created_at=utcnow(),
+                        project_id=project_id,
+                        task_id=task_id,
+                        extractor=extractor,
+                        dim=len(vec),
+                        vector=vec.tobytes(),
+                        created_at=utcnow(),
                     )
                 )
 
@@ -596,28 +615,42 @@ class Store:
 
     # ------------------------------------------------------------------ orders
     def set_order(
-        self, project_id: int, strategy: str, params: dict[str, Any], task_ids: Sequence[int],
+        self,
+        project_id: int,
+        strategy: str,
+        params: dict[str, Any],
+        task_ids: Sequence[int],
         view_id: int | None = None,
     ) -> None:
         with self._tx() as conn:
             conn.execute(orders.delete().where(orders.c.project_id == project_id))
             conn.execute(
                 orders.insert().values(
-                    project_id=project_id, strategy=strategy, params=params,
-                    task_ids=[int(t) for t in task_ids], view_id=view_id, updated_at=utcnow(),
+                    project_id=project_id,
+                    strategy=strategy,
+                    params=params,
+                    task_ids=[int(t) for t in task_ids],
+                    view_id=view_id,
+                    updated_at=utcnow(),
                 )
             )
 
     def get_order(self, project_id: int) -> TaskOrder | None:
         with self._tx() as conn:
-            row = conn.execute(
-                select(orders).where(orders.c.project_id == project_id)
-            ).mappings().first()
+            row = (
+                conn.execute(select(orders).where(orders.c.project_id == project_id))
+                .mappings()
+                .first()
+            )
         if row is None:
             return None
         return TaskOrder(
-            project_id=row["project_id"], strategy=row["strategy"], params=dict(row["params"]),
-            task_ids=list(row["task_ids"]), view_id=row["view_id"], updated_at=row["updated_at"],
+            project_id=row["project_id"],
+            strategy=row["strategy"],
+            params=dict(row["params"]),
+            task_ids=list(row["task_ids"]),
+            view_id=row["view_id"],
+            updated_at=row["updated_at"],
         )
 
 

@@ -62,7 +62,9 @@ def gather_samples(
     source = image_source_for(
         label_studio_url=settings.label_studio_url,
         setup_hostname=project.hostname,
-        token=settings.label_studio_token.get_secret_value() if settings.label_studio_token else None,
+        token=settings.label_studio_token.get_secret_value()
+        if settings.label_studio_token
+        else None,
         allowed_local_roots=settings.allowed_local_roots,
         max_pixels=settings.max_image_pixels,
         max_bytes=settings.max_image_bytes,
@@ -85,7 +87,9 @@ def gather_samples(
             skipped["image_error"] += 1
             continue
         except AnnotationParseError as exc:
-            log.warning("task %s: annotation %s: %s", annotation.task_id, annotation.annotation_id, exc)
+            log.warning(
+                "task %s: annotation %s: %s", annotation.task_id, annotation.annotation_id, exc
+            )
             skipped["parse_error"] += 1
             continue
         samples.append(TrainSample(image=image, boxes=boxes))
@@ -101,16 +105,22 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
     if project is None:
         raise ValueError(f"training job {job_id}: project {job.project_id} is unknown")
     torch.set_num_threads(max(1, settings.num_threads))
-    store.update_job(job_id, status="running", started_at=utcnow(), progress=0.0,
-                     message="reconciling with Label Studio")
+    store.update_job(
+        job_id,
+        status="running",
+        started_at=utcnow(),
+        progress=0.0,
+        message="reconciling with Label Studio",
+    )
     config = parse_label_config(project.label_config)
     if settings.label_studio_url and settings.label_studio_token:
         from backend.labelstudio.client import StudioClient
         from backend.reconcile import reconcile_project
 
         try:
-            client = StudioClient(settings.label_studio_url,
-                                  settings.label_studio_token.get_secret_value())
+            client = StudioClient(
+                settings.label_studio_url, settings.label_studio_token.get_secret_value()
+            )
             reconcile_project(store, client, project.id, config)
         except Exception as exc:  # Label Studio down: train on what is stored
             log.warning("reconcile before training failed, training on stored annotations: %s", exc)
@@ -130,8 +140,9 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
 
     train_config = TrainConfig.from_settings(settings)
-    model = train_detector(gathered.samples, list(config.labels), train_config, init=init,
-                           progress=progress)
+    model = train_detector(
+        gathered.samples, list(config.labels), train_config, init=init, progress=progress
+    )
     number = len(store.list_model_versions(project.id)) + 1
     version = version_name(project.id, number)
     directory = settings.models_dir / f"project-{project.id}" / version
@@ -149,11 +160,22 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
     }
     save_model_version(model, directory, metadata)
     store.add_model_version(
-        project.id, version, str(directory), list(config.labels),
-        n_annotations=gathered.n_annotations, n_images=len(gathered.samples),
-        annotations_revision=revision, metrics={"skipped": gathered.skipped},
+        project.id,
+        version,
+        str(directory),
+        list(config.labels),
+        n_annotations=gathered.n_annotations,
+        n_images=len(gathered.samples),
+        annotations_revision=revision,
+        metrics={"skipped": gathered.skipped},
     )
     store.set_trained_revision(project.id, revision)
-    store.update_job(job_id, status="succeeded", progress=1.0, finished_at=utcnow(),
-                     model_version=version, message=f"trained on {len(gathered.samples)} images")
+    store.update_job(
+        job_id,
+        status="succeeded",
+        progress=1.0,
+        finished_at=utcnow(),
+        model_version=version,
+        message=f"trained on {len(gathered.samples)} images",
+    )
     return version

@@ -41,7 +41,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _images(root: Path, n: int, seed: int = 0) -> list[tuple[Path, list[tuple[str, list[float]]]]]:
+def _images(root: Path, n: int, seed: int = 0) -> list[tuple[Path, list[tuple[str, list[int]]]]]:
     """640x480 images with one to three shapes (squares and discs) on textured noise."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -66,17 +66,31 @@ def _images(root: Path, n: int, seed: int = 0) -> list[tuple[Path, list[tuple[st
     return out
 
 
-def _annotation(i: int, path: Path, objects: list[tuple[str, list[float]]]) -> dict[str, Any]:
+def _annotation(i: int, path: Path, objects: list[tuple[str, list[int]]]) -> dict[str, Any]:
     result = [
-        {"from_name": "label", "to_name": "image", "type": "rectanglelabels",
-         "original_width": 640, "original_height": 480,
-         "value": {"x": b[0] / 6.4, "y": b[1] / 4.8, "width": (b[2] - b[0]) / 6.4,
-                   "height": (b[3] - b[1]) / 4.8, "rotation": 0, "rectanglelabels": [label]}}
+        {
+            "from_name": "label",
+            "to_name": "image",
+            "type": "rectanglelabels",
+            "original_width": 640,
+            "original_height": 480,
+            "value": {
+                "x": b[0] / 6.4,
+                "y": b[1] / 4.8,
+                "width": (b[2] - b[0]) / 6.4,
+                "height": (b[3] - b[1]) / 4.8,
+                "rotation": 0,
+                "rectanglelabels": [label],
+            },
+        }
         for label, b in objects
     ]
-    return {"action": "ANNOTATION_CREATED", "annotation": {"id": 1000 + i, "task": i + 1, "result": result},
-            "task": {"id": i + 1, "data": {"image": str(path)}},
-            "project": {"id": 1, "label_config": LABEL_CONFIG}}
+    return {
+        "action": "ANNOTATION_CREATED",
+        "annotation": {"id": 1000 + i, "task": i + 1, "result": result},
+        "task": {"id": i + 1, "data": {"image": str(path)}},
+        "project": {"id": 1, "label_config": LABEL_CONFIG},
+    }
 
 
 class PeakRss(threading.Thread):
@@ -119,18 +133,23 @@ def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
     dataset = _images(work / "images", n_images + 8)
     port = _free_port()
     env = dict(os.environ)
-    env.update({
-        "BOXLOOP_DATA_DIR": str(work / "data"),
-        "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(work / "images"),
-        "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(n_images),
-        "BOXLOOP_TRAIN_EPOCHS": str(epochs),
-        "BOXLOOP_RECONCILE_ON_STARTUP": "false",
-        "BOXLOOP_LOG_LEVEL": "WARNING",
-    })
-    server = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "wb"),
+    env.update(
+        {
+            "BOXLOOP_DATA_DIR": str(work / "data"),
+            "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(work / "images"),
+            "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(n_images),
+            "BOXLOOP_TRAIN_EPOCHS": str(epochs),
+            "BOXLOOP_RECONCILE_ON_STARTUP": "false",
+            "BOXLOOP_LOG_LEVEL": "WARNING",
+        }
     )
+    with open(work / "server.log", "wb") as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=server_log,
+        )
     rss = PeakRss(server.pid)
     rss.start()
     url = f"http://127.0.0.1:{port}"
@@ -164,7 +183,12 @@ def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
             # wait for the swap so /predict uses the trained version
             version = final["model_version"]
             for _ in range(100):
-                if client.post("/setup", json={"project": 1, "schema": LABEL_CONFIG}).json()["model_version"] == version:
+                if (
+                    client.post("/setup", json={"project": 1, "schema": LABEL_CONFIG}).json()[
+                        "model_version"
+                    ]
+                    == version
+                ):
                     break
                 time.sleep(0.2)
             held_out = [str(p) for p, _ in dataset[n_images:]]
@@ -191,13 +215,26 @@ def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "torch_threads": 2},
         "images": {"size": [640, 480], "train_images": n_images, "epochs": epochs},
         "predict_ms_1_image": {"p50": _pct(one, 50), "p95": _pct(one, 95), "n": len(one)},
-        "predict_ms_batch_8": {"p50": _pct(eight, 50), "p95": _pct(eight, 95), "n": len(eight),
-                               "per_image_p50": _pct(eight, 50) / 8},
-        "webhook_ack_ms_during_training": {"p50": _pct(acks, 50), "p99": _pct(acks, 99),
-                                           "max": max(acks), "n": len(acks)},
-        "training": {"job_seconds": train_seconds,
-                     "seconds_per_epoch_per_50_images": train_seconds / epochs * 50 / n_images},
-        "peak_rss_mib": {"server": rss.server_peak / 2**20, "training_worker": rss.worker_peak / 2**20},
+        "predict_ms_batch_8": {
+            "p50": _pct(eight, 50),
+            "p95": _pct(eight, 95),
+            "n": len(eight),
+            "per_image_p50": _pct(eight, 50) / 8,
+        },
+        "webhook_ack_ms_during_training": {
+            "p50": _pct(acks, 50),
+            "p99": _pct(acks, 99),
+            "max": max(acks),
+            "n": len(acks),
+        },
+        "training": {
+            "job_seconds": train_seconds,
+            "seconds_per_epoch_per_50_images": train_seconds / epochs * 50 / n_images,
+        },
+        "peak_rss_mib": {
+            "server": rss.server_peak / 2**20,
+            "training_worker": rss.worker_peak / 2**20,
+        },
         "goals": {"predict_p50_ms": 150, "webhook_ack_ms": 50},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,11 +263,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = run(args.images, args.epochs, args.repeats, args.out)
     rows = [
-        ("/predict 1 image p50 / p95 (ms)", f"{results['predict_ms_1_image']['p50']:.0f} / {results['predict_ms_1_image']['p95']:.0f}"),
-        ("/predict batch of 8 p50 / p95 (ms)", f"{results['predict_ms_batch_8']['p50']:.0f} / {results['predict_ms_batch_8']['p95']:.0f}"),
-        ("webhook ack during training p50 / p99 (ms)", f"{results['webhook_ack_ms_during_training']['p50']:.1f} / {results['webhook_ack_ms_during_training']['p99']:.1f}"),
-        ("training s / epoch / 50 images", f"{results['training']['seconds_per_epoch_per_50_images']:.1f}"),
-        ("peak RSS server / worker (MiB)", f"{results['peak_rss_mib']['server']:.0f} / {results['peak_rss_mib']['training_worker']:.0f}"),
+        (
+            "/predict 1 image p50 / p95 (ms)",
+            f"{results['predict_ms_1_image']['p50']:.0f} / {results['predict_ms_1_image']['p95']:.0f}",
+        ),
+        (
+            "/predict batch of 8 p50 / p95 (ms)",
+            f"{results['predict_ms_batch_8']['p50']:.0f} / {results['predict_ms_batch_8']['p95']:.0f}",
+        ),
+        (
+            "webhook ack during training p50 / p99 (ms)",
+            f"{results['webhook_ack_ms_during_training']['p50']:.1f} / {results['webhook_ack_ms_during_training']['p99']:.1f}",
+        ),
+        (
+            "training s / epoch / 50 images",
+            f"{results['training']['seconds_per_epoch_per_50_images']:.1f}",
+        ),
+        (
+            "peak RSS server / worker (MiB)",
+            f"{results['peak_rss_mib']['server']:.0f} / {results['peak_rss_mib']['training_worker']:.0f}",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     for name, value in rows:

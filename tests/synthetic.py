@@ -16,7 +16,9 @@ LABEL_CONFIG = """<View>
 </View>"""
 
 
-def make_image(rng: np.random.Generator, size: tuple[int, int] = (320, 240)) -> tuple[Image.Image, list[tuple[str, tuple[float, float, float, float]]]]:
+def make_image(
+    rng: np.random.Generator, size: tuple[int, int] = (320, 240)
+) -> tuple[Image.Image, list[tuple[str, tuple[float, float, float, float]]]]:
     """A noisy background with one to two coloured shapes; returns the image and its boxes."""
     width, height = size
     pixels = rng.integers(60, 120, size=(height, width, 3), dtype=np.uint8)
@@ -37,7 +39,9 @@ def make_image(rng: np.random.Generator, size: tuple[int, int] = (320, 240)) -> 
     return Image.fromarray(pixels), objects
 
 
-def write_dataset(root: Path, n: int, seed: int = 0) -> list[tuple[Path, list[tuple[str, tuple[float, float, float, float]]]]]:
+def write_dataset(
+    root: Path, n: int, seed: int = 0
+) -> list[tuple[Path, list[tuple[str, tuple[float, float, float, float]]]]]:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     out = []
@@ -49,7 +53,9 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> list[tuple[Path, list[tu
     return out
 
 
-def ls_result(objects: list[tuple[str, tuple[float, float, float, float]]], size: tuple[int, int] = (320, 240)) -> list[dict]:
+def ls_result(
+    objects: list[tuple[str, tuple[float, float, float, float]]], size: tuple[int, int] = (320, 240)
+) -> list[dict]:
     """Label Studio regions (percent) for ``objects``, as an annotator would submit them."""
     width, height = size
     return [

@@ -52,8 +52,9 @@ def test_preannotate_store_train_and_serve_the_new_version(
     }
     server = start_boxloop(env)
     backend = connect_backend(label_studio, project.id, server.url)
-    before = httpx.post(server.url + "/setup", json={"project": project.id,
-                                                      "schema": project.label_config}).json()
+    before = httpx.post(
+        server.url + "/setup", json={"project": project.id, "schema": project.label_config}
+    ).json()
     first_version = before["model_version"]
     assert first_version == "boxloop-untrained"  # no trained version yet, no ONNX model set
 
@@ -68,8 +69,11 @@ def test_preannotate_store_train_and_serve_the_new_version(
     for task_id in train_tasks:
         submit_annotation(label_studio, task_id, ground_truth_result(project, task_id))
     # Label Studio sends webhooks right after the API call commits; give the last one a moment
-    wait_for(lambda: _status(server.url)["annotations"]["stored"] == N_TRAIN, timeout_s=30,
-             what=f"all {N_TRAIN} annotations to be stored by webhook")
+    wait_for(
+        lambda: _status(server.url)["annotations"]["stored"] == N_TRAIN,
+        timeout_s=30,
+        what=f"all {N_TRAIN} annotations to be stored by webhook",
+    )
 
     # 3. the N-th annotation started background training; a new version is swapped in
     def finished() -> dict[str, Any] | None:
@@ -95,7 +99,9 @@ def test_preannotate_store_train_and_serve_the_new_version(
     next_tasks = project.task_ids[N_TRAIN:]
     retrieve_predictions(label_studio, project.id, next_tasks)
     predictions = task_predictions(label_studio, project.id)
-    served = {t: [p for p in predictions[t] if p["model_version"] == new_version] for t in next_tasks}
+    served = {
+        t: [p for p in predictions[t] if p["model_version"] == new_version] for t in next_tasks
+    }
     assert all(len(p) == 1 for p in served.values()), served
     labels = set(project.labels)
     boxes = [r for p in served.values() for r in p[0]["result"]]

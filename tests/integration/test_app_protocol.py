@@ -15,8 +15,12 @@ from backend.app import create_app
 from backend.settings import Settings
 from tests.synthetic import LABEL_CONFIG, ls_result, write_dataset
 
-SETUP = {"project": "7.1795390608", "schema": LABEL_CONFIG, "hostname": "http://localhost:8080",
-         "access_token": "secret-token-123"}
+SETUP = {
+    "project": "7.1795390608",
+    "schema": LABEL_CONFIG,
+    "hostname": "http://localhost:8080",
+    "access_token": "secret-token-123",
+}
 
 
 @pytest.fixture
@@ -25,8 +29,13 @@ def images(tmp_path: Path) -> list[Path]:
 
 
 def _settings(tmp_path: Path, **extra: object) -> Settings:
-    return Settings(data_dir=tmp_path / "data", allowed_local_roots=[tmp_path / "images"],
-                    reconcile_on_startup=False, train_after_new_annotations=1000, **extra)
+    return Settings(
+        data_dir=tmp_path / "data",
+        allowed_local_roots=[tmp_path / "images"],
+        reconcile_on_startup=False,
+        train_after_new_annotations=1000,
+        **extra,
+    )
 
 
 @pytest.fixture
@@ -61,9 +70,15 @@ def test_predict_one_bad_task_does_not_fail_the_batch(
     client.post("/setup", json=SETUP)
     corrupt = tmp_path / "images" / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff garbage")
-    tasks = [_task(1, str(images[0])), _task(2, str(corrupt)), _task(3, str(tmp_path / "images" / "gone.jpg")),
-             {"id": 4, "data": {}}]
-    answer = client.post("/predict", json={"tasks": tasks, "project": "7.1", "label_config": LABEL_CONFIG})
+    tasks = [
+        _task(1, str(images[0])),
+        _task(2, str(corrupt)),
+        _task(3, str(tmp_path / "images" / "gone.jpg")),
+        {"id": 4, "data": {}},
+    ]
+    answer = client.post(
+        "/predict", json={"tasks": tasks, "project": "7.1", "label_config": LABEL_CONFIG}
+    )
     assert answer.status_code == 200
     body = answer.json()
     assert len(body["results"]) == 4
@@ -80,15 +95,23 @@ def test_predict_all_bad_answers_the_error(client: TestClient, tmp_path: Path) -
     huge = tmp_path / "images" / "huge.png"
     Image.new("L", (8000, 6000)).save(huge)
     client.post("/setup", json=SETUP)
-    answer = client.post("/predict", json={"tasks": [_task(1, str(huge))], "label_config": LABEL_CONFIG})
+    answer = client.post(
+        "/predict", json={"tasks": [_task(1, str(huge))], "label_config": LABEL_CONFIG}
+    )
     assert answer.status_code == 413
     assert "megapixels" in answer.json()["error"]
-    outside = client.post("/predict", json={"tasks": [_task(1, "/etc/passwd")], "label_config": LABEL_CONFIG})
+    outside = client.post(
+        "/predict", json={"tasks": [_task(1, "/etc/passwd")], "label_config": LABEL_CONFIG}
+    )
     assert outside.status_code == 403
 
 
-def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(client: TestClient) -> None:
-    answer = client.post("/webhook", content=b"{not json", headers={"content-type": "application/json"})
+def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
+    client: TestClient,
+) -> None:
+    answer = client.post(
+        "/webhook", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert answer.status_code == 400 and "malformed JSON" in answer.json()["error"]
     answer = client.post("/predict", json={"no_tasks": []})
     assert answer.status_code == 422 and "tasks" in answer.json()["error"]
@@ -103,7 +126,12 @@ def _created(annotation_id: int, task_id: int, image: str, labels: list[str] | N
         result[0]["value"]["rectanglelabels"] = labels
     return {
         "action": "ANNOTATION_CREATED",
-        "annotation": {"id": annotation_id, "task": task_id, "result": result, "was_cancelled": False},
+        "annotation": {
+            "id": annotation_id,
+            "task": task_id,
+            "result": result,
+            "was_cancelled": False,
+        },
         "task": {"id": task_id, "data": {"image": image}},
         "project": {"id": 7, "label_config": LABEL_CONFIG},
     }
@@ -118,8 +146,10 @@ def test_webhooks_store_every_annotation(client: TestClient, images: list[Path])
     updated["action"] = "ANNOTATION_UPDATED"
     updated["annotation"]["result"][0]["value"]["x"] = 20
     client.post("/webhook", json=updated)
-    deleted = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 2}],
-                                            "project": {"id": 7}})
+    deleted = client.post(
+        "/webhook",
+        json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 2}], "project": {"id": 7}},
+    )
     assert deleted.json()["deleted"] == 1
     status = client.get("/status").json()["projects"][0]
     assert status["annotations"] == {"stored": 1, "deleted": 1, "unparsable": 0}
@@ -130,8 +160,14 @@ def test_webhooks_store_every_annotation(client: TestClient, images: list[Path])
 
 
 def test_webhook_for_an_unknown_project_is_a_404(client: TestClient) -> None:
-    answer = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 99},
-                                           "annotation": {"id": 1, "task": 1, "result": []}})
+    answer = client.post(
+        "/webhook",
+        json={
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 99},
+            "annotation": {"id": 1, "task": 1, "result": []},
+        },
+    )
     assert answer.status_code == 404 and "project 99 is unknown" in answer.json()["error"]
     answer = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 99}})
     assert answer.status_code == 200 and "not used" in answer.json()["warnings"][0]
@@ -145,15 +181,26 @@ def test_start_training_queues_a_job(client: TestClient, images: list[Path]) -> 
 
 
 def test_auth_protects_every_endpoint(tmp_path: Path, images: list[Path]) -> None:
-    settings = _settings(tmp_path, basic_auth_user="ls", basic_auth_password="pw",
-                         auth_token="bearer-secret")
+    settings = _settings(
+        tmp_path, basic_auth_user="ls", basic_auth_password="pw", auth_token="bearer-secret"
+    )
     with TestClient(create_app(settings)) as test_client:
         assert test_client.get("/health").status_code == 401
         assert test_client.post("/setup", json=SETUP).status_code == 401
         basic = base64.b64encode(b"ls:pw").decode()
-        assert test_client.get("/health", headers={"Authorization": f"Basic {basic}"}).status_code == 200
-        assert test_client.get("/status", headers={"Authorization": "Bearer bearer-secret"}).status_code == 200
-        assert test_client.get("/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert (
+            test_client.get("/health", headers={"Authorization": f"Basic {basic}"}).status_code
+            == 200
+        )
+        assert (
+            test_client.get(
+                "/status", headers={"Authorization": "Bearer bearer-secret"}
+            ).status_code
+            == 200
+        )
+        assert (
+            test_client.get("/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
 
 
 def test_pretrained_onnx_detector_pre_annotates_before_training(
@@ -165,15 +212,26 @@ def test_pretrained_onnx_detector_pre_annotates_before_training(
         pytest.skip(f"no ONNX model in {model}")
     voc = shared_data / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages"
     annotations = voc.parent / "Annotations"
-    with_person = [x for x in sorted(annotations.glob("*.xml")) if "<name>person</name>" in x.read_text()]
+    with_person = [
+        x for x in sorted(annotations.glob("*.xml")) if "<name>person</name>" in x.read_text()
+    ]
     image = voc / f"{with_person[0].stem}.jpg"
-    settings = Settings(data_dir=tmp_path / "data", allowed_local_roots=[voc],
-                        reconcile_on_startup=False, onnx_model_path=onnx_files[0], score_threshold=0.2)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        allowed_local_roots=[voc],
+        reconcile_on_startup=False,
+        onnx_model_path=onnx_files[0],
+        score_threshold=0.2,
+    )
     config = LABEL_CONFIG.replace('"Square"', '"person"').replace('"Disc"', '"dog"')
     with TestClient(create_app(settings)) as test_client:
-        version = test_client.post("/setup", json=dict(SETUP, schema=config)).json()["model_version"]
+        version = test_client.post("/setup", json=dict(SETUP, schema=config)).json()[
+            "model_version"
+        ]
         assert version.startswith("pretrained-")
-        answer = test_client.post("/predict", json={"tasks": [_task(1, str(image))], "label_config": config})
+        answer = test_client.post(
+            "/predict", json={"tasks": [_task(1, str(image))], "label_config": config}
+        )
     assert answer.status_code == 200
     result = answer.json()["results"][0]
     assert result["model_version"] == version

@@ -53,27 +53,46 @@ def _wait(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
 def start_server(tmp_path: Path) -> Iterator[Callable[[], Server]]:
     servers: list[Server] = []
     env = dict(os.environ)
-    env.update({
-        "BOXLOOP_DATA_DIR": str(tmp_path / "data"),
-        "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(tmp_path / "images"),
-        "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(N_IMAGES),
-        "BOXLOOP_TRAIN_EPOCHS": "6",
-        "BOXLOOP_DETECTOR_MIN_SIZE": "240",
-        "BOXLOOP_DETECTOR_MAX_SIZE": "320",
-        "BOXLOOP_NUM_THREADS": "1",
-        "BOXLOOP_SCORE_THRESHOLD": "0.2",
-        "BOXLOOP_RECONCILE_ON_STARTUP": "false",
-    })
-    for key in ("BOXLOOP_LABEL_STUDIO_URL", "BOXLOOP_LABEL_STUDIO_TOKEN", "BOXLOOP_ONNX_MODEL_PATH"):
+    env.update(
+        {
+            "BOXLOOP_DATA_DIR": str(tmp_path / "data"),
+            "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(tmp_path / "images"),
+            "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(N_IMAGES),
+            "BOXLOOP_TRAIN_EPOCHS": "6",
+            "BOXLOOP_DETECTOR_MIN_SIZE": "240",
+            "BOXLOOP_DETECTOR_MAX_SIZE": "320",
+            "BOXLOOP_NUM_THREADS": "1",
+            "BOXLOOP_SCORE_THRESHOLD": "0.2",
+            "BOXLOOP_RECONCILE_ON_STARTUP": "false",
+        }
+    )
+    for key in (
+        "BOXLOOP_LABEL_STUDIO_URL",
+        "BOXLOOP_LABEL_STUDIO_TOKEN",
+        "BOXLOOP_ONNX_MODEL_PATH",
+    ):
         env.pop(key, None)
 
     def start() -> Server:
         port = _free_port()
         log = tmp_path / f"server-{len(servers)}.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-        )
+        with open(log, "wb") as log_file:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "backend.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
         server = Server(process, f"http://127.0.0.1:{port}", log)
         servers.append(server)
 
@@ -116,8 +135,12 @@ def test_training_survives_kill_9_and_serves_the_new_version(
     dataset = write_dataset(tmp_path / "images", N_IMAGES + 2, seed=1)
     server = start_server()
     with server.client() as client:
-        assert client.post("/setup", json={"project": 3, "schema": LABEL_CONFIG}).json()[
-            "model_version"] == "boxloop-untrained"
+        assert (
+            client.post("/setup", json={"project": 3, "schema": LABEL_CONFIG}).json()[
+                "model_version"
+            ]
+            == "boxloop-untrained"
+        )
         for i, (path, objects) in enumerate(dataset[:N_IMAGES]):
             answer = client.post("/webhook", json=_annotation_payload(i, path, objects))
             assert answer.status_code == 200, answer.text
@@ -126,8 +149,14 @@ def test_training_survives_kill_9_and_serves_the_new_version(
         # requests are answered while it trains
         answer = client.post("/webhook", json=_annotation_payload(N_IMAGES, *dataset[N_IMAGES]))
         assert answer.status_code == 200 and answer.json()["stored"] == 1
-        predict = client.post("/predict", json={"tasks": [{"id": 99, "data": {"image": str(dataset[-1][0])}}],
-                                                "project": 3, "label_config": LABEL_CONFIG})
+        predict = client.post(
+            "/predict",
+            json={
+                "tasks": [{"id": 99, "data": {"image": str(dataset[-1][0])}}],
+                "project": 3,
+                "label_config": LABEL_CONFIG,
+            },
+        )
         assert predict.status_code == 200
         assert predict.json()["results"][0]["model_version"] == "boxloop-untrained"
 
@@ -143,16 +172,29 @@ def test_training_survives_kill_9_and_serves_the_new_version(
         # annotation queued during training, or a "resume after restart") takes over
         assert jobs[1]["status"] == "interrupted"
         assert jobs[0]["status"] in ("queued", "running")
-        done = _wait(lambda: (_job(client) or {}).get("status") in ("succeeded", "failed") and _job(client),
-                     900, "the resumed training job to finish")
+        done = _wait(
+            lambda: (_job(client) or {}).get("status") in ("succeeded", "failed") and _job(client),
+            900,
+            "the resumed training job to finish",
+        )
         assert done["status"] == "succeeded", done
         version = done["model_version"]
         assert version == "boxloop-p3-v1"
-        assert client.post("/setup", json={"project": 3, "schema": LABEL_CONFIG}).json()[
-            "model_version"] == version
+        assert (
+            client.post("/setup", json={"project": 3, "schema": LABEL_CONFIG}).json()[
+                "model_version"
+            ]
+            == version
+        )
         path, objects = dataset[-1]
-        predict = client.post("/predict", json={"tasks": [{"id": 99, "data": {"image": str(path)}}],
-                                                "project": 3, "label_config": LABEL_CONFIG}).json()
+        predict = client.post(
+            "/predict",
+            json={
+                "tasks": [{"id": 99, "data": {"image": str(path)}}],
+                "project": 3,
+                "label_config": LABEL_CONFIG,
+            },
+        ).json()
         result = predict["results"][0]
         assert result["model_version"] == version
         assert result["result"], "the trained version found nothing on a held-out image"

@@ -23,13 +23,19 @@ def test_parse_label_config() -> None:
 @pytest.mark.parametrize(
     ("xml", "message"),
     [
-        ('<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="x"/></Choices></View>',
-         "no <RectangleLabels>"),
+        (
+            '<View><Image name="i" value="$img"/><Choices name="c" toName="i"><Choice value="x"/></Choices></View>',
+            "no <RectangleLabels>",
+        ),
         ("<View><Image", "not valid XML"),
-        ('<View><RectangleLabels name="l" toName="nope"><Label value="a"/></RectangleLabels></View>',
-         "no <Image> with that name"),
-        ('<View><Image name="i" value="$img"/><RectangleLabels name="l" toName="i"/></View>',
-         "lists no <Label"),
+        (
+            '<View><RectangleLabels name="l" toName="nope"><Label value="a"/></RectangleLabels></View>',
+            "no <Image> with that name",
+        ),
+        (
+            '<View><Image name="i" value="$img"/><RectangleLabels name="l" toName="i"/></View>',
+            "lists no <Label",
+        ),
         ("", "empty"),
     ],
 )
@@ -40,8 +46,12 @@ def test_bad_label_configs_say_what_is_wrong(xml: str, message: str) -> None:
 
 def test_regions_roundtrip_in_pixels() -> None:
     config = parse_label_config(LABEL_CONFIG)
-    boxes = Boxes(np.array([[10, 20, 110, 70], [0, 0, 50, 50]]), np.array([0, 1]), (200, 100),
-                  scores=np.array([0.9, 0.4]))
+    boxes = Boxes(
+        np.array([[10, 20, 110, 70], [0, 0, 50, 50]]),
+        np.array([0, 1]),
+        (200, 100),
+        scores=np.array([0.9, 0.4]),
+    )
     regions = boxes_to_regions(boxes, config)
     assert regions[0]["value"]["x"] == pytest.approx(5.0)
     assert regions[0]["value"]["height"] == pytest.approx(50.0)
@@ -54,9 +64,19 @@ def test_regions_roundtrip_in_pixels() -> None:
 
 def test_rotated_region_becomes_its_axis_aligned_hull() -> None:
     config = parse_label_config(LABEL_CONFIG)
-    region = {"from_name": "label", "to_name": "image", "type": "rectanglelabels",
-              "value": {"x": 50, "y": 10, "width": 10, "height": 20, "rotation": 90,
-                        "rectanglelabels": ["Square"]}}
+    region = {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "value": {
+            "x": 50,
+            "y": 10,
+            "width": 10,
+            "height": 20,
+            "rotation": 90,
+            "rectanglelabels": ["Square"],
+        },
+    }
     boxes = regions_to_boxes([region], config, (100, 100))
     # rotated 90° clockwise about the top-left corner (50, 10): x spans [30, 50], y spans [10, 20]
     np.testing.assert_allclose(boxes.xyxy[0], [30, 10, 50, 20], atol=1e-4)
@@ -64,8 +84,11 @@ def test_rotated_region_becomes_its_axis_aligned_hull() -> None:
 
 def test_unknown_label_and_missing_size_are_errors() -> None:
     config = parse_label_config(LABEL_CONFIG)
-    region = {"from_name": "label", "type": "rectanglelabels",
-              "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Cat"]}}
+    region = {
+        "from_name": "label",
+        "type": "rectanglelabels",
+        "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Cat"]},
+    }
     with pytest.raises(AnnotationParseError, match="'Cat' is not in"):
         regions_to_boxes([region], config, (10, 10))
     region["value"]["rectanglelabels"] = ["Square"]  # type: ignore[index]
@@ -75,8 +98,14 @@ def test_unknown_label_and_missing_size_are_errors() -> None:
 
 def test_other_controls_are_ignored_and_labels_outside_the_config_dropped() -> None:
     config = parse_label_config(LABEL_CONFIG)
-    assert len(regions_to_boxes([{"from_name": "notes", "type": "textarea", "value": {}}],
-                                config, (10, 10))) == 0
+    assert (
+        len(
+            regions_to_boxes(
+                [{"from_name": "notes", "type": "textarea", "value": {}}], config, (10, 10)
+            )
+        )
+        == 0
+    )
     boxes = Boxes(np.array([[1, 1, 5, 5], [2, 2, 8, 8]]), np.array([0, 1]), (10, 10))
     regions = boxes_to_regions(boxes, config, labels=["Square", "Cat"])
     assert [r["value"]["rectanglelabels"] for r in regions] == [["Square"]]

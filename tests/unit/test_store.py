@@ -15,14 +15,27 @@ def store(tmp_path: Path) -> Store:
 
 
 def _project(store: Store, pid: int = 1) -> None:
-    store.upsert_project(pid, label_config="<View/>", from_name="label", to_name="image",
-                         image_key="image", labels=["a", "b"], hostname="http://ls")
+    store.upsert_project(
+        pid,
+        label_config="<View/>",
+        from_name="label",
+        to_name="image",
+        image_key="image",
+        labels=["a", "b"],
+        hostname="http://ls",
+    )
 
 
 def test_project_roundtrip_and_update(store: Store) -> None:
     _project(store)
-    store.upsert_project(1, label_config="<View/>", from_name="label", to_name="image",
-                         image_key="image", labels=["a", "b", "c"])
+    store.upsert_project(
+        1,
+        label_config="<View/>",
+        from_name="label",
+        to_name="image",
+        image_key="image",
+        labels=["a", "b", "c"],
+    )
     project = store.get_project(1)
     assert project is not None
     assert project.labels == ["a", "b", "c"]
@@ -34,7 +47,9 @@ def test_annotation_revisions_count_new_work_once(store: Store) -> None:
     _project(store)
     boxes = Boxes(np.array([[1, 2, 30, 40]]), np.array([1]), (100, 80))
     rev1, changed1 = store.upsert_annotation(1, 10, 5, [{"r": 1}], boxes)
-    rev_same, changed_same = store.upsert_annotation(1, 10, 5, [{"r": 1}], boxes, source="reconcile")
+    rev_same, changed_same = store.upsert_annotation(
+        1, 10, 5, [{"r": 1}], boxes, source="reconcile"
+    )
     rev2, changed2 = store.upsert_annotation(1, 10, 5, [{"r": 2}], boxes)
     assert changed1 and not changed_same and changed2
     assert rev_same == rev1 and rev2 > rev1
