@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend import __version__
+from backend.queueing import OrderRequest
 from backend.service import BoxloopService, ServiceError
 from backend.settings import Settings, get_settings
 
@@ -44,6 +45,20 @@ class PredictRequest(BaseModel):
     tasks: list[Any] = Field(..., description="Label Studio tasks ({id, data: {image: ...}}).")
     project: int | str | None = None
     label_config: str | None = None
+
+
+class OrderBody(BaseModel):
+    strategy: str = Field("dissimilar", description="random | similar | dissimilar | temporal")
+    extractor: str = Field("imgnet_effnet_lite0", description="imgnet_effnet_lite0 | simnet | ...")
+    batch_size: int = 10
+    seed: int = 0
+    n_seed: int = 1
+    start: str = Field("labeled", description="labeled (start from labeled tasks) | random")
+    pca_dim: int | None = None
+    temporal_field: str | None = None
+    simnet_epochs: int = 25
+    push: bool = True
+    uncertainty_scores: bool = False
 
 
 class TrainRequest(BaseModel):
@@ -173,6 +188,14 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
     def train(body: TrainRequest) -> dict[str, Any]:
         job_id = svc.train_now(body.project)
         return {"status": "queued", "job": job_id, "project": body.project}
+
+    @app.post("/projects/{project_id}/order", tags=["admin"], status_code=202)
+    def order(project_id: int, body: OrderBody, wait: bool = False) -> dict[str, Any]:
+        """Order the project's queue (features, order, push to Label Studio).
+
+        Runs in the background; ``?wait=true`` answers when it is done. ``GET /status`` shows it.
+        """
+        return svc.order_project(project_id, OrderRequest(**body.model_dump()), wait=wait)
 
     @app.get("/jobs/{job_id}", tags=["admin"])
     def job(job_id: int) -> dict[str, Any]:

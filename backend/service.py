@@ -25,6 +25,7 @@ from backend.detectors import Detector, OnnxYoloxDetector, load_torch_detector
 from backend.images import ImageError, ImageSource, image_source_for, load_image
 from backend.ingest import AnnotationPayloadError, ingest_annotation
 from backend.jobs import TrainingScheduler
+from backend.queueing import OrderRequest, QueueManager
 from backend.labelstudio.convert import (
     LabelConfig,
     LabelConfigError,
@@ -123,6 +124,15 @@ class BoxloopService:
         self.scheduler = TrainingScheduler(
             settings, self.store, on_success=self._on_new_version, extra_env=self._worker_env
         )
+        self.queue = QueueManager(
+            settings,
+            self.store,
+            studio_for=self._studio_client,
+            image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
+        )
+        # queue work (features, ordering, pushes) runs one job at a time, off the request path
+        self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxloop-queue")
+        self._queue_state: dict[int, dict[str, Any]] = {}
         torch.set_num_threads(max(1, settings.num_threads))
 
     # ------------------------------------------------------------------ lifecycle
@@ -139,6 +149,7 @@ class BoxloopService:
 
     def close(self) -> None:
         self.scheduler.stop()
+        self._queue_pool.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown(wait=False)
         self._http.close()
 
@@ -336,7 +347,22 @@ class BoxloopService:
             detections = model.detector.predict([image for _, image in good])
             for (i, _), boxes in zip(good, detections, strict=True):
                 out[i] = self._to_prediction(tasks[i], boxes, config, model)
+        if project_id is not None:
+            self._apply_rank_scores(project_id, out)
         return out
+
+    def _apply_rank_scores(self, project_id: int, predictions: list[TaskPrediction]) -> None:
+        """Under Uncertainty-sampling ordering the task score *is* the queue position: a new
+        prediction must carry the task's rank score, or it would reorder the queue."""
+        order = self.store.get_order(project_id)
+        if order is None or not order.params.get("uncertainty_scores"):
+            return
+        from backend.labelstudio.queue import rank_score
+
+        ranks = dict(zip(order.task_ids, order.params.get("ranks") or [], strict=False))
+        for prediction in predictions:
+            if prediction.task_id in ranks:
+                prediction.score = rank_score(int(ranks[prediction.task_id]))
 
     @staticmethod
     def _image_reference(task: Any, config: LabelConfig) -> tuple[bool, str]:
@@ -412,6 +438,8 @@ class BoxloopService:
             ]
             self.store.upsert_tasks(project.id, rows)
             outcome.tasks = len(rows)
+            if rows and self.store.get_order(project.id) is not None:
+                self._queue_pool.submit(self._place_new, project.id, [r[0] for r in rows])
         if action == "START_TRAINING":
             outcome.training_job = self.scheduler.request(project.id, "START_TRAINING")
         elif action != "TASKS_CREATED":
@@ -494,6 +522,45 @@ class BoxloopService:
         if self.store.get_project(project_id) is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
         return self.scheduler.request(project_id, "requested via /train")
+
+    # ------------------------------------------------------------------ queue order
+    def order_project(self, project_id: int, request: OrderRequest, wait: bool = False) -> dict[str, Any]:
+        """Order a project's queue; in the background unless ``wait``."""
+        if self.store.get_project(project_id) is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        from backend.ordering import STRATEGIES
+
+        if request.strategy not in STRATEGIES:
+            raise ServiceError(
+                422, f"unknown strategy {request.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        if request.batch_size < 1:
+            raise ServiceError(422, "batch_size must be at least 1")
+        self._queue_state[project_id] = {"state": "queued", "strategy": request.strategy}
+        future = self._queue_pool.submit(self._run_order, project_id, request)
+        if wait:
+            future.result()
+        return dict(self._queue_state[project_id])
+
+    def _run_order(self, project_id: int, request: OrderRequest) -> None:
+        self._queue_state[project_id] = {"state": "running", "strategy": request.strategy}
+        try:
+            plan = self.queue.order(project_id, request)
+        except Exception as exc:
+            log.exception("ordering project %s failed", project_id)
+            self._queue_state[project_id] = {
+                "state": "failed", "strategy": request.strategy, "error": f"{type(exc).__name__}: {exc}"
+            }
+            return
+        self._queue_state[project_id] = {"state": "done", **plan.to_dict()}
+
+    def _place_new(self, project_id: int, task_ids: list[int]) -> None:
+        try:
+            changed = self.queue.place_new(project_id, task_ids)
+            log.info("project %s: placed %d new tasks, %d ranks changed", project_id,
+                     len(task_ids), len(changed))
+        except Exception:
+            log.exception("placing new tasks of project %s failed", project_id)
 
     # ------------------------------------------------------------------ /status
     def status(self) -> dict[str, Any]:

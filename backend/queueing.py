@@ -1,0 +1,195 @@
+"""Queue control for a project: features → order → store → Label Studio.
+
+The engine side of ordering. It pulls the project's tasks (from Label Studio
+when connected, else those the store has seen), computes missing feature vectors
+once per task and extractor, orders the pool with :mod:`backend.ordering`,
+stores the order, and pushes it to Label Studio (a rank field in each task's
+data, a Data Manager view sorted by it, and optionally prediction scores for
+Uncertainty sampling). New tasks are placed into the stored order without
+recomputing the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from backend.features import SimNetConfig, compute_features, make_extractor, train_simnet
+from backend.features.registry import simnet_dir
+from backend.images import ImageSource, load_image
+from backend.ordering import FEATURE_STRATEGIES, OrderPlan, build_order, place_new_tasks
+from backend.ordering.plan import load_plan, set_view_id
+from backend.settings import Settings
+from backend.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """What an admin asks for (``boxloop order`` / ``POST /projects/{id}/order``)."""
+
+    strategy: str = "dissimilar"
+    extractor: str = "imgnet_effnet_lite0"
+    batch_size: int = 10
+    seed: int = 0
+    n_seed: int = 1
+    start: str = "labeled"
+    pca_dim: int | None = None
+    temporal_field: str | None = None
+    simnet_epochs: int = 25
+    push: bool = True
+    uncertainty_scores: bool = False
+
+
+class QueueManager:
+    """Orders a project's queue and keeps Label Studio in step with it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        studio_for: Callable[[int], Any],
+        image_source_for: Callable[[int], ImageSource],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.studio_for = studio_for
+        self.image_source_for = image_source_for
+
+    # ------------------------------------------------------------------ helpers
+    def _sync_tasks(self, project_id: int) -> None:
+        studio = self.studio_for(project_id)
+        if studio is None:
+            return
+        tasks = studio.list_tasks(project_id)
+        self.store.upsert_tasks(project_id, [(int(t["id"]), dict(t.get("data") or {})) for t in tasks])
+
+    def _labeled(self, project_id: int) -> list[int]:
+        return sorted({a.task_id for a in self.store.list_annotations(project_id) if not a.was_cancelled})
+
+    def _loader(self, project_id: int, image_key: str) -> Callable[[Mapping[str, Any]], Image.Image]:
+        source = self.image_source_for(project_id)
+
+        def load(data: Mapping[str, Any]) -> Image.Image:
+            reference = data.get(image_key)
+            if not isinstance(reference, str):
+                raise ValueError(f"task data has no image under ${image_key}")
+            return load_image(reference, source)
+
+        return load
+
+    def _extractor_name(self, project_id: int, request: OrderRequest, image_key: str) -> str:
+        """Compute every missing vector for the project's tasks; returns the extractor's name."""
+        tasks = self.store.list_tasks(project_id)
+        loader = self._loader(project_id, image_key)
+        directory = None
+        if request.extractor == "simnet":
+            directory = simnet_dir(self.settings, project_id)
+            if not (directory / "simnet.json").is_file():
+                images = [loader(data) for _, data in tasks]
+                train_simnet(
+                    images,
+                    directory,
+                    SimNetConfig(
+                        epochs=request.simnet_epochs,
+                        seed=request.seed,
+                        num_threads=self.settings.num_threads,
+                    ),
+                )
+        extractor = make_extractor(request.extractor, self.settings, simnet_directory=directory)
+        report = compute_features(
+            self.store,
+            project_id,
+            extractor,
+            tasks,
+            loader,
+            batch_size=self.settings.feature_batch_size,
+        )
+        if report.failed:
+            log.warning("project %s: no features for %d tasks: %s", project_id,
+                        len(report.failed), dict(list(report.failed.items())[:3]))
+        return extractor.name
+
+    # ------------------------------------------------------------------ public
+    def order(self, project_id: int, request: OrderRequest) -> OrderPlan:
+        project = self.store.get_project(project_id)
+        if project is None:
+            raise KeyError(f"project {project_id} is unknown to boxloop (connect it first)")
+        self._sync_tasks(project_id)
+        extractor = None
+        if request.strategy in FEATURE_STRATEGIES:
+            extractor = self._extractor_name(project_id, request, project.image_key)
+        plan = build_order(
+            self.store,
+            project_id,
+            request.strategy,
+            extractor=extractor,
+            labeled_task_ids=self._labeled(project_id),
+            start="random" if request.start == "random" else "labeled",
+            seed=request.seed,
+            n_seed=request.n_seed,
+            pca_dim=request.pca_dim,
+            temporal_field=request.temporal_field,
+            image_key=project.image_key,
+            batch_size=request.batch_size,
+            progress=True,
+        )
+        plan.params["uncertainty_scores"] = bool(request.uncertainty_scores)
+        plan.params["extractor_key"] = request.extractor if extractor else None
+        self.store.set_order(project_id, plan.strategy, plan.params, plan.task_ids, plan.view_id)
+        if request.push:
+            plan = self.push(project_id, plan)
+        return plan
+
+    def push(self, project_id: int, plan: OrderPlan, task_ids: Iterable[int] | None = None) -> OrderPlan:
+        """Write ranks (all, or ``task_ids``) and the sorted view into Label Studio."""
+        studio = self.studio_for(project_id)
+        if studio is None:
+            log.info("project %s: no Label Studio connection; order stored only", project_id)
+            return plan
+        from backend.labelstudio import queue
+
+        project = self.store.get_project(project_id)
+        assert project is not None
+        only = None if task_ids is None else list(task_ids)
+        if plan.params.get("uncertainty_scores") and task_ids is None:
+            # keep the project's model_version (the backend title = the served version)
+            model_version = studio.get_project(project_id).get("model_version") or "boxloop-order"
+            queue.enable_uncertainty_sampling(studio, project_id, model_version)
+        view_id = queue.push_order(
+            studio,
+            project_id,
+            plan.task_ids,
+            plan.ranks,
+            dict(self.store.list_tasks(project_id)),
+            only_task_ids=only,
+            view_id=plan.view_id,
+            uncertainty=True if plan.params.get("uncertainty_scores") else None,
+        )
+        if view_id != plan.view_id:
+            plan = set_view_id(self.store, plan, view_id)
+        return plan
+
+    def place_new(self, project_id: int, task_ids: Iterable[int]) -> list[int]:
+        """Give new tasks features and a place in the stored order; push changed ranks."""
+        plan = load_plan(self.store, project_id)
+        if plan is None:
+            return []
+        project = self.store.get_project(project_id)
+        assert project is not None
+        extractor_key = plan.params.get("extractor_key")
+        if plan.strategy in FEATURE_STRATEGIES and extractor_key:
+            self._extractor_name(
+                project_id, OrderRequest(extractor=str(extractor_key)), project.image_key
+            )
+        new_plan, changed = place_new_tasks(
+            self.store, project_id, task_ids, labeled_task_ids=self._labeled(project_id)
+        )
+        if changed:
+            self.push(project_id, new_plan, changed)
+        return changed
