@@ -72,10 +72,17 @@ def _order(args: argparse.Namespace) -> int:
 
     svc = _service(args)
     request = OrderRequest(
-        strategy=args.strategy, extractor=args.extractor, batch_size=args.batch_size,
-        seed=args.seed, n_seed=args.n_seed, start=args.start, pca_dim=args.pca_dim,
-        temporal_field=args.temporal_field, simnet_epochs=args.simnet_epochs,
-        push=not args.no_push, uncertainty_scores=args.uncertainty,
+        strategy=args.strategy,
+        extractor=args.extractor,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        n_seed=args.n_seed,
+        start=args.start,
+        pca_dim=args.pca_dim,
+        temporal_field=args.temporal_field,
+        simnet_epochs=args.simnet_epochs,
+        push=not args.no_push,
+        uncertainty_scores=args.uncertainty,
     )
     state = svc.order_project(args.project, request, wait=True)
     print(json.dumps(state, indent=2, default=str))
@@ -117,10 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     order = sub.add_parser("order", help="order a project's queue and push it to Label Studio")
     order.add_argument("--project", type=int, required=True)
-    order.add_argument("--strategy", default="dissimilar",
-                       choices=["random", "similar", "dissimilar", "temporal"])
-    order.add_argument("--extractor", default="imgnet_effnet_lite0",
-                       help="imgnet_effnet_lite0 (default), simnet, imgnet_resnet50, ...")
+    order.add_argument(
+        "--strategy", default="dissimilar", choices=["random", "similar", "dissimilar", "temporal"]
+    )
+    order.add_argument(
+        "--extractor",
+        default="imgnet_effnet_lite0",
+        help="imgnet_effnet_lite0 (default), simnet, imgnet_resnet50, ...",
+    )
     order.add_argument("--batch-size", type=int, default=10)
     order.add_argument("--seed", type=int, default=0)
     order.add_argument("--n-seed", type=int, default=1, help="random start images")
@@ -128,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--pca-dim", type=int)
     order.add_argument("--temporal-field", help="task data field for the temporal order")
     order.add_argument("--simnet-epochs", type=int, default=25)
-    order.add_argument("--uncertainty", action="store_true",
-                       help="also set prediction scores from ranks (Uncertainty sampling)")
+    order.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="also set prediction scores from ranks (Uncertainty sampling)",
+    )
     order.add_argument("--no-push", action="store_true", help="store the order only")
     order.set_defaults(func=_order)
 

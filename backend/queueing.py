@@ -67,12 +67,18 @@ class QueueManager:
         if studio is None:
             return
         tasks = studio.list_tasks(project_id)
-        self.store.upsert_tasks(project_id, [(int(t["id"]), dict(t.get("data") or {})) for t in tasks])
+        self.store.upsert_tasks(
+            project_id, [(int(t["id"]), dict(t.get("data") or {})) for t in tasks]
+        )
 
     def _labeled(self, project_id: int) -> list[int]:
-        return sorted({a.task_id for a in self.store.list_annotations(project_id) if not a.was_cancelled})
+        return sorted(
+            {a.task_id for a in self.store.list_annotations(project_id) if not a.was_cancelled}
+        )
 
-    def _loader(self, project_id: int, image_key: str) -> Callable[[Mapping[str, Any]], Image.Image]:
+    def _loader(
+        self, project_id: int, image_key: str
+    ) -> Callable[[Mapping[str, Any]], Image.Image]:
         source = self.image_source_for(project_id)
 
         def load(data: Mapping[str, Any]) -> Image.Image:
@@ -111,8 +117,12 @@ class QueueManager:
             batch_size=self.settings.feature_batch_size,
         )
         if report.failed:
-            log.warning("project %s: no features for %d tasks: %s", project_id,
-                        len(report.failed), dict(list(report.failed.items())[:3]))
+            log.warning(
+                "project %s: no features for %d tasks: %s",
+                project_id,
+                len(report.failed),
+                dict(list(report.failed.items())[:3]),
+            )
         return extractor.name
 
     # ------------------------------------------------------------------ public
@@ -146,7 +156,9 @@ class QueueManager:
             plan = self.push(project_id, plan)
         return plan
 
-    def push(self, project_id: int, plan: OrderPlan, task_ids: Iterable[int] | None = None) -> OrderPlan:
+    def push(
+        self, project_id: int, plan: OrderPlan, task_ids: Iterable[int] | None = None
+    ) -> OrderPlan:
         """Write ranks (all, or ``task_ids``) and the sorted view into Label Studio."""
         studio = self.studio_for(project_id)
         if studio is None:

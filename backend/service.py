@@ -25,7 +25,6 @@ from backend.detectors import Detector, OnnxYoloxDetector, load_torch_detector
 from backend.images import ImageError, ImageSource, image_source_for, load_image
 from backend.ingest import AnnotationPayloadError, ingest_annotation
 from backend.jobs import TrainingScheduler
-from backend.queueing import OrderRequest, QueueManager
 from backend.labelstudio.convert import (
     LabelConfig,
     LabelConfigError,
@@ -33,6 +32,7 @@ from backend.labelstudio.convert import (
     parse_label_config,
     task_score,
 )
+from backend.queueing import OrderRequest, QueueManager
 from backend.settings import Settings
 from backend.store import Project, Store
 
@@ -524,7 +524,9 @@ class BoxloopService:
         return self.scheduler.request(project_id, "requested via /train")
 
     # ------------------------------------------------------------------ queue order
-    def order_project(self, project_id: int, request: OrderRequest, wait: bool = False) -> dict[str, Any]:
+    def order_project(
+        self, project_id: int, request: OrderRequest, wait: bool = False
+    ) -> dict[str, Any]:
         """Order a project's queue; in the background unless ``wait``."""
         if self.store.get_project(project_id) is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
@@ -549,7 +551,9 @@ class BoxloopService:
         except Exception as exc:
             log.exception("ordering project %s failed", project_id)
             self._queue_state[project_id] = {
-                "state": "failed", "strategy": request.strategy, "error": f"{type(exc).__name__}: {exc}"
+                "state": "failed",
+                "strategy": request.strategy,
+                "error": f"{type(exc).__name__}: {exc}",
             }
             return
         self._queue_state[project_id] = {"state": "done", **plan.to_dict()}
@@ -557,8 +561,12 @@ class BoxloopService:
     def _place_new(self, project_id: int, task_ids: list[int]) -> None:
         try:
             changed = self.queue.place_new(project_id, task_ids)
-            log.info("project %s: placed %d new tasks, %d ranks changed", project_id,
-                     len(task_ids), len(changed))
+            log.info(
+                "project %s: placed %d new tasks, %d ranks changed",
+                project_id,
+                len(task_ids),
+                len(changed),
+            )
         except Exception:
             log.exception("placing new tasks of project %s failed", project_id)
 

@@ -296,7 +296,9 @@ def shared_data_dir() -> Path:
     return Path(value) if value else (REPO_ROOT.parent / "shared" / "data")
 
 
-def voc_images(n: int, root: Path | None = None, subset: str = "VOCdevkit/VOC2012") -> list[SourceImage]:
+def voc_images(
+    n: int, root: Path | None = None, subset: str = "VOCdevkit/VOC2012"
+) -> list[SourceImage]:
     """The first ``n`` images of a shared VOC-layout subset (trainval order) with their boxes.
 
     ``subset`` is the folder under ``voc/`` (``VOCdevkit/VOC2012`` or ``raccoon``). Returns ``[]``

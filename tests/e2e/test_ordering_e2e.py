@@ -24,8 +24,12 @@ N_TASKS = 7
 
 def _next(ls: LabelStudioServer, project_id: int, view_id: int | None) -> dict[str, Any]:
     params = {"view": view_id} if view_id is not None else {}
-    answer = httpx.get(f"{ls.url}/api/projects/{project_id}/next", params=params,
-                       headers=ls.auth_headers, timeout=60)
+    answer = httpx.get(
+        f"{ls.url}/api/projects/{project_id}/next",
+        params=params,
+        headers=ls.auth_headers,
+        timeout=60,
+    )
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -50,8 +54,12 @@ def test_next_task_follows_the_boxloop_order(
     answer = httpx.post(
         f"{server.url}/projects/{project.id}/order",
         params={"wait": "true"},
-        json={"strategy": "dissimilar", "seed": 3, "batch_size": 3,
-              "uncertainty_scores": mode == "uncertainty"},
+        json={
+            "strategy": "dissimilar",
+            "seed": 3,
+            "batch_size": 3,
+            "uncertainty_scores": mode == "uncertainty",
+        },
         timeout=600,
     )
     assert answer.status_code == 202, answer.text
