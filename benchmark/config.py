@@ -1,0 +1,298 @@
+"""A typed experiment grid, read from YAML or built from command-line flags.
+
+A grid is datasets × approaches × seeds. One *run* (one dataset, approach and
+seed) orders the pool, labels B1 by hand and loops train → predict → correct
+over B2..Bn. Everything the annotator simulation adds on top — IoU τ, the
+score threshold the annotator sees, T, the paper's or the strict convention —
+is applied afterwards to the stored predictions, because none of it changes
+what the model is trained on (each corrected batch becomes its ground truth).
+So those lists cost no training time and are evaluated for every run.
+
+YAML keys mirror :class:`ExperimentConfig`; see ``benchmark/configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Strategies the ordering engine provides and that need a trained model per round.
+LOOP_STRATEGIES = ("random", "similar", "dissimilar", "temporal")
+#: Baselines with no retraining.
+PRETRAINED = "pretrained"
+FEATURES = ("imgnet", "simnet")
+_SHORT = {"random": "Shuffle", "similar": "Sim", "dissimilar": "Dis", "temporal": "Temporal"}
+_FEATURE_NAMES = {"imgnet": "ImgNet", "simnet": "SimNet"}
+
+
+class ConfigError(ValueError):
+    """The experiment configuration is inconsistent; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Approach:
+    """How the pool is ordered and pre-annotated.
+
+    ``strategy`` is an ordering strategy of :mod:`backend.ordering`, or
+    ``"pretrained"``: the COCO YOLOX-Nano ONNX model pre-annotates every batch
+    (B1 included) and is never retrained, in a random order.
+    """
+
+    strategy: str
+    features: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy not in (*LOOP_STRATEGIES, PRETRAINED):
+            raise ConfigError(
+                f"unknown strategy {self.strategy!r}; use one of {[*LOOP_STRATEGIES, PRETRAINED]}"
+            )
+        needs_features = self.strategy in ("similar", "dissimilar")
+        if needs_features and self.features not in FEATURES:
+            raise ConfigError(f"strategy {self.strategy!r} needs features in {FEATURES}")
+        if not needs_features and self.features is not None:
+            object.__setattr__(self, "features", None)  # random/temporal/pretrained ignore features
+
+    @property
+    def retrains(self) -> bool:
+        return self.strategy != PRETRAINED
+
+    @property
+    def label(self) -> str:
+        """The row name in the tables, as in the paper: ``Shuffle``, ``Dis (ImgNet)``, ..."""
+        if self.strategy == PRETRAINED:
+            return "Pretrained only (YOLOX-Nano)"
+        short = _SHORT[self.strategy]
+        return f"{short} ({_FEATURE_NAMES[self.features]})" if self.features else short
+
+    @property
+    def spec(self) -> str:
+        """The form :meth:`parse` reads back: ``"dissimilar:imgnet"``, ``"random"``."""
+        return self.strategy if self.features is None else f"{self.strategy}:{self.features}"
+
+    @property
+    def slug(self) -> str:
+        return self.strategy if self.features is None else f"{self.strategy}-{self.features}"
+
+    @classmethod
+    def parse(cls, value: Any) -> Approach:
+        """From ``"dissimilar:imgnet"``, ``"random"``, ``"pretrained"`` or a mapping."""
+        if isinstance(value, Approach):
+            return value
+        if isinstance(value, dict):
+            return cls(str(value.get("strategy")), value.get("features"))
+        if isinstance(value, str):
+            strategy, _, features = value.partition(":")
+            return cls(strategy.strip(), features.strip() or None)
+        raise ConfigError(f"cannot read an approach from {value!r}")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One dataset of the grid.
+
+    ``holdout`` images (a fraction if < 1, else a count) are set aside, with
+    ``holdout_seed``, for the mAP curve; the rest is the pool to label.
+    ``max_images`` caps the dataset first (a seeded sample, same for every run).
+    """
+
+    spec: str
+    name: str | None = None
+    max_images: int | None = None
+    holdout: float = 0.2
+    holdout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        from benchmark.datasets import parse_spec
+
+        try:
+            parse_spec(self.spec)  # syntax only: the files are read when the dataset is loaded
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        object.__setattr__(self, "holdout", float(self.holdout))  # 4 and 4.0 are one setting
+        if self.holdout < 0:
+            raise ConfigError(f"{self.spec}: holdout must be >= 0")
+        if self.max_images is not None and self.max_images < 2:
+            raise ConfigError(f"{self.spec}: max_images must be >= 2")
+
+    @property
+    def display_name(self) -> str:
+        """``name``, else ``<format>:<last path part>`` (``kitti:tiny``, ``voc:VOC2012``)."""
+        if self.name:
+            return self.name
+        kind, _, rest = self.spec.partition(":")
+        path = rest.partition("?")[0].rstrip("/")
+        stem = Path(path).stem if Path(path).suffix == ".json" else Path(path).name
+        return f"{kind}:{stem}"
+
+    def holdout_count(self, n_images: int) -> int:
+        count = round(self.holdout * n_images) if self.holdout < 1 else int(self.holdout)
+        if count >= n_images:
+            raise ConfigError(f"{self.spec}: holdout {self.holdout} leaves no pool of {n_images}")
+        return count
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """The inference-only COCO detector (paths default to the shared YOLOX-Nano model)."""
+
+    model: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
+    classes: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/coco_classes.txt"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole grid. Lists on the evaluation side (τ, score, T) are free, see the module doc."""
+
+    name: str
+    datasets: list[DatasetConfig]
+    approaches: list[Approach]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    batch_size: int = 10
+    baselines: bool = True
+    iou_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7])
+    score_thresholds: list[float] = field(default_factory=lambda: [0.5])
+    seconds_per_box: list[float] = field(default_factory=lambda: [7.0, 35.0])
+    removal_fraction: float = 0.5
+    adjustment_fraction: float = 0.5
+    tight_iou: float = 0.85
+    prediction_floor: float = 0.05
+    final_round: bool = True
+    warm_start: bool = True
+    threads: int = 2
+    train: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    output: str = "benchmark/results/latest"
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ConfigError("no datasets")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct and non-empty, got {self.seeds}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        for tau in self.iou_thresholds:
+            if not 0 < tau <= 1:
+                raise ConfigError(f"iou threshold {tau} outside (0, 1]")
+        for score in self.score_thresholds:
+            if score < self.prediction_floor:
+                raise ConfigError(
+                    f"score threshold {score} below prediction_floor {self.prediction_floor}: "
+                    "predictions under the floor are not stored"
+                )
+        if any(t <= 0 for t in self.seconds_per_box) or not self.seconds_per_box:
+            raise ConfigError("seconds_per_box must hold positive values")
+        approaches = list(dict.fromkeys(self.approaches))
+        if self.baselines:
+            for baseline in (Approach("random"), Approach(PRETRAINED)):
+                if baseline not in approaches:
+                    approaches.insert(0, baseline)
+        if not approaches:
+            raise ConfigError("no approaches")
+        object.__setattr__(self, "approaches", approaches)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def output_dir(self) -> Path:
+        from benchmark.datasets import expand_path
+
+        return expand_path(self.output)
+
+    def run_key(self, dataset: DatasetConfig, resolved_train: dict[str, Any] | None = None) -> str:
+        """Hash of everything that changes a run's trained models and predictions on ``dataset``.
+
+        Evaluation-side settings (τ, score thresholds, T, conventions) are left
+        out, so changing them re-reports cached runs instead of re-running them.
+        ``resolved_train`` is the full training config after defaults, so a changed
+        backend default also invalidates cached runs.
+        """
+        relevant = {
+            "dataset": asdict(dataset),
+            "resolved_train": resolved_train,
+            "batch_size": self.batch_size,
+            "prediction_floor": self.prediction_floor,
+            "final_round": self.final_round,
+            "warm_start": self.warm_start,
+            "train": self.train,
+            "features": self.features,
+            "pretrained": asdict(self.pretrained),
+        }
+        return hashlib.sha256(
+            json.dumps(relevant, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["approaches"] = [a.spec for a in self.approaches]
+        return data
+
+    def with_overrides(self, **changes: Any) -> ExperimentConfig:
+        return replace(self, **changes)
+
+
+def _dataset(value: Any) -> DatasetConfig:
+    if isinstance(value, str):
+        return DatasetConfig(spec=value)
+    if isinstance(value, dict):
+        unknown = set(value) - {f.name for f in fields(DatasetConfig)}
+        if unknown:
+            raise ConfigError(f"dataset {value.get('spec')!r}: unknown keys {sorted(unknown)}")
+        if "spec" not in value:
+            raise ConfigError(f"dataset entry {value!r} needs a 'spec'")
+        return DatasetConfig(**value)
+    raise ConfigError(f"cannot read a dataset from {value!r}")
+
+
+def config_from_dict(data: dict[str, Any], default_name: str = "experiment") -> ExperimentConfig:
+    """Build and validate a config from a mapping (a parsed YAML file)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(ExperimentConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+    values = dict(data)
+    values.setdefault("name", default_name)
+    values["datasets"] = [_dataset(d) for d in _as_list(values.get("datasets"), "datasets")]
+    values["approaches"] = [
+        Approach.parse(a) for a in _as_list(values.get("approaches", []), "approaches")
+    ]
+    if isinstance(values.get("seeds"), int):  # "seeds: 3" means seeds 0, 1, 2
+        values["seeds"] = list(range(values["seeds"]))
+    for key in ("seeds", "iou_thresholds", "score_thresholds", "seconds_per_box"):
+        if key in values:
+            values[key] = _as_list(values[key], key)
+    if "seeds" in values:
+        values["seeds"] = [int(s) for s in values["seeds"]]
+    if isinstance(values.get("pretrained"), dict):
+        values["pretrained"] = PretrainedConfig(**values["pretrained"])
+    for key in ("train", "features"):
+        if key in values and not isinstance(values[key], dict):
+            raise ConfigError(f"{key!r} must be a mapping")
+    return ExperimentConfig(**values)
+
+
+def _as_list(value: Any, key: str) -> list[Any]:
+    if value is None:
+        raise ConfigError(f"{key!r} is required")
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a YAML experiment grid."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return config_from_dict(data or {}, default_name=path.stem)
+
+
+def correction_key(iou_threshold: float, score_threshold: float) -> str:
+    """Key of one (τ, score threshold) cell in a run's stored per-batch corrections."""
+    return f"iou={iou_threshold:g}/score={score_threshold:g}"

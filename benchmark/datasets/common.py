@@ -1,0 +1,186 @@
+"""The one sample type every dataset loader produces.
+
+Each native format (VOC XML, KITTI text, COCO JSON) is read into the same
+:class:`Dataset` of :class:`Sample` items whose ground truth is a
+:class:`backend.boxes.Boxes`, so the oracle, the evaluation and the runner never
+see a format. Regions that must not count (VOC ``difficult``, KITTI
+``DontCare``, COCO ``iscrowd``) stay in the boxes with their ``ignore`` flag set
+rather than being dropped, because evaluation and the oracle both need them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from backend.boxes import Boxes
+
+#: Label index of an ignore region that belongs to no class (KITTI ``DontCare``):
+#: it excuses predictions of *any* class.
+ANY_CLASS = -1
+
+#: How a prediction is tested against an ignored ground-truth region, following
+#: each dataset's own evaluation: ``"iou"`` (VOC devkit: a detection matched to a
+#: ``difficult`` box at the usual IoU is ignored) or ``"pred_area"`` (KITTI devkit
+#: ``DontCare`` and COCO ``iscrowd``: intersection over the *prediction's* area,
+#: so any detection lying inside the region is ignored).
+IgnoreOverlap = Literal["iou", "pred_area"]
+
+IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing or malformed; the message names the file and the fault."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its ground truth.
+
+    Attributes:
+        image_id: stable id within the dataset (file stem for VOC/KITTI, COCO image id).
+        image_path: absolute path of the image file.
+        boxes: ground truth in pixels; ``ignore`` flags mark regions that do not
+            count, and such a region may carry the label :data:`ANY_CLASS`.
+    """
+
+    image_id: str
+    image_path: Path
+    boxes: Boxes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.boxes.image_size
+
+    def load_image(self) -> Image.Image:
+        """The image decoded as RGB (the detectors and extractors take RGB PIL images)."""
+        try:
+            with Image.open(self.image_path) as image:
+                return image.convert("RGB")
+        except OSError as exc:
+            raise DatasetError(f"{self.image_path}: cannot decode image ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset: samples plus the label list their ``Boxes.labels`` index into."""
+
+    name: str
+    root: Path
+    labels: list[str]
+    samples: list[Sample]
+    ignore_overlap: IgnoreOverlap = "iou"
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_boxes(self) -> int:
+        """Ground-truth boxes that count (ignored regions excluded)."""
+        return sum(len(s.boxes.kept()) for s in self.samples)
+
+    @property
+    def num_ignored(self) -> int:
+        return sum(int(s.boxes.ignore_mask.sum()) for s in self.samples)
+
+    def subset(self, indices: list[int] | np.ndarray, name: str | None = None) -> Dataset:
+        """The samples at ``indices`` (in that order), same labels and ignore rule."""
+        return Dataset(
+            name or self.name,
+            self.root,
+            list(self.labels),
+            [self.samples[int(i)] for i in indices],
+            self.ignore_overlap,
+            dict(self.meta),
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.labels, 0)
+        for sample in self.samples:
+            for label in sample.boxes.kept().labels:
+                counts[self.labels[int(label)]] += 1
+        return counts
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the image header (no full decode)."""
+    try:
+        with Image.open(path) as image:
+            return int(image.width), int(image.height)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read image header ({exc})") from exc
+
+
+def find_image(directory: Path, stem: str) -> Path:
+    """The image called ``stem`` with any accepted suffix (KITTI ships .png or .jpeg)."""
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (directory / f"{stem}{suffix}", directory / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    raise DatasetError(
+        f"{directory}: no image for {stem!r} (looked for {', '.join(IMAGE_SUFFIXES)})"
+    )
+
+
+def check_box(
+    where: str, xyxy: tuple[float, float, float, float], image_size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Validate one box and clip it to the image.
+
+    A box with non-finite coordinates or no area is a broken annotation and
+    raises; a box that pokes past the border by a few pixels (common in VOC
+    and KITTI truncation) is clipped, since dropping or keeping it unclipped
+    would both change the ground truth more than the clip does.
+    """
+    x0, y0, x1, y1 = xyxy
+    if not all(np.isfinite(v) for v in xyxy):
+        raise DatasetError(f"{where}: non-finite box coordinates {xyxy}")
+    if x1 <= x0 or y1 <= y0:
+        raise DatasetError(
+            f"{where}: box {xyxy} has no area (need x_max > x_min and y_max > y_min)"
+        )
+    w, h = image_size
+    cx0, cy0 = min(max(x0, 0.0), w), min(max(y0, 0.0), h)
+    cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise DatasetError(f"{where}: box {xyxy} lies outside the {w}x{h} image")
+    return cx0, cy0, cx1, cy1
+
+
+def make_boxes(
+    xyxy: list[tuple[float, float, float, float]],
+    labels: list[int],
+    ignore: list[bool],
+    image_size: tuple[int, int],
+) -> Boxes:
+    return Boxes(
+        np.asarray(xyxy, np.float32).reshape(-1, 4),
+        np.asarray(labels, np.int64),
+        image_size,
+        ignore=np.asarray(ignore, bool),
+    )
+
+
+def default_shared_data() -> Path:
+    """``$BOXLOOP_SHARED_DATA``, else ``../shared/data`` beside the repository root."""
+    env = os.environ.get("BOXLOOP_SHARED_DATA")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[2]
+    return (repo_root.parent / "shared" / "data").resolve()
+
+
+def expand_path(text: str) -> Path:
+    """Expand ``$BOXLOOP_SHARED_DATA`` (with its default), other env vars and ``~``."""
+    if "BOXLOOP_SHARED_DATA" in text and "BOXLOOP_SHARED_DATA" not in os.environ:
+        shared = str(default_shared_data())
+        text = text.replace("${BOXLOOP_SHARED_DATA}", shared).replace(
+            "$BOXLOOP_SHARED_DATA", shared
+        )
+    return Path(os.path.expanduser(os.path.expandvars(text)))

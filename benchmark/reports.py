@@ -1,0 +1,480 @@
+"""Markdown tables like the paper's Tables 1–2, and PNG curves, from the per-run JSON files.
+
+Everything here is recomputed from what a run stored (per-batch corrections
+for every τ × score threshold, and the mAP curve), so a report can be
+regenerated with other T values without re-running anything.
+
+Table entries are mean ± sd (sample sd, ``ddof=1``) over the seeds, with the
+seeds listed. Following the method notes, an entry is **bold** when it is the
+column's best in its dataset *or* no different from it given the spread
+(``|Δmean| ≤ max(sd)``), so a table never crowns a winner inside the noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on CI or servers
+import matplotlib.pyplot as plt
+import numpy as np
+
+from benchmark.config import ExperimentConfig, correction_key
+from benchmark.oracle import Correction
+from benchmark.workload import (
+    BatchTally,
+    Convention,
+    CostModel,
+    Workload,
+    compute_workload,
+    cumulative_seconds,
+)
+
+MANUAL = "Full manual"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample sd of one table cell over seeds."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    @property
+    def sd(self) -> float:
+        finite = [v for v in self.values if not math.isnan(v)]
+        return float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+
+    def format(self, digits: int = 2) -> str:
+        if math.isnan(self.mean):
+            return "–"
+        if len(self.values) < 2:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_runs(directory: Path) -> list[dict[str, Any]]:
+    """Every ``runs/*.json`` under ``directory`` (sorted by file name)."""
+    runs = []
+    for path in sorted((directory / "runs").glob("*.json")):
+        with path.open() as handle:
+            runs.append(json.load(handle))
+    return runs
+
+
+def batch_tallies(run: dict[str, Any], iou: float, score: float) -> list[BatchTally]:
+    key = correction_key(iou, score)
+    tallies = []
+    for batch in run["batches"]:
+        if batch["manual"]:
+            tallies.append(BatchTally(batch["images"], batch["boxes"]))
+            continue
+        if key not in batch["corrections"]:
+            raise KeyError(f"run {run['run_id']} has no corrections for {key}")
+        tallies.append(
+            BatchTally(
+                batch["images"], batch["boxes"], Correction.from_dict(batch["corrections"][key])
+            )
+        )
+    return tallies
+
+
+def manual_tallies(run: dict[str, Any]) -> list[BatchTally]:
+    """The same batches, all drawn by hand (the full-manual baseline)."""
+    return [BatchTally(b["images"], b["boxes"]) for b in run["batches"]]
+
+
+def cost_model(config: ExperimentConfig, seconds_per_box: float) -> CostModel:
+    return CostModel(seconds_per_box, config.removal_fraction, config.adjustment_fraction)
+
+
+def run_workload(
+    run: dict[str, Any],
+    config: ExperimentConfig,
+    iou: float,
+    score: float,
+    convention: Convention,
+    t: float,
+) -> Workload:
+    return compute_workload(batch_tallies(run, iou, score), cost_model(config, t), convention)
+
+
+# ---------------------------------------------------------------------------------- grouping
+def group_runs(runs: Iterable[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{dataset name: {approach label: [runs sorted by seed]}}`` in first-seen order."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        grouped[run["dataset"]["name"]][run["approach"]["label"]].append(run)
+    for approaches in grouped.values():
+        for label in approaches:
+            approaches[label].sort(key=lambda r: r["seed"])
+    return grouped
+
+
+def _row_order(labels: Iterable[str]) -> list[str]:
+    def rank(label: str) -> tuple[int, str]:
+        if label.startswith("Pretrained"):
+            return (0, label)
+        if label == "Shuffle":
+            return (1, label)
+        return (2, label)
+
+    return sorted(labels, key=rank)
+
+
+# ---------------------------------------------------------------------------------- tables
+Column = tuple[str, Callable[[dict[str, Any]], float], Callable[[dict[str, Any]], float] | None]
+
+
+def _table(
+    title: str,
+    legend: str,
+    grouped: dict[str, dict[str, list[dict[str, Any]]]],
+    columns: Sequence[Column],
+    higher_is_better: bool = True,
+    digits: int = 2,
+) -> str:
+    """Rows dataset × approach; each column maps a run to a number (and manual runs to one)."""
+    header = "| Dataset | Approach | " + " | ".join(c[0] for c in columns) + " | seeds |"
+    lines = [f"### {title}", "", legend, "", header, "|" + "---|" * (len(columns) + 3)]
+    for dataset, approaches in grouped.items():
+        any_runs = next(iter(approaches.values()))
+        rows: list[tuple[str, list[Stat], str]] = []
+        manual_cells = [
+            Stat(tuple(c[2](r) for r in any_runs[:1])) if c[2] else Stat(()) for c in columns
+        ]
+        rows.append((MANUAL, manual_cells, "–"))
+        for label in _row_order(approaches):
+            runs = approaches[label]
+            cells = [Stat(tuple(c[1](r) for r in runs)) for c in columns]
+            rows.append((label, cells, ", ".join(str(r["seed"]) for r in runs)))
+        bold = _bold_mask([cells for _, cells, _ in rows], higher_is_better)
+        for (label, cells, seeds), marks in zip(rows, bold, strict=True):
+            texts = [
+                f"**{c.format(digits)}**" if m else c.format(digits)
+                for c, m in zip(cells, marks, strict=True)
+            ]
+            lines.append(f"| {dataset} | {label} | " + " | ".join(texts) + f" | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def _bold_mask(rows: list[list[Stat]], higher_is_better: bool) -> list[list[bool]]:
+    marks = [[False] * len(rows[0]) for _ in rows]
+    for col in range(len(rows[0])):
+        cells = [(i, row[col]) for i, row in enumerate(rows) if not math.isnan(row[col].mean)]
+        if len(cells) < 2:
+            continue
+        best_i, best = max(cells, key=lambda ic: ic[1].mean if higher_is_better else -ic[1].mean)
+        for i, cell in cells:
+            if abs(cell.mean - best.mean) <= max(cell.sd, best.sd) or i == best_i:
+                marks[i][col] = True
+    return marks
+
+
+def final_map(run: dict[str, Any], key: str = "map50") -> float:
+    curve = [p for p in run.get("map_curve", []) if p.get(key) is not None]
+    return float(curve[-1][key]) if curve else math.nan
+
+
+def markdown_report(runs: list[dict[str, Any]], config: ExperimentConfig) -> str:
+    """The whole report: Tables 1–2 as in the paper, the strict convention, time and mAP."""
+    grouped = group_runs(runs)
+    if not grouped:
+        return f"# Benchmark {config.name}\n\nNo runs found.\n"
+    taus, t0 = config.iou_thresholds, config.seconds_per_box[0]
+    seeds = sorted({r["seed"] for r in runs})
+    parts = [
+        f"# Benchmark `{config.name}`",
+        "",
+        f"Runs: {len(runs)}; seeds {', '.join(map(str, seeds))}; batch size {config.batch_size}; "
+        f"IoU τ {', '.join(f'{t:g}' for t in taus)}; score thresholds "
+        f"{', '.join(f'{s:g}' for s in config.score_thresholds)}; T = "
+        f"{', '.join(f'{t:g}' for t in config.seconds_per_box)} s. "
+        "Entries are mean ± sd over the seeds listed in each row. **Bold**: the column's best in its "
+        "dataset, or within the spread of it (|Δ| ≤ the larger sd), i.e. not distinguishable from the best. "
+        "Saved % = 100·(1 − W / W_manual); W_manual labels every box by hand. "
+        "The percentages do not depend on T (every term is a multiple of T). See docs/benchmark.md.",
+        "",
+        _dataset_table(runs),
+    ]
+    for score in config.score_thresholds:
+        suffix = f" (score ≥ {score:g})"
+
+        def paper(
+            metric: str, tau: float, convention: Convention = "paper", s: float = score
+        ) -> Column:
+            def cell(run: dict[str, Any]) -> float:
+                w = run_workload(run, config, tau, s, convention, t0)
+                return w.saved_t_pct if metric == "t" else w.saved_b_pct
+
+            return (f"τ={tau:g}", cell, lambda _r: 0.0)
+
+        parts.append(
+            _table(
+                "Table 1. Reduction of annotation time W_T (%), paper convention" + suffix,
+                "W_T = B1n·T + A·T + R·T/2; higher is better.",
+                grouped,
+                [paper("t", tau) for tau in taus],
+            )
+        )
+        parts.append(
+            _table(
+                "Table 2. Reduction of workload in boxes W_B (%), paper convention" + suffix,
+                "W_B = B1n + A + R; higher is better.",
+                grouped,
+                [paper("b", tau) for tau in taus],
+            )
+        )
+        strict_cols = [(f"W_T τ={tau:g}", *paper("t", tau, "strict")[1:]) for tau in taus] + [
+            (f"W_B τ={tau:g}", *paper("b", tau, "strict")[1:]) for tau in taus
+        ]
+        parts.append(
+            _table(
+                "Table 3. Reduction (%), strict convention" + suffix,
+                f"An accepted box with IoU < {config.tight_iou:g} costs an adjustment "
+                f"({config.adjustment_fraction:g}·T, one box in W_B); a wrong class costs a removal "
+                "plus an addition. Never cheaper than the paper's convention.",
+                grouped,
+                strict_cols,  # type: ignore[arg-type]
+            )
+        )
+        parts.append(_hours_table(grouped, config, score))
+        parts.append(_corrections_table(grouped, config, score))
+    parts.append(_map_table(grouped))
+    parts.append(_timing_table(grouped))
+    return "\n".join(parts)
+
+
+def _dataset_table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "### Datasets",
+        "",
+        "| Dataset | labels | pool images | pool boxes | ignored regions | held-out images | batches |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    seen = set()
+    for run in runs:
+        d = run["dataset"]
+        if d["name"] in seen:
+            continue
+        seen.add(d["name"])
+        lines.append(
+            f"| {d['name']} | {len(d['labels'])} | {d['pool_images']} | {d['pool_boxes']} | "
+            f"{d['pool_ignored']} | {d['holdout_images']} | {len(run['batches'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _hours_table(
+    grouped: dict[str, dict[str, list[dict[str, Any]]]], config: ExperimentConfig, score: float
+) -> str:
+    tau = config.iou_thresholds[0]
+    columns: list[Column] = []
+    for t in config.seconds_per_box:
+
+        def cell(run: dict[str, Any], t: float = t) -> float:
+            return run_workload(run, config, tau, score, "paper", t).w_t / 3600
+
+        def manual(run: dict[str, Any], t: float = t) -> float:
+            return compute_workload(manual_tallies(run), cost_model(config, t)).w_t / 3600
+
+        columns.append((f"T={t:g} s", cell, manual))
+    return _table(
+        f"Table 4. Annotation time W_T in hours, τ={tau:g}, score ≥ {score:g}",
+        "Absolute time for the whole pool; lower is better (not bolded).",
+        grouped,
+        columns,
+        higher_is_better=False,
+        digits=3,
+    ).replace("**", "")
+
+
+def _corrections_table(
+    grouped: dict[str, dict[str, list[dict[str, Any]]]], config: ExperimentConfig, score: float
+) -> str:
+    tau = config.iou_thresholds[0]
+
+    def total(field: str) -> Callable[[dict[str, Any]], float]:
+        def cell(run: dict[str, Any]) -> float:
+            tallies = batch_tallies(run, tau, score)
+            if field == "b1n":
+                return float(sum(t.boxes for t in tallies if t.manual))
+            return float(
+                sum(getattr(t.correction, field) for t in tallies if t.correction is not None)
+            )
+
+        return cell
+
+    def manual_boxes(run: dict[str, Any]) -> float:
+        return float(sum(b["boxes"] for b in run["batches"]))
+
+    columns: list[Column] = [
+        ("B1n", total("b1n"), manual_boxes),
+        ("A", total("additions"), None),
+        ("R", total("removals"), None),
+        ("accepted", total("accepted"), None),
+        ("loose", total("loose"), None),
+        ("wrong class", total("wrong_class"), None),
+        ("ignored", total("ignored"), None),
+    ]
+    return _table(
+        f"Table 5. Corrections summed over batches, τ={tau:g}, score ≥ {score:g}",
+        "B1n: boxes drawn from scratch; A additions; R removals; accepted predictions; loose: accepted "
+        f"but IoU < {config.tight_iou:g}; wrong class: removals on a box of another class; ignored: "
+        "predictions on difficult / DontCare / crowd regions (neither accepted nor removed).",
+        grouped,
+        columns,
+        digits=1,
+    ).replace("**", "")
+
+
+def _map_table(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    columns: list[Column] = [
+        ("mAP@0.5 first model", lambda r: _first_map(r, "map50"), None),
+        ("mAP@0.5 final", lambda r: final_map(r, "map50"), None),
+        ("mAP@[.5:.95] final", lambda r: final_map(r, "map50_95"), None),
+    ]
+    return _table(
+        "Table 6. mAP on the held-out split (pycocotools)",
+        "First model: trained on B1 only; final: trained on every labelled batch. Difficult / DontCare "
+        "/ crowd regions are ignored as in each dataset's own evaluation.",
+        grouped,
+        columns,
+        digits=3,
+    )
+
+
+def _first_map(run: dict[str, Any], key: str) -> float:
+    curve = [p for p in run.get("map_curve", []) if p.get(key) is not None]
+    return float(curve[0][key]) if curve else math.nan
+
+
+def _timing_table(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    def seconds(key: str) -> Callable[[dict[str, Any]], float]:
+        return lambda r: float(r["seconds"].get(key, math.nan))
+
+    columns: list[Column] = [
+        ("features", seconds("features"), None),
+        ("ordering", seconds("ordering"), None),
+        ("train", seconds("train"), None),
+        ("predict", seconds("predict"), None),
+        ("mAP", seconds("evaluate"), None),
+        ("total", seconds("total"), None),
+    ]
+    return _table(
+        "Table 7. Compute seconds per run (this machine)",
+        "Wall-clock seconds; features are computed once per dataset and extractor and shared by runs.",
+        grouped,
+        columns,
+        digits=1,
+    ).replace("**", "")
+
+
+# ---------------------------------------------------------------------------------- plots
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
+
+
+def _mean_curve(
+    curves: Sequence[Sequence[tuple[float, float]]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and sd over seeds at the x positions all curves share."""
+    xs = sorted(set.intersection(*(set(x for x, _ in c) for c in curves)))
+    ys = np.array([[dict(c)[x] for x in xs] for c in curves], dtype=float)
+    sd = ys.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(xs))
+    return np.array(xs, float), ys.mean(axis=0), sd
+
+
+def plot_curves(runs: list[dict[str, Any]], config: ExperimentConfig, out_dir: Path) -> list[Path]:
+    """Per dataset: cumulative W_T vs images labelled, and held-out mAP@0.5 vs images labelled."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tau, score, t = config.iou_thresholds[0], config.score_thresholds[0], config.seconds_per_box[0]
+    written = []
+    for dataset, approaches in group_runs(runs).items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        any_run = next(iter(approaches.values()))[0]
+        n_images = sum(b["images"] for b in any_run["batches"])
+        manual_total = compute_workload(manual_tallies(any_run), cost_model(config, t)).w_t
+        unit, per = ("hours", 3600.0) if manual_total >= 2 * 3600 else ("minutes", 60.0)
+        # Drawing everything by hand costs the same whatever the order; its expected
+        # cumulative cost over a random order is the straight line.
+        ax.plot([0, n_images], [0, manual_total / per], "k--", label=MANUAL)
+        for label in _row_order(approaches):
+            curves = [
+                cumulative_seconds(batch_tallies(r, tau, score), cost_model(config, t))
+                for r in approaches[label]
+            ]
+            x, mean, sd = _mean_curve([[(px, py / per) for px, py in c] for c in curves])
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("images labelled")
+        ax.set_ylabel(f"cumulative W_T ({unit}, T = {t:g} s)")
+        ax.set_title(f"{dataset}: annotation time, τ = {tau:g}, score ≥ {score:g}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / f"workload_{_slug(dataset)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        plotted = False
+        for label in _row_order(approaches):
+            map_curves = [
+                [
+                    (float(p["images_labeled"]), float(p["map50"]))
+                    for p in r.get("map_curve", [])
+                    if p.get("map50") is not None
+                ]
+                for r in approaches[label]
+            ]
+            if not all(map_curves):
+                continue
+            x, mean, sd = _mean_curve(map_curves)
+            if len(x) == 1:  # never retrained (pretrained only): one model for every batch
+                x = np.array([0.0, float(n_images)])
+                mean, sd = np.repeat(mean, 2), np.repeat(sd, 2)
+            style = "--" if len(map_curves[0]) == 1 else "o-"
+            (line,) = ax.plot(x, mean, style, markersize=3, label=label)
+            ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
+            plotted = True
+        ax.set_xlabel("images labelled (training set of the model)")
+        ax.set_ylabel("held-out mAP@0.5")
+        ax.set_ylim(bottom=0.0)
+        ax.set_title(f"{dataset}: mAP vs images labelled")
+        ax.grid(alpha=0.3)
+        if plotted:
+            ax.legend(fontsize=8)
+        path = out_dir / f"map_{_slug(dataset)}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(
+    out_dir: Path, config: ExperimentConfig, runs: list[dict[str, Any]] | None = None
+) -> list[Path]:
+    """``report.md`` and the PNG plots under ``out_dir`` (runs read from ``out_dir/runs`` if not given)."""
+    runs = load_runs(out_dir) if runs is None else runs
+    report = out_dir / "report.md"
+    plots = plot_curves(runs, config, out_dir / "plots")
+    text = markdown_report(runs, config)
+    if plots:
+        text += "\n### Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
+    report.write_text(text)
+    return [report, *plots]

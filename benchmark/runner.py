@@ -1,0 +1,545 @@
+"""The simulated annotation campaign (paper Fig. 1), driven through the backend's public API.
+
+For one dataset, approach and seed:
+
+1. the pool (dataset minus a fixed held-out split) is ordered by
+   :func:`backend.ordering.order_pool` on features from :mod:`backend.features`
+   and cut into batches B1..Bn;
+2. B1 is drawn by hand (B1n boxes);
+3. for k ≥ 2, M(k−1) is trained with :func:`backend.training.train_detector` on
+   every labelled batch (warm-started from M(k−2) unless configured off),
+   predicts Bk, and the stored predictions are corrected by the oracle for
+   every τ × score threshold; M(k−1) is also scored on the held-out split;
+4. optionally a last model on all batches gives the curve's final mAP point.
+
+The "pretrained only" baseline replaces training by the COCO YOLOX-Nano ONNX
+detector (classes mapped to the dataset's labels by name), run on every batch,
+B1 included, in a random order.
+
+Each run writes one JSON file (config, seed, order, per-batch predictions and
+A/R counts, mAP curve, seconds) atomically, so an interrupted grid resumes
+where it stopped; the report is rebuilt from those files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from backend.boxes import Boxes
+from backend.detectors import Detector, OnnxYoloxDetector, TorchDetector
+from backend.features import (
+    FeatureExtractor,
+    SimNetConfig,
+    load_simnet,
+    make_extractor,
+    train_simnet,
+)
+from backend.ordering import batches, order_pool
+from backend.settings import load_settings
+from backend.training import TrainConfig, TrainSample, train_detector
+from benchmark.config import (
+    PRETRAINED,
+    Approach,
+    ConfigError,
+    DatasetConfig,
+    ExperimentConfig,
+    PretrainedConfig,
+    correction_key,
+)
+from benchmark.datasets import Dataset, expand_path, load_dataset
+from benchmark.evaluation import evaluate_map
+from benchmark.oracle import correct_batch
+from benchmark.reports import write_report
+
+SCHEMA = 1
+
+
+# ---------------------------------------------------------------------------------- the seam
+# The only place the harness touches the backend: each function is a thin call into its public
+# API (ordering, features, training, detectors), never a re-implementation.
+
+#: Training overrides of ``--quick`` (CI): few epochs on small images.
+QUICK_TRAIN: dict[str, Any] = {"epochs": 2, "min_size": 320, "max_size": 544}
+
+
+def train_config(overrides: dict[str, Any], seed: int = 0) -> TrainConfig:
+    """The backend's default :class:`TrainConfig` (from settings) with the grid's overrides."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ConfigError(f"unknown train settings {sorted(unknown)}; known: {sorted(known)}")
+    return TrainConfig.from_settings(load_settings(), **{**overrides, "seed": seed})
+
+
+def train_config_dict(overrides: dict[str, Any]) -> dict[str, Any]:
+    return train_config(overrides).to_dict()
+
+
+def order_indices(features: np.ndarray | None, n: int, strategy: str, seed: int) -> np.ndarray:
+    """:func:`backend.ordering.order_pool` over a pool of ``n`` images."""
+    return order_pool(features, strategy, seed=seed, n=n)
+
+
+def split_batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
+    """:func:`backend.ordering.batches`, as plain index lists."""
+    return [[int(i) for i in batch] for batch in batches(order, batch_size)]
+
+
+def extract_features(
+    name: str, images: list[Image.Image], options: dict[str, Any], cache: Path, dataset_key: str
+) -> np.ndarray:
+    """Pool features from :mod:`backend.features`.
+
+    ``imgnet``: the backend's default ImgNet extractor (EfficientNet-Lite0). ``simnet``: a
+    SimNet trained on the pool's own images (as in the paper), once per dataset and SimNet
+    config, kept under ``cache`` so later grids reuse it. ``options[name]`` holds overrides
+    (for SimNet, :class:`SimNetConfig` fields).
+    """
+    settings = load_settings(data_dir=cache)
+    overrides = dict(options.get(name, {}))
+    if name == "imgnet":
+        extractor: FeatureExtractor = make_extractor("imgnet", settings)
+    elif name == "simnet":
+        simnet_config = SimNetConfig(**{"num_threads": settings.num_threads, **overrides})
+        digest = hashlib.sha256(
+            json.dumps([dataset_key, dataclasses.asdict(simnet_config)], sort_keys=True).encode()
+        ).hexdigest()[:12]
+        directory = cache / "simnet" / digest
+        try:
+            extractor = load_simnet(directory, num_threads=settings.num_threads)
+        except FileNotFoundError:
+            extractor = train_simnet(images, directory, simnet_config, progress=False)
+    else:
+        raise ConfigError(f"unknown features {name!r}")
+    return extractor.extract(images, progress=False)
+
+
+def run_key(config: ExperimentConfig, dataset: DatasetConfig) -> str:
+    """:meth:`ExperimentConfig.run_key` with the training config resolved against the backend."""
+    return config.run_key(dataset, train_config_dict(config.train))
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
+
+
+def train(
+    samples: Sequence[tuple[Image.Image, Boxes]],
+    labels: list[str],
+    overrides: dict[str, Any],
+    *,
+    seed: int,
+    init: torch.nn.Module | None,
+) -> torch.nn.Module:
+    """:func:`backend.training.train_detector` on the labelled images.
+
+    Ignored regions are stripped first: the simulated annotator never draws them, and a
+    ``DontCare`` region's :data:`~benchmark.datasets.ANY_CLASS` label is a benchmark-only
+    convention that must not reach the backend.
+    """
+    return train_detector(
+        [TrainSample(image=image, boxes=boxes.kept()) for image, boxes in samples],
+        labels,
+        train_config(overrides, seed),
+        init=init,
+    )
+
+
+def wrap(
+    model: torch.nn.Module, labels: list[str], floor: float, overrides: dict[str, Any]
+) -> Detector:
+    """A :class:`TorchDetector` with the training resize rule, keeping scores down to ``floor``."""
+    cfg = train_config(overrides)
+    return TorchDetector(
+        model,
+        labels,
+        "bench",
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        score_threshold=floor,
+    )
+
+
+def pretrained_detector(config: PretrainedConfig, labels: list[str], floor: float) -> Detector:
+    """The COCO YOLOX-Nano ONNX model with its classes mapped onto ``labels`` by name."""
+    model = expand_path(config.model)
+    if not model.is_file():
+        raise ConfigError(f"pretrained ONNX model not found: {model}")
+    return OnnxYoloxDetector.from_path(
+        model,
+        expand_path(config.classes),
+        labels=labels,
+        num_threads=torch.get_num_threads(),
+        score_threshold=floor,
+    )
+
+
+# ---------------------------------------------------------------------------------- datasets
+@dataclass
+class PreparedDataset:
+    """A loaded dataset split into pool and held-out part, with decoded images and features cached."""
+
+    config: DatasetConfig
+    dataset: Dataset
+    pool: Dataset
+    holdout: Dataset
+    images: dict[str, Image.Image] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    feature_seconds: dict[str, float] = field(default_factory=dict)
+    load_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.config.display_name
+
+    def pool_images(self, indices: Sequence[int]) -> list[Image.Image]:
+        return [self.images[self.pool.samples[int(i)].image_id] for i in indices]
+
+
+def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
+    """Load, cap (seeded, same for every run), split off the held-out images, decode everything."""
+    start = time.perf_counter()
+    dataset = load_dataset(config.spec)
+    rng = np.random.default_rng(config.holdout_seed)
+    n = len(dataset)
+    if config.max_images is not None and config.max_images < n:
+        keep = np.sort(rng.permutation(n)[: config.max_images])
+        dataset = dataset.subset(keep)
+        n = len(dataset)
+    n_holdout = config.holdout_count(n)
+    perm = rng.permutation(n)
+    holdout_idx, pool_idx = np.sort(perm[:n_holdout]), np.sort(perm[n_holdout:])
+    name = config.display_name
+    prepared = PreparedDataset(
+        config,
+        dataset,
+        dataset.subset(pool_idx, name=name),
+        dataset.subset(holdout_idx, name=name),
+    )
+    for sample in dataset.samples:
+        prepared.images[sample.image_id] = sample.load_image()
+    prepared.load_seconds = time.perf_counter() - start
+    return prepared
+
+
+def pool_features(
+    prepared: PreparedDataset, extractor: str, config: ExperimentConfig
+) -> np.ndarray:
+    """``(N_pool, d)`` features, computed once per dataset and extractor."""
+    if extractor not in prepared.features:
+        start = time.perf_counter()
+        images = prepared.pool_images(range(len(prepared.pool)))
+        dataset_key = json.dumps([prepared.name, [s.image_id for s in prepared.pool.samples]])
+        prepared.features[extractor] = extract_features(
+            extractor, images, config.features, config.output_dir / "cache", dataset_key
+        )
+        prepared.feature_seconds[extractor] = time.perf_counter() - start
+    return prepared.features[extractor]
+
+
+# ---------------------------------------------------------------------------------- one run
+@dataclass(frozen=True)
+class RunId:
+    dataset: str
+    approach: Approach
+    seed: int
+
+    @property
+    def slug(self) -> str:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.dataset)
+        return f"{safe}__{self.approach.slug}__seed{self.seed}"
+
+
+ProgressFn = Callable[[str], None]
+
+
+def _boxes_json(boxes: Boxes) -> dict[str, Any]:
+    return boxes.to_dict()
+
+
+def run_one(
+    prepared: PreparedDataset,
+    approach: Approach,
+    seed: int,
+    config: ExperimentConfig,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """One campaign; returns the JSON-ready result (see the module docstring)."""
+    say = progress or (lambda _msg: None)
+    t_start = time.perf_counter()
+    pool, labels = prepared.pool, prepared.pool.labels
+    seconds = {
+        "load": prepared.load_seconds,
+        "features": 0.0,
+        "ordering": 0.0,
+        "train": 0.0,
+        "predict": 0.0,
+        "evaluate": 0.0,
+    }
+
+    # ---- order the pool and cut it into batches
+    features: np.ndarray | None = None
+    if approach.features is not None:
+        say(f"features {approach.features}")
+        features = pool_features(prepared, approach.features, config)
+        seconds["features"] = prepared.feature_seconds[approach.features]
+    start = time.perf_counter()
+    strategy = "random" if approach.strategy == PRETRAINED else approach.strategy
+    order = order_indices(features, len(pool), strategy, seed)
+    plan = split_batches(order, config.batch_size)
+    seconds["ordering"] = time.perf_counter() - start
+
+    gts = [s.boxes for s in pool.samples]
+    holdout_gts = [s.boxes for s in prepared.holdout.samples]
+    holdout_images = [prepared.images[s.image_id] for s in prepared.holdout.samples]
+    map_curve: list[dict[str, Any]] = []
+
+    def evaluate(detector: Detector, images_labeled: int, round_no: int) -> None:
+        if not holdout_gts:
+            return
+        start = time.perf_counter()
+        preds = detector.predict(holdout_images)
+        result = evaluate_map(holdout_gts, preds, labels, pool.ignore_overlap)
+        seconds["evaluate"] += time.perf_counter() - start
+        map_curve.append({"round": round_no, "images_labeled": images_labeled, **result.to_dict()})
+
+    pretrained: Detector | None = None
+    if not approach.retrains:
+        pretrained = pretrained_detector(config.pretrained, labels, config.prediction_floor)
+        evaluate(pretrained, 0, 0)
+
+    batch_records: list[dict[str, Any]] = []
+    labeled: list[int] = []
+    model: Any = None
+    for k, batch in enumerate(plan):
+        record: dict[str, Any] = {
+            "index": k + 1,
+            "image_ids": [pool.samples[i].image_id for i in batch],
+            "images": len(batch),
+            "boxes": sum(len(gts[i].kept()) for i in batch),
+            "ignored_regions": sum(int(gts[i].ignore_mask.sum()) for i in batch),
+            "ground_truth": {pool.samples[i].image_id: _boxes_json(gts[i]) for i in batch},
+            "seconds": {},
+        }
+        detector: Detector | None = pretrained
+        if approach.retrains and k > 0:
+            say(f"B{k + 1}: train M{k} on {len(labeled)} images")
+            start = time.perf_counter()
+            model = train(
+                [(prepared.images[pool.samples[i].image_id], gts[i]) for i in labeled],
+                labels,
+                config.train,
+                seed=seed * 1000 + k,
+                init=model if config.warm_start else None,
+            )
+            record["seconds"]["train"] = time.perf_counter() - start
+            seconds["train"] += record["seconds"]["train"]
+            detector = wrap(model, labels, config.prediction_floor, config.train)
+            evaluate(detector, len(labeled), k)
+        if detector is None:  # B1 of a retraining approach: drawn from scratch
+            record.update(manual=True, predictions=None, corrections={})
+        else:
+            say(f"B{k + 1}: predict {len(batch)} images")
+            start = time.perf_counter()
+            preds = [
+                p.above(config.prediction_floor)
+                for p in detector.predict(prepared.pool_images(batch))
+            ]
+            record["seconds"]["predict"] = time.perf_counter() - start
+            seconds["predict"] += record["seconds"]["predict"]
+            record["manual"] = False
+            record["model_images"] = len(labeled) if approach.retrains else 0
+            record["predictions"] = {
+                pool.samples[i].image_id: _boxes_json(p) for i, p in zip(batch, preds, strict=True)
+            }
+            record["corrections"] = {}
+        batch_records.append(record)
+        labeled.extend(batch)
+
+    if approach.retrains and config.final_round and holdout_gts:
+        say(f"final model on {len(labeled)} images")
+        start = time.perf_counter()
+        model = train(
+            [(prepared.images[pool.samples[i].image_id], gts[i]) for i in labeled],
+            labels,
+            config.train,
+            seed=seed * 1000 + len(plan),
+            init=model if config.warm_start else None,
+        )
+        seconds["train"] += time.perf_counter() - start
+        evaluate(
+            wrap(model, labels, config.prediction_floor, config.train),
+            len(labeled),
+            len(plan),
+        )
+
+    seconds["total"] = time.perf_counter() - t_start + seconds["features"]
+    result = {
+        "schema": SCHEMA,
+        "run_id": RunId(prepared.name, approach, seed).slug,
+        "run_key": run_key(config, prepared.config),
+        "experiment": config.name,
+        "dataset": {
+            "name": prepared.name,
+            "spec": prepared.config.spec,
+            "labels": labels,
+            "ignore_overlap": pool.ignore_overlap,
+            "pool_images": len(pool),
+            "pool_boxes": pool.num_boxes,
+            "pool_ignored": pool.num_ignored,
+            "holdout_images": len(prepared.holdout),
+            "holdout_ids": [s.image_id for s in prepared.holdout.samples],
+            "max_images": prepared.config.max_images,
+        },
+        "approach": {
+            "strategy": approach.strategy,
+            "features": approach.features,
+            "slug": approach.slug,
+            "label": approach.label,
+        },
+        "seed": seed,
+        "oracle": {"tight_iou": config.tight_iou, "corrections": []},
+        "batch_size": config.batch_size,
+        "order": [pool.samples[int(i)].image_id for i in order],
+        "batches": batch_records,
+        "map_curve": map_curve,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "config": config.to_dict(),
+        "train_config": train_config_dict(config.train),
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    refresh_corrections(result, config)
+    return result
+
+
+def refresh_corrections(run: dict[str, Any], config: ExperimentConfig) -> bool:
+    """Compute the oracle's counts for every τ × score threshold of ``config`` the run lacks.
+
+    The run stores its predictions (down to the prediction floor) and ground truth, so a new
+    τ, score threshold or ``tight_iou`` costs a re-count, not a re-run. Returns whether
+    anything was added.
+    """
+    oracle = run["oracle"]
+    if oracle["tight_iou"] != config.tight_iou:
+        oracle.update(tight_iou=config.tight_iou, corrections=[])
+        for batch in run["batches"]:
+            batch["corrections"] = {}
+    wanted = [(t, s) for t in config.iou_thresholds for s in config.score_thresholds]
+    missing = [(t, s) for t, s in wanted if correction_key(t, s) not in oracle["corrections"]]
+    if not missing:
+        return False
+    overlap = run["dataset"]["ignore_overlap"]
+    for batch in run["batches"]:
+        if batch["manual"]:
+            continue
+        preds = [Boxes.from_dict(batch["predictions"][i]) for i in batch["image_ids"]]
+        gts = [Boxes.from_dict(batch["ground_truth"][i]) for i in batch["image_ids"]]
+        for tau, score in missing:
+            batch["corrections"][correction_key(tau, score)] = correct_batch(
+                preds,
+                gts,
+                tau,
+                score_threshold=score,
+                ignore_overlap=overlap,
+                tight_iou=config.tight_iou,
+            ).to_dict()
+    oracle["corrections"] = sorted(
+        {*oracle["corrections"], *(correction_key(t, s) for t, s in missing)}
+    )
+    return True
+
+
+# ---------------------------------------------------------------------------------- the grid
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _cached(path: Path, config: ExperimentConfig, key: str) -> dict[str, Any] | None:
+    """A finished run with the same run key, its corrections completed for this config's grid."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if data.get("schema") != SCHEMA or data.get("run_key") != key:
+        return None
+    if refresh_corrections(data, config):
+        _write_json(path, data)
+    return data
+
+
+@dataclass(frozen=True)
+class GridResult:
+    output: Path
+    runs: list[dict[str, Any]]
+    ran: int
+    reused: int
+    report_files: list[Path]
+
+
+def run_grid(
+    config: ExperimentConfig, *, force: bool = False, show_progress: bool = True
+) -> GridResult:
+    """Run (or reuse) every dataset × approach × seed, then write the report and plots."""
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "experiment.json", config.to_dict())
+    set_threads(config.threads)
+    total = len(config.datasets) * len(config.approaches) * len(config.seeds)
+    runs: list[dict[str, Any]] = []
+    ran = reused = 0
+    bar = tqdm(total=total, desc=config.name, unit="run", disable=not show_progress)
+    for ds_config in config.datasets:
+        prepared: PreparedDataset | None = None
+        for approach in config.approaches:
+            for seed in config.seeds:
+                name = ds_config.display_name
+                path = out / "runs" / f"{RunId(name, approach, seed).slug}.json"
+                cached = None if force else _cached(path, config, run_key(config, ds_config))
+                if cached is not None:
+                    runs.append(cached)
+                    reused += 1
+                    bar.update(1)
+                    continue
+                if prepared is None:
+                    bar.set_postfix_str(f"loading {ds_config.spec}")
+                    prepared = prepare_dataset(ds_config)
+
+                def progress(
+                    message: str, n: str = name, a: Approach = approach, s: int = seed
+                ) -> None:
+                    bar.set_postfix_str(f"{n} {a.slug} s{s}: {message}")
+
+                result = run_one(prepared, approach, seed, config, progress)
+                _write_json(path, result)
+                runs.append(result)
+                ran += 1
+                bar.update(1)
+    bar.close()
+    files = write_report(out, config, runs)
+    return GridResult(out, runs, ran, reused, files)

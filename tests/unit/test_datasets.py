@@ -1,0 +1,363 @@
+"""Dataset loaders: the real shared subsets, and small files written here, malformed ones included."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmark.datasets import (
+    ANY_CLASS,
+    KITTI_CLASSES,
+    VOC_CLASSES,
+    DatasetError,
+    default_shared_data,
+    expand_path,
+    load_coco,
+    load_dataset,
+    load_kitti,
+    load_voc,
+    parse_spec,
+)
+
+
+def shared_data() -> Path:
+    root = default_shared_data()
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root} (set BOXLOOP_SHARED_DATA)")
+    return root
+
+
+def write_image(path: Path, size: tuple[int, int] = (64, 48)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 80, 40)).save(path)
+
+
+# ------------------------------------------------------------------------------ VOC
+VOC_XML = """<annotation>
+  <filename>{stem}.jpg</filename>
+  <size><width>64</width><height>48</height><depth>3</depth></size>
+  {objects}
+</annotation>"""
+
+
+def voc_object(
+    name: str, box: tuple[float, float, float, float], difficult: str | None = "0"
+) -> str:
+    diff = "" if difficult is None else f"<difficult>{difficult}</difficult>"
+    x0, y0, x1, y1 = box
+    return (
+        f"<object><name>{name}</name>{diff}<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+    )
+
+
+def make_voc(root: Path, files: dict[str, str], split: list[str] | None = None) -> Path:
+    for stem, objects in files.items():
+        (root / "Annotations").mkdir(parents=True, exist_ok=True)
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            VOC_XML.format(stem=stem, objects=objects)
+        )
+        write_image(root / "JPEGImages" / f"{stem}.jpg")
+    main = root / "ImageSets" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    (main / "trainval.txt").write_text("\n".join(split if split is not None else files) + "\n")
+    return root
+
+
+def test_voc_small_converts_one_based_corners_and_difficult(tmp_path: Path) -> None:
+    root = make_voc(
+        tmp_path / "voc",
+        {
+            "a": voc_object("dog", (1, 1, 10, 20)) + voc_object("cat", (5, 6, 30, 40), "1"),
+            "b": voc_object("dog", (2, 3, 64, 48), difficult=None),
+            "c": "",
+        },
+    )
+    ds = load_voc(root)
+    assert ds.labels == VOC_CLASSES  # every name is a VOC class
+    assert [s.image_id for s in ds.samples] == ["a", "b", "c"]
+    a = ds.samples[0].boxes
+    np.testing.assert_allclose(a.xyxy, [[0, 0, 10, 20], [4, 5, 30, 40]])
+    assert [ds.labels[i] for i in a.labels] == ["dog", "cat"]
+    assert a.ignore_mask.tolist() == [False, True]
+    assert ds.samples[1].boxes.ignore_mask.tolist() == [False]  # missing <difficult> means 0
+    assert len(ds.samples[2].boxes) == 0 and ds.samples[2].image_size == (64, 48)
+    assert ds.num_boxes == 2 and ds.num_ignored == 1
+    assert ds.ignore_overlap == "iou"
+
+
+def test_voc_labels_default_to_names_found_outside_voc(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "r", {"x": voc_object("raccoon", (1, 1, 9, 9))})
+    assert load_voc(root).labels == ["raccoon"]
+
+
+def test_voc_without_split_takes_all_xml(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "v", {"a": "", "b": ""}, split=["a"])
+    assert len(load_voc(root)) == 1
+    assert len(load_voc(root, split=None)) == 2
+
+
+@pytest.mark.parametrize(
+    ("objects", "message"),
+    [
+        ("<object><name>dog</name></object>", "bndbox"),
+        (voc_object("dog", (10, 1, 5, 9)), "no area"),
+        (voc_object("dog", ("a", 1, 5, 9)), "not a number"),  # type: ignore[arg-type]
+        (voc_object("dog", (1, 1, 5, 9), "yes"), "difficult"),
+        ("<object><bndbox><xmin>1</xmin></bndbox></object>", "<name>"),
+        (voc_object("dog", (100, 100, 200, 200)), "outside"),
+    ],
+)
+def test_voc_malformed_objects_raise(tmp_path: Path, objects: str, message: str) -> None:
+    root = make_voc(tmp_path / "v", {"a": objects})
+    with pytest.raises(DatasetError, match=message):
+        load_voc(root)
+
+
+def test_voc_invalid_xml_and_wrong_root(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "v", {"a": ""})
+    (root / "Annotations" / "a.xml").write_text("<annotation><object>")
+    with pytest.raises(DatasetError, match="not valid XML"):
+        load_voc(root)
+    (root / "Annotations" / "a.xml").write_text("<html/>")
+    with pytest.raises(DatasetError, match="expected <annotation>"):
+        load_voc(root)
+
+
+def test_voc_missing_files_raise(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "v", {"a": ""}, split=["a", "ghost"])
+    with pytest.raises(DatasetError, match=r"ghost\.xml: listed in split"):
+        load_voc(root)
+    root = make_voc(tmp_path / "w", {"a": ""})
+    (root / "JPEGImages" / "a.jpg").unlink()
+    with pytest.raises(DatasetError, match="no image for 'a'"):
+        load_voc(root)
+    with pytest.raises(DatasetError, match="split file not found"):
+        load_voc(root, split="test")
+
+
+def test_voc_unknown_class_with_explicit_labels_and_size_mismatch(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "v", {"a": voc_object("dog", (1, 1, 5, 5))})
+    with pytest.raises(DatasetError, match="'dog' is not in the label list"):
+        load_voc(root, labels=["cat"])
+    write_image(root / "JPEGImages" / "a.jpg", (32, 32))
+    with pytest.raises(DatasetError, match="<size> says 64x48"):
+        load_voc(root)
+
+
+def test_voc_shared_subset() -> None:
+    base = shared_data()
+    ds = load_voc(base / "voc" / "VOCdevkit" / "VOC2012")
+    assert len(ds) == 70 and ds.labels == VOC_CLASSES
+    assert ds.num_boxes + ds.num_ignored == 179 and ds.num_ignored == 31
+    first = ds.samples[0]
+    assert first.image_id == "2007_000027" and first.image_size == (486, 500)
+    np.testing.assert_allclose(first.boxes.xyxy, [[173, 100, 349, 351]])
+    assert ds.labels[int(first.boxes.labels[0])] == "person"
+    assert first.load_image().size == (486, 500)
+    raccoon = load_dataset(f"voc:{base / 'voc' / 'raccoon'}")
+    assert raccoon.labels == ["raccoon"] and len(raccoon) == 150 and raccoon.num_boxes == 163
+
+
+# ------------------------------------------------------------------------------ KITTI
+KITTI_ROW = "{kind} 0.00 0 -0.20 {x0} {y0} {x1} {y1} 1.89 0.48 1.20 1.84 1.47 8.41 0.01"
+
+
+def make_kitti(root: Path, frames: dict[str, list[str]], suffix: str = ".png") -> Path:
+    (root / "training" / "label_2").mkdir(parents=True, exist_ok=True)
+    for stem, rows in frames.items():
+        (root / "training" / "label_2" / f"{stem}.txt").write_text("\n".join(rows) + "\n")
+        write_image(root / "training" / "image_2" / f"{stem}{suffix}", (120, 40))
+    return root
+
+
+def row(kind: str, box: tuple[float, float, float, float]) -> str:
+    return KITTI_ROW.format(kind=kind, x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+
+
+def test_kitti_small_png_and_dontcare(tmp_path: Path) -> None:
+    root = make_kitti(
+        tmp_path / "k",
+        {"000000": [row("Car", (1.5, 2, 50, 30)), row("DontCare", (60, 0, 90, 20))], "000001": []},
+    )
+    ds = load_kitti(root)  # the folder above training/ is accepted
+    assert ds.labels == KITTI_CLASSES and ds.ignore_overlap == "pred_area"
+    boxes = ds.samples[0].boxes
+    np.testing.assert_allclose(boxes.xyxy, [[1.5, 2, 50, 30], [60, 0, 90, 20]])
+    assert boxes.labels.tolist() == [0, ANY_CLASS]
+    assert boxes.ignore_mask.tolist() == [False, True]
+    assert len(ds.samples[1].boxes) == 0 and ds.samples[1].image_path.suffix == ".png"
+
+
+def test_kitti_jpeg_and_box_clipped_to_image(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path / "k", {"7": [row("Cyclist", (100, 10, 125, 45))]}, suffix=".jpeg")
+    ds = load_kitti(root / "training")
+    np.testing.assert_allclose(ds.samples[0].boxes.xyxy, [[100, 10, 120, 40]])
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("Car 0 0 0 1 2 3", "7 fields, expected 15"),
+        (row("Car", (1, 2, 30, 20)) + " 0.9", "results file"),
+        (row("Car", (1, 2, 30, 20)).replace(" 1 2 30 20", " 1 x 30 20"), "not numbers"),
+        (row("Zeppelin", (1, 2, 30, 20)), "'Zeppelin' is not in the label list"),
+        (row("Van", (30, 2, 10, 20)), "no area"),
+    ],
+)
+def test_kitti_malformed_lines_raise_with_location(tmp_path: Path, line: str, message: str) -> None:
+    root = make_kitti(tmp_path / "k", {"000003": [row("Car", (1, 1, 9, 9)), line]})
+    with pytest.raises(DatasetError, match=message) as info:
+        load_kitti(root)
+    assert "000003.txt:2" in str(info.value)
+
+
+def test_kitti_label_image_mismatch_raises(tmp_path: Path) -> None:
+    root = make_kitti(tmp_path / "k", {"a": []})
+    write_image(root / "training" / "image_2" / "b.png")
+    with pytest.raises(DatasetError, match="without a label file"):
+        load_kitti(root)
+    (root / "training" / "image_2" / "b.png").unlink()
+    (root / "training" / "image_2" / "a.png").unlink()
+    with pytest.raises(DatasetError, match="no image for 'a'"):
+        load_kitti(root)
+    with pytest.raises(DatasetError, match="not a KITTI"):
+        load_kitti(tmp_path)
+
+
+def test_kitti_shared_subset() -> None:
+    ds = load_dataset(f"kitti:{shared_data() / 'kitti' / 'tiny'}")
+    assert len(ds) == 75 and ds.num_boxes == 311 and ds.num_ignored == 188
+    first = ds.samples[0]
+    assert first.image_id == "000000" and first.image_path.suffix == ".jpeg"
+    np.testing.assert_allclose(first.boxes.xyxy, [[712.40, 143.00, 810.73, 307.92]], atol=1e-3)
+    assert ds.labels[int(first.boxes.labels[0])] == "Pedestrian"
+    counts = ds.class_counts()
+    assert counts["Car"] == 209 and counts["Person_sitting"] == 5
+    ignored_labels = {int(v) for s in ds.samples for v in s.boxes.labels[s.boxes.ignore_mask]}
+    assert ignored_labels == {ANY_CLASS}
+
+
+# ------------------------------------------------------------------------------ COCO
+def make_coco(root: Path, data: dict | None = None) -> Path:
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    write_image(root / "val2017" / "1.jpg", (64, 48))
+    write_image(root / "val2017" / "2.jpg", (64, 48))
+    if data is None:
+        data = {
+            "images": [
+                {"id": 11, "file_name": "1.jpg", "width": 64, "height": 48},
+                {"id": 12, "file_name": "2.jpg", "width": 64, "height": 48},
+            ],
+            "categories": [
+                {"id": 42, "name": "kite"},
+                {"id": 3, "name": "car"},
+                {"id": 7, "name": "train"},
+            ],
+            "annotations": [
+                {"id": 1, "image_id": 11, "category_id": 42, "bbox": [1, 2, 10, 20], "iscrowd": 0},
+                {"id": 2, "image_id": 11, "category_id": 3, "bbox": [5, 5, 5, 5], "iscrowd": 1},
+            ],
+        }
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    return root
+
+
+def test_coco_small_noncontiguous_ids_crowd_and_empty_image(tmp_path: Path) -> None:
+    ds = load_coco(make_coco(tmp_path / "c"))
+    assert ds.labels == ["car", "train", "kite"]  # category-id order: 3, 7, 42
+    boxes = ds.samples[0].boxes
+    np.testing.assert_allclose(boxes.xyxy, [[1, 2, 11, 22], [5, 5, 10, 10]])
+    assert [ds.labels[i] for i in boxes.labels] == ["kite", "car"]
+    assert boxes.ignore_mask.tolist() == [False, True]
+    assert ds.samples[1].image_id == "12" and len(ds.samples[1].boxes) == 0
+    assert ds.ignore_overlap == "pred_area"
+    json_path = tmp_path / "c" / "annotations" / "instances_val2017.json"
+    assert len(load_coco(json_path)) == 2
+
+
+def _broken(tmp_path: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
+    root = make_coco(tmp_path / "c")
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    mutate(data)
+    path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["annotations"][0].update(category_id=99), "unknown category_id 99"),
+        (lambda d: d["annotations"][0].update(image_id=99), "unknown images"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "bbox must be"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, 0, 5]), "no area"),
+        (lambda d: d["annotations"][0].update(iscrowd=2), "iscrowd"),
+        (lambda d: d["images"][0].update(file_name="nope.jpg"), "'nope.jpg' not in"),
+        (lambda d: d["images"][0].update(width=65), "65x48 in the JSON"),
+        (lambda d: d.pop("categories"), "missing list 'categories'"),
+        (lambda d: d["annotations"][0].pop("bbox"), r"lacks \['bbox'\]"),
+        (lambda d: d["annotations"].append(dict(d["annotations"][0])), "duplicate ids"),
+    ],
+)
+def test_coco_malformed_raise(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(DatasetError, match=message):
+        load_coco(_broken(tmp_path, mutate))
+
+
+def test_coco_bad_json_and_unknown_label(tmp_path: Path) -> None:
+    root = make_coco(tmp_path / "c")
+    with pytest.raises(DatasetError, match=r"\['kite'\] are not in the label list"):
+        load_coco(root, labels=["car", "train"])
+    (root / "annotations" / "instances_val2017.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_coco(root)
+
+
+def test_coco_shared_subset() -> None:
+    ds = load_dataset(f"coco:{shared_data() / 'coco' / 'mini'}")
+    assert len(ds) == 80 and len(ds.labels) == 80
+    assert ds.num_boxes + ds.num_ignored == 739 and ds.num_ignored == 8
+    assert ds.labels[0] == "person" and ds.labels[-1] == "toothbrush"  # ids 1 and 90
+    by_id = {s.image_id: s for s in ds.samples}
+    boxes = by_id["535506"].boxes
+    row_index = int(np.argmin(np.abs(boxes.xyxy[:, 0] - 120.46)))
+    np.testing.assert_allclose(
+        boxes.xyxy[row_index], [120.46, 133.32, 120.46 + 212.31, 133.32 + 498.58], atol=1e-2
+    )
+    assert ds.labels[int(boxes.labels[row_index])] == "person"
+
+
+# ------------------------------------------------------------------------------ specs
+def test_parse_spec_and_errors(tmp_path: Path) -> None:
+    spec = parse_spec("voc:/data/VOC2012?split=val")
+    assert (
+        spec.format == "voc"
+        and spec.path == Path("/data/VOC2012")
+        and spec.options == {"split": "val"}
+    )
+    with pytest.raises(DatasetError, match="must start with one of"):
+        parse_spec("yolo:/x")
+    with pytest.raises(DatasetError, match="unknown option"):
+        parse_spec("kitti:/x?split=val")
+    with pytest.raises(DatasetError, match="no path"):
+        parse_spec("coco:")
+
+
+def test_load_dataset_spec_options(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "v", {"a": voc_object("dog", (1, 1, 5, 5))})
+    ds = load_dataset(f"voc:{root}?labels=cat,dog")
+    assert ds.labels == ["cat", "dog"] and ds.samples[0].boxes.labels.tolist() == [1]
+
+
+def test_expand_path_uses_shared_data_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOXLOOP_SHARED_DATA", "/somewhere/data")
+    assert expand_path("$BOXLOOP_SHARED_DATA/kitti") == Path("/somewhere/data/kitti")
+    monkeypatch.delenv("BOXLOOP_SHARED_DATA")
+    expanded = expand_path("${BOXLOOP_SHARED_DATA}/kitti")
+    assert expanded == default_shared_data() / "kitti" and os.path.isabs(expanded)

@@ -1,0 +1,63 @@
+"""Pure parts of the Label Studio queue push (the calls themselves run in the e2e tests)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from backend.labelstudio.queue import (
+    RANK_WIDTH,
+    format_rank,
+    order_view_data,
+    plan_score_updates,
+    rank_score,
+    rank_updates,
+)
+from backend.ordering import ranks_for
+
+
+def test_format_rank_sorts_as_strings_like_numbers() -> None:
+    ranks = [1024, 99_000, 100_000, 7, 123_456_789]
+    as_text = [format_rank(r) for r in ranks]
+    assert all(len(t) == RANK_WIDTH for t in as_text)
+    assert sorted(as_text) == [format_rank(r) for r in sorted(ranks)]
+    assert format_rank(1024) == "000000001024"
+    with pytest.raises(ValueError):
+        format_rank(-1)
+    with pytest.raises(ValueError):
+        format_rank(10**RANK_WIDTH)
+
+
+def test_rank_scores_are_monotone_and_within_unit_interval() -> None:
+    ranks = sorted(ranks_for(range(100_000)).values())
+    scores = [rank_score(r) for r in ranks]
+    assert all(0.0 <= s <= 1.0 for s in scores)  # Label Studio's import rejects others
+    assert all(b > a for a, b in itertools.pairwise(scores))
+
+
+def test_view_payload_orders_by_the_numeric_rank_column() -> None:
+    data = order_view_data("rank_x", "my tab")
+    assert data["ordering"] == ["tasks:data.rank_x"]
+    assert data["columnsDisplayType"] == {"tasks:data.rank_x": "Number"}
+    assert data["title"] == "my tab"
+
+
+def test_rank_updates_merge_data_and_skip_unchanged_or_deleted() -> None:
+    current = {
+        1: {"image": "a.jpg", "boxloop_rank": format_rank(1024)},
+        2: {"image": "b.jpg", "meta": 5},
+    }
+    updates = rank_updates(current, {1: 1024, 2: 2048, 3: 3072})
+    assert updates == [(2, {"image": "b.jpg", "meta": 5, "boxloop_rank": "000000002048"})]
+
+
+def test_plan_score_updates_keeps_results_and_creates_missing() -> None:
+    predictions = [
+        {"id": 10, "task": 1, "model_version": "v2", "score": 0.9},  # gets the rank score
+        {"id": 11, "task": 1, "model_version": "v1", "score": 0.1},  # other version: untouched
+        {"id": 12, "task": 2, "model_version": "v2", "score": rank_score(2048)},  # already right
+    ]
+    updates, creations = plan_score_updates(predictions, {1: 1024, 2: 2048, 3: 3072}, "v2")
+    assert updates == [(10, rank_score(1024))]
+    assert creations == [(3, rank_score(3072))]
