@@ -449,7 +449,8 @@ class Store:
         with self._tx() as conn:
             value = conn.execute(
                 select(func.count()).where(
-                    (annotations_table.c.project_id == project_id) & (annotations_table.c.revision > revision)
+                    (annotations_table.c.project_id == project_id)
+                    & (annotations_table.c.revision > revision)
                 )
             ).scalar()
         return int(value or 0)
@@ -457,7 +458,11 @@ class Store:
     def annotation_counts(self, project_id: int) -> dict[str, int]:
         with self._tx() as conn:
             rows = conn.execute(
-                select(annotations_table.c.deleted, annotations_table.c.parse_error.is_(None), func.count())
+                select(
+                    annotations_table.c.deleted,
+                    annotations_table.c.parse_error.is_(None),
+                    func.count(),
+                )
                 .where(annotations_table.c.project_id == project_id)
                 .group_by(annotations_table.c.deleted, annotations_table.c.parse_error.is_(None))
             ).all()

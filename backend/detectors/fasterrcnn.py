@@ -211,9 +211,7 @@ def _without_bn_counters(state: dict[str, Any], model: nn.Module) -> dict[str, A
     with frozen batch norm (which does not); every other key must still match exactly.
     """
     own = model.state_dict()
-    return {
-        k: v for k, v in state.items() if k in own or not k.endswith(".num_batches_tracked")
-    }
+    return {k: v for k, v in state.items() if k in own or not k.endswith(".num_batches_tracked")}
 
 
 def replace_class_head(model: nn.Module, num_classes: int) -> None:
