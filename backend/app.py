@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend import __version__
-from backend.queueing import OrderRequest
+from backend.queueing import order_request
 from backend.service import BoxloopService, ServiceError
 from backend.settings import Settings, get_settings
 
@@ -48,10 +48,15 @@ class PredictRequest(BaseModel):
 
 
 class OrderBody(BaseModel):
-    strategy: str = Field("dissimilar", description="random | similar | dissimilar | temporal")
-    extractor: str = Field("imgnet_effnet_lite0", description="imgnet_effnet_lite0 | simnet | ...")
-    batch_size: int = 10
-    seed: int = 0
+    strategy: str | None = Field(
+        None,
+        description="random | similar | dissimilar | temporal (default BOXLOOP_ORDER_STRATEGY)",
+    )
+    extractor: str | None = Field(
+        None, description="imgnet_effnet_lite0 | simnet | ... (default BOXLOOP_FEATURE_EXTRACTOR)"
+    )
+    batch_size: int | None = None
+    seed: int | None = None
     n_seed: int = 1
     start: str = Field("labeled", description="labeled (start from labeled tasks) | random")
     pca_dim: int | None = None
@@ -195,7 +200,8 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
 
         Runs in the background; ``?wait=true`` answers when it is done. ``GET /status`` shows it.
         """
-        return svc.order_project(project_id, OrderRequest(**body.model_dump()), wait=wait)
+        request = order_request(settings, **body.model_dump())
+        return svc.order_project(project_id, request, wait=wait)
 
     @app.get("/jobs/{job_id}", tags=["admin"])
     def job(job_id: int) -> dict[str, Any]:

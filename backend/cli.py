@@ -68,10 +68,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _order(args: argparse.Namespace) -> int:
     """Order a project's queue in the foreground and print the plan."""
-    from backend.queueing import OrderRequest
+    from backend.queueing import order_request
 
     svc = _service(args)
-    request = OrderRequest(
+    request = order_request(
+        svc.settings,
         strategy=args.strategy,
         extractor=args.extractor,
         batch_size=args.batch_size,

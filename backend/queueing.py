@@ -46,6 +46,18 @@ class OrderRequest:
     uncertainty_scores: bool = False
 
 
+def order_request(settings: Settings, **given: Any) -> OrderRequest:
+    """An :class:`OrderRequest` from what the admin gave; the rest from settings."""
+    values: dict[str, Any] = {
+        "strategy": settings.order_strategy,
+        "extractor": settings.feature_extractor,
+        "batch_size": settings.order_batch_size,
+        "seed": settings.order_seed,
+    }
+    values.update({k: v for k, v in given.items() if v is not None})
+    return OrderRequest(**values)
+
+
 class QueueManager:
     """Orders a project's queue and keeps Label Studio in step with it."""
 
