@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "boxloop": backend.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "loadavg_before": [round(v, 2) for v in os.getloadavg()],
         },
         "workload": {

@@ -288,7 +288,7 @@ def extraction_speed(args: argparse.Namespace) -> dict[str, Any]:
     images = [Image.open(p).convert("RGB") for p in paths]
     decode_s = time.perf_counter() - start
     cache = Path(args.cache_dir)
-    ext = effnet_lite0_extractor(cache, batch_size=32, num_threads=args.threads)
+    ext = effnet_lite0_extractor(cache, batch_size=32, num_threads=args.extract_threads)
     ext.extract(images[:32], progress=False)  # warm-up: onnxruntime allocates on the first run
     batch = preprocess(images[:32], (224, 224), ext.mean, ext.std)
     net_times = []
@@ -309,7 +309,7 @@ def extraction_speed(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     ext.extract(lazy(), progress=False)
     files_s = time.perf_counter() - t
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.extract_threads)
     net = efficientnet_lite0_pooled().to(memory_format=torch.channels_last)
     tb = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
@@ -322,7 +322,7 @@ def extraction_speed(args: argparse.Namespace) -> dict[str, Any]:
         "images": n,
         "source": source,
         "input_px": 224,
-        "threads": args.threads,
+        "threads": args.extract_threads,
         "decode_images_per_s": round(n / decode_s, 1),
         "onnx_network_only_images_per_s": round(32 / float(np.median(net_times)), 1),
         "onnx_from_decoded_images_per_s": round(n / e2e_s, 1),
@@ -405,7 +405,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=20000,
         help="largest N for similar on 1280-d (its neighbour lists are O(N²·d))",
     )
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads for the ordering")
+    parser.add_argument(
+        "--extract-threads",
+        type=int,
+        default=2,
+        help="onnxruntime / torch threads for the extraction",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=256, help="images for the extraction speed")
     parser.add_argument("--skip-extraction", action="store_true")

@@ -53,6 +53,9 @@ class TorchDetector:
 
     ``labels[i]`` is the name of model class ``i + 1`` (class 0 is background). ``predict`` returns
     scored :class:`Boxes` in the input image's pixels with label indices into ``labels``.
+    ``batch_size`` images go through the network together; 1 is the default because batching
+    bought nothing on this CPU (8 images of 640 × 480, 1 thread: 1.40-1.57 s batched by 4 vs
+    8 × 0.167 s one by one) and pads mixed-size images to a common size.
     """
 
     def __init__(
@@ -67,7 +70,7 @@ class TorchDetector:
         max_detections: int = 100,
         rpn_pre_nms_top_n: int = 300,
         rpn_post_nms_top_n: int = 100,
-        batch_size: int = 4,
+        batch_size: int = 1,
         fuse: bool = True,
         channels_last: bool = True,
     ) -> None:

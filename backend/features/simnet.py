@@ -68,7 +68,7 @@ class SimNetConfig:
     size: int = 224  # full-image input side at extraction; halves keep the same scale
     split: Literal["left_right", "top_bottom"] = "left_right"
     margin: float = 1.0
-    trainable_from: int = 5  # first trainable timm block (0..7; 7 = head and conv_head only)
+    trainable_from: int = 6  # first trainable timm block (0..7; 7 = head and conv_head only)
     max_images_per_epoch: int | None = None
     seed: int = 0
     num_threads: int = 2

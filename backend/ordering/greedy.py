@@ -17,6 +17,9 @@ them out with cheap, *rigorous* lower bounds and computes exactly only what surv
    coordinates tests a whole block of picks against all items at once.
 2. Pairs that pass are tested again on ``k2 ≥ k1`` PCA coordinates, then on all ``d`` centred
    float32 coordinates, and only the survivors are computed in float64.
+3. (Dissimilar.) Items are grouped by k-means in the projected space; by the triangle inequality
+   a group whose ball lies farther from a pick than its largest running distance is skipped
+   without any product. This pays on clustered, low-dimensional features only.
 
 Every float32 test carries a proven bound on its rounding error (``γ_n = n·u/(1−n·u)`` for an
 ``n``-term dot product, plus the rounding of the stored coordinates), so a pair is skipped only
@@ -46,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -125,16 +129,6 @@ class _Space:
         )
         return np.asarray(np.sqrt(np.maximum(low2, 0.0)) - self.tau)
 
-    def lower_matrix(self, rows: slice, cols: np.ndarray) -> np.ndarray:
-        """Lower bounds for every (row, col) pair at once, via one matrix product."""
-        dots = (self.coords[rows] @ self.coords[cols].T).astype(np.float64)
-        low2 = self.n2[rows, None] + self.n2[None, cols] - 2.0 * dots
-        low2 -= self.gamma2 * self.norm[rows, None] * self.norm[None, cols]
-        np.maximum(low2, 0.0, out=low2)
-        np.sqrt(low2, out=low2)
-        low2 -= self.tau
-        return low2
-
 
 class _Geometry:
     """The item vectors and the chain of bounds used to avoid exact distances."""
@@ -201,19 +195,91 @@ class _Geometry:
 
 
 # ==================================================================== dissimilar
+class _Groups:
+    """A partition of the items into k-means groups of the stage-1 space, for whole-group skips.
+
+    In the projected space (a lower bound of true distances) the triangle inequality gives, for a
+    pick ``c`` and a group with anchor ``g`` and radius ``ρ_max``: every member is at least
+    ``d(c, g) − ρ_max`` away. When that exceeds ``sqrt(max m)`` of the group, the pick changes
+    nothing there and the group's rows are not even multiplied. Clustered features skip most
+    groups; features spread over many dimensions skip few (then the full product is used).
+    """
+
+    def __init__(self, geo: _Geometry, seed: int) -> None:
+        coords = geo.first.coords
+        n = len(coords)
+        self.count = max(1, min(1024, n // 200))
+        anchors, assign = _kmeans(coords, self.count, seed)
+        self.perm = np.argsort(assign, kind="stable")
+        self.pos = np.empty(n, np.int64)
+        self.pos[self.perm] = np.arange(n)
+        sorted_assign = assign[self.perm]
+        used = np.unique(sorted_assign)
+        self.anchors = np.ascontiguousarray(anchors[used])
+        self.start = np.searchsorted(sorted_assign, used, side="left")
+        self.end = np.searchsorted(sorted_assign, used, side="right")
+        self.of = np.empty(n, np.int64)  # group of each original item
+        for g, (s, e) in enumerate(zip(self.start, self.end, strict=True)):
+            self.of[self.perm[s:e]] = g
+        self.count = len(used)
+        diff = (
+            coords[self.perm].astype(np.float64)
+            - self.anchors[np.repeat(np.arange(self.count), self.end - self.start)]
+        )
+        rho = np.sqrt((diff * diff).sum(axis=1))
+        self.rho_max = np.maximum.reduceat(rho, self.start)
+        self.zaug = np.ascontiguousarray(geo.zaug[self.perm])
+        self.a2 = np.einsum("ij,ij->i", self.anchors, self.anchors, dtype=np.float64)
+        self.a = np.sqrt(self.a2)
+        self.gamma2 = 2.0 * _gamma(coords.shape[1]) * 1.01
+        # anchors are float32 vectors of the same space: the stored-coordinate slop covers them
+        self.tau = geo.first.tau + 1e-12 * float(
+            self.a.max(initial=0.0) + geo.first.norm.max(initial=0.0)
+        )
+
+    def live(self, geo: _Geometry, picks: np.ndarray, m_max: np.ndarray) -> np.ndarray:
+        """``(groups, picks)`` mask: the pick may lower some ``m`` in the group."""
+        z = geo.first.coords[picks]
+        dots = (self.anchors @ z.T).astype(np.float64)
+        nz2, nz = geo.first.n2[picks], geo.first.norm[picks]
+        d2 = (
+            self.a2[:, None]
+            + nz2[None, :]
+            - 2.0 * dots
+            - self.gamma2 * self.a[:, None] * nz[None, :]
+        )
+        low = np.sqrt(np.maximum(d2, 0.0)) - self.tau - self.rho_max[:, None]
+        reach = np.sqrt(m_max) * (1.0 + _REL_SLACK) + self.tau
+        return np.asarray(low <= reach[:, None])
+
+
+def _kmeans(coords: np.ndarray, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anchors and assignment (faiss k-means on a sample); only speed depends on them."""
+    n, d = coords.shape
+    if count <= 1:
+        return coords.mean(axis=0, keepdims=True).astype(np.float32), np.zeros(n, np.int64)
+    km = faiss.Kmeans(d, count, niter=6, seed=seed, max_points_per_centroid=32, verbose=False)
+    km.train(np.ascontiguousarray(coords, dtype=np.float32))
+    _, assign = km.index.search(np.ascontiguousarray(coords, dtype=np.float32), 1)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32), assign[:, 0].astype(np.int64)
+
+
 class _RunningMin:
     """Exact running minimum ``m`` (float64 squared) of every item's distance to the list.
 
     ``t`` caches each row's stage-1 threshold (a function of ``m_i`` only), refreshed for the rows
-    an update lowers, so applying picks costs one matrix product over ``k1+1`` columns.
+    an update lowers, so applying picks costs one matrix product over ``k1+1`` columns — and none
+    for the groups the picks provably cannot reach (:class:`_Groups`).
     """
 
-    def __init__(self, geo: _Geometry) -> None:
+    def __init__(self, geo: _Geometry, seed: int = 0) -> None:
         self.geo = geo
         self.m = np.full(geo.n, np.inf)
-        self.t = np.full(geo.n, -np.inf, np.float32)
+        self.t = np.full(geo.n, -np.inf, np.float32)  # in group order (self.groups.perm)
         self.free = np.ones(geo.n, bool)
         self.started = False
+        self.groups = _Groups(geo, seed)
+        self.m_max: np.ndarray = np.full(self.groups.count, np.inf)
 
     def add(self, picks: Sequence[int]) -> None:
         """Append ``picks`` to the list: lower every ``m_i`` that they lower, exactly."""
@@ -226,47 +292,99 @@ class _RunningMin:
             for s in range(0, self.geo.n, _ROW_CHUNK):
                 rows = self.geo.x[s : s + _ROW_CHUNK]
                 self.m[s : s + _ROW_CHUNK] = exact_sq_distances(rows, self.geo.x[first])
-            self.t = self.geo.thresholds(slice(None), self.m)
+            g = self.groups
+            self.t = self.geo.thresholds(g.perm, self.m[g.perm])
+            self.m_max = np.maximum.reduceat(self.m[g.perm], g.start)
             self.started = True
             arr = arr[1:]
         for s in range(0, len(arr), _SUB_BLOCK):
             self._apply(arr[s : s + _SUB_BLOCK])
 
     def _apply(self, picks: np.ndarray) -> None:
+        g = self.groups
         cols = self.geo.columns(picks)
-        for s in range(0, self.geo.n, _ROW_CHUNK):
-            e = min(self.geo.n, s + _ROW_CHUNK)
-            prod = self.geo.zaug[s:e] @ cols
-            rows, which = np.nonzero(prod >= self.t[s:e, None])
-            if len(rows):
-                self._pairs(rows + s, picks[which])
+        live = g.live(self.geo, picks, self.m_max)
+        found_rows: list[np.ndarray] = []
+        found_picks: list[np.ndarray] = []
+        if live.mean() > 0.5:  # most groups reachable: one product over all rows is cheaper
+            for s in range(0, self.geo.n, _ROW_CHUNK):
+                e = min(self.geo.n, s + _ROW_CHUNK)
+                rows, which = np.nonzero(g.zaug[s:e] @ cols >= self.t[s:e, None])
+                found_rows.append(g.perm[rows + s])
+                found_picks.append(picks[which])
+        else:
+            for k in np.flatnonzero(live.any(axis=1)).tolist():
+                s, e = int(g.start[k]), int(g.end[k])
+                sel = np.flatnonzero(live[k])
+                rows, which = np.nonzero(g.zaug[s:e] @ cols[:, sel] >= self.t[s:e, None])
+                found_rows.append(g.perm[rows + s])
+                found_picks.append(picks[sel[which]])
+        rows_all = np.concatenate(found_rows) if found_rows else np.zeros(0, np.int64)
+        if len(rows_all):
+            for k in self._pairs(rows_all, np.concatenate(found_picks)):
+                s, e = int(g.start[k]), int(g.end[k])
+                self.m_max[k] = self.m[g.perm[s:e]].max()
 
-    def _pairs(self, rows: np.ndarray, picks: np.ndarray) -> None:
+    def _pairs(self, rows: np.ndarray, picks: np.ndarray) -> set[int]:
+        """Exact updates for candidate pairs; returns the groups whose ``m`` fell.
+
+        Pairs are handled pick by pick (one gather of rows, one matrix-vector product per bound)
+        in chunks, each tested against ``m`` as it was before the chunk (looser, still valid).
+        """
         order = np.argsort(picks, kind="stable")
         rows, picks = rows[order], picks[order]
         cuts = np.flatnonzero(np.diff(picks)) + 1
+        changed: list[np.ndarray] = []
         for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(rows)], strict=True):
             p = int(picks[s])
-            seg = rows[s:e]
-            seg = seg[self.geo.survivors(seg, p, self.m[seg])]
-            for c in range(0, len(seg), _PAIR_CHUNK):
-                r = seg[c : c + _PAIR_CHUNK]
+            for c in range(s, e, _PAIR_CHUNK):
+                r = rows[c : min(e, c + _PAIR_CHUNK)]
+                r = r[self.geo.survivors(r, p, self.m[r])]
+                if not len(r):
+                    continue
                 exact = exact_sq_distances(self.geo.x[r], self.geo.x[p])
                 lower = exact < self.m[r]
                 if lower.any():
                     r = r[lower]
                     self.m[r] = exact[lower]
-                    self.t[r] = self.geo.thresholds(r, self.m[r])
+                    changed.append(r)
+        if not changed:
+            return set()
+        done = np.unique(np.concatenate(changed))
+        self.t[self.groups.pos[done]] = self.geo.thresholds(done, self.m[done])
+        return set(self.groups.of[done].tolist())
 
-    def lower_copy(self, cand: np.ndarray, cm: np.ndarray, p: int) -> None:
-        """Lower ``cm`` (candidates' own copy of ``m``) for a pick ``p``, exactly."""
-        cols = self.geo.columns(np.array([p]))
-        hit = np.flatnonzero(self.geo.zaug[cand] @ cols[:, 0] >= self.geo.thresholds(cand, cm))
+
+class _Candidates:
+    """The ``T`` items with the largest ``m``, with their own copies of ``m`` and thresholds.
+
+    A mini farthest-first runs on them (module docstring); each pick lowers the copies exactly
+    with the same bounds, on arrays gathered once per block.
+    """
+
+    def __init__(self, state: _RunningMin, cand: np.ndarray) -> None:
+        self.geo = state.geo
+        self.idx = cand
+        self.m = state.m[cand].copy()
+        self.t = state.t[state.groups.pos[cand]].copy()
+        self.z = self.geo.zaug[cand]
+        self.alive = np.ones(len(cand), bool)
+
+    def take(self, j: int) -> None:
+        """Remove candidate ``j`` (picked) and lower the others' copies for it."""
+        self.alive[j] = False
+        p = int(self.idx[j])
+        hit = np.flatnonzero(
+            (self.z @ self.geo.columns(np.array([p]))[:, 0] >= self.t) & self.alive
+        )
         if len(hit):
-            hit = hit[self.geo.survivors(cand[hit], p, cm[hit])]
+            hit = hit[self.geo.survivors(self.idx[hit], p, self.m[hit])]
         if len(hit):
-            exact = exact_sq_distances(self.geo.x[cand[hit]], self.geo.x[p])
-            cm[hit] = np.minimum(cm[hit], exact)
+            exact = exact_sq_distances(self.geo.x[self.idx[hit]], self.geo.x[p])
+            lower = exact < self.m[hit]
+            hit = hit[lower]
+            self.m[hit] = exact[lower]
+            self.t[hit] = self.geo.thresholds(self.idx[hit], self.m[hit])
 
 
 def _dissimilar_block(state: _RunningMin, block_size: int) -> list[tuple[int, float]]:
@@ -281,31 +399,24 @@ def _dissimilar_block(state: _RunningMin, block_size: int) -> list[tuple[int, fl
         cand_pos, theta = part[-block_size:], float(vals[part[:-block_size]].max())
     else:
         cand_pos, theta = np.arange(len(free_idx)), -np.inf
-    cand = np.sort(free_idx[cand_pos])
-    cm = state.m[cand].copy()
-    alive = np.ones(len(cand), bool)
+    cands = _Candidates(state, np.sort(free_idx[cand_pos]))
     picks: list[tuple[int, float]] = []
-    while alive.any():
-        masked = np.where(alive, cm, -1.0)
+    while cands.alive.any():
+        masked = np.where(cands.alive, cands.m, -1.0)
         j = int(np.argmax(masked))  # first maximum = lowest index among the candidates
         if not masked[j] > theta:
             break
-        picks.append((int(cand[j]), float(masked[j])))
-        alive[j] = False
-        rest = np.flatnonzero(alive)
-        if len(rest):
-            sub = cm[rest]
-            state.lower_copy(cand[rest], sub, int(cand[j]))
-            cm[rest] = sub
+        picks.append((int(cands.idx[j]), float(masked[j])))
+        cands.take(j)
     if not picks:  # a tie at the candidate boundary: one exact global pick
         picks.append((int(np.flatnonzero(state.free & (state.m == top))[0]), top))
     return picks
 
 
 def _dissimilar(
-    geo: _Geometry, start: list[int], block_size: int, bar: tqdm
+    geo: _Geometry, start: list[int], block_size: int, bar: tqdm, seed: int
 ) -> list[tuple[int, float]]:
-    state = _RunningMin(geo)
+    state = _RunningMin(geo, seed)
     out: list[tuple[int, float]] = []
     state.add(start)
     while len(start) + len(out) < geo.n:
@@ -513,7 +624,7 @@ def greedy_order(
         mininterval=1.0,
     ) as bar:
         if mode == "dissimilar":
-            picks = _dissimilar(geo, start_list, block_size, bar)
+            picks = _dissimilar(geo, start_list, block_size, bar, seed)
         else:
             picks = _similar(geo, start_list, neighbours, bar, progress)
     order[: len(start_list)] = start_list

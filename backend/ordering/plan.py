@@ -160,7 +160,7 @@ def build_order(
         "temporal_field": temporal_field,
         "image_key": image_key,
         "batch_size": batch_size,
-        "n_start": len(start_idx) if start_idx else min(n_seed, len(ids)),
+        "n_start": len(start_idx) if start_idx or strat == "temporal" else min(n_seed, len(ids)),
         "missing_features": missing,
         "ranks": [ranks[t] for t in order],
         "distance": distance,

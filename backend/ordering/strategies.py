@@ -2,7 +2,8 @@
 
 Every strategy returns a permutation of ``0..N-1`` whose first entries are the *start list*:
 ``start_indices`` when given and non-empty (e.g. the tasks already labelled, in the given order),
-otherwise ``n_seed`` seed items drawn at random with ``seed``. The rest follows the strategy:
+otherwise ``n_seed`` seed items drawn at random with ``seed`` (not for ``temporal``, which starts
+at the earliest item). The rest follows the strategy:
 
 * ``random`` — a seeded shuffle of the rest;
 * ``dissimilar`` — farthest-first: each next item is the one whose minimum Euclidean distance to
@@ -129,7 +130,12 @@ def order_pool_result(
         raise ValueError(f"strategy {strat!r} needs features")
     if strat == "temporal" and keys is None:
         raise ValueError("strategy 'temporal' needs keys (a task field or file names)")
-    start = [int(i) for i in start_indices] if start_indices else seed_indices(size, n_seed, seed)
+    if start_indices:
+        start = [int(i) for i in start_indices]
+    elif strat == "temporal":  # time order has no use for random seeds
+        start = []
+    else:
+        start = seed_indices(size, n_seed, seed)
     if len(set(start)) != len(start) or any(i < 0 or i >= size for i in start):
         raise ValueError(f"start indices must be distinct and within 0..{size - 1}")
     nan = np.full(size, np.nan)
@@ -166,7 +172,8 @@ def order_pool(
         features: ``(N, d)`` vectors; needed for ``similar``/``dissimilar``, else may be None.
         strategy: ``random``, ``similar``, ``dissimilar`` or ``temporal``.
         seed: seeds the random start items and the ``random`` shuffle.
-        n_seed: number of random start items when ``start_indices`` is empty (paper: "a few").
+        n_seed: number of random start items when ``start_indices`` is empty (paper: "a few");
+            ignored by ``temporal``.
         start_indices: the start list (e.g. already-labelled items), in order; overrides seeds.
         keys: per-item sort keys for ``temporal`` (None sorts last).
         pca_dim: project features on this many principal components first (speed).

@@ -161,7 +161,7 @@ def test_temporal_order_is_natural_and_stable() -> None:
     keys = ["img10.jpg", "img2.jpg", None, "img1.jpg", "IMG2.jpg", "img2.jpg"]
     order = order_pool(None, "temporal", keys=keys, start_indices=[4])
     assert order.tolist() == [4, 3, 1, 5, 0, 2]
-    numbers = order_pool(None, "temporal", keys=[3.5, 1, 2, 10], n_seed=0)
+    numbers = order_pool(None, "temporal", keys=[3.5, 1, 2, 10], n_seed=2)  # no random seeds
     assert numbers.tolist() == [1, 2, 0, 3]
     assert natural_key("a9") < natural_key("a10") < natural_key(None)
 

@@ -203,7 +203,7 @@ def test_training_on_rectangles_finds_held_out_rectangles(tmp_path: Path) -> Non
     untrained = build_model(ArchSpec("fasterrcnn_effnet_lite0", len(LABELS) + 1))
     before = recall_at_half_iou(detector(untrained), test)
     after = recall_at_half_iou(detector(model), test)
-    assert after >= 0.8 and after > before + 0.5  # measured 1.0 vs 0.0
+    assert after >= 0.8 and after > before + 0.5  # measured 0.96 vs 0.13 (23 held-out boxes)
 
     # the saved version predicts what the trained model predicts
     directory = save_model_version(model, tmp_path / "v1", {"labels": LABELS})
