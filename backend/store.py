@@ -297,19 +297,30 @@ class Store:
 
     # ------------------------------------------------------------------ tasks
     def upsert_tasks(self, project_id: int, items: Iterable[tuple[int, dict[str, Any]]]) -> int:
-        """Insert or refresh tasks ``(task_id, data)``; returns how many were new."""
-        new = 0
+        """Insert or refresh tasks ``(task_id, data)``; returns how many were new.
+
+        An atomic ``INSERT ... ON CONFLICT DO UPDATE`` (SQLite and PostgreSQL): the webhook
+        handler, the queue worker and reconciliation (in the training process) may all write
+        the same task at once.
+        """
+        rows = [{"project_id": project_id, "task_id": int(t), "data": d} for t, d in items]
+        if not rows:
+            return 0
         with self._tx() as conn:
-            for task_id, data in items:
-                key = (tasks.c.project_id == project_id) & (tasks.c.task_id == task_id)
-                if conn.execute(select(tasks.c.task_id).where(key)).first():
-                    conn.execute(update(tasks).where(key).values(data=data))
-                else:
-                    conn.execute(
-                        tasks.insert().values(project_id=project_id, task_id=task_id, data=data)
-                    )
-                    new += 1
-        return new
+            before = conn.execute(
+                select(func.count()).where(tasks.c.project_id == project_id)
+            ).scalar()
+            insert = _dialect_insert(self.engine.dialect.name)(tasks)
+            statement = insert.on_conflict_do_update(
+                index_elements=[tasks.c.project_id, tasks.c.task_id],
+                set_={"data": insert.excluded.data},
+            )
+            for row in rows:
+                conn.execute(statement.values(**row, created_at=utcnow()))
+            after = conn.execute(
+                select(func.count()).where(tasks.c.project_id == project_id)
+            ).scalar()
+        return int(after or 0) - int(before or 0)
 
     def get_task_data(self, project_id: int, task_id: int) -> dict[str, Any] | None:
         with self._tx() as conn:
@@ -657,6 +668,16 @@ class Store:
             view_id=row["view_id"],
             updated_at=row["updated_at"],
         )
+
+
+def _dialect_insert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
 def _canonical(value: Any) -> str:

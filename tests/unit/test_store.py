@@ -100,3 +100,25 @@ def test_features_and_orders(store: Store) -> None:
     store.set_order(1, "dissimilar", {"seed": 0}, [30, 10, 20], view_id=4)
     order = store.get_order(1)
     assert order is not None and order.task_ids == [30, 10, 20] and order.view_id == 4
+
+
+def test_concurrent_task_upserts_do_not_collide(store: Store) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def write(offset: int) -> None:
+        try:
+            for _ in range(20):
+                store.upsert_tasks(1, [(i, {"image": f"{offset}-{i}"}) for i in range(10)])
+        except BaseException as exc:  # pragma: no cover - the failure is what we look for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [t for t, _ in store.list_tasks(1)] == list(range(10))
+    assert store.upsert_tasks(1, [(10, {})]) == 1
