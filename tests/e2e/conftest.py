@@ -29,7 +29,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend.labelstudio.client import StudioClient
+from tests.conftest import free_port, shared_data_dir
 
 T = TypeVar("T")
 
@@ -62,13 +62,6 @@ IMAGE_KEY = "image"
 
 
 # --------------------------------------------------------------------------------- processes
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it, so parallel runs do not clash)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def log_tail(path: Path, lines: int = 80) -> str:
     """The last ``lines`` lines of a log file, for failure reports."""
     try:
@@ -288,12 +281,6 @@ class SourceImage:
     width: int
     height: int
     boxes: tuple[GroundTruthBox, ...]
-
-
-def shared_data_dir() -> Path:
-    """``$BOXLOOP_SHARED_DATA``, else ``../shared/data`` relative to the repo root."""
-    value = os.environ.get("BOXLOOP_SHARED_DATA")
-    return Path(value) if value else (REPO_ROOT.parent / "shared" / "data")
 
 
 def voc_images(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.synthetic import LABEL_CONFIG, ls_result, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 N_IMAGES = 12
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -74,7 +68,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[[], Server]]:
         env.pop(key, None)
 
     def start() -> Server:
-        port = _free_port()
+        port = free_port()
         log = tmp_path / f"server-{len(servers)}.log"
         with open(log, "wb") as log_file:
             process = subprocess.Popen(
