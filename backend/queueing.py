@@ -58,6 +58,20 @@ def order_request(settings: Settings, **given: Any) -> OrderRequest:
     return OrderRequest(**values)
 
 
+@dataclass(frozen=True)
+class QueueRefresh:
+    """What :meth:`QueueManager.refresh_for_version` did after a retrain."""
+
+    model_version: str
+    preannotated: int  # tasks of the next batch given the new model's boxes
+    boxes: int
+    scores_updated: int
+    scores_created: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 class QueueManager:
     """Orders a project's queue and keeps Label Studio in step with it."""
 
@@ -198,6 +212,54 @@ class QueueManager:
         if view_id != plan.view_id:
             plan = set_view_id(self.store, plan, view_id)
         return plan
+
+    def refresh_for_version(
+        self,
+        project_id: int,
+        model_version: str,
+        predict: Callable[[list[tuple[int, dict[str, Any]]]], Mapping[int, list[dict[str, Any]]]],
+    ) -> QueueRefresh | None:
+        """Carry an Uncertainty-sampling order over to a newly served model version.
+
+        Label Studio orders the queue by the scores of the *project's model version* only, and a
+        retrain changes that version, so the old rank scores stop counting. This pre-annotates
+        the next batch of unlabelled tasks in queue order with the new model (``predict``: task
+        id and data → result), stores those boxes with their rank scores, and gives every other
+        ranked task a score-only prediction of the new version: the queue keeps boxloop's order
+        and the next batch arrives pre-annotated by the newest model (train → predict → correct).
+        Does nothing (None) for orders without Uncertainty scores or without Label Studio.
+        """
+        plan = load_plan(self.store, project_id)
+        if plan is None or not plan.params.get("uncertainty_scores"):
+            return None
+        studio = self.studio_for(project_id)
+        if studio is None:
+            return None
+        from backend.labelstudio import queue
+
+        labeled = set(self._labeled(project_id))
+        data = dict(self.store.list_tasks(project_id))
+        upcoming = [t for t in plan.task_ids if t not in labeled and t in data]
+        size = int(plan.params.get("batch_size") or self.settings.order_batch_size)
+        batch = upcoming[:size]
+        results = predict([(t, data[t]) for t in batch]) if batch else {}
+        updated, created = queue.push_version_predictions(
+            studio, project_id, results, plan.ranks, model_version
+        )
+        if studio.get_project(project_id).get("model_version") != model_version:
+            queue.enable_uncertainty_sampling(studio, project_id, model_version)
+        scored, score_created = queue.set_rank_scores(
+            studio, project_id, plan.ranks, model_version=model_version
+        )
+        refresh = QueueRefresh(
+            model_version=model_version,
+            preannotated=len(results),
+            boxes=sum(len(r) for r in results.values()),
+            scores_updated=updated + scored,
+            scores_created=created + score_created,
+        )
+        log.info("project %s: queue carried over to %s: %s", project_id, model_version, refresh)
+        return refresh
 
     def place_new(self, project_id: int, task_ids: Iterable[int]) -> list[int]:
         """Give new tasks features and a place in the stored order; push changed ranks."""

@@ -204,8 +204,18 @@ class BoxloopService:
         with self._models_lock:
             self._models[project_id] = LoadedModel(version, detector)
         log.info("project %s now served by %s", project_id, version)
-        self._update_backend_title(project_id, version)
+        order = self.store.get_order(project_id)
+        if order is not None and order.params.get("uncertainty_scores"):
+            # The new version's scores must be in Label Studio before the project switches to
+            # it (the title update does that), or the queue would have no order in between.
+            self._queue_pool.submit(self._carry_over_then_retitle, project_id, version)
+        else:
+            self._update_backend_title(project_id, version)
         self.maybe_schedule_training(project_id)
+
+    def _carry_over_then_retitle(self, project_id: int, version: str) -> None:
+        self._refresh_queue(project_id, version)
+        self._update_backend_title(project_id, version)
 
     def _update_backend_title(self, project_id: int, version: str) -> None:
         client = self._studio_client(project_id)
@@ -558,6 +568,27 @@ class BoxloopService:
             return
         self._queue_state[project_id] = {"state": "done", **plan.to_dict()}
 
+    def _refresh_queue(self, project_id: int, version: str) -> None:
+        """After a swap-in: the next batch pre-annotated by ``version``, the order kept."""
+
+        def predict(tasks: list[tuple[int, dict[str, Any]]]) -> dict[int, list[dict[str, Any]]]:
+            payload = [{"id": t, "data": data, "project": project_id} for t, data in tasks]
+            out = self.predict(payload, None, project_id)
+            return {
+                int(p.task_id): p.result
+                for p in out
+                if p.task_id is not None and p.error is None and p.model_version == version
+            }
+
+        try:
+            refresh = self.queue.refresh_for_version(project_id, version, predict)
+        except Exception:
+            log.exception("carrying the queue of project %s over to %s failed", project_id, version)
+            return
+        if refresh is not None:
+            state = self._queue_state.get(project_id) or {}
+            self._queue_state[project_id] = {**state, "refreshed": refresh.to_dict()}
+
     def _place_new(self, project_id: int, task_ids: list[int]) -> None:
         try:
             changed = self.queue.place_new(project_id, task_ids)
@@ -624,6 +655,7 @@ class BoxloopService:
                         "tasks": len(order.task_ids),
                         "view_id": order.view_id,
                         "updated_at": order.updated_at.isoformat() + "Z",
+                        "carried_over": self._queue_state.get(project.id, {}).get("refreshed"),
                     },
                 }
             )

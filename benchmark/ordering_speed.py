@@ -131,6 +131,37 @@ def naive_order(x: np.ndarray, mode: str, start: Sequence[int]) -> np.ndarray:
     return np.asarray(order)
 
 
+def kcenter_anchor_order(
+    x: np.ndarray, mode: str, start: Sequence[int], max_picks: int | None = None
+) -> tuple[np.ndarray, float]:
+    """The public anchor (``docs/method-notes``): greedy k-center as in google/active-learning's
+    ``kCenterGreedy`` (and modAL): per pick, ``sklearn.metrics.pairwise_distances`` from every
+    item to the new list member, folded into a running minimum with ``np.minimum``.
+
+    Returns ``(order prefix, seconds per pick)``. With ``max_picks`` it stops after that many
+    picks (the per-pick cost is flat over a run: one ``N×d`` distance pass each), so the full
+    order's time can be extrapolated as ``seconds per pick × (N − len(start))``.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    n = len(x)
+    free = np.ones(n, bool)
+    order = list(start)
+    free[order] = False
+    m = pairwise_distances(x, x[order]).min(axis=1)
+    fill = -np.inf if mode == "dissimilar" else np.inf
+    picks = n - len(order) if max_picks is None else min(max_picks, n - len(order))
+    began = time.perf_counter()
+    for _ in range(picks):
+        key = np.where(free, m, fill)
+        c = int(np.argmax(key) if mode == "dissimilar" else np.argmin(key))
+        order.append(c)
+        free[c] = False
+        m = np.minimum(m, pairwise_distances(x, x[c : c + 1])[:, 0])
+    per_pick = (time.perf_counter() - began) / max(1, picks)
+    return np.asarray(order), per_pick
+
+
 # ----------------------------------------------------------------------------- measuring
 class PeakRSS:
     """Peak resident memory above the level at entry, sampled every 10 ms in a thread."""
@@ -229,6 +260,18 @@ def ordering_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                             speedup=round(naive_s / seconds, 2) if seconds else None,
                             equal_to_naive=bool(np.array_equal(order, ref)),
                         )
+                    if strategy in ("similar", "dissimilar") and args.anchor_picks > 0:
+                        start = order[:1].tolist()
+                        cap = None if n - 1 <= args.anchor_picks else args.anchor_picks
+                        prefix, per_pick = kcenter_anchor_order(feats, strategy, start, cap)
+                        anchor_s = per_pick * (n - 1)
+                        row.update(
+                            anchor_seconds=round(anchor_s, 2),
+                            anchor_picks_timed=len(prefix) - 1,
+                            anchor_extrapolated=cap is not None,
+                            anchor_speedup=round(anchor_s / seconds, 1) if seconds else None,
+                            equal_to_anchor=bool(np.array_equal(order[: len(prefix)], prefix)),
+                        )
                     say(_row_text(row))
                     rows.append(row)
     return rows
@@ -253,6 +296,12 @@ def _row_text(row: dict[str, Any]) -> str:
         text += (
             f" | naive {row['naive_seconds']:8.2f} s +{row['naive_peak_extra_mib']:7.1f} MiB"
             f"  x{row['speedup']}  equal={row['equal_to_naive']}"
+        )
+    if "anchor_seconds" in row:
+        text += (
+            f" | k-center anchor {row['anchor_seconds']:9.1f} s"
+            f"{' (extrapolated)' if row['anchor_extrapolated'] else ''}"
+            f"  x{row['anchor_speedup']}  equal={row['equal_to_anchor']}"
         )
     return text
 
@@ -342,17 +391,22 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"CPU: {meta['cpu']}, {meta['threads']} BLAS thread(s); load average before "
         f"{meta['load_before']}, after {meta['load_after']}. Full exact orders of all N items; "
-        "naive = float64 pairwise matrix + greedy loop; speedup = naive / ours; "
+        "naive = float64 pairwise matrix + greedy loop (where it fits); speedup = naive / ours; "
+        "k-center anchor = google/active-learning `kCenterGreedy`-style loop (sklearn "
+        "`pairwise_distances` per pick + running minimum), timed over "
+        f"{meta.get('anchor_picks', '?')} picks and extrapolated to N−1 picks (marked *) when N is "
+        "larger, its order compared on the timed prefix; "
         "memory = peak extra resident MiB during the call.",
         "",
-        "| kind | N | features | strategy | seconds | MiB | naive s | naive MiB | speedup | equal |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---|",
+        "| kind | N | features | strategy | seconds | MiB | naive s | naive MiB | speedup | equal "
+        "| anchor s | anchor speedup | equal |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in results["ordering"]:
         if "skipped" in r:
             lines.append(
                 f"| {r['kind']} | {r['n']} | {r['space']} | {r['strategy']} | "
-                f"skipped: {r['skipped']} | | | | | |"
+                f"skipped: {r['skipped']} | | | | | | | | |"
             )
             continue
         naive = ("", "", "", "")
@@ -363,9 +417,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['speedup']}×",
                 str(r["equal_to_naive"]),
             )
+        anchor = ("", "", "")
+        if "anchor_seconds" in r:
+            star = "*" if r["anchor_extrapolated"] else ""
+            anchor = (
+                f"{r['anchor_seconds']:.1f}{star}",
+                f"{r['anchor_speedup']}×",
+                str(r["equal_to_anchor"]),
+            )
         lines.append(
             f"| {r['kind']} | {r['n']} | {r['space']} | {r['strategy']} | {r['seconds']:.2f} | "
-            f"{r['peak_extra_mib']:.0f} | {naive[0]} | {naive[1]} | {naive[2]} | {naive[3]} |"
+            f"{r['peak_extra_mib']:.0f} | {naive[0]} | {naive[1]} | {naive[2]} | {naive[3]} | "
+            f"{anchor[0]} | {anchor[1]} | {anchor[2]} |"
         )
     ext = results.get("extraction")
     if ext:
@@ -405,6 +468,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=20000,
         help="largest N for similar on 1280-d (its neighbour lists are O(N²·d))",
     )
+    parser.add_argument(
+        "--anchor-picks",
+        type=int,
+        default=1000,
+        help="picks timed for the kCenterGreedy-style anchor (0: skip it); extrapolated beyond",
+    )
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads for the ordering")
     parser.add_argument(
         "--extract-threads",
@@ -430,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "argv": list(argv) if argv is not None else sys.argv[1:],
+            "anchor_picks": args.anchor_picks,
             "kinds": {
                 "lowrank": "100 clusters, each a random 16-d subspace + faint noise",
                 "powerlaw": "100 clusters over all d axes, variances ∝ 1/rank",

@@ -43,6 +43,7 @@ __all__ = [
     "plan_score_updates",
     "push_order",
     "push_order_result",
+    "push_version_predictions",
     "rank_score",
     "rank_updates",
     "set_rank_scores",
@@ -265,6 +266,49 @@ def set_rank_scores(
         version,
     )
     return len(updates), len(creations)
+
+
+def push_version_predictions(
+    client: LabelStudio | Any,
+    project_id: int,
+    results: Mapping[int, Sequence[Mapping[str, Any]]],
+    ranks: Mapping[int, int],
+    model_version: str,
+) -> tuple[int, int]:
+    """Store a model version's boxes for some tasks, scored by rank (Uncertainty sampling).
+
+    Why: once a task has a prediction of the project's model version, Label Studio never asks
+    the backend for another, so after a retrain the next tasks in the queue must receive the new
+    model's boxes *with* their rank scores here, or annotators would see empty score-only
+    predictions. A task with a prediction of this version gets its result and score replaced;
+    others get one imported. Returns ``(updated, created)``.
+    """
+    sdk = _sdk(client)
+    existing: dict[int, int] = {}
+    for p in (_as_dict(p) for p in sdk.predictions.list(project=project_id)):
+        if p.get("model_version") == model_version and p.get("task") is not None:
+            existing.setdefault(int(p["task"]), int(p["id"]))
+    updated = 0
+    creations: list[PredictionRequest] = []
+    for task_id, result in results.items():
+        score = rank_score(int(ranks[int(task_id)]))
+        if int(task_id) in existing:
+            sdk.predictions.update(
+                existing[int(task_id)], result=[dict(r) for r in result], score=score
+            )
+            updated += 1
+        else:
+            creations.append(
+                PredictionRequest(
+                    task=int(task_id),
+                    result=[dict(r) for r in result],
+                    score=score,
+                    model_version=model_version,
+                )
+            )
+    for s in range(0, len(creations), _IMPORT_CHUNK):
+        sdk.projects.import_predictions(project_id, request=creations[s : s + _IMPORT_CHUNK])
+    return updated, len(creations)
 
 
 @dataclass(frozen=True)

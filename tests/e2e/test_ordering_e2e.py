@@ -14,7 +14,11 @@ from tests.e2e.conftest import (
     StartBoxloop,
     connect_backend,
     create_image_project,
+    ground_truth_result,
     submit_annotation,
+    task_predictions,
+    voc_images,
+    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -85,3 +89,94 @@ def server_order(data_dir: Any, project_id: int) -> list[int]:
     store.close()
     assert stored is not None
     return stored.task_ids
+
+
+def test_retrain_carries_the_order_over_and_preannotates_the_next_batch(
+    label_studio: LabelStudioServer, start_boxloop: StartBoxloop
+) -> None:
+    """Uncertainty sampling follows the scores of the project's model version only; a retrain
+    changes that version. boxloop must then give the next batch (in queue order) the new model's
+    boxes, scored by rank, and score-only predictions to the rest, so the queue keeps its order
+    and the annotators' next batch is pre-annotated by the newest model."""
+    from backend.labelstudio.queue import rank_score
+
+    n_tasks, n_train, batch = 8, 3, 3
+    raccoons = voc_images(n_tasks, subset="raccoon")
+    project = create_image_project(label_studio, n_tasks, images=raccoons or None)
+    server = start_boxloop(
+        {
+            "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(n_train),
+            "BOXLOOP_TRAIN_EPOCHS": "10",
+            "BOXLOOP_TRAIN_BATCH_SIZE": "2",
+            "BOXLOOP_DETECTOR_MIN_SIZE": "320",
+            "BOXLOOP_DETECTOR_MAX_SIZE": "512",
+            "BOXLOOP_SCORE_THRESHOLD": "0.01",
+        }
+    )
+    connect_backend(label_studio, project.id, server.url)
+    answer = httpx.post(
+        f"{server.url}/projects/{project.id}/order",
+        params={"wait": "true"},
+        json={"strategy": "dissimilar", "seed": 1, "batch_size": batch, "uncertainty_scores": True},
+        timeout=600,
+    )
+    assert answer.status_code == 202 and answer.json()["state"] == "done", answer.text
+    order = server_order(server.data_dir, project.id)
+
+    # annotators label the first tasks the queue hands out (their real boxes): training starts
+    labeled = []
+    for _ in range(n_train):
+        task_id = int(_next(label_studio, project.id, None)["id"])
+        labeled.append(task_id)
+        submit_annotation(label_studio, task_id, ground_truth_result(project, task_id))
+    assert labeled == order[:n_train]
+    new_version = f"boxloop-p{project.id}-v1"
+
+    def carried_over() -> dict[str, Any] | None:
+        queue = httpx.get(f"{server.url}/status", timeout=30).json()["projects"][0]["queue"]
+        done = queue.get("carried_over")
+        return done if done and done["model_version"] == new_version else None
+
+    refresh = wait_for(carried_over, timeout_s=900, what="the queue to follow the new version")
+    assert refresh["preannotated"] == batch
+    assert label_studio.studio.get_project(project.id)["model_version"] == new_version
+
+    stored_ranks = {
+        int(t["id"]): int(t["data"]["boxloop_rank"])
+        for t in label_studio.studio.list_tasks(project.id)
+    }
+    predictions = task_predictions(label_studio, project.id)
+    current = {t: [p for p in predictions[t] if p["model_version"] == new_version] for t in order}
+    assert all(len(p) == 1 for p in current.values()), current
+    assert all(current[t][0]["score"] == rank_score(stored_ranks[t]) for t in order)
+    # the next batch holds exactly what the new version predicts for it (same as /predict)
+    next_batch = order[n_train : n_train + batch]
+    tasks = {int(t["id"]): t for t in label_studio.studio.list_tasks(project.id)}
+    served = httpx.post(
+        f"{server.url}/predict",
+        json={
+            "tasks": [tasks[t] for t in next_batch],
+            "project": f"{project.id}.0",
+            "label_config": project.label_config,
+        },
+        timeout=300,
+    ).json()["results"]
+    assert [p["model_version"] for p in served] == [new_version] * batch
+    for t, p in zip(next_batch, served, strict=True):
+        assert _boxes(current[t][0]["result"]) == _boxes(p["result"])
+    assert all(current[t][0]["result"] == [] for t in order[n_train + batch :])
+    # and the rest of the queue still comes in boxloop's order
+    assert _walk(label_studio, project.id, None, n_tasks - n_train) == order[n_train:]
+
+
+def _boxes(result: list[dict[str, Any]]) -> list[tuple[str, float, float, float, float]]:
+    return sorted(
+        (
+            r["value"]["rectanglelabels"][0],
+            round(r["value"]["x"], 3),
+            round(r["value"]["y"], 3),
+            round(r["value"]["width"], 3),
+            round(r["value"]["height"], 3),
+        )
+        for r in result
+    )
