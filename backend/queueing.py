@@ -238,18 +238,21 @@ class QueueManager:
         from backend.labelstudio import queue
 
         labeled = set(self._labeled(project_id))
-        data = dict(self.store.list_tasks(project_id))
+        # Tasks as Label Studio has them now: one deleted since the order was made must not be
+        # scored (its prediction import would fail and take the whole carry-over with it).
+        data = {int(t["id"]): dict(t.get("data") or {}) for t in studio.list_tasks(project_id)}
+        ranks = {t: r for t, r in plan.ranks.items() if t in data}
         upcoming = [t for t in plan.task_ids if t not in labeled and t in data]
         size = int(plan.params.get("batch_size") or self.settings.order_batch_size)
         batch = upcoming[:size]
         results = predict([(t, data[t]) for t in batch]) if batch else {}
         updated, created = queue.push_version_predictions(
-            studio, project_id, results, plan.ranks, model_version
+            studio, project_id, results, ranks, model_version
         )
         if studio.get_project(project_id).get("model_version") != model_version:
             queue.enable_uncertainty_sampling(studio, project_id, model_version)
         scored, score_created = queue.set_rank_scores(
-            studio, project_id, plan.ranks, model_version=model_version
+            studio, project_id, ranks, model_version=model_version
         )
         refresh = QueueRefresh(
             model_version=model_version,

@@ -122,6 +122,9 @@ def test_retrain_carries_the_order_over_and_preannotates_the_next_batch(
     )
     assert answer.status_code == 202 and answer.json()["state"] == "done", answer.text
     order = server_order(server.data_dir, project.id)
+    # a task deleted after ordering must not break the carry-over
+    label_studio.client.tasks.delete(order[-1])
+    order = order[:-1]
 
     # annotators label the first tasks the queue hands out (their real boxes): training starts
     labeled = []
@@ -166,7 +169,7 @@ def test_retrain_carries_the_order_over_and_preannotates_the_next_batch(
         assert _boxes(current[t][0]["result"]) == _boxes(p["result"])
     assert all(current[t][0]["result"] == [] for t in order[n_train + batch :])
     # and the rest of the queue still comes in boxloop's order
-    assert _walk(label_studio, project.id, None, n_tasks - n_train) == order[n_train:]
+    assert _walk(label_studio, project.id, None, len(order) - n_train) == order[n_train:]
 
 
 def _boxes(result: list[dict[str, Any]]) -> list[tuple[str, float, float, float, float]]:
