@@ -90,9 +90,16 @@ def train_config_dict(overrides: dict[str, Any]) -> dict[str, Any]:
     return train_config(overrides).to_dict()
 
 
-def order_indices(features: np.ndarray | None, n: int, strategy: str, seed: int) -> np.ndarray:
-    """:func:`backend.ordering.order_pool` over a pool of ``n`` images."""
-    return order_pool(features, strategy, seed=seed, n=n)
+def order_indices(
+    features: np.ndarray | None,
+    n: int,
+    strategy: str,
+    seed: int,
+    keys: Sequence[str] | None = None,
+) -> np.ndarray:
+    """:func:`backend.ordering.order_pool` over a pool of ``n`` images (``keys``: the images'
+    file names, what the backend's ``temporal`` order sorts by when no time field is given)."""
+    return order_pool(features, strategy, seed=seed, n=n, keys=keys)
 
 
 def split_batches(order: np.ndarray, batch_size: int) -> list[list[int]]:
@@ -300,7 +307,8 @@ def run_one(
         seconds["features"] = prepared.feature_seconds[approach.features]
     start = time.perf_counter()
     strategy = "random" if approach.strategy == PRETRAINED else approach.strategy
-    order = order_indices(features, len(pool), strategy, seed)
+    names = [s.image_path.name for s in pool.samples] if strategy == "temporal" else None
+    order = order_indices(features, len(pool), strategy, seed, names)
     plan = split_batches(order, config.batch_size)
     seconds["ordering"] = time.perf_counter() - start
 

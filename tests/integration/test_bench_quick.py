@@ -187,14 +187,17 @@ def test_quick_bench_on_shared_kitti_subset(
         pytest.skip(f"shared KITTI subset not found at {kitti} (set BOXLOOP_SHARED_DATA)")
     out = tmp_path / "kitti"
     argv = [
-        "bench", "--dataset", f"kitti:{kitti}", "--strategy", "random", "--seeds", "1",
+        "bench", "--dataset", f"kitti:{kitti}", "--strategy", "temporal", "--seeds", "1",
         "--quick", "--max-images", "10", "--holdout", "2", "--batch-size", "4",
         "--train", "epochs=1", "--train", "min_size=192", "--train", "max_size=640",
         "--out", str(out), "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 0
     runs = {r["approach"]["slug"]: r for r in read_runs(out)}
-    assert set(runs) == {"random", "pretrained"}
+    assert set(runs) == {"temporal", "random", "pretrained"}
+    # KITTI frames are consecutive: temporal = the frames in file-name order
+    assert runs["temporal"]["order"] == sorted(runs["temporal"]["order"])
+    assert runs["random"]["order"] != runs["temporal"]["order"]
     for run in runs.values():
         check_run(run)
         assert (
