@@ -257,7 +257,12 @@ def test_shipped_grids_parse() -> None:
     quick, full = load_config(configs / "quick.yaml"), load_config(configs / "full.yaml")
     assert len(quick.approaches) == 3 and quick.train["epochs"] == 2
     assert {d.display_name for d in full.datasets} == {"voc:VOC2012", "kitti:tiny", "coco:mini"}
-    assert len(full.seeds) >= 3 and len(full.approaches) == 6
+    assert len(full.seeds) >= 3
+    # the table: random / similar / dissimilar (ImgNet and SimNet) / temporal + baselines
+    assert {a.slug for a in full.approaches} == {
+        "pretrained", "random", "temporal", "similar-imgnet", "dissimilar-imgnet",
+        "similar-simnet", "dissimilar-simnet",
+    }  # fmt: skip
 
 
 def test_cli_errors_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
