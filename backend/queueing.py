@@ -246,13 +246,15 @@ class QueueManager:
         size = int(plan.params.get("batch_size") or self.settings.order_batch_size)
         batch = upcoming[:size]
         results = predict([(t, data[t]) for t in batch]) if batch else {}
+        listed = queue.list_predictions(studio, project_id)  # once, for both writes below
         updated, created = queue.push_version_predictions(
-            studio, project_id, results, ranks, model_version
+            studio, project_id, results, ranks, model_version, predictions=listed
         )
         if studio.get_project(project_id).get("model_version") != model_version:
             queue.enable_uncertainty_sampling(studio, project_id, model_version)
+        rest = {t: r for t, r in ranks.items() if t not in results}  # the batch is scored above
         scored, score_created = queue.set_rank_scores(
-            studio, project_id, ranks, model_version=model_version
+            studio, project_id, rest, model_version=model_version, predictions=listed
         )
         refresh = QueueRefresh(
             model_version=model_version,

@@ -39,6 +39,7 @@ __all__ = [
     "enable_uncertainty_sampling",
     "ensure_order_view",
     "format_rank",
+    "list_predictions",
     "order_view_data",
     "plan_score_updates",
     "push_order",
@@ -226,17 +227,24 @@ def enable_uncertainty_sampling(
     _sdk(client).projects.update(id=project_id, sampling=UNCERTAINTY, model_version=model_version)
 
 
+def list_predictions(client: LabelStudio | Any, project_id: int) -> list[dict[str, Any]]:
+    """Every prediction of the project (``task``, ``model_version``, ``score``, ``result``)."""
+    return [_as_dict(p) for p in _sdk(client).predictions.list(project=project_id)]
+
+
 def set_rank_scores(
     client: LabelStudio | Any,
     project_id: int,
     ranks: Mapping[int, int],
     *,
     model_version: str | None = None,
+    predictions: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[int, int]:
     """Give every ranked task a prediction of the project's model version scored by its rank.
 
     Returns ``(updated, created)``. Existing predictions of that version keep their result and
     get the score; tasks without one get an empty-result prediction (bulk import).
+    ``predictions``: the project's predictions if the caller has listed them already.
     """
     client = _sdk(client)
     version = model_version or _as_dict(client.projects.get(project_id)).get("model_version")
@@ -245,7 +253,7 @@ def set_rank_scores(
             f"project {project_id} has no model_version: Uncertainty sampling only sees "
             "predictions of the project's model version (connect the backend first)"
         )
-    existing = [_as_dict(p) for p in client.predictions.list(project=project_id)]
+    existing = list_predictions(client, project_id) if predictions is None else predictions
     updates, creations = plan_score_updates(existing, ranks, str(version))
     for prediction_id, score in updates:
         client.predictions.update(prediction_id, score=score)
@@ -274,6 +282,8 @@ def push_version_predictions(
     results: Mapping[int, Sequence[Mapping[str, Any]]],
     ranks: Mapping[int, int],
     model_version: str,
+    *,
+    predictions: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[int, int]:
     """Store a model version's boxes for some tasks, scored by rank (Uncertainty sampling).
 
@@ -281,11 +291,13 @@ def push_version_predictions(
     the backend for another, so after a retrain the next tasks in the queue must receive the new
     model's boxes *with* their rank scores here, or annotators would see empty score-only
     predictions. A task with a prediction of this version gets its result and score replaced;
-    others get one imported. Returns ``(updated, created)``.
+    others get one imported. Returns ``(updated, created)``. ``predictions``: the project's
+    predictions if the caller has listed them already.
     """
     sdk = _sdk(client)
     existing: dict[int, int] = {}
-    for p in (_as_dict(p) for p in sdk.predictions.list(project=project_id)):
+    listed = list_predictions(sdk, project_id) if predictions is None else predictions
+    for p in listed:
         if p.get("model_version") == model_version and p.get("task") is not None:
             existing.setdefault(int(p["task"]), int(p["id"]))
     updated = 0
