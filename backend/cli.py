@@ -96,6 +96,41 @@ def _order(args: argparse.Namespace) -> int:
     return 0 if state.get("state") == "done" else 1
 
 
+def _models_fetch(args: argparse.Namespace) -> int:
+    """Download and verify the COCO YOLOX-Nano ONNX model into the data dir."""
+    from backend.model_fetch import ModelFetchError, fetch_model
+
+    settings = load_settings(args.settings_file)
+    present = settings.resolved_onnx_model_path
+    if args.if_missing and present is not None:
+        print(f"pre-annotation model present: {present}; nothing to fetch", file=sys.stderr)
+        print(json.dumps({"installed": str(present), "skipped": True}))
+        return 0
+    try:
+        info = fetch_model(
+            settings, args.url, force=args.force, timeout_s=args.timeout, quiet=args.quiet
+        )
+    except ModelFetchError as exc:
+        print(f"boxloop models fetch: error: {exc}", file=sys.stderr)
+        print(
+            "nothing was installed; pre-annotation before the first training needs this model "
+            "(retry, pass --url URL_OR_FILE, or set BOXLOOP_ONNX_MODEL_PATH)",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps({"installed": info.path, "sha256": info.sha256, "bytes": info.bytes}))
+    return 0
+
+
+def _models_status(args: argparse.Namespace) -> int:
+    """Which ONNX model pre-annotates before training, and where it comes from."""
+    from backend.model_fetch import model_status
+
+    status = model_status(load_settings(args.settings_file), verify=args.verify)
+    print(json.dumps(status, indent=2, default=str))
+    return 1 if status.get("verified") is False else 0
+
+
 def _openapi(args: argparse.Namespace) -> int:
     from backend.app import create_app
 
@@ -152,6 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     order.add_argument("--no-push", action="store_true", help="store the order only")
     order.set_defaults(func=_order)
+
+    models = sub.add_parser(
+        "models", help="fetch or show the COCO YOLOX model that pre-annotates before training"
+    )
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_sub.add_parser(
+        "fetch",
+        help="download and verify yolox_nano.onnx into <data_dir>/models/yolox_nano_coco/",
+    )
+    fetch.add_argument(
+        "--url", help="model URL, file:// URL or local path (default BOXLOOP_MODEL_URL: official)"
+    )
+    fetch.add_argument(
+        "--force", action="store_true", help="fetch even if a verified model is there"
+    )
+    fetch.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing if a model already serves (onnx_model_path set, or one fetched)",
+    )
+    fetch.add_argument("--timeout", type=float, default=60.0, help="network timeout, seconds")
+    fetch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    fetch.set_defaults(func=_models_fetch)
+    models_status = models_sub.add_parser(
+        "status", aliases=["list"], help="print the model in use, its source and the fetched path"
+    )
+    models_status.add_argument(
+        "--verify", action="store_true", help="also verify it (exit 1 if it fails)"
+    )
+    models_status.set_defaults(func=_models_status)
 
     openapi = sub.add_parser("openapi", help="write the HTTP API's OpenAPI spec")
     openapi.add_argument("--output", "-o", help="file to write (default: stdout)")

@@ -157,7 +157,7 @@ class BoxloopService:
     def _pretrained_detector(self) -> OnnxYoloxDetector | None:
         if not self._pretrained_loaded:
             self._pretrained_loaded = True
-            path = self.settings.onnx_model_path
+            path = self.settings.resolved_onnx_model_path
             if path is not None:
                 try:
                     self._pretrained = OnnxYoloxDetector.from_path(

@@ -18,6 +18,11 @@ import yaml
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+#: Official YOLOX-Nano COCO ONNX release asset (Megvii-BaseDetection/YOLOX, release 0.1.1rc0).
+DEFAULT_MODEL_URL = (
+    "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx"
+)
+
 DetectorName = Literal["fasterrcnn_effnet_lite0", "fasterrcnn_mobilenet_v3", "ssdlite320"]
 
 
@@ -68,7 +73,8 @@ class Settings(BaseSettings):
     )
     onnx_model_path: Path | None = Field(
         None,
-        description="Inference-only COCO ONNX detector (YOLOX) used before the first training.",
+        description="Inference-only COCO ONNX detector (YOLOX) used before the first training; "
+        "unset: the model `boxloop models fetch` put in the data dir, if there.",
     )
     onnx_class_names_path: Path | None = None
     detector_min_size: int = 512
@@ -76,6 +82,10 @@ class Settings(BaseSettings):
     score_threshold: float = 0.3
     max_detections: int = 100
     num_threads: int = Field(2, description="torch / onnxruntime intra-op threads.")
+    model_url: str = Field(
+        DEFAULT_MODEL_URL,
+        description="Where `boxloop models fetch` gets the COCO YOLOX-Nano ONNX model (URL or file).",
+    )
 
     # --- training ------------------------------------------------------------------------------
     train_after_new_annotations: int = Field(
@@ -122,6 +132,20 @@ class Settings(BaseSettings):
     @property
     def features_dir(self) -> Path:
         return self.data_dir / "features"
+
+    @property
+    def fetched_onnx_model_path(self) -> Path:
+        """Where ``boxloop models fetch`` installs the COCO YOLOX-Nano model."""
+        return self.models_dir / "yolox_nano_coco" / "yolox_nano.onnx"
+
+    @property
+    def resolved_onnx_model_path(self) -> Path | None:
+        """The ONNX model that pre-annotates before training: ``onnx_model_path`` when set,
+        else the fetched model in the data dir if present, else ``None``."""
+        if self.onnx_model_path is not None:
+            return self.onnx_model_path
+        fetched = self.fetched_onnx_model_path
+        return fetched if fetched.is_file() else None
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

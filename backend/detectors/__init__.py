@@ -68,17 +68,17 @@ def build_detector_for(
     """The detector to serve a project with ``labels``.
 
     * ``model_version_dir`` given: that trained version (:class:`TorchDetector`); errors propagate.
-    * else ``settings.onnx_model_path``: the COCO YOLOX with its classes mapped onto ``labels``
-      (``None`` if none of them maps).
+    * else ``settings.resolved_onnx_model_path`` (``onnx_model_path``, else the fetched model): the
+      COCO YOLOX with its classes mapped onto ``labels`` (``None`` if none of them maps).
     * else ``None``: nothing sensible to predict with before the first training (an untrained
       head would only produce noise).
     """
     if model_version_dir is not None:
         return load_torch_detector(Path(model_version_dir), settings)
-    if settings.onnx_model_path is None:
+    if settings.resolved_onnx_model_path is None:
         return None
     yolox = OnnxYoloxDetector.from_path(
-        Path(settings.onnx_model_path),
+        Path(settings.resolved_onnx_model_path),
         settings.onnx_class_names_path,
         labels=labels,
         num_threads=settings.num_threads,
@@ -86,6 +86,8 @@ def build_detector_for(
         max_detections=settings.max_detections,
     )
     if not yolox.class_map:
-        log.info("no COCO class of %s matches the labels %s", settings.onnx_model_path, labels)
+        log.info(
+            "no COCO class of %s matches the labels %s", settings.resolved_onnx_model_path, labels
+        )
         return None
     return yolox
