@@ -10,10 +10,22 @@ algorithms only ever see this type.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from torchvision.ops import box_iou
+
+#: Label index of an ignore region that belongs to no class (KITTI ``DontCare``):
+#: it excuses predictions of *any* class.
+ANY_CLASS = -1
+
+#: How a prediction is tested against an ignored ground-truth region, following
+#: each dataset's own evaluation: ``"iou"`` (VOC devkit: a detection matched to a
+#: ``difficult`` box at the usual IoU is ignored) or ``"pred_area"`` (KITTI devkit
+#: ``DontCare`` and COCO ``iscrowd``: intersection over the *prediction's* area,
+#: so any detection lying inside the region is ignored).
+IgnoreOverlap = Literal["iou", "pred_area"]
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,10 @@ from backend.detectors import (
     TorchDetector,
     build_model,
 )
+from backend.scoring import evaluate_map
 from backend.settings import Settings, load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
 from benchmark.datasets import default_shared_data, load_voc
-from benchmark.evaluation import evaluate_map
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detector_speed.json"
 

@@ -26,16 +26,16 @@ matplotlib.use("Agg")  # files only; no display on CI or servers
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmark.config import ExperimentConfig, correction_key
-from benchmark.oracle import Correction
-from benchmark.workload import (
+from backend.scoring import (
     BatchTally,
     Convention,
+    Correction,
     CostModel,
     Workload,
     compute_workload,
     cumulative_seconds,
 )
+from benchmark.config import ExperimentConfig, correction_key
 
 MANUAL = "Full manual"
 

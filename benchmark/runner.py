@@ -50,6 +50,7 @@ from backend.features import (
     train_simnet,
 )
 from backend.ordering import batches, order_pool
+from backend.scoring import correct_batch, evaluate_map
 from backend.settings import load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
 from benchmark.config import (
@@ -62,8 +63,6 @@ from benchmark.config import (
     correction_key,
 )
 from benchmark.datasets import Dataset, expand_path, load_dataset
-from benchmark.evaluation import evaluate_map
-from benchmark.oracle import correct_batch
 from benchmark.reports import write_report
 
 SCHEMA = 1

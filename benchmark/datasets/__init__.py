@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from backend.boxes import ANY_CLASS, IgnoreOverlap
 from benchmark.datasets.coco import load_coco
 from benchmark.datasets.common import (
-    ANY_CLASS,
     Dataset,
     DatasetError,
-    IgnoreOverlap,
     Sample,
     default_shared_data,
     expand_path,

@@ -13,23 +13,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
 
-from backend.boxes import Boxes
-
-#: Label index of an ignore region that belongs to no class (KITTI ``DontCare``):
-#: it excuses predictions of *any* class.
-ANY_CLASS = -1
-
-#: How a prediction is tested against an ignored ground-truth region, following
-#: each dataset's own evaluation: ``"iou"`` (VOC devkit: a detection matched to a
-#: ``difficult`` box at the usual IoU is ignored) or ``"pred_area"`` (KITTI devkit
-#: ``DontCare`` and COCO ``iscrowd``: intersection over the *prediction's* area,
-#: so any detection lying inside the region is ignored).
-IgnoreOverlap = Literal["iou", "pred_area"]
+from backend.boxes import Boxes, IgnoreOverlap
 
 IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg")
 
@@ -46,7 +34,7 @@ class Sample:
         image_id: stable id within the dataset (file stem for VOC/KITTI, COCO image id).
         image_path: absolute path of the image file.
         boxes: ground truth in pixels; ``ignore`` flags mark regions that do not
-            count, and such a region may carry the label :data:`ANY_CLASS`.
+            count, and such a region may carry the label :data:`backend.boxes.ANY_CLASS`.
     """
 
     image_id: str

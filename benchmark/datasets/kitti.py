@@ -5,7 +5,7 @@ the 2D box ``left top right bottom`` in pixels (fields 5–8), then the 3D
 dimensions, location and rotation, which a 2D benchmark does not use.
 
 ``DontCare`` rows mark regions where objects were not labelled. They are kept
-as ignored boxes with the label :data:`ANY_CLASS`: a detection of any class
+as ignored boxes with the label :data:`~backend.boxes.ANY_CLASS`: a detection of any class
 inside one is neither right nor wrong, as in the KITTI devkit, which tests a
 detection against a ``DontCare`` region by intersection over the detection's
 own area (``ignore_overlap="pred_area"``).
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backend.boxes import ANY_CLASS
 from benchmark.datasets.common import (
-    ANY_CLASS,
     IMAGE_SUFFIXES,
     Dataset,
     DatasetError,

@@ -11,9 +11,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from backend.boxes import Boxes
-from benchmark.datasets import ANY_CLASS
-from benchmark.evaluation import coco_ground_truth, evaluate_map
+from backend.boxes import ANY_CLASS, Boxes
+from backend.scoring.detection_map import coco_ground_truth, evaluate_map
 
 SIZE = (100, 100)
 LABELS = ["cat", "dog"]

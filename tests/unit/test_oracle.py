@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.boxes import Boxes
-from benchmark.datasets import ANY_CLASS
-from benchmark.oracle import Correction, assign, correct, correct_batch, pred_area_overlap
+from backend.boxes import ANY_CLASS, Boxes
+from backend.scoring.oracle import Correction, assign, correct, correct_batch, pred_area_overlap
 
 SIZE = (100, 100)
 

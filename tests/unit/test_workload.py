@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from benchmark.oracle import Correction
-from benchmark.workload import (
+from backend.scoring.oracle import Correction
+from backend.scoring.workload import (
     BatchTally,
     CostModel,
     batch_cost,

@@ -13,9 +13,9 @@ breaks ties by total IoU.
 
 Ignored ground truth (VOC ``difficult``, KITTI ``DontCare``, COCO ``iscrowd``):
 a prediction left unpaired after the assignment that overlaps an ignored region
-(same class, or any class for a :data:`~benchmark.datasets.ANY_CLASS` region;
+(same class, or any class for a :data:`~backend.boxes.ANY_CLASS` region;
 overlap measured as the dataset's own evaluation does, see
-:data:`~benchmark.datasets.IgnoreOverlap`) is neither accepted nor removed, and
+:data:`~backend.boxes.IgnoreOverlap`) is neither accepted nor removed, and
 an ignored region never needs an addition.
 
 Two further counts feed the *strict* convention reported beside the paper's:
@@ -34,8 +34,7 @@ from typing import Literal
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from backend.boxes import Boxes
-from benchmark.datasets.common import ANY_CLASS, IgnoreOverlap
+from backend.boxes import ANY_CLASS, Boxes, IgnoreOverlap
 
 Assignment = Literal["optimal", "greedy"]
 

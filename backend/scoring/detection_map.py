@@ -8,7 +8,7 @@ Ignored ground truth becomes a COCO ``iscrowd`` annotation, which is the only
 flag COCOeval honours (it overwrites ``ignore`` with ``iscrowd``): a
 detection matched to one is neither a true nor a false positive, and it may
 absorb several detections. How overlap with an ignored region is measured
-follows the dataset (:data:`~benchmark.datasets.IgnoreOverlap`):
+follows the dataset (:data:`~backend.boxes.IgnoreOverlap`):
 
 * ``"pred_area"`` (KITTI ``DontCare``, COCO crowds) is COCOeval's own crowd
   rule, intersection over the detection's area;
@@ -16,7 +16,7 @@ follows the dataset (:data:`~benchmark.datasets.IgnoreOverlap`):
   overriding :meth:`COCOeval.computeIoU` to pass ``iscrowd=0`` to the IoU for
   those regions while they stay ``iscrowd`` for the matching.
 
-A region of :data:`~benchmark.datasets.ANY_CLASS` (``DontCare``) is entered
+A region of :data:`~backend.boxes.ANY_CLASS` (``DontCare``) is entered
 once per category, so it excuses detections of every class.
 """
 
@@ -34,8 +34,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from backend.boxes import Boxes
-from benchmark.datasets.common import ANY_CLASS, IgnoreOverlap
+from backend.boxes import ANY_CLASS, Boxes, IgnoreOverlap
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ batches). The paper's two measures:
 Both are compared with labelling every box by hand, ``N`` and ``N·T``
 (``N``: ground-truth boxes that count; ignored regions are never drawn), as
 ``saved % = 100·(1 − W / W_manual)``. Because every term of ``W_T`` is a
-multiple of ``T``, the *percentage* does not depend on ``T``; ``T`` (7 s in the
-paper, 35 s as a slower reading) only scales the absolute hours.
+multiple of ``T``, the *percentage* does not depend on ``T``; ``T`` only scales
+the absolute hours (the paper gives no value for it: 7 s is our choice, 35 s a
+slower reading).
 
 The *strict* convention adds an adjustment, ``adjustment_fraction·T``, for
 each accepted box looser than the oracle's ``tight_iou`` (see
-:mod:`benchmark.oracle`); it is never cheaper than the paper's.
+:mod:`backend.scoring.oracle`); it is never cheaper than the paper's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from benchmark.oracle import Correction
+from backend.scoring.oracle import Correction
 
 Convention = Literal["paper", "strict"]
 CONVENTIONS: tuple[Convention, ...] = ("paper", "strict")
