@@ -24,6 +24,7 @@ from typing import Any
 
 from benchmark.config import (
     FEATURES,
+    IGNORED_OBJECTS,
     LOOP_STRATEGIES,
     PRETRAINED,
     Approach,
@@ -44,6 +45,14 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "max_images": 24,
     "holdout": 6,
 }
+
+#: Flags that change only how stored runs are evaluated (``--report`` honours them too).
+EVALUATION_FLAGS = (
+    ("iou", "iou_thresholds"),
+    ("score_threshold", "score_thresholds"),
+    ("seconds_per_box", "seconds_per_box"),
+    ("ignored_objects", "ignored_objects"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="T in seconds (repeatable; default 7 and 35)",
     )
+    parser.add_argument(
+        "--ignored-objects",
+        choices=IGNORED_OBJECTS,
+        help="difficult / DontCare / crowd objects in the main tables: excluded (each dataset's "
+        "protocol, default) or counted (the paper's object counts); the report shows both",
+    )
     parser.add_argument("--max-images", type=int, help="cap every dataset at N images")
     parser.add_argument(
         "--holdout", type=float, help="held-out images for mAP: a fraction < 1 or a count"
@@ -126,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report",
         type=Path,
         metavar="DIR",
-        help="only rebuild report.md and plots from DIR/runs/*.json",
+        help="only rebuild report.md and plots from DIR/runs/*.json (--iou, --score-threshold, "
+        "-T and --ignored-objects override the stored experiment's)",
     )
 
 
@@ -177,9 +193,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         data["seeds"] = list(range(args.seeds))
     for flag, key in (
         ("batch_size", "batch_size"),
-        ("iou", "iou_thresholds"),
-        ("score_threshold", "score_thresholds"),
-        ("seconds_per_box", "seconds_per_box"),
+        *EVALUATION_FLAGS,
         ("threads", "threads"),
         ("out", "output"),
     ):
@@ -235,7 +249,11 @@ def run_command(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"{experiment} not found: is {args.report} a bench output folder?"
                 )
-            config = config_from_dict(json.loads(experiment.read_text()))
+            data = json.loads(experiment.read_text())
+            for flag, key in EVALUATION_FLAGS:
+                if getattr(args, flag) is not None:
+                    data[key] = getattr(args, flag)
+            config = config_from_dict(data)
             files = write_report(args.report, config)
             print(f"wrote {', '.join(str(f) for f in files)}")
             return 0

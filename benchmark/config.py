@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -28,6 +28,12 @@ PRETRAINED = "pretrained"
 FEATURES = ("imgnet", "simnet")
 _SHORT = {"random": "Shuffle", "similar": "Sim", "dissimilar": "Dis", "temporal": "Temporal"}
 _FEATURE_NAMES = {"imgnet": "ImgNet", "simnet": "SimNet"}
+#: Treatments of ignored ground truth (VOC difficult, KITTI DontCare, COCO crowds):
+#: "excluded" — neither drawn nor counted, predictions on them cost nothing (each dataset's
+#: own evaluation protocol); "counted" — every annotation is a box to draw, as in the paper's
+#: object counts (see :mod:`benchmark.corrections`).
+IgnoredObjects = Literal["excluded", "counted"]
+IGNORED_OBJECTS: tuple[IgnoredObjects, ...] = ("excluded", "counted")
 
 
 class ConfigError(ValueError):
@@ -160,6 +166,10 @@ class ExperimentConfig:
     removal_fraction: float = 0.5
     adjustment_fraction: float = 0.5
     tight_iou: float = 0.85
+    #: Which ignored ground truth (VOC difficult, KITTI DontCare, COCO crowd) the main tables
+    #: use: "excluded" (each dataset's own protocol) or "counted" (the paper's object counts);
+    #: the report shows the other beside it.
+    ignored_objects: IgnoredObjects = "excluded"
     prediction_floor: float = 0.05
     final_round: bool = True
     warm_start: bool = True
@@ -185,6 +195,12 @@ class ExperimentConfig:
                     f"score threshold {score} below prediction_floor {self.prediction_floor}: "
                     "predictions under the floor are not stored"
                 )
+        if self.ignored_objects not in IGNORED_OBJECTS:
+            raise ConfigError(
+                f"ignored_objects must be one of {IGNORED_OBJECTS}, got {self.ignored_objects!r}"
+            )
+        if len(set(self.score_thresholds)) != len(self.score_thresholds):
+            raise ConfigError(f"score thresholds repeat: {self.score_thresholds}")
         if any(t <= 0 for t in self.seconds_per_box) or not self.seconds_per_box:
             raise ConfigError("seconds_per_box must hold positive values")
         approaches = list(dict.fromkeys(self.approaches))
@@ -291,8 +307,3 @@ def load_config(path: str | Path) -> ExperimentConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return config_from_dict(data or {}, default_name=path.stem)
-
-
-def correction_key(iou_threshold: float, score_threshold: float) -> str:
-    """Key of one (τ, score threshold) cell in a run's stored per-batch corrections."""
-    return f"iou={iou_threshold:g}/score={score_threshold:g}"

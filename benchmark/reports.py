@@ -1,8 +1,18 @@
 """Markdown tables like the paper's Tables 1–2, and PNG curves, from the per-run JSON files.
 
-Everything here is recomputed from what a run stored (per-batch corrections
-for every τ × score threshold, and the mAP curve), so a report can be
-regenerated with other T values without re-running anything.
+Everything here is recomputed from what a run stored (per-batch predictions and
+ground truth, the oracle's corrections for every τ × score threshold × treatment
+of ignored objects, and the mAP curve), so a report can be regenerated with
+other τ, score thresholds or T values without re-running anything: corrections
+a run lacks are counted when the report is written
+(:func:`benchmark.corrections.refresh_corrections`).
+
+Score thresholds: the W_T / W_B tables hold one column per score threshold of
+the config, plus a "gate's threshold" column when runs record the threshold the
+product's promotion gate chose for each batch (``batch["gate_threshold"]``).
+Ignored ground truth (VOC difficult, KITTI DontCare, COCO crowds): the main
+tables use ``config.ignored_objects``, and Table 1* shows the other treatment;
+every caption says which is used.
 
 Table entries are mean ± sd (sample sd, ``ddof=1``) over the seeds, with the
 seeds listed. Following the method notes, an entry is **bold** when it is the
@@ -35,7 +45,8 @@ from backend.scoring import (
     compute_workload,
     cumulative_seconds,
 )
-from benchmark.config import ExperimentConfig, correction_key
+from benchmark.config import IGNORED_OBJECTS, ExperimentConfig, IgnoredObjects
+from benchmark.corrections import GATE, Score, batch_boxes, correction_key, refresh_corrections
 
 MANUAL = "Full manual"
 
@@ -74,26 +85,32 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def batch_tallies(run: dict[str, Any], iou: float, score: float) -> list[BatchTally]:
-    key = correction_key(iou, score)
+def batch_tallies(
+    run: dict[str, Any], iou: float, score: Score, ignored: IgnoredObjects = "excluded"
+) -> list[BatchTally]:
+    """The run's batches with their corrections at ``(iou, score, ignored)``.
+
+    Raises ``KeyError`` when a corrected batch lacks that count (for :data:`GATE`:
+    the batch recorded no gate threshold).
+    """
+    key = correction_key(iou, score, ignored)
     tallies = []
     for batch in run["batches"]:
+        boxes = batch_boxes(batch, ignored)
         if batch["manual"]:
-            tallies.append(BatchTally(batch["images"], batch["boxes"]))
+            tallies.append(BatchTally(batch["images"], boxes))
             continue
         if key not in batch["corrections"]:
             raise KeyError(f"run {run['run_id']} has no corrections for {key}")
         tallies.append(
-            BatchTally(
-                batch["images"], batch["boxes"], Correction.from_dict(batch["corrections"][key])
-            )
+            BatchTally(batch["images"], boxes, Correction.from_dict(batch["corrections"][key]))
         )
     return tallies
 
 
-def manual_tallies(run: dict[str, Any]) -> list[BatchTally]:
+def manual_tallies(run: dict[str, Any], ignored: IgnoredObjects = "excluded") -> list[BatchTally]:
     """The same batches, all drawn by hand (the full-manual baseline)."""
-    return [BatchTally(b["images"], b["boxes"]) for b in run["batches"]]
+    return [BatchTally(b["images"], batch_boxes(b, ignored)) for b in run["batches"]]
 
 
 def cost_model(config: ExperimentConfig, seconds_per_box: float) -> CostModel:
@@ -104,11 +121,55 @@ def run_workload(
     run: dict[str, Any],
     config: ExperimentConfig,
     iou: float,
-    score: float,
+    score: Score,
     convention: Convention,
     t: float,
+    ignored: IgnoredObjects | None = None,
 ) -> Workload:
-    return compute_workload(batch_tallies(run, iou, score), cost_model(config, t), convention)
+    """Totals of one run; ``ignored`` defaults to ``config.ignored_objects``."""
+    mode = config.ignored_objects if ignored is None else ignored
+    return compute_workload(batch_tallies(run, iou, score, mode), cost_model(config, t), convention)
+
+
+def _or_nan(cell: Callable[[dict[str, Any]], float]) -> Callable[[dict[str, Any]], float]:
+    """``cell`` with a missing count (a run without gate thresholds) read as ``nan``."""
+
+    def wrapped(run: dict[str, Any]) -> float:
+        try:
+            return cell(run)
+        except KeyError:
+            return math.nan
+
+    return wrapped
+
+
+def records_gate(runs: Iterable[dict[str, Any]]) -> bool:
+    """Whether any corrected batch of any run recorded the gate's chosen threshold."""
+    return any(
+        b.get("gate_threshold") is not None for r in runs for b in r["batches"] if not b["manual"]
+    )
+
+
+def score_columns(config: ExperimentConfig, runs: Iterable[dict[str, Any]]) -> list[Score]:
+    """The config's score thresholds, then :data:`GATE` if any run records gate thresholds."""
+    scores: list[Score] = list(config.score_thresholds)
+    return [*scores, GATE] if records_gate(runs) else scores
+
+
+def score_label(score: Score) -> str:
+    return "gate's threshold" if score == GATE else f"score ≥ {float(score):g}"
+
+
+def ignored_caption(ignored: IgnoredObjects) -> str:
+    if ignored == "counted":
+        return (
+            "Difficult / DontCare / crowd objects **counted** (the paper's object counts): each is "
+            "a box to draw, and a prediction must match it like any box."
+        )
+    return (
+        "Difficult / DontCare / crowd objects **excluded** (each dataset's own protocol): never "
+        "drawn, not in W_manual, and a prediction on one costs nothing."
+    )
 
 
 # ---------------------------------------------------------------------------------- grouping
@@ -201,56 +262,86 @@ def markdown_report(runs: list[dict[str, Any]], config: ExperimentConfig) -> str
         f"Runs: {len(runs)}; seeds {', '.join(map(str, seeds))}; batch size {config.batch_size}; "
         f"IoU τ {', '.join(f'{t:g}' for t in taus)}; score thresholds "
         f"{', '.join(f'{s:g}' for s in config.score_thresholds)}; T = "
-        f"{', '.join(f'{t:g}' for t in config.seconds_per_box)} s. "
+        f"{', '.join(f'{t:g}' for t in config.seconds_per_box)} s (T is our choice; the paper "
+        "gives no value for it). "
         "Entries are mean ± sd over the seeds listed in each row. **Bold**: the column's best in its "
         "dataset, or within the spread of it (|Δ| ≤ the larger sd), i.e. not distinguishable from the best. "
         "Saved % = 100·(1 − W / W_manual); W_manual labels every box by hand. "
-        "The percentages do not depend on T (every term is a multiple of T). See docs/benchmark.md.",
+        "The percentages do not depend on T (every term is a multiple of T). "
+        f"Main tables: difficult / DontCare objects {config.ignored_objects} "
+        f"(`ignored_objects`); Table 1* shows the other treatment. See docs/benchmark.md.",
         "",
         _dataset_table(runs),
     ]
-    for score in config.score_thresholds:
-        suffix = f" (score ≥ {score:g})"
+    mode = config.ignored_objects
+    other: IgnoredObjects = next(m for m in IGNORED_OBJECTS if m != mode)
+    scores = score_columns(config, runs)
+    gate_note = (
+        " Gate's threshold: each batch corrected at the score threshold the promotion gate chose "
+        "for the version that predicted it."
+        if GATE in scores
+        else ""
+    )
 
-        def paper(
-            metric: str, tau: float, convention: Convention = "paper", s: float = score
-        ) -> Column:
-            def cell(run: dict[str, Any]) -> float:
-                w = run_workload(run, config, tau, s, convention, t0)
-                return w.saved_t_pct if metric == "t" else w.saved_b_pct
+    def reduction(
+        metric: str,
+        tau: float,
+        score: Score,
+        convention: Convention = "paper",
+        ignored: IgnoredObjects = mode,
+        name: str | None = None,
+    ) -> Column:
+        def cell(run: dict[str, Any]) -> float:
+            w = run_workload(run, config, tau, score, convention, t0, ignored)
+            return w.saved_t_pct if metric == "t" else w.saved_b_pct
 
-            return (f"τ={tau:g}", cell, lambda _r: 0.0)
+        return (name or score_label(score), _or_nan(cell), lambda _r: 0.0)
 
+    for tau in taus:
         parts.append(
             _table(
-                "Table 1. Reduction of annotation time W_T (%), paper convention" + suffix,
-                "W_T = B1n·T + A·T + R·T/2; higher is better.",
+                f"Table 1 (τ={tau:g}). Reduction of annotation time W_T (%), paper convention",
+                "W_T = B1n·T + A·T + R·T/2; higher is better; one column per score threshold the "
+                f"annotator is shown. {ignored_caption(mode)}{gate_note}",
                 grouped,
-                [paper("t", tau) for tau in taus],
+                [reduction("t", tau, s) for s in scores],
             )
         )
+    for tau in taus:
         parts.append(
             _table(
-                "Table 2. Reduction of workload in boxes W_B (%), paper convention" + suffix,
-                "W_B = B1n + A + R; higher is better.",
+                f"Table 1* (τ={tau:g}). Reduction of annotation time W_T (%), paper convention, "
+                f"ignored objects {other}",
+                f"As Table 1 with the other treatment of ignored ground truth. {ignored_caption(other)}",
                 grouped,
-                [paper("b", tau) for tau in taus],
+                [reduction("t", tau, s, ignored=other) for s in scores],
             )
         )
-        strict_cols = [(f"W_T τ={tau:g}", *paper("t", tau, "strict")[1:]) for tau in taus] + [
-            (f"W_B τ={tau:g}", *paper("b", tau, "strict")[1:]) for tau in taus
-        ]
+    for tau in taus:
         parts.append(
             _table(
-                "Table 3. Reduction (%), strict convention" + suffix,
+                f"Table 2 (τ={tau:g}). Reduction of workload in boxes W_B (%), paper convention",
+                f"W_B = B1n + A + R; higher is better. {ignored_caption(mode)}",
+                grouped,
+                [reduction("b", tau, s) for s in scores],
+            )
+        )
+    for tau in taus:
+        strict_cols = [
+            reduction("t", tau, s, "strict", name=f"W_T {score_label(s)}") for s in scores
+        ] + [reduction("b", tau, s, "strict", name=f"W_B {score_label(s)}") for s in scores]
+        parts.append(
+            _table(
+                f"Table 3 (τ={tau:g}). Reduction (%), strict convention",
                 f"An accepted box with IoU < {config.tight_iou:g} costs an adjustment "
                 f"({config.adjustment_fraction:g}·T, one box in W_B); a wrong class costs a removal "
-                "plus an addition. Never cheaper than the paper's convention.",
+                f"plus an addition. Never cheaper than the paper's convention. {ignored_caption(mode)}",
                 grouped,
-                strict_cols,  # type: ignore[arg-type]
+                strict_cols,
             )
         )
-        parts.append(_hours_table(grouped, config, score))
+    parts.append(_hours_table(grouped, config, scores))
+    for score in scores:
         parts.append(_corrections_table(grouped, config, score))
     parts.append(_map_table(grouped))
     parts.append(_timing_table(grouped))
@@ -261,8 +352,12 @@ def _dataset_table(runs: list[dict[str, Any]]) -> str:
     lines = [
         "### Datasets",
         "",
-        "| Dataset | labels | pool images | pool boxes | ignored regions | held-out images | batches |",
-        "|---|---|---|---|---|---|---|",
+        "Pool boxes exclude ignored regions (difficult / DontCare / crowd); skipped images: "
+        "files that could not be decoded, left out of pool and held-out split.",
+        "",
+        "| Dataset | labels | pool images | pool boxes | ignored regions | held-out images "
+        "| skipped images | batches |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     seen = set()
     for run in runs:
@@ -272,28 +367,32 @@ def _dataset_table(runs: list[dict[str, Any]]) -> str:
         seen.add(d["name"])
         lines.append(
             f"| {d['name']} | {len(d['labels'])} | {d['pool_images']} | {d['pool_boxes']} | "
-            f"{d['pool_ignored']} | {d['holdout_images']} | {len(run['batches'])} |"
+            f"{d['pool_ignored']} | {d['holdout_images']} | {len(d.get('skipped_images', []))} | "
+            f"{len(run['batches'])} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _hours_table(
-    grouped: dict[str, dict[str, list[dict[str, Any]]]], config: ExperimentConfig, score: float
+    grouped: dict[str, dict[str, list[dict[str, Any]]]],
+    config: ExperimentConfig,
+    scores: Sequence[Score],
 ) -> str:
-    tau = config.iou_thresholds[0]
+    tau, mode = config.iou_thresholds[0], config.ignored_objects
     columns: list[Column] = []
-    for t in config.seconds_per_box:
+    for score in scores:
+        for t in config.seconds_per_box:
 
-        def cell(run: dict[str, Any], t: float = t) -> float:
-            return run_workload(run, config, tau, score, "paper", t).w_t / 3600
+            def cell(run: dict[str, Any], t: float = t, score: Score = score) -> float:
+                return run_workload(run, config, tau, score, "paper", t).w_t / 3600
 
-        def manual(run: dict[str, Any], t: float = t) -> float:
-            return compute_workload(manual_tallies(run), cost_model(config, t)).w_t / 3600
+            def manual(run: dict[str, Any], t: float = t) -> float:
+                return compute_workload(manual_tallies(run, mode), cost_model(config, t)).w_t / 3600
 
-        columns.append((f"T={t:g} s", cell, manual))
+            columns.append((f"{score_label(score)}, T={t:g} s", _or_nan(cell), manual))
     return _table(
-        f"Table 4. Annotation time W_T in hours, τ={tau:g}, score ≥ {score:g}",
-        "Absolute time for the whole pool; lower is better (not bolded).",
+        f"Table 4. Annotation time W_T in hours, τ={tau:g}",
+        "Absolute time for the whole pool; lower is better (not bolded). " + ignored_caption(mode),
         grouped,
         columns,
         higher_is_better=False,
@@ -302,13 +401,14 @@ def _hours_table(
 
 
 def _corrections_table(
-    grouped: dict[str, dict[str, list[dict[str, Any]]]], config: ExperimentConfig, score: float
+    grouped: dict[str, dict[str, list[dict[str, Any]]]], config: ExperimentConfig, score: Score
 ) -> str:
-    tau = config.iou_thresholds[0]
+    tau, mode = config.iou_thresholds[0], config.ignored_objects
 
     def total(field: str) -> Callable[[dict[str, Any]], float]:
+        @_or_nan
         def cell(run: dict[str, Any]) -> float:
-            tallies = batch_tallies(run, tau, score)
+            tallies = batch_tallies(run, tau, score, mode)
             if field == "b1n":
                 return float(sum(t.boxes for t in tallies if t.manual))
             return float(
@@ -318,7 +418,7 @@ def _corrections_table(
         return cell
 
     def manual_boxes(run: dict[str, Any]) -> float:
-        return float(sum(b["boxes"] for b in run["batches"]))
+        return float(sum(batch_boxes(b, mode) for b in run["batches"]))
 
     columns: list[Column] = [
         ("B1n", total("b1n"), manual_boxes),
@@ -330,10 +430,11 @@ def _corrections_table(
         ("ignored", total("ignored"), None),
     ]
     return _table(
-        f"Table 5. Corrections summed over batches, τ={tau:g}, score ≥ {score:g}",
+        f"Table 5. Corrections summed over batches, τ={tau:g}, {score_label(score)}",
         "B1n: boxes drawn from scratch; A additions; R removals; accepted predictions; loose: accepted "
         f"but IoU < {config.tight_iou:g}; wrong class: removals on a box of another class; ignored: "
-        "predictions on difficult / DontCare / crowd regions (neither accepted nor removed).",
+        "predictions on difficult / DontCare / crowd regions (neither accepted nor removed). "
+        + ignored_caption(mode),
         grouped,
         columns,
         digits=1,
@@ -349,7 +450,8 @@ def _map_table(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     return _table(
         "Table 6. mAP on the held-out split (pycocotools)",
         "First model: trained on B1 only; final: trained on every labelled batch. Difficult / DontCare "
-        "/ crowd regions are ignored as in each dataset's own evaluation.",
+        "/ crowd regions are ignored as in each dataset's own evaluation, whatever `ignored_objects` "
+        "says (mAP follows the datasets' protocols).",
         grouped,
         columns,
         digits=3,
@@ -398,22 +500,27 @@ def _mean_curve(
 
 
 def plot_curves(runs: list[dict[str, Any]], config: ExperimentConfig, out_dir: Path) -> list[Path]:
-    """Per dataset: cumulative W_T vs images labelled, and held-out mAP@0.5 vs images labelled."""
+    """Per dataset: cumulative W_T vs images labelled, and held-out mAP@0.5 vs images labelled.
+
+    W_T is drawn at the first τ and T, the middle score threshold and ``config.ignored_objects``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    tau, score, t = config.iou_thresholds[0], config.score_thresholds[0], config.seconds_per_box[0]
+    tau, t = config.iou_thresholds[0], config.seconds_per_box[0]
+    score = sorted(config.score_thresholds)[len(config.score_thresholds) // 2]  # the middle one
     written = []
     for dataset, approaches in group_runs(runs).items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         any_run = next(iter(approaches.values()))[0]
         n_images = sum(b["images"] for b in any_run["batches"])
-        manual_total = compute_workload(manual_tallies(any_run), cost_model(config, t)).w_t
+        mode = config.ignored_objects
+        manual_total = compute_workload(manual_tallies(any_run, mode), cost_model(config, t)).w_t
         unit, per = ("hours", 3600.0) if manual_total >= 2 * 3600 else ("minutes", 60.0)
         # Drawing everything by hand costs the same whatever the order; its expected
         # cumulative cost over a random order is the straight line.
         ax.plot([0, n_images], [0, manual_total / per], "k--", label=MANUAL)
         for label in _row_order(approaches):
             curves = [
-                cumulative_seconds(batch_tallies(r, tau, score), cost_model(config, t))
+                cumulative_seconds(batch_tallies(r, tau, score, mode), cost_model(config, t))
                 for r in approaches[label]
             ]
             x, mean, sd = _mean_curve([[(px, py / per) for px, py in c] for c in curves])
@@ -421,7 +528,9 @@ def plot_curves(runs: list[dict[str, Any]], config: ExperimentConfig, out_dir: P
             ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
         ax.set_xlabel("images labelled")
         ax.set_ylabel(f"cumulative W_T ({unit}, T = {t:g} s)")
-        ax.set_title(f"{dataset}: annotation time, τ = {tau:g}, score ≥ {score:g}")
+        ax.set_title(
+            f"{dataset}: annotation time, τ = {tau:g}, score ≥ {score:g}, ignored objects {mode}"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         path = out_dir / f"workload_{_slug(dataset)}.png"
@@ -471,6 +580,10 @@ def write_report(
 ) -> list[Path]:
     """``report.md`` and the PNG plots under ``out_dir`` (runs read from ``out_dir/runs`` if not given)."""
     runs = load_runs(out_dir) if runs is None else runs
+    rank = {d.spec: i for i, d in enumerate(config.datasets)}  # datasets in the config's order
+    runs = sorted(runs, key=lambda r: rank.get(r["dataset"].get("spec"), len(rank)))
+    for run in runs:  # counts a run lacks for this config (new τ, threshold, treatment)
+        refresh_corrections(run, config)
     report = out_dir / "report.md"
     plots = plot_curves(runs, config, out_dir / "plots")
     text = markdown_report(runs, config)

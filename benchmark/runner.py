@@ -50,7 +50,7 @@ from backend.features import (
     train_simnet,
 )
 from backend.ordering import batches, order_pool
-from backend.scoring import correct_batch, evaluate_map
+from backend.scoring import evaluate_map
 from backend.settings import load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
 from benchmark.config import (
@@ -60,8 +60,8 @@ from benchmark.config import (
     DatasetConfig,
     ExperimentConfig,
     PretrainedConfig,
-    correction_key,
 )
+from benchmark.corrections import refresh_corrections
 from benchmark.datasets import Dataset, expand_path, load_dataset
 from benchmark.reports import write_report
 
@@ -438,43 +438,6 @@ def run_one(
     }
     refresh_corrections(result, config)
     return result
-
-
-def refresh_corrections(run: dict[str, Any], config: ExperimentConfig) -> bool:
-    """Compute the oracle's counts for every τ × score threshold of ``config`` the run lacks.
-
-    The run stores its predictions (down to the prediction floor) and ground truth, so a new
-    τ, score threshold or ``tight_iou`` costs a re-count, not a re-run. Returns whether
-    anything was added.
-    """
-    oracle = run["oracle"]
-    if oracle["tight_iou"] != config.tight_iou:
-        oracle.update(tight_iou=config.tight_iou, corrections=[])
-        for batch in run["batches"]:
-            batch["corrections"] = {}
-    wanted = [(t, s) for t in config.iou_thresholds for s in config.score_thresholds]
-    missing = [(t, s) for t, s in wanted if correction_key(t, s) not in oracle["corrections"]]
-    if not missing:
-        return False
-    overlap = run["dataset"]["ignore_overlap"]
-    for batch in run["batches"]:
-        if batch["manual"]:
-            continue
-        preds = [Boxes.from_dict(batch["predictions"][i]) for i in batch["image_ids"]]
-        gts = [Boxes.from_dict(batch["ground_truth"][i]) for i in batch["image_ids"]]
-        for tau, score in missing:
-            batch["corrections"][correction_key(tau, score)] = correct_batch(
-                preds,
-                gts,
-                tau,
-                score_threshold=score,
-                ignore_overlap=overlap,
-                tight_iou=config.tight_iou,
-            ).to_dict()
-    oracle["corrections"] = sorted(
-        {*oracle["corrections"], *(correction_key(t, s) for t, s in missing)}
-    )
-    return True
 
 
 # ---------------------------------------------------------------------------------- the grid

@@ -1,0 +1,107 @@
+"""The oracle's counts a run stores per batch, and how they are keyed.
+
+A run stores every batch's predictions (down to the prediction floor) and
+ground truth, so each reading of the simulated annotator is a re-count, never a
+re-run. One count is kept per
+
+* IoU τ (``config.iou_thresholds``),
+* score threshold: each of ``config.score_thresholds``, plus :data:`GATE`, the
+  batch's own ``gate_threshold`` where the run recorded one (the threshold the
+  product's promotion gate chose for the version that predicted the batch),
+* treatment of ignored ground truth (VOC ``difficult``, KITTI ``DontCare``, COCO
+  crowds), see :data:`~benchmark.config.IGNORED_OBJECTS`: ``"excluded"`` (the
+  dataset's own protocol: the region is never drawn and a prediction on it costs
+  nothing) or ``"counted"`` (the paper's object counts: every annotation is a box
+  to draw and a prediction must match it like any box; a ``DontCare`` region has
+  no class a model predicts, so it is always an addition).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from backend.boxes import Boxes
+from backend.scoring import correct_batch
+from benchmark.config import IGNORED_OBJECTS, ExperimentConfig, IgnoredObjects
+
+__all__ = ["GATE", "IGNORED_OBJECTS", "IgnoredObjects", "correction_key", "refresh_corrections"]
+
+#: The score threshold of a batch's own ``gate_threshold``.
+GATE: Literal["gate"] = "gate"
+
+Score = float | Literal["gate"]
+
+
+def correction_key(
+    iou_threshold: float, score_threshold: Score, ignored: IgnoredObjects = "excluded"
+) -> str:
+    """Key of one (τ, score threshold, ignored-objects treatment) cell of a batch's corrections."""
+    score = GATE if score_threshold == GATE else f"{float(score_threshold):g}"
+    key = f"iou={iou_threshold:g}/score={score}"
+    return key if ignored == "excluded" else f"{key}/ignored={ignored}"
+
+
+def counted(boxes: Boxes) -> Boxes:
+    """The same ground truth with every ignore flag dropped (each region a box to draw)."""
+    return Boxes(boxes.xyxy, boxes.labels, boxes.image_size, boxes.scores, None)
+
+
+def ignored_regions(batch: dict[str, Any]) -> int:
+    """Ignored ground-truth regions in a stored batch (older runs lack the field)."""
+    if "ignored_regions" in batch:
+        return int(batch["ignored_regions"])
+    return sum(int(Boxes.from_dict(g).ignore_mask.sum()) for g in batch["ground_truth"].values())
+
+
+def batch_boxes(batch: dict[str, Any], ignored: IgnoredObjects = "excluded") -> int:
+    """Boxes to draw in a stored batch under the ``ignored`` treatment."""
+    extra = ignored_regions(batch) if ignored == "counted" else 0
+    return int(batch["boxes"]) + extra
+
+
+def refresh_corrections(run: dict[str, Any], config: ExperimentConfig) -> bool:
+    """Compute the oracle's counts for every key of ``config`` the run lacks.
+
+    Keys: every τ × (score thresholds + :data:`GATE`) × :data:`IGNORED_OBJECTS`.
+    A batch without a ``gate_threshold`` gets no :data:`GATE` entry. Returns
+    whether anything was added.
+    """
+    oracle = run["oracle"]
+    if oracle["tight_iou"] != config.tight_iou:
+        oracle.update(tight_iou=config.tight_iou, corrections=[])
+        for batch in run["batches"]:
+            batch["corrections"] = {}
+    scores: list[Score] = [*config.score_thresholds, GATE]
+    wanted = [
+        (tau, score, ignored)
+        for tau in config.iou_thresholds
+        for score in scores
+        for ignored in IGNORED_OBJECTS
+    ]
+    missing = [w for w in wanted if correction_key(*w) not in oracle["corrections"]]
+    if not missing:
+        return False
+    overlap = run["dataset"]["ignore_overlap"]
+    for batch in run["batches"]:
+        if batch["manual"]:
+            continue
+        preds = [Boxes.from_dict(batch["predictions"][i]) for i in batch["image_ids"]]
+        gts = [Boxes.from_dict(batch["ground_truth"][i]) for i in batch["image_ids"]]
+        all_gts = [counted(g) for g in gts]
+        for tau, score, ignored in missing:
+            if score == GATE:
+                if batch.get("gate_threshold") is None:
+                    continue
+                cut = float(batch["gate_threshold"])
+            else:
+                cut = float(score)
+            batch["corrections"][correction_key(tau, score, ignored)] = correct_batch(
+                preds,
+                all_gts if ignored == "counted" else gts,
+                tau,
+                score_threshold=cut,
+                ignore_overlap=overlap,
+                tight_iou=config.tight_iou,
+            ).to_dict()
+    oracle["corrections"] = sorted({*oracle["corrections"], *(correction_key(*w) for w in missing)})
+    return True
