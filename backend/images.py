@@ -2,20 +2,28 @@
 
 Label Studio tasks point at images as ``/data/local-files/?d=...`` or
 ``/data/upload/...`` (served by Label Studio, need its token), as absolute URLs,
-or as local paths. Fetches go only to the configured Label Studio host or to
-files under the allowed local roots: a task cannot make the backend read
-arbitrary files or call arbitrary hosts.
+or as local paths. Fetches go only to the configured Label Studio host, to the
+hosts of an explicit allow-list, or to files under the allowed local roots: a
+task -- or a ``/setup`` call naming some ``hostname`` -- cannot make the backend
+read arbitrary files or call arbitrary hosts.
 """
 
 from __future__ import annotations
 
 import io
+import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+# Pillow warns about images over its bomb limit / 2; boxloop refuses images over its own limit
+# (BOXLOOP_MAX_IMAGE_PIXELS) right after reading the header, so the warning is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(Exception):
@@ -54,9 +62,10 @@ class ImageFetchError(ImageError):
 class ImageSource:
     """Where images may come from, and how to authenticate."""
 
-    label_studio_url: str | None
+    label_studio_url: str | None  # base of /data/... paths; the only origin the token goes to
     token: str | None
     allowed_local_roots: tuple[Path, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # more origins absolute image URLs may point at
     max_pixels: int = 40_000_000
     max_bytes: int = 50 * 1024 * 1024
     timeout_s: float = 20.0
@@ -64,15 +73,32 @@ class ImageSource:
     def __repr__(self) -> str:  # never print the token
         return (
             f"ImageSource(label_studio_url={self.label_studio_url!r}, token={'***' if self.token else None},"
-            f" allowed_local_roots={self.allowed_local_roots!r})"
+            f" allowed_local_roots={self.allowed_local_roots!r}, allowed_hosts={self.allowed_hosts!r})"
         )
 
 
+def _bomb_pixels(exc: Exception) -> str:
+    """The pixel count Pillow's DecompressionBombError names, as megapixels text."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
+
+
 def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
-    """Decode bytes into an RGB image, refusing huge or corrupt ones before decoding pixels."""
+    """Decode bytes into an RGB image, refusing huge or corrupt ones before decoding pixels.
+
+    The size is read from the header (``Image.open`` decodes no pixels): an image over
+    ``max_pixels`` -- or a decompression bomb, whose header claims more pixels than Pillow's own
+    limit -- costs a header read and raises :class:`ImageTooLarge` (413). Any failure while
+    decoding raises :class:`ImageDecodeError` (422) naming the exception, never anything else.
+    """
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(
+            f"{name}: the image header claims {_bomb_pixels(exc)} (a decompression bomb?); the "
+            f"limit is {max_pixels / 1e6:.1f} megapixels (BOXLOOP_MAX_IMAGE_PIXELS)"
+        ) from exc
+    except Exception as exc:  # UnidentifiedImageError, OSError, or a plugin's own exception
         raise ImageDecodeError(f"{name}: not a decodable image ({exc.__class__.__name__})") from exc
     width, height = image.size
     if width * height > max_pixels:
@@ -84,8 +110,12 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
         image.load()
         upright: Image.Image = ImageOps.exif_transpose(image) or image
         return upright.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{name}: corrupt or truncated image data ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # a frame larger than the header said
+        raise ImageTooLarge(f"{name}: decoding would exceed {_bomb_pixels(exc)}") from exc
+    except Exception as exc:  # truncated data, broken chunks, bad EXIF, out of memory ...
+        raise ImageDecodeError(
+            f"{name}: corrupt or truncated image data ({exc.__class__.__name__}: {exc})"
+        ) from exc
 
 
 def _read_local(path: Path, source: ImageSource, name: str) -> bytes:
@@ -103,17 +133,71 @@ def _read_local(path: Path, source: ImageSource, name: str) -> bytes:
     return resolved.read_bytes()
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = urlparse(url if "://" in url else f"//{url}")
+    try:
+        port = parsed.port
+    except ValueError:  # a port that is not a number
+        return ("", "", None)
+    scheme = parsed.scheme.lower()
+    return scheme, (parsed.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
+
+
 def _same_origin(a: str, b: str) -> bool:
-    pa, pb = urlparse(a), urlparse(b)
-    return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+    return _origin(a) == _origin(b) and bool(_origin(a)[1])
+
+
+def host_allowed(url: str, allowed_hosts: Sequence[str]) -> bool:
+    """Whether ``url`` is on the allow-list: ``scheme://host[:port]`` entries match that origin,
+    bare ``host`` or ``host:port`` entries that host (and port) over http or https."""
+    scheme, host, port = _origin(url)
+    if scheme not in _DEFAULT_PORTS or not host:
+        return False
+    for entry in allowed_hosts:
+        entry = entry.strip()
+        if "://" in entry:
+            if _same_origin(url, entry):
+                return True
+            continue
+        bare = urlparse(f"//{entry}")
+        try:
+            entry_port = bare.port
+        except ValueError:
+            continue
+        if (bare.hostname or "").lower() == host and entry_port in (None, port):
+            return True
+    return False
+
+
+def trusted_studio_url(
+    label_studio_url: str | None, setup_hostname: str | None, allowed_hosts: Sequence[str] = ()
+) -> str | None:
+    """The Label Studio URL images, tokens and API calls may go to.
+
+    The configured URL (``BOXLOOP_LABEL_STUDIO_URL``) wins. Without one, the ``hostname`` a
+    ``/setup`` call named counts only when it is on the allow-list
+    (``BOXLOOP_ALLOWED_IMAGE_HOSTS``): ``/setup`` may be called by anyone who reaches the port,
+    so its hostname alone must not decide where boxloop sends requests (SSRF).
+    """
+    if label_studio_url:
+        return label_studio_url
+    if setup_hostname and host_allowed(setup_hostname, allowed_hosts):
+        return setup_hostname
+    return None
 
 
 def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client | None) -> bytes:
-    if not source.label_studio_url or not _same_origin(url, source.label_studio_url):
+    studio = bool(source.label_studio_url) and _same_origin(url, source.label_studio_url or "")
+    if not studio and not host_allowed(url, source.allowed_hosts):
         raise ImageForbidden(
-            f"{name}: image host is not the configured Label Studio host; only that host is fetched"
+            f"{name}: image host is not the configured Label Studio host "
+            "(BOXLOOP_LABEL_STUDIO_URL) and not on BOXLOOP_ALLOWED_IMAGE_HOSTS; not fetched"
         )
-    headers = {"Authorization": f"Token {source.token}"} if source.token else {}
+    # the token goes to Label Studio only, never to another allowed host
+    headers = {"Authorization": f"Token {source.token}"} if source.token and studio else {}
     own = client is None
     http = client or httpx.Client(timeout=source.timeout_s, follow_redirects=False)
     try:
@@ -127,6 +211,17 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
                 raise ImageNotFound(f"{name}: Label Studio answered 404 for the image")
             if response.status_code >= 400:
                 raise ImageFetchError(f"{name}: Label Studio answered {response.status_code}")
+            if response.status_code >= 300:
+                raise ImageForbidden(
+                    f"{name}: the image host answered a redirect ({response.status_code}), "
+                    "usually to a login page: the token was not accepted; redirects are not followed"
+                )
+            kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind.startswith("text/") or kind.endswith("json"):
+                raise ImageFetchError(
+                    f"{name}: the image host answered {kind}, not an image "
+                    f"(status {response.status_code})"
+                )
             chunks: list[bytes] = []
             total = 0
             for chunk in response.iter_bytes():
@@ -159,8 +254,8 @@ def read_image_bytes(
     if reference.startswith("/data/"):
         if not source.label_studio_url:
             raise ImageForbidden(
-                f"{name}: a Label Studio path, but no Label Studio URL is known "
-                "(set BOXLOOP_LABEL_STUDIO_URL or connect through /setup)"
+                f"{name}: a Label Studio path, but no Label Studio URL is known (set "
+                "BOXLOOP_LABEL_STUDIO_URL, or list the /setup hostname in BOXLOOP_ALLOWED_IMAGE_HOSTS)"
             )
         return _fetch_http(
             urljoin(source.label_studio_url.rstrip("/") + "/", reference.lstrip("/")),
@@ -190,12 +285,15 @@ def image_source_for(
     max_pixels: int,
     max_bytes: int,
     timeout_s: float,
+    allowed_hosts: Sequence[str] = (),
 ) -> ImageSource:
-    """The configured Label Studio URL wins; the ``/setup`` hostname is used only without one."""
+    """The configured Label Studio URL wins; the ``/setup`` hostname is used only without one,
+    and only when it is on ``allowed_hosts`` (see :func:`trusted_studio_url`)."""
     return ImageSource(
-        label_studio_url=label_studio_url or setup_hostname,
+        label_studio_url=trusted_studio_url(label_studio_url, setup_hostname, allowed_hosts),
         token=token,
         allowed_local_roots=tuple(allowed_local_roots),
+        allowed_hosts=tuple(allowed_hosts),
         max_pixels=max_pixels,
         max_bytes=max_bytes,
         timeout_s=timeout_s,

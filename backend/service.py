@@ -22,7 +22,13 @@ from PIL import Image
 
 from backend.boxes import Boxes
 from backend.detectors import Detector, OnnxYoloxDetector, load_torch_detector
-from backend.images import ImageError, ImageSource, image_source_for, load_image
+from backend.images import (
+    ImageError,
+    ImageSource,
+    image_source_for,
+    load_image,
+    trusted_studio_url,
+)
 from backend.ingest import AnnotationPayloadError, ingest_annotation
 from backend.jobs import TrainingScheduler
 from backend.labelstudio.convert import (
@@ -236,8 +242,7 @@ class BoxloopService:
         return bool(self.settings.label_studio_url and self.settings.label_studio_token)
 
     def _studio_client(self, project_id: int) -> Any:
-        project = self.store.get_project(project_id)
-        url = self.settings.label_studio_url or (project.hostname if project else None)
+        url = self._studio_url(self.store.get_project(project_id))
         token = self._token_for(project_id)
         if not url or not token:
             return None
@@ -245,11 +250,17 @@ class BoxloopService:
 
         return StudioClient(url, token)
 
+    def _studio_url(self, project: Project | None) -> str | None:
+        """The configured Label Studio URL, else the /setup hostname if allow-listed (no SSRF)."""
+        hostname = project.hostname if project else None
+        return trusted_studio_url(
+            self.settings.label_studio_url, hostname, self.settings.allowed_image_hosts
+        )
+
     def _worker_env(self, project_id: int) -> dict[str, str]:
         env: dict[str, str] = {}
         token = self._token_for(project_id)
-        project = self.store.get_project(project_id)
-        url = self.settings.label_studio_url or (project.hostname if project else None)
+        url = self._studio_url(self.store.get_project(project_id))
         if token and url:
             env["BOXLOOP_LABEL_STUDIO_TOKEN"] = token
             env["BOXLOOP_LABEL_STUDIO_URL"] = url
@@ -280,6 +291,7 @@ class BoxloopService:
             max_pixels=self.settings.max_image_pixels,
             max_bytes=self.settings.max_image_bytes,
             timeout_s=self.settings.image_fetch_timeout_s,
+            allowed_hosts=self.settings.allowed_image_hosts,
         )
 
     # ------------------------------------------------------------------ /setup
@@ -326,10 +338,14 @@ class BoxloopService:
             config = self._parse_config(label_config)
         elif stored is not None:
             config = parse_label_config(stored.label_config)
-        else:
+        elif project_id is not None:
             raise ServiceError(
-                422, "no label_config in the request and the project is not set up (call /setup)"
+                404,
+                f"project {project_id} is unknown to boxloop and the request has no "
+                "label_config (Label Studio calls /setup when the model is connected)",
             )
+        else:
+            raise ServiceError(422, "the request names no project and has no label_config")
         model = self.current_model(project_id, config.labels)
         source = self.image_source(stored)
         references = [self._image_reference(task, config) for task in tasks]
@@ -341,8 +357,12 @@ class BoxloopService:
         ]
         out: list[TaskPrediction] = []
         good: list[tuple[int, Image.Image]] = []
+        # Whatever goes wrong with one task -- its image, the detector on it, a bug -- fails that
+        # task alone with a named error; the others are served.
         for i, (task, (_, ref), future) in enumerate(zip(tasks, references, futures, strict=True)):
             task_id = task.get("id") if isinstance(task, dict) else None
+            if not isinstance(task_id, int) or isinstance(task_id, bool):
+                task_id = None
             out.append(TaskPrediction(task_id, [], 0.0, model.version))
             if future is None:
                 out[i] = TaskPrediction(task_id, [], 0.0, model.version, ref, 422)
@@ -353,10 +373,31 @@ class BoxloopService:
                 out[i] = TaskPrediction(
                     task_id, [], 0.0, model.version, exc.message, exc.status_code
                 )
+            except Exception as exc:
+                log.exception("task %s: loading its image failed", task_id)
+                message = f"loading the image failed: {type(exc).__name__}: {exc}"
+                out[i] = TaskPrediction(task_id, [], 0.0, model.version, message, 500)
         if model.detector is not None and good:
-            detections = model.detector.predict([image for _, image in good])
+            detector = model.detector
+            images = [image for _, image in good]
+            try:
+                detections: list[Boxes | Exception] = list(detector.predict(images))
+            except Exception:  # find the image that broke the batch: one at a time
+                detections = []
+                for image in images:
+                    try:
+                        detections.extend(detector.predict([image]))
+                    except Exception as exc:
+                        log.exception("the detector failed on one image")
+                        detections.append(exc)
             for (i, _), boxes in zip(good, detections, strict=True):
-                out[i] = self._to_prediction(tasks[i], boxes, config, model)
+                try:
+                    if isinstance(boxes, Exception):
+                        raise boxes
+                    out[i] = self._to_prediction(tasks[i], boxes, config, model)
+                except Exception as exc:
+                    message = f"the detector failed on the image: {type(exc).__name__}: {exc}"
+                    out[i] = TaskPrediction(out[i].task_id, [], 0.0, model.version, message, 500)
         if project_id is not None:
             self._apply_rank_scores(project_id, out)
         return out

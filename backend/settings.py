@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     allowed_local_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Local directories images may be read from."
     )
+    allowed_image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts images may be fetched from besides label_studio_url: "
+        "'scheme://host:port' origins or bare 'host[:port]', comma-separated. Without "
+        "label_studio_url, a /setup hostname is used only when it is listed here.",
+    )
     reconcile_on_startup: bool = True
 
     # --- images --------------------------------------------------------------------------------
@@ -117,6 +123,16 @@ class Settings(BaseSettings):
             if value.startswith("["):
                 return json.loads(value)
             return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    @field_validator("allowed_image_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                return json.loads(value)
+            return [h.strip() for h in value.split(",") if h.strip()]
         return value
 
     @property

@@ -123,6 +123,8 @@ def regions_to_boxes(
         if not isinstance(value, dict):
             raise AnnotationParseError("rectangle region has no value object")
         names = value.get("rectanglelabels") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AnnotationParseError("rectangle region: rectanglelabels must be a list of names")
         if not names:
             raise AnnotationParseError("rectangle region has no label")
         unknown = [n for n in names if n not in index]
@@ -137,10 +139,13 @@ def regions_to_boxes(
                 raise AnnotationParseError(
                     "region has no original_width/original_height and no image size was given"
                 )
-            size = (int(ow), int(oh))
+            try:
+                size = (int(ow), int(oh))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise AnnotationParseError(f"region has a bad original size: {exc}") from exc
         try:
             box = _region_xyxy(value, size[0], size[1])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise AnnotationParseError(
                 f"rectangle region has a bad x/y/width/height: {exc}"
             ) from exc

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,10 @@ from backend.images import (
     ImageSource,
     ImageTooLarge,
     decode_image,
+    host_allowed,
+    image_source_for,
     load_image,
+    trusted_studio_url,
 )
 
 
@@ -57,3 +62,70 @@ def test_corrupt_and_huge_images() -> None:
     with pytest.raises(ImageTooLarge, match="megapixels"):
         decode_image(_png((200, 100)), max_pixels=10_000)
     assert decode_image(_png(), max_pixels=10**6).mode == "RGB"
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` pixels, with next to no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_too_large_from_its_header() -> None:
+    # 400 megapixels: over Pillow's own bomb limit, which raises at Image.open
+    with pytest.raises(ImageTooLarge, match=r"header claims 400\.0 megapixels"):
+        decode_image(_bomb_png(20_000, 20_000), max_pixels=40_000_000)
+    # 100 megapixels: Pillow only warns; boxloop's limit refuses it
+    with pytest.raises(ImageTooLarge, match=r"10000x10000"):
+        decode_image(_bomb_png(10_000, 10_000), max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(
+    "error", [SyntaxError("broken PNG file"), struct.error("unpack"), MemoryError(), KeyError(5)]
+)
+def test_any_decoding_failure_is_a_named_decode_error(
+    error: BaseException, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise error
+
+    data = _png()
+    monkeypatch.setattr(Image.Image, "load", fail)
+    with pytest.raises(ImageDecodeError, match=type(error).__name__):
+        decode_image(data, max_pixels=10**6)
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "open", fail)
+    with pytest.raises(ImageDecodeError, match=type(error).__name__):
+        decode_image(data, max_pixels=10**6)
+
+
+def test_image_hosts_allow_list() -> None:
+    assert host_allowed("http://ls:8080/data/x.png", ["http://ls:8080"])
+    assert host_allowed("https://cdn.example/x.png", ["cdn.example"])
+    assert host_allowed("http://ls/x.png", ["ls:80"])
+    assert not host_allowed("http://ls:8081/x.png", ["ls:8080"])
+    assert not host_allowed("http://ls/x.png", ["https://ls"])
+    assert not host_allowed("file:///etc/passwd", ["ls"])
+    assert not host_allowed("http://evil.example/x.png", [])
+    # a /setup hostname counts only when allow-listed; a configured URL always wins
+    assert trusted_studio_url(None, "http://10.0.0.1:8080", []) is None
+    assert trusted_studio_url(None, "http://ls:8080", ["ls:8080"]) == "http://ls:8080"
+    assert trusted_studio_url("http://conf:8080", "http://ls:8080", ["ls"]) == "http://conf:8080"
+    source = image_source_for(
+        label_studio_url=None,
+        setup_hostname="http://10.0.0.1:8080",
+        token="t",
+        allowed_local_roots=[],
+        max_pixels=10,
+        max_bytes=10,
+        timeout_s=1,
+    )
+    assert source.label_studio_url is None
+    with pytest.raises(ImageForbidden, match="BOXLOOP_ALLOWED_IMAGE_HOSTS"):
+        load_image("/data/upload/1/x.png", source)
+    with pytest.raises(ImageForbidden, match="BOXLOOP_ALLOWED_IMAGE_HOSTS"):
+        load_image("http://10.0.0.1:8080/data/upload/1/x.png", source)

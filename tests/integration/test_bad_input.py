@@ -1,0 +1,248 @@
+"""Bad input never crashes the server nor fails more than the task it is in, and no caller
+reaches where it should not: decompression bombs, exceptions inside a batch, and /setup
+hostnames (SSRF)."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.server
+import io
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import backend.service as service_module
+from backend.app import create_app
+from backend.boxes import Boxes
+from backend.settings import Settings
+from tests.synthetic import LABEL_CONFIG, write_dataset
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A 100-byte PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (width + 1))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    )
+
+
+def _settings(tmp_path: Path, **extra: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "allowed_local_roots": [tmp_path / "images"],
+        "reconcile_on_startup": False,
+        "train_after_new_annotations": 1000,
+        "label_studio_url": None,
+        "label_studio_token": None,
+        **extra,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    paths = [p for p, _ in write_dataset(tmp_path / "images", 3)]
+    (tmp_path / "images" / "bomb.png").write_bytes(bomb_png())
+    return paths
+
+
+@pytest.fixture
+def client(tmp_path: Path, images: list[Path]) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(tmp_path))) as test_client:
+        yield test_client
+
+
+def _task(task_id: int, image: str) -> dict[str, Any]:
+    return {"id": task_id, "data": {"image": image}}
+
+
+def _predict(client: TestClient, *tasks: dict[str, Any]) -> Any:
+    return client.post("/predict", json={"tasks": list(tasks), "label_config": LABEL_CONFIG})
+
+
+# ---------------------------------------------------------------------------- decompression bomb
+def test_a_decompression_bomb_fails_its_task_alone_with_413(
+    client: TestClient, images: list[Path], tmp_path: Path
+) -> None:
+    bomb = str(tmp_path / "images" / "bomb.png")
+    answer = _predict(client, _task(1, str(images[0])), _task(2, bomb), _task(3, str(images[1])))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert len(body["results"]) == 3
+    assert [e["task"] for e in body["errors"]] == [2]
+    assert body["errors"][0]["status"] == 413
+    assert "400.0 megapixels" in body["errors"][0]["error"]
+    assert "decompression bomb" in body["errors"][0]["error"]
+    alone = _predict(client, _task(2, bomb))
+    assert alone.status_code == 413 and "BOXLOOP_MAX_IMAGE_PIXELS" in alone.json()["error"]
+    assert client.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------- exceptions in a batch
+class _FlakyDetector:
+    """Finds one box per image, and fails on 13 px wide images."""
+
+    labels: ClassVar[list[str]] = ["Square", "Disc"]
+    version = "flaky-v1"
+
+    def predict(self, images: list[Image.Image]) -> list[Boxes]:
+        if any(image.size[0] == 13 for image in images):
+            raise RuntimeError("boom on a 13 px image")
+        return [
+            Boxes(np.array([[1, 1, 5, 5]], np.float32), np.array([0]), image.size, np.array([0.9]))
+            for image in images
+        ]
+
+
+def test_any_exception_inside_a_batch_fails_that_task_alone(
+    tmp_path: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    narrow = tmp_path / "images" / "narrow.png"
+    Image.new("RGB", (13, 40)).save(narrow)
+    real_load = service_module.load_image
+
+    def load(reference: str, *args: Any, **kwargs: Any) -> Image.Image:
+        if reference.endswith("img002.jpg"):
+            raise KeyError("a bug in image loading")
+        return real_load(reference, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "load_image", load)
+    app = create_app(_settings(tmp_path))
+    service = app.state.service
+    untrained = service.current_model(None)
+    flaky = dataclasses.replace(untrained, version="flaky-v1", detector=_FlakyDetector())
+    monkeypatch.setattr(service, "current_model", lambda *_a, **_k: flaky)
+    with TestClient(app) as client:
+        answer = _predict(
+            client,
+            _task(1, str(images[0])),
+            _task(2, str(narrow)),
+            _task(3, str(images[2])),
+            _task(4, str(images[1])),
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        errors = {e["task"]: e for e in body["errors"]}
+        assert set(errors) == {2, 3}
+        assert errors[2]["status"] == 500 and "RuntimeError: boom" in errors[2]["error"]
+        assert errors[3]["status"] == 500 and "KeyError" in errors[3]["error"]
+        served = [body["results"][0], body["results"][3]]
+        assert all(r["model_version"] == "flaky-v1" and len(r["result"]) == 1 for r in served)
+        assert client.get("/health").status_code == 200
+
+
+def test_tasks_and_events_of_any_shape_get_named_errors(client: TestClient) -> None:
+    client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+    odd_tasks = [5, "x", None, {"id": [1], "data": "image"}, {"id": 9, "data": {"image": 3}}]
+    answer = client.post("/predict", json={"tasks": odd_tasks, "project": 7})
+    assert answer.status_code == 422
+    assert [e["status"] for e in answer.json()["errors"]] == [422] * 5
+    odd_regions = [
+        {"type": "rectanglelabels", "from_name": "label", "value": {"rectanglelabels": [{}]}},
+        {
+            "type": "rectanglelabels",
+            "from_name": "label",
+            "original_width": [1],
+            "original_height": 2,
+            "value": {"rectanglelabels": ["Square"], "x": 1, "y": 1, "width": 1, "height": 1},
+        },
+    ]
+    for region in odd_regions:
+        event = {
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 7},
+            "annotation": {"id": 1, "task": 1, "result": [region]},
+        }
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200, answer.text
+        assert "not usable for training" in answer.json()["warnings"][0]
+
+
+# ---------------------------------------------------------------------------- SSRF
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    hits: ClassVar[list[tuple[str, str | None]]] = []
+
+    def do_GET(self) -> None:
+        type(self).hits.append((self.path, self.headers.get("Authorization")))
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 24), (200, 10, 10)).save(buffer, format="PNG")
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(buffer.getvalue())))
+        self.end_headers()
+        self.wfile.write(buffer.getvalue())
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def foreign_host() -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
+    hits: ClassVar[list[tuple[str, str | None]]] = []
+    handler = type("Recorder", (_Recorder,), {"hits": hits})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _setup_then_predict(client: TestClient, hostname: str) -> Any:
+    setup = {"project": 7, "schema": LABEL_CONFIG, "hostname": hostname, "access_token": "tok"}
+    assert client.post("/setup", json=setup).status_code == 200
+    tasks = [_task(1, "/data/upload/7/a.png"), _task(2, f"{hostname}/b.png")]
+    return client.post("/predict", json={"tasks": tasks, "project": 7})
+
+
+def test_a_setup_hostname_does_not_make_boxloop_fetch_from_it(
+    tmp_path: Path, foreign_host: tuple[str, list[tuple[str, str | None]]]
+) -> None:
+    url, hits = foreign_host
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        answer = _setup_then_predict(client, url)
+    assert answer.status_code == 403, answer.text
+    assert "BOXLOOP_ALLOWED_IMAGE_HOSTS" in answer.json()["error"]
+    assert hits == []
+
+
+def test_an_allow_listed_setup_hostname_serves_images(
+    tmp_path: Path, foreign_host: tuple[str, list[tuple[str, str | None]]]
+) -> None:
+    url, hits = foreign_host
+    settings = _settings(tmp_path, allowed_image_hosts=[url])
+    with TestClient(create_app(settings)) as client:
+        answer = _setup_then_predict(client, url)
+    assert answer.status_code == 200, answer.text
+    assert "errors" not in answer.json()
+    # the /data path goes to the allow-listed Label Studio with its token
+    assert sorted(hits) == [("/b.png", "Token tok"), ("/data/upload/7/a.png", "Token tok")]
+
+
+def test_other_allowed_hosts_never_get_the_token(
+    tmp_path: Path, foreign_host: tuple[str, list[tuple[str, str | None]]]
+) -> None:
+    url, hits = foreign_host
+    settings = _settings(tmp_path, label_studio_url="http://127.0.0.1:9", allowed_image_hosts=[url])
+    with TestClient(create_app(settings)) as client:
+        setup = {"project": 7, "schema": LABEL_CONFIG, "access_token": "tok"}
+        client.post("/setup", json=setup)
+        answer = client.post("/predict", json={"tasks": [_task(1, f"{url}/c.png")], "project": 7})
+    assert answer.status_code == 200, answer.text
+    assert hits == [("/c.png", None)]
