@@ -71,28 +71,54 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _order(args: argparse.Namespace) -> int:
-    """Order a project's queue in the foreground and print the plan."""
-    from backend.queueing import order_request
+#: ``boxloop order`` options and the :class:`OrderRequest` fields they set.
+_ORDER_FIELDS = {
+    "strategy": "strategy",
+    "extractor": "extractor",
+    "batch_size": "batch_size",
+    "seed": "seed",
+    "n_seed": "n_seed",
+    "start": "start",
+    "pca_dim": "pca_dim",
+    "temporal_field": "temporal_field",
+    "simnet_epochs": "simnet_epochs",
+    "push": "push",
+    "uncertainty": "uncertainty_scores",
+}
 
-    svc = _service(args)
-    request = order_request(
-        svc.settings,
-        strategy=args.strategy,
-        extractor=args.extractor,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        n_seed=args.n_seed,
-        start=args.start,
-        pca_dim=args.pca_dim,
-        temporal_field=args.temporal_field,
-        simnet_epochs=args.simnet_epochs,
-        push=not args.no_push,
-        uncertainty_scores=args.uncertainty,
-    )
-    state = svc.order_project(args.project, request, wait=True)
+
+def _order(args: argparse.Namespace) -> int:
+    """Order a project's queue in the foreground and print the plan.
+
+    The request is the one HTTP takes (``OrderRequest``): options left out take the settings
+    (``BOXLOOP_ORDER_STRATEGY``, ``_BATCH_SIZE``, ``_SEED``, ``BOXLOOP_FEATURE_EXTRACTOR``).
+    """
+    from pydantic import ValidationError
+
+    from backend.queueing import OrderRequest
+    from backend.service import BoxloopService, ServiceError
+
+    settings = load_settings(args.settings_file)
+    given = {field: getattr(args, option) for option, field in _ORDER_FIELDS.items()}
+    try:
+        request = OrderRequest.for_settings(settings).model_validate(
+            {k: v for k, v in given.items() if v is not None}
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"boxloop order: error: {problems}", file=sys.stderr)
+        return 2
+    svc = BoxloopService(settings)
+    try:
+        state = svc.order_project(args.project, request, wait=True)
+    except ServiceError as exc:
+        print(f"boxloop order: error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        svc.close()
     print(json.dumps(state, indent=2, default=str))
-    svc.close()
     return 0 if state.get("state") == "done" else 1
 
 
@@ -163,29 +189,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--project", type=int, required=True)
     train.set_defaults(func=_train)
 
-    order = sub.add_parser("order", help="order a project's queue and push it to Label Studio")
+    order = sub.add_parser(
+        "order",
+        help="order a project's queue and push it to Label Studio",
+        description="Options left out take the settings, as POST /projects/{id}/order does.",
+    )
     order.add_argument("--project", type=int, required=True)
     order.add_argument(
-        "--strategy", default="dissimilar", choices=["random", "similar", "dissimilar", "temporal"]
+        "--strategy",
+        choices=["random", "similar", "dissimilar", "temporal"],
+        help="default BOXLOOP_ORDER_STRATEGY (random)",
     )
     order.add_argument(
         "--extractor",
-        default="imgnet_effnet_lite0",
-        help="imgnet_effnet_lite0 (default), simnet, imgnet_resnet50, ...",
+        help="imgnet_effnet_lite0, simnet, imgnet_resnet50, ... "
+        "(default BOXLOOP_FEATURE_EXTRACTOR: imgnet_effnet_lite0)",
     )
-    order.add_argument("--batch-size", type=int, default=10)
-    order.add_argument("--seed", type=int, default=0)
-    order.add_argument("--n-seed", type=int, default=1, help="random start images")
-    order.add_argument("--start", choices=["labeled", "random"], default="labeled")
+    order.add_argument("--batch-size", type=int, help="default BOXLOOP_ORDER_BATCH_SIZE (10)")
+    order.add_argument("--seed", type=int, help="default BOXLOOP_ORDER_SEED (0)")
+    order.add_argument("--n-seed", type=int, help="random start images (1)")
+    order.add_argument("--start", choices=["labeled", "random"], help="labeled (default) | random")
     order.add_argument("--pca-dim", type=int)
     order.add_argument("--temporal-field", help="task data field for the temporal order")
-    order.add_argument("--simnet-epochs", type=int, default=25)
+    order.add_argument("--simnet-epochs", type=int, help="(25)")
     order.add_argument(
         "--uncertainty",
-        action="store_true",
+        action="store_const",
+        const=True,
         help="also set prediction scores from ranks (Uncertainty sampling)",
     )
-    order.add_argument("--no-push", action="store_true", help="store the order only")
+    order.add_argument(
+        "--no-push", dest="push", action="store_const", const=False, help="store the order only"
+    )
     order.set_defaults(func=_order)
 
     models = sub.add_parser(

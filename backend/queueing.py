@@ -11,17 +11,19 @@ recomputing the rest.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from backend.features import SimNetConfig, compute_features, make_extractor, train_simnet
-from backend.features.registry import simnet_dir
+from backend.features.registry import EXTRACTOR_NAMES, simnet_dir
 from backend.images import ImageSource, load_image
-from backend.ordering import FEATURE_STRATEGIES, OrderPlan, build_order, place_new_tasks
+from backend.ordering import FEATURE_STRATEGIES, OrderPlan, Strategy, build_order, place_new_tasks
 from backend.ordering.plan import load_plan, set_view_id
 from backend.settings import Settings
 from backend.store import Store
@@ -29,33 +31,80 @@ from backend.store import Store
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OrderRequest:
-    """What an admin asks for (``boxloop order`` / ``POST /projects/{id}/order``)."""
-
-    strategy: str = "dissimilar"
-    extractor: str = "imgnet_effnet_lite0"
-    batch_size: int = 10
-    seed: int = 0
-    n_seed: int = 1
-    start: str = "labeled"
-    pca_dim: int | None = None
-    temporal_field: str | None = None
-    simnet_epochs: int = 25
-    push: bool = True
-    uncertainty_scores: bool = False
+#: Feature extractors an order may use (aliases included).
+EXTRACTORS: tuple[str, ...] = (*EXTRACTOR_NAMES, "imgnet")
 
 
-def order_request(settings: Settings, **given: Any) -> OrderRequest:
-    """An :class:`OrderRequest` from what the admin gave; the rest from settings."""
-    values: dict[str, Any] = {
-        "strategy": settings.order_strategy,
-        "extractor": settings.feature_extractor,
-        "batch_size": settings.order_batch_size,
-        "seed": settings.order_seed,
-    }
-    values.update({k: v for k, v in given.items() if v is not None})
-    return OrderRequest(**values)
+class OrderRequest(BaseModel):
+    """What an admin asks for: one typed request for ``boxloop order`` and
+    ``POST /projects/{id}/order``.
+
+    The class defaults are the settings' defaults; :meth:`for_settings` gives the request class
+    of one server, whose defaults are its ``BOXLOOP_ORDER_*`` / ``BOXLOOP_FEATURE_EXTRACTOR``
+    settings, so the CLI and HTTP fill what an admin leaves out the same way. Bad values
+    (an unknown strategy, ``start`` other than labeled/random) are refused, never reinterpreted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    strategy: Strategy = Field(
+        default="random",
+        description="random | similar | dissimilar | temporal (BOXLOOP_ORDER_STRATEGY)",
+    )
+    extractor: str = Field(
+        default="imgnet_effnet_lite0",
+        description="feature extractor of similar/dissimilar (BOXLOOP_FEATURE_EXTRACTOR)",
+        json_schema_extra={"enum": list(EXTRACTORS)},
+    )
+    batch_size: int = Field(
+        default=10, ge=1, le=100_000, description="tasks per batch (BOXLOOP_ORDER_BATCH_SIZE)"
+    )
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="random seed (BOXLOOP_ORDER_SEED)")
+    n_seed: int = Field(default=1, ge=1, le=10_000, description="random start images")
+    start: Literal["labeled", "random"] = Field(
+        default="labeled",
+        description="labeled: start from the labeled tasks; random: from random ones",
+    )
+    pca_dim: int | None = Field(default=None, ge=1, le=4096, description="reduce features first")
+    temporal_field: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="task data field of the temporal order",
+    )
+    simnet_epochs: int = Field(default=25, ge=1, le=1000, description="SimNet training epochs")
+    push: bool = Field(default=True, description="push ranks and the sorted view to Label Studio")
+    uncertainty_scores: bool = Field(
+        default=False, description="also set prediction scores from ranks (Uncertainty sampling)"
+    )
+
+    @field_validator("extractor")
+    @classmethod
+    def _known_extractor(cls, value: str) -> str:
+        if value not in EXTRACTORS:
+            raise ValueError(f"unknown feature extractor {value!r}; known: {', '.join(EXTRACTORS)}")
+        return value
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> type[OrderRequest]:
+        """The request class whose defaults are ``settings`` (validated: a bad setting fails
+        here, at start-up, not on the first order)."""
+        defaults = {
+            "strategy": settings.order_strategy,
+            "extractor": settings.feature_extractor,
+            "batch_size": settings.order_batch_size,
+            "seed": settings.order_seed,
+        }
+        checked = cls.model_validate(defaults)
+        fields: dict[str, Any] = {}
+        for name in defaults:
+            info = copy.copy(cls.model_fields[name])
+            info.default = getattr(checked, name)
+            fields[name] = (info.annotation, info)
+        model: type[OrderRequest] = create_model(
+            cls.__name__, __base__=cls, __module__=cls.__module__, **fields
+        )
+        return model
 
 
 @dataclass(frozen=True)
@@ -166,7 +215,7 @@ class QueueManager:
             request.strategy,
             extractor=extractor,
             labeled_task_ids=self._labeled(project_id),
-            start="random" if request.start == "random" else "labeled",
+            start=request.start,
             seed=request.seed,
             n_seed=request.n_seed,
             pca_dim=request.pca_dim,

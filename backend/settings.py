@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     )
     basic_auth_user: str | None = None
     basic_auth_password: SecretStr | None = None
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1,
+        description="Larger request bodies get a 413 before they are read. Label Studio sends "
+        "/predict a task list, each task with its annotations and earlier predictions: a few "
+        "hundred tasks come to about 10-15 MB.",
+    )
 
     # --- Label Studio --------------------------------------------------------------------------
     label_studio_url: str | None = Field(None, description="e.g. http://127.0.0.1:8080")

@@ -116,7 +116,7 @@ def test_malformed_requests_get_clear_errors_and_the_server_keeps_serving(
     answer = client.post("/predict", json={"no_tasks": []})
     assert answer.status_code == 422 and "tasks" in answer.json()["error"]
     answer = client.post("/webhook", json={"annotation": {}})
-    assert answer.status_code == 400 and "action" in answer.json()["error"]
+    assert answer.status_code == 422 and "action: Field required" in answer.json()["error"]
     assert client.get("/health").status_code == 200
 
 

@@ -1,14 +1,16 @@
 """Bad input never crashes the server nor fails more than the task it is in, and no caller
-reaches where it should not: decompression bombs, exceptions inside a batch, and /setup
-hostnames (SSRF)."""
+reaches where it should not: decompression bombs, exceptions inside a batch, oversized bodies
+(in process and over a real socket), and /setup hostnames (SSRF)."""
 
 from __future__ import annotations
 
 import dataclasses
 import http.server
 import io
+import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -23,6 +26,7 @@ import backend.service as service_module
 from backend.app import create_app
 from backend.boxes import Boxes
 from backend.settings import Settings
+from tests.conftest import free_port
 from tests.synthetic import LABEL_CONFIG, write_dataset
 
 
@@ -170,6 +174,105 @@ def test_tasks_and_events_of_any_shape_get_named_errors(client: TestClient) -> N
         answer = client.post("/webhook", json=event)
         assert answer.status_code == 200, answer.text
         assert "not usable for training" in answer.json()["warnings"][0]
+
+
+# ---------------------------------------------------------------------------- request body limit
+def test_bodies_over_the_limit_get_413_unread(tmp_path: Path, images: list[Path]) -> None:
+    settings = _settings(tmp_path, max_request_bytes=10_000)
+    with TestClient(create_app(settings)) as client:
+        big = b'{"tasks": [' + b'{"id": 1, "data": {}},' * 1000 + b'{"id": 2, "data": {}}]}'
+        answer = client.post("/predict", content=big, headers={"content-type": "application/json"})
+        assert answer.status_code == 413
+        assert "BOXLOOP_MAX_REQUEST_BYTES" in answer.json()["error"]
+
+        def chunks() -> Iterator[bytes]:
+            for i in range(0, len(big), 1000):
+                yield big[i : i + 1000]
+
+        answer = client.post(
+            "/webhook", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 413 and "BOXLOOP_MAX_REQUEST_BYTES" in answer.json()["error"]
+        small = client.post("/predict", json={"tasks": [], "label_config": LABEL_CONFIG})
+        assert small.status_code == 200
+
+
+def _serve(settings: Settings) -> Iterator[int]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def served_port(tmp_path: Path) -> Iterator[int]:
+    yield from _serve(_settings(tmp_path, max_request_bytes=1024 * 1024))
+
+
+def _head_only(port: int, headers: str) -> bytes:
+    """Send request headers (no body), and read what the server answers within 10 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(headers.encode())
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                answer += data
+        except TimeoutError:
+            pass
+    return answer
+
+
+def test_a_60_mb_body_is_refused_before_it_is_sent(served_port: int) -> None:
+    """Over a real socket: the headers announce 60 MB and no body byte is sent; the server
+    answers 413 at once instead of waiting for the body."""
+    started = time.monotonic()
+    answer = _head_only(
+        served_port,
+        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {60 * 1024 * 1024}\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert time.monotonic() - started < 5
+
+
+def test_a_chunked_body_is_refused_once_it_crosses_the_limit(served_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", served_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"x" * 65536
+        answer = b""
+        sock.settimeout(0.2)
+        for _ in range(64):  # up to 4 MB offered; the limit is 1 MB
+            try:
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            except OSError:
+                break
+            try:
+                answer += sock.recv(4096)
+            except TimeoutError:
+                continue
+            if answer:
+                break
+        sock.settimeout(10)
+        while answer and b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
 # ---------------------------------------------------------------------------- SSRF

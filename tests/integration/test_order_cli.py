@@ -43,7 +43,7 @@ def test_order_cli_then_new_tasks_are_placed(
         client.post("/setup", json={"project": 5, "schema": LABEL_CONFIG})
         assert client.post("/webhook", json=_tasks(env[:6], 1)).json()["tasks"] == 6
         bad = client.post("/projects/5/order", json={"strategy": "sideways"})
-        assert bad.status_code == 422 and "unknown strategy" in bad.json()["error"]
+        assert bad.status_code == 422 and "strategy: Input should be" in bad.json()["error"]
         assert client.post("/projects/99/order", json={}).status_code == 404
 
     assert (
@@ -77,3 +77,45 @@ def test_order_cli_then_new_tasks_are_placed(
         order = service.store.get_order(5)
     assert order is not None
     assert sorted(order.task_ids) == list(range(1, 10))
+
+
+def test_order_cli_takes_its_defaults_from_settings_as_http_does(
+    env: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One typed request: options left out come from the settings (a settings file and
+    BOXLOOP_ORDER_* variables), for the CLI exactly as for HTTP."""
+    monkeypatch.setenv("BOXLOOP_ORDER_STRATEGY", "temporal")
+    settings_file = tmp_path / "boxloop.yaml"
+    settings_file.write_text("order_batch_size: 4\norder_seed: 3\n")
+    with TestClient(create_app(Settings())) as client:
+        client.post("/setup", json={"project": 5, "schema": LABEL_CONFIG})
+        client.post("/webhook", json=_tasks(env[:6], 1))
+        over_http = client.post("/projects/5/order?wait=true", json={"push": False}).json()
+    assert over_http["state"] == "done" and over_http["strategy"] == "temporal"
+
+    assert main(["--settings", str(settings_file), "order", "--project", "5", "--no-push"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["state"] == "done" and state["strategy"] == "temporal"
+    assert len(state["first_batch"]) == 4
+    assert state["params"]["seed"] == 3
+
+
+def test_order_cli_unknown_project_and_bad_values_are_clear_errors(
+    env: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["order", "--project", "99", "--strategy", "random"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("boxloop order: error: project 99 is unknown") and "Traceback" not in err
+    with pytest.raises(SystemExit) as exited:
+        main(["order", "--project", "5", "--start", "sideways"])
+    assert exited.value.code == 2
+    assert main(["order", "--project", "5", "--extractor", "imgnet_nosuchnet"]) == 2
+    assert "unknown feature extractor 'imgnet_nosuchnet'" in capsys.readouterr().err
+    with TestClient(create_app(Settings())) as client:
+        client.post("/setup", json={"project": 5, "schema": LABEL_CONFIG})
+        answer = client.post("/projects/5/order", json={"start": "sideways"})
+        assert answer.status_code == 422 and "start" in answer.json()["error"]
+        assert client.post("/projects/5/order", json={"batch_size": 0}).status_code == 422
