@@ -62,7 +62,7 @@ from benchmark.config import (
     PretrainedConfig,
 )
 from benchmark.corrections import refresh_corrections
-from benchmark.datasets import Dataset, expand_path, load_dataset
+from benchmark.datasets import Dataset, decode_images, expand_path, load_dataset
 from benchmark.reports import write_report
 
 SCHEMA = 1
@@ -218,7 +218,12 @@ class PreparedDataset:
 
 
 def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
-    """Load, cap (seeded, same for every run), split off the held-out images, decode everything."""
+    """Load, cap (seeded, same for every run), decode, split off the held-out images.
+
+    An image that cannot be decoded is skipped with a warning (and listed in the
+    run's ``dataset.skipped_images``) before the split; only a dataset with no image
+    left is an error.
+    """
     start = time.perf_counter()
     dataset = load_dataset(config.spec)
     rng = np.random.default_rng(config.holdout_seed)
@@ -226,7 +231,8 @@ def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
     if config.max_images is not None and config.max_images < n:
         keep = np.sort(rng.permutation(n)[: config.max_images])
         dataset = dataset.subset(keep)
-        n = len(dataset)
+    dataset, images = decode_images(dataset)
+    n = len(dataset)
     n_holdout = config.holdout_count(n)
     perm = rng.permutation(n)
     holdout_idx, pool_idx = np.sort(perm[:n_holdout]), np.sort(perm[n_holdout:])
@@ -236,9 +242,8 @@ def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
         dataset,
         dataset.subset(pool_idx, name=name),
         dataset.subset(holdout_idx, name=name),
+        images,
     )
-    for sample in dataset.samples:
-        prepared.images[sample.image_id] = sample.load_image()
     prepared.load_seconds = time.perf_counter() - start
     return prepared
 
@@ -411,6 +416,7 @@ def run_one(
             "pool_ignored": pool.num_ignored,
             "holdout_images": len(prepared.holdout),
             "holdout_ids": [s.image_id for s in prepared.holdout.samples],
+            "skipped_images": [s.to_dict() for s in prepared.dataset.skipped],
             "max_images": prepared.config.max_images,
         },
         "approach": {

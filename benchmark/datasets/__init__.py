@@ -18,7 +18,11 @@ from benchmark.datasets.coco import load_coco
 from benchmark.datasets.common import (
     Dataset,
     DatasetError,
+    ImageDecodeError,
     Sample,
+    SkippedImage,
+    SkippedImageWarning,
+    decode_images,
     default_shared_data,
     expand_path,
 )
@@ -33,7 +37,11 @@ __all__ = [
     "DatasetError",
     "DatasetSpec",
     "IgnoreOverlap",
+    "ImageDecodeError",
     "Sample",
+    "SkippedImage",
+    "SkippedImageWarning",
+    "decode_images",
     "default_shared_data",
     "expand_path",
     "load_coco",

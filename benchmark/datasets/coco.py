@@ -22,10 +22,14 @@ from pycocotools.coco import COCO
 from benchmark.datasets.common import (
     Dataset,
     DatasetError,
+    ImageDecodeError,
     Sample,
+    SkippedImage,
     check_box,
     image_size_of,
     make_boxes,
+    require_images,
+    skip_image,
 )
 
 
@@ -111,12 +115,17 @@ def load_coco(
     cat_to_label = {c["id"]: label_index[str(c["name"])] for c in categories}
 
     samples = []
+    skipped: list[SkippedImage] = []
     for info in coco.dataset["images"]:
         image_path = image_dir / str(info["file_name"])
         if not image_path.is_file():
             raise DatasetError(f"{ann_file}: image {info['file_name']!r} not in {image_dir}")
         size = (int(info["width"]), int(info["height"]))
-        header = image_size_of(image_path)
+        try:
+            header = image_size_of(image_path)
+        except ImageDecodeError as exc:  # an unreadable image header: skip, do not stop
+            skipped.append(skip_image(str(info["id"]), image_path, exc.__cause__ or exc))
+            continue
         if size != header:
             raise DatasetError(
                 f"{ann_file}: image {info['id']} is {size[0]}x{size[1]} in the JSON "
@@ -135,13 +144,16 @@ def load_coco(
     stray = [a["id"] for a in coco.dataset["annotations"] if a["image_id"] not in image_ids]
     if stray:
         raise DatasetError(f"{ann_file}: annotations {stray[:5]} refer to unknown images")
-    return Dataset(
-        name=f"coco:{ann_file.parent.parent.name}",
-        root=image_dir.resolve(),
-        labels=labels,
-        samples=samples,
-        ignore_overlap="pred_area",
-        meta={"format": "coco", "annotations": str(ann_file.resolve())},
+    return require_images(
+        Dataset(
+            name=f"coco:{ann_file.parent.parent.name}",
+            root=image_dir.resolve(),
+            labels=labels,
+            samples=samples,
+            ignore_overlap="pred_area",
+            meta={"format": "coco", "annotations": str(ann_file.resolve())},
+            skipped=skipped,
+        )
     )
 
 

@@ -6,11 +6,19 @@ Each native format (VOC XML, KITTI text, COCO JSON) is read into the same
 see a format. Regions that must not count (VOC ``difficult``, KITTI
 ``DontCare``, COCO ``iscrowd``) stay in the boxes with their ``ignore`` flag set
 rather than being dropped, because evaluation and the oracle both need them.
+
+An image that cannot be decoded (a truncated JPEG, a file that is not an image)
+does not stop a benchmark: the loaders skip an image whose header cannot be read,
+and :func:`decode_images` skips one whose pixels cannot be decoded, each with a
+:class:`SkippedImageWarning`, and record it in :attr:`Dataset.skipped`. Only a
+dataset left with no image at all is an error.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +32,34 @@ IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg")
 
 class DatasetError(ValueError):
     """A dataset file is missing or malformed; the message names the file and the fault."""
+
+
+class ImageDecodeError(DatasetError):
+    """An image file cannot be read or decoded (truncated, corrupt, not an image)."""
+
+
+class SkippedImageWarning(UserWarning):
+    """An undecodable image was left out of a dataset."""
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image left out of a dataset because it could not be decoded."""
+
+    image_id: str
+    path: Path
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"image_id": self.image_id, "path": str(self.path), "reason": self.reason}
+
+
+def skip_image(image_id: str, path: Path, error: BaseException) -> SkippedImage:
+    """Warn that ``path`` is left out, and return the record of it."""
+    warnings.warn(
+        f"skipping image {image_id!r} ({path}): {error}", SkippedImageWarning, stacklevel=3
+    )
+    return SkippedImage(image_id, path, str(error))
 
 
 @dataclass(frozen=True)
@@ -50,8 +86,8 @@ class Sample:
         try:
             with Image.open(self.image_path) as image:
                 return image.convert("RGB")
-        except OSError as exc:
-            raise DatasetError(f"{self.image_path}: cannot decode image ({exc})") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageDecodeError(f"{self.image_path}: cannot decode image ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,8 @@ class Dataset:
     samples: list[Sample]
     ignore_overlap: IgnoreOverlap = "iou"
     meta: dict[str, str] = field(default_factory=dict)
+    #: Images left out because they could not be decoded (see :func:`decode_images`).
+    skipped: list[SkippedImage] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -86,6 +124,21 @@ class Dataset:
             [self.samples[int(i)] for i in indices],
             self.ignore_overlap,
             dict(self.meta),
+            list(self.skipped),
+        )
+
+    def without(self, skipped: Iterable[SkippedImage]) -> Dataset:
+        """The dataset less the ``skipped`` images (recorded in :attr:`skipped`)."""
+        dropped = list(skipped)
+        ids = {s.image_id for s in dropped}
+        return Dataset(
+            self.name,
+            self.root,
+            list(self.labels),
+            [s for s in self.samples if s.image_id not in ids],
+            self.ignore_overlap,
+            dict(self.meta),
+            [*self.skipped, *dropped],
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -101,8 +154,37 @@ def image_size_of(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return int(image.width), int(image.height)
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read image header ({exc})") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{path}: cannot read image header ({exc})") from exc
+
+
+def require_images(dataset: Dataset) -> Dataset:
+    """``dataset``, unless every image was skipped: then a :class:`DatasetError` naming them."""
+    if dataset.samples:
+        return dataset
+    shown = "; ".join(f"{s.path.name}: {s.reason}" for s in dataset.skipped[:3])
+    raise DatasetError(
+        f"{dataset.root}: no decodable image left ({len(dataset.skipped)} skipped"
+        + (f", e.g. {shown}" if shown else "")
+        + ")"
+    )
+
+
+def decode_images(dataset: Dataset) -> tuple[Dataset, dict[str, Image.Image]]:
+    """Decode every image as RGB; an undecodable one is skipped with a warning.
+
+    Returns the dataset less the skipped images (recorded in :attr:`Dataset.skipped`)
+    and the decoded images by ``image_id``. Raises :class:`DatasetError` when no
+    image is left.
+    """
+    images: dict[str, Image.Image] = {}
+    skipped: list[SkippedImage] = []
+    for sample in dataset.samples:
+        try:
+            images[sample.image_id] = sample.load_image()
+        except ImageDecodeError as exc:
+            skipped.append(skip_image(sample.image_id, sample.image_path, exc.__cause__ or exc))
+    return require_images(dataset.without(skipped) if skipped else dataset), images
 
 
 def find_image(directory: Path, stem: str) -> Path:

@@ -23,11 +23,15 @@ from benchmark.datasets.common import (
     IMAGE_SUFFIXES,
     Dataset,
     DatasetError,
+    ImageDecodeError,
     Sample,
+    SkippedImage,
     check_box,
     find_image,
     image_size_of,
     make_boxes,
+    require_images,
+    skip_image,
 )
 
 #: The eight KITTI object classes (the paper's 8 categories); ``DontCare`` is not a class.
@@ -105,16 +109,24 @@ def load_kitti(path: str | Path, labels: list[str] | None = None) -> Dataset:
             f"{image_dir}: {len(orphans)} image(s) without a label file, e.g. {orphans[:3]}"
         )
     samples = []
+    skipped: list[SkippedImage] = []
     for stem in stems:
         image_path = find_image(image_dir, stem)
-        size = image_size_of(image_path)
+        try:
+            size = image_size_of(image_path)
+        except ImageDecodeError as exc:  # an unreadable image header: skip, do not stop
+            skipped.append(skip_image(stem, image_path, exc.__cause__ or exc))
+            continue
         xyxy, idx, ign = parse_kitti_label(label_dir / f"{stem}.txt", size, label_index)
         samples.append(Sample(stem, image_path.resolve(), make_boxes(xyxy, idx, ign, size)))
-    return Dataset(
-        name=f"kitti:{root.parent.name if root.name == 'training' else root.name}",
-        root=root.resolve(),
-        labels=labels,
-        samples=samples,
-        ignore_overlap="pred_area",
-        meta={"format": "kitti"},
+    return require_images(
+        Dataset(
+            name=f"kitti:{root.parent.name if root.name == 'training' else root.name}",
+            root=root.resolve(),
+            labels=labels,
+            samples=samples,
+            ignore_overlap="pred_area",
+            meta={"format": "kitti"},
+            skipped=skipped,
+        )
     )

@@ -23,11 +23,15 @@ from torchvision.datasets import VOCDetection
 from benchmark.datasets.common import (
     Dataset,
     DatasetError,
+    ImageDecodeError,
     Sample,
+    SkippedImage,
     check_box,
     find_image,
     image_size_of,
     make_boxes,
+    require_images,
+    skip_image,
 )
 
 VOC_CLASSES = [
@@ -191,12 +195,17 @@ def load_voc(
     label_index = None if labels is None else {name: i for i, name in enumerate(labels)}
 
     parsed = []
+    skipped: list[SkippedImage] = []
     for image_id in ids:
         xml_path = ann_dir / f"{image_id}.xml"
         if not xml_path.is_file():
             raise DatasetError(f"{xml_path}: listed in split {split!r} but missing")
         image_path = find_image(img_dir, image_id)
-        objects, size = parse_voc_xml(xml_path, image_path, label_index)
+        try:
+            objects, size = parse_voc_xml(xml_path, image_path, label_index)
+        except ImageDecodeError as exc:  # an unreadable image header: skip, do not stop
+            skipped.append(skip_image(image_id, image_path, exc.__cause__ or exc))
+            continue
         parsed.append((image_id, image_path, objects, size))
 
     if labels is None:
@@ -218,11 +227,14 @@ def load_voc(
         )
         for image_id, image_path, objects, size in parsed
     ]
-    return Dataset(
-        name=f"voc:{root.name}",
-        root=root.resolve(),
-        labels=list(labels),
-        samples=samples,
-        ignore_overlap="iou",
-        meta={"format": "voc", "split": split or "all"},
+    return require_images(
+        Dataset(
+            name=f"voc:{root.name}",
+            root=root.resolve(),
+            labels=list(labels),
+            samples=samples,
+            ignore_overlap="iou",
+            meta={"format": "voc", "split": split or "all"},
+            skipped=skipped,
+        )
     )

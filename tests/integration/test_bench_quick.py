@@ -8,6 +8,7 @@ the PNG plots, and check what they say against the ground truth.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from benchmark.cli import main
 from benchmark.config import Approach, ConfigError, config_from_dict, load_config
-from benchmark.datasets import default_shared_data, load_voc
+from benchmark.corrections import batch_boxes
+from benchmark.datasets import SkippedImageWarning, default_shared_data, load_voc
 from benchmark.reports import run_workload
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,8 +78,9 @@ def check_run(run: dict) -> None:
     assert run["batches"][0]["manual"] is retrains
     for batch in run["batches"][1:] if retrains else run["batches"]:
         assert not batch["manual"] and set(batch["predictions"]) == set(batch["image_ids"])
-        for counts in batch["corrections"].values():
-            assert counts["accepted"] + counts["additions"] == counts["gt"] == batch["boxes"]
+        for key, counts in batch["corrections"].items():
+            boxes = batch_boxes(batch, "counted" if key.endswith("ignored=counted") else "excluded")
+            assert counts["accepted"] + counts["additions"] == counts["gt"] == boxes
             assert (
                 counts["accepted"] + counts["removals"] + counts["ignored"] == counts["predictions"]
             )
@@ -91,7 +94,10 @@ def check_run(run: dict) -> None:
 def test_quick_bench_on_generated_dataset(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root = make_shapes_voc(tmp_path / "shapes", n=12)
+    root = make_shapes_voc(tmp_path / "shapes", n=13)
+    # A partly downloaded JPEG (20 bytes missing) is skipped, not fatal: 12 images remain.
+    broken = root / "JPEGImages" / "img012.jpg"
+    broken.write_bytes(broken.read_bytes()[:-20])
     dataset = load_voc(root)
     assert dataset.labels == ["disc", "square"] and dataset.num_ignored > 0
     out = tmp_path / "out"
@@ -102,7 +108,8 @@ def test_quick_bench_on_generated_dataset(
         "--train", "epochs=1", "--train", "min_size=160", "--train", "max_size=224",
         "--out", str(out), "--no-progress",
     ]  # fmt: skip
-    assert main(["bench", *argv]) == 0
+    with pytest.warns(SkippedImageWarning, match="img012"):
+        assert main(["bench", *argv]) == 0
     assert "6 run(s) done, 0 reused" in capsys.readouterr().out
 
     runs = read_runs(out)
@@ -113,6 +120,7 @@ def test_quick_bench_on_generated_dataset(
         check_run(run)
         assert run["config"]["train"]["epochs"] == 1 and run["dataset"]["pool_images"] == 9
         assert [b["images"] for b in run["batches"]] == [4, 4, 1]
+        assert [s["image_id"] for s in run["dataset"]["skipped_images"]] == ["img012"]
     # The pool is the same for every run; the orders differ between strategies.
     orders = {r["approach"]["slug"]: r["order"] for r in runs if r["seed"] == 0}
     assert len({tuple(sorted(o)) for o in orders.values()}) == 1
@@ -127,8 +135,9 @@ def test_quick_bench_on_generated_dataset(
 
     report = (out / "report.md").read_text()
     for text in (
-        "Table 1.",
-        "Table 2.",
+        "Table 1 (τ=0.5).",
+        "Table 2 (τ=0.7).",
+        "Table 1* (τ=0.5).",
         "strict convention",
         "Full manual",
         "Shuffle",
@@ -137,6 +146,8 @@ def test_quick_bench_on_generated_dataset(
     ):
         assert text in report
     assert "τ=0.5" in report and "τ=0.7" in report and " ± " in report
+    # Datasets row: labels, pool images, boxes, ignored, held-out, 1 skipped image, 3 batches.
+    assert re.search(r"\| voc:shapes \| 2 \| 9 \| \d+ \| \d+ \| 3 \| 1 \| 3 \|", report)
     plots = sorted((out / "plots").glob("*.png"))
     assert [p.name for p in plots] == ["map_voc_shapes.png", "workload_voc_shapes.png"]
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in plots)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from benchmark.datasets import (
     KITTI_CLASSES,
     VOC_CLASSES,
     DatasetError,
+    SkippedImageWarning,
+    decode_images,
     default_shared_data,
     expand_path,
     load_coco,
@@ -23,13 +26,6 @@ from benchmark.datasets import (
     load_voc,
     parse_spec,
 )
-
-
-def shared_data() -> Path:
-    root = default_shared_data()
-    if not root.is_dir():
-        pytest.skip(f"shared data not found at {root} (set BOXLOOP_SHARED_DATA)")
-    return root
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48)) -> None:
@@ -150,8 +146,9 @@ def test_voc_unknown_class_with_explicit_labels_and_size_mismatch(tmp_path: Path
         load_voc(root)
 
 
-def test_voc_shared_subset() -> None:
-    base = shared_data()
+@pytest.mark.shared_data
+def test_voc_shared_subset(shared_data: Path) -> None:
+    base = shared_data
     ds = load_voc(base / "voc" / "VOCdevkit" / "VOC2012")
     assert len(ds) == 70 and ds.labels == VOC_CLASSES
     assert ds.num_boxes + ds.num_ignored == 179 and ds.num_ignored == 31
@@ -162,6 +159,130 @@ def test_voc_shared_subset() -> None:
     assert first.load_image().size == (486, 500)
     raccoon = load_dataset(f"voc:{base / 'voc' / 'raccoon'}")
     assert raccoon.labels == ["raccoon"] and len(raccoon) == 150 and raccoon.num_boxes == 163
+
+
+def test_voc_box_past_the_border_is_clipped(tmp_path: Path) -> None:
+    # 64x48 image; 1-based corners 0..70 and 40..60 reach past the left, right and bottom edges.
+    root = make_voc(tmp_path, {"a": voc_object("cat", (0, 40, 70, 60))})
+    np.testing.assert_allclose(load_voc(root).samples[0].boxes.xyxy, [[0, 39, 64, 48]])
+
+
+@pytest.mark.shared_data
+def test_voc_raccoon(shared_data: Path) -> None:
+    ds = load_dataset(f"voc:{shared_data / 'voc' / 'raccoon'}")
+    assert ds.meta["split"] == "trainval" and ds.labels == ["raccoon"]
+    assert (len(ds), ds.num_boxes, ds.num_ignored, ds.skipped) == (150, 163, 0, [])
+    for sample in ds.samples:
+        w, h = sample.image_size
+        xyxy = sample.boxes.xyxy
+        assert (xyxy[:, :2] >= 0).all() and (xyxy[:, 2] <= w).all() and (xyxy[:, 3] <= h).all()
+        assert (sample.boxes.areas > 0).all()
+
+
+CORNERS = ("xmin", "ymin", "xmax", "ymax")
+
+
+@pytest.mark.shared_data
+def test_voc_bccd_splits_classes_and_borders(shared_data: Path) -> None:
+    root = shared_data / "voc" / "BCCD"
+    everything = load_dataset(f"voc:{root}?split=")  # an empty split: every XML file
+    assert everything.meta["split"] == "all"
+    assert (len(everything), everything.num_boxes, everything.num_ignored) == (364, 4888, 0)
+    # Three classes COCO lacks, found by name (not VOC's list), in sorted order.
+    assert everything.labels == ["Platelets", "RBC", "WBC"]
+    assert everything.class_counts() == {"Platelets": 361, "RBC": 4155, "WBC": 372}
+    assert {s.image_size for s in everything.samples} == {(640, 480)}
+    # This copy's XML corners all lie inside the image (1-based, ≤ 640 / 480): nothing to clip
+    # (the loader would clip a box past the border, test_voc_box_past_the_border_is_clipped).
+    raw = [
+        [float(v.text or "nan") for v in ET.parse(p).getroot().iter() if v.tag in CORNERS]
+        for p in sorted((root / "Annotations").glob("*.xml"))
+    ]
+    corners = np.array([c for r in raw for c in r]).reshape(-1, 4)
+    assert len(corners) == 4888
+    assert (corners[:, :2] >= 1).all() and (corners[:, 2] <= 640).all()
+    assert (corners[:, 3] <= 480).all()
+    # Two RBC annotations are single clicks (xmin = xmax, ymin = ymax): one 1-based pixel, kept
+    # as a 1x1 box.
+    tiny = {
+        s.image_id: s.boxes.xyxy[s.boxes.areas <= 1].tolist()
+        for s in everything.samples
+        if (s.boxes.areas <= 1).any()
+    }
+    assert tiny == {
+        "BloodImage_00338": [[503, 336, 504, 337]],
+        "BloodImage_00343": [[180, 328, 181, 329]],
+    }
+    # ImageSets: trainval (the default) and test partition the 364 images.
+    trainval = load_dataset(f"voc:{root}")
+    test = load_dataset(f"voc:{root}?split=test")
+    assert (len(trainval), len(test)) == (292, 72)
+    ids = [s.image_id for s in trainval.samples] + [s.image_id for s in test.samples]
+    assert sorted(ids) == sorted(s.image_id for s in everything.samples)
+    assert trainval.labels == test.labels == everything.labels
+
+
+# ------------------------------------------------------------------------------ undecodable images
+def truncate(path: Path, missing: int = 20) -> None:
+    """Cut the last ``missing`` bytes of a file (a partly downloaded JPEG)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-missing])
+
+
+def test_truncated_jpeg_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    cat = voc_object("cat", (2, 2, 20, 20))
+    root = make_voc(tmp_path / "voc", {"a": cat, "b": cat, "c": cat})
+    truncate(root / "JPEGImages" / "b.jpg")
+    ds = load_voc(root)  # the header is intact: the loader keeps it, decoding finds the fault
+    assert len(ds) == 3 and ds.skipped == []
+    with pytest.warns(SkippedImageWarning, match=r"'b'.*truncated"):
+        decoded, images = decode_images(ds)
+    assert [s.image_id for s in decoded.samples] == ["a", "c"] and sorted(images) == ["a", "c"]
+    assert [(s.image_id, s.path.name) for s in decoded.skipped] == [("b", "b.jpg")]
+    assert "truncated" in decoded.skipped[0].reason
+    assert decoded.subset([0]).skipped == decoded.skipped  # pool / held-out keep the record
+    assert images["a"].mode == "RGB" and images["a"].size == (64, 48)
+
+
+def test_unreadable_header_is_skipped_by_the_loaders(tmp_path: Path) -> None:
+    cat = voc_object("cat", (2, 2, 20, 20))
+    root = make_voc(tmp_path / "voc", {"a": cat, "b": cat})
+    (root / "JPEGImages" / "a.jpg").write_bytes(b"not an image at all")
+    with pytest.warns(SkippedImageWarning, match="'a'"):
+        ds = load_voc(root)
+    assert [s.image_id for s in ds.samples] == ["b"] and ds.skipped[0].image_id == "a"
+
+    kitti = make_kitti(tmp_path / "kitti", {"000000": [row("Car", (1, 1, 9, 9))], "000001": []})
+    (kitti / "training" / "image_2" / "000001.png").write_bytes(b"\x89PNG broken")
+    with pytest.warns(SkippedImageWarning, match="000001"):
+        assert [s.image_id for s in load_kitti(kitti).samples] == ["000000"]
+
+
+def test_a_dataset_with_no_decodable_image_is_an_error(tmp_path: Path) -> None:
+    cat = voc_object("cat", (2, 2, 20, 20))
+    root = make_voc(tmp_path / "voc", {"a": cat, "b": cat})
+    for stem in ("a", "b"):
+        truncate(root / "JPEGImages" / f"{stem}.jpg")
+    with pytest.warns(SkippedImageWarning), pytest.raises(DatasetError, match="no decodable image"):
+        decode_images(load_voc(root))
+    for stem in ("a", "b"):
+        (root / "JPEGImages" / f"{stem}.jpg").write_bytes(b"")
+    with pytest.warns(SkippedImageWarning), pytest.raises(DatasetError, match="2 skipped"):
+        load_voc(root)
+
+
+def test_prepare_dataset_skips_and_records_a_truncated_jpeg(tmp_path: Path) -> None:
+    from benchmark.config import DatasetConfig
+    from benchmark.runner import prepare_dataset
+
+    cat = voc_object("cat", (2, 2, 20, 20))
+    root = make_voc(tmp_path / "voc", {f"im{i}": cat for i in range(6)})
+    truncate(root / "JPEGImages" / "im3.jpg")
+    with pytest.warns(SkippedImageWarning, match="im3"):
+        prepared = prepare_dataset(DatasetConfig(spec=f"voc:{root}", holdout=2))
+    assert len(prepared.pool) + len(prepared.holdout) == 5 and len(prepared.holdout) == 2
+    assert "im3" not in prepared.images and len(prepared.images) == 5
+    assert [s.image_id for s in prepared.dataset.skipped] == ["im3"]
 
 
 # ------------------------------------------------------------------------------ KITTI
@@ -230,8 +351,9 @@ def test_kitti_label_image_mismatch_raises(tmp_path: Path) -> None:
         load_kitti(tmp_path)
 
 
-def test_kitti_shared_subset() -> None:
-    ds = load_dataset(f"kitti:{shared_data() / 'kitti' / 'tiny'}")
+@pytest.mark.shared_data
+def test_kitti_shared_subset(shared_data: Path) -> None:
+    ds = load_dataset(f"kitti:{shared_data / 'kitti' / 'tiny'}")
     assert len(ds) == 75 and ds.num_boxes == 311 and ds.num_ignored == 188
     first = ds.samples[0]
     assert first.image_id == "000000" and first.image_path.suffix == ".jpeg"
@@ -319,8 +441,9 @@ def test_coco_bad_json_and_unknown_label(tmp_path: Path) -> None:
         load_coco(root)
 
 
-def test_coco_shared_subset() -> None:
-    ds = load_dataset(f"coco:{shared_data() / 'coco' / 'mini'}")
+@pytest.mark.shared_data
+def test_coco_shared_subset(shared_data: Path) -> None:
+    ds = load_dataset(f"coco:{shared_data / 'coco' / 'mini'}")
     assert len(ds) == 80 and len(ds.labels) == 80
     assert ds.num_boxes + ds.num_ignored == 739 and ds.num_ignored == 8
     assert ds.labels[0] == "person" and ds.labels[-1] == "toothbrush"  # ids 1 and 90
