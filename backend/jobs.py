@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from backend.settings import Settings, load_settings
+from backend.settings import Settings, load_settings, settings_from_json, settings_to_json
 from backend.store import JOB_ACTIVE, Store, utcnow
 
 log = logging.getLogger(__name__)
@@ -123,21 +123,35 @@ class TrainingScheduler:
         env = dict(os.environ)
         env["BOXLOOP_DATA_DIR"] = str(self.settings.data_dir)
         env["BOXLOOP_DATABASE_URL"] = self.settings.resolved_database_url
+        # The child trains with the server's own Settings object (a settings file given to
+        # `boxloop --settings` included), handed over as JSON: never re-read from the
+        # environment, so training and serving agree on sizes and everything else.
+        overrides: dict[str, str] = {"database_url": self.settings.resolved_database_url}
         if self.extra_env is not None:
-            env.update(self.extra_env(job.project_id))
+            for key, value in self.extra_env(job.project_id).items():
+                if key.startswith("BOXLOOP_"):
+                    overrides[key[len("BOXLOOP_") :].lower()] = value
+                else:
+                    env[key] = value
         log_path = self.settings.data_dir / "logs" / f"job-{job_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        settings_path = log_path.with_suffix(".settings.json")
+        _write_private(settings_path, settings_to_json(self.settings, **overrides))
         log.info("training job %s for project %s starting (%s)", job_id, job.project_id, job.reason)
-        with open(log_path, "wb") as log_file:
-            with self._lock:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-m", "backend.jobs", "--job", str(job_id)],
-                    env=env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,
-                )
-            code = self._process.wait()
+        command = [sys.executable, "-m", "backend.jobs", "--job", str(job_id)]
+        try:
+            with open(log_path, "wb") as log_file:
+                with self._lock:
+                    self._process = subprocess.Popen(
+                        [*command, "--settings-json", str(settings_path)],
+                        env=env,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=_die_with_parent,
+                    )
+                code = self._process.wait()
+        finally:
+            settings_path.unlink(missing_ok=True)  # it holds secrets
         with self._lock:
             self._process = None
         job = self.store.get_job(job_id)
@@ -160,6 +174,26 @@ class TrainingScheduler:
             log.error("training job %s failed (exit %s)", job_id, code)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` readable by this user only (it may hold tokens)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+#: Settings a job log names, so a log shows what the version was trained with.
+_LOGGED_SETTINGS = (
+    "detector",
+    "detector_min_size",
+    "detector_max_size",
+    "train_epochs",
+    "train_batch_size",
+    "train_lr",
+    "train_seed",
+    "num_threads",
+)
+
+
 def _tail(path: Path, n: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
@@ -170,11 +204,24 @@ def _tail(path: Path, n: int = 2000) -> str:
 def _worker_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one boxloop training job (used internally).")
     parser.add_argument("--job", type=int, required=True)
+    parser.add_argument(
+        "--settings-json",
+        type=Path,
+        help="the server's settings as JSON (default: read the environment / BOXLOOP_CONFIG)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = load_settings()
+    if args.settings_json is not None:
+        settings = settings_from_json(args.settings_json.read_text())
+    else:
+        settings = load_settings()
+    log.info(
+        "training job %s settings: %s",
+        args.job,
+        " ".join(f"{name}={getattr(settings, name, None)}" for name in _LOGGED_SETTINGS),
+    )
     store = Store(settings.resolved_database_url)
     from backend.training_job import run_training_job
 

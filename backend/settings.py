@@ -184,6 +184,29 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     return Settings(**{**file_values, **overrides})
 
 
+def settings_to_json(settings: Settings, **overrides: Any) -> str:
+    """The whole settings object as JSON, secrets included, for :func:`settings_from_json`.
+
+    How the server hands its settings (file, environment, overrides: already merged) to the
+    training child process, which must train with exactly what the server serves with. The text
+    holds secrets: write it only where the server's own user can read it.
+    """
+    values: dict[str, Any] = {}
+    for name, value in {**dict(settings), **overrides}.items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        values[name] = value
+    return json.dumps(values, default=str)
+
+
+def settings_from_json(text: str) -> Settings:
+    """Settings exactly as :func:`settings_to_json` wrote them (the environment is not read)."""
+    values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError("settings JSON must hold an object")
+    return Settings.model_validate(values)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return load_settings()
