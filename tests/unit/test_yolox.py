@@ -94,11 +94,21 @@ def test_imported_model_matches_onnxruntime_on_real_photos(
         assert ours.shape == reference.shape == (1, 3549, 85)
         assert reference[0, :, 4].max() > 0.8  # a confident object: not a comparison of zeros
         score_diff = np.abs(ours[0, :, 4:] - reference[0, :, 4:]).max()
-        box_diff = np.abs(
-            _pixel_boxes(ours[0], (416, 416)) - _pixel_boxes(reference[0], (416, 416))
-        ).max()
+        offset_diff = np.abs(ours[0, :, :4] - reference[0, :, :4]).max()
         assert score_diff <= 1e-3, f"{stem}: scores differ by {score_diff}"
-        assert box_diff <= 1e-2, f"{stem}: boxes differ by {box_diff} px"
+        assert offset_diff <= 1e-3, f"{stem}: raw box offsets differ by {offset_diff}"
+        # In pixels: float32 noise of ~1e-4 in log w/h scales with the box (up to ~570 px on
+        # junk rows), so the 1e-2 px bound is held on the rows that can become detections
+        # (measured ≤ 7e-4 px) and all rows are held to 1e-2 px + 2e-4 × their size.
+        mine, theirs = _pixel_boxes(ours[0], (416, 416)), _pixel_boxes(reference[0], (416, 416))
+        box_diff = np.abs(mine - theirs)
+        scored = (reference[0, :, 5:] * reference[0, :, 4:5]).max(1) >= 0.01
+        assert scored.sum() >= 10
+        assert box_diff[scored].max() <= 1e-2, (
+            f"{stem}: boxes differ by {box_diff[scored].max()} px"
+        )
+        size = theirs[:, [2, 3, 2, 3]]
+        assert np.all(box_diff <= 1e-2 + 2e-4 * size), f"{stem}: {(box_diff / size).max()}"
 
 
 @pytest.mark.shared_data
