@@ -90,12 +90,6 @@ class Assignment:
     ious: Tensor  # (F,) IoU of the (detached) predicted box with its gt
 
 
-def _xyxy(cxcywh: Tensor) -> Tensor:
-    return torch.cat(
-        [cxcywh[..., :2] - cxcywh[..., 2:] / 2, cxcywh[..., :2] + cxcywh[..., 2:] / 2], -1
-    )
-
-
 def _pair_iou(a: Tensor, b: Tensor) -> Tensor:
     """Element-wise IoU of ``cxcywh`` boxes ``a`` and ``b`` (same shape ``(..., 4)``)."""
     tl = torch.maximum(a[..., :2] - a[..., 2:] / 2, b[..., :2] - b[..., 2:] / 2)
