@@ -12,8 +12,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 from backend.boxes import Boxes
-from backend.detectors import Detector, OnnxYoloxDetector, load_torch_detector
+from backend.errors import ServiceError
 from backend.images import (
     ImageError,
     ImageSource,
@@ -29,7 +28,6 @@ from backend.images import (
     load_image,
     trusted_studio_url,
 )
-from backend.ingest import AnnotationPayloadError, ingest_annotation
 from backend.jobs import TrainingScheduler
 from backend.labelstudio.convert import (
     LabelConfig,
@@ -39,27 +37,12 @@ from backend.labelstudio.convert import (
     task_score,
 )
 from backend.queueing import OrderRequest, QueueManager
+from backend.registry import LoadedModel, ModelRegistry
 from backend.settings import Settings
 from backend.store import Project, Store
+from backend.webhooks import WebhookHandler, WebhookOutcome, parse_project_id
 
 log = logging.getLogger(__name__)
-
-UNTRAINED_VERSION = "boxloop-untrained"
-
-
-class ServiceError(Exception):
-    """Bad input or state, with the HTTP status a caller should see."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-        self.message = message
-
-
-@dataclass
-class LoadedModel:
-    version: str
-    detector: Detector | None
 
 
 @dataclass
@@ -75,44 +58,6 @@ class TaskPrediction:
         return {"result": self.result, "score": self.score, "model_version": self.model_version}
 
 
-@dataclass
-class WebhookOutcome:
-    action: str
-    stored: int = 0
-    deleted: int = 0
-    tasks: int = 0
-    training_job: int | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": "ok", "action": self.action}
-        for key in ("stored", "deleted", "tasks"):
-            if getattr(self, key):
-                out[key] = getattr(self, key)
-        if self.training_job is not None:
-            out["training_job"] = self.training_job
-        if self.warnings:
-            out["warnings"] = self.warnings
-        return out
-
-
-def parse_project_id(value: Any) -> int | None:
-    """Label Studio sends the project as ``7`` or ``"7.1795390608"`` (id.timestamp)."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        head = value.split(".", 1)[0].strip()
-        if head.isdigit():
-            return int(head)
-    return None
-
-
 class BoxloopService:
     """Everything the backend does, behind plain method calls."""
 
@@ -120,11 +65,8 @@ class BoxloopService:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(settings.resolved_database_url)
-        self._models: dict[int, LoadedModel] = {}
-        self._models_lock = threading.Lock()
         self._setup_tokens: dict[int, str] = {}
-        self._pretrained: OnnxYoloxDetector | None = None
-        self._pretrained_loaded = False
+        self.models = ModelRegistry(settings, self.store, studio_for=self._studio_client)
         self._http = httpx.Client(timeout=settings.image_fetch_timeout_s, follow_redirects=False)
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="boxloop-fetch")
         self.scheduler = TrainingScheduler(
@@ -135,6 +77,12 @@ class BoxloopService:
             self.store,
             studio_for=self._studio_client,
             image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
+        )
+        self.webhooks = WebhookHandler(
+            self.store,
+            schedule_training=self.maybe_schedule_training,
+            request_training=lambda pid: self.scheduler.request(pid, "START_TRAINING"),
+            tasks_created=self._tasks_created,
         )
         # queue work (features, ordering, pushes) runs one job at a time, off the request path
         self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxloop-queue")
@@ -160,77 +108,32 @@ class BoxloopService:
         self._http.close()
 
     # ------------------------------------------------------------------ models
-    def _pretrained_detector(self) -> OnnxYoloxDetector | None:
-        if not self._pretrained_loaded:
-            self._pretrained_loaded = True
-            path = self.settings.resolved_onnx_model_path
-            if path is not None:
-                try:
-                    self._pretrained = OnnxYoloxDetector.from_path(
-                        Path(path),
-                        self.settings.onnx_class_names_path,
-                        num_threads=self.settings.num_threads,
-                        score_threshold=self.settings.score_threshold,
-                        max_detections=self.settings.max_detections,
-                    )
-                except (OSError, ValueError) as exc:
-                    log.error("could not load the ONNX detector %s: %s", path, exc)
-        return self._pretrained
-
     def current_model(
         self, project_id: int | None, labels: Sequence[str] | None = None
     ) -> LoadedModel:
-        """The model serving a project: its newest trained version, else the pretrained one."""
-        if project_id is not None:
-            with self._models_lock:
-                loaded = self._models.get(project_id)
-            if loaded is not None:
-                return loaded
-            latest = self.store.latest_model_version(project_id)
-            if latest is not None:
-                detector = load_torch_detector(Path(latest.path), self.settings)
-                loaded = LoadedModel(latest.version, detector)
-                with self._models_lock:
-                    self._models[project_id] = loaded
-                return loaded
-        pretrained = self._pretrained_detector()
-        if pretrained is not None and labels:
-            mapped = pretrained.with_labels(labels)
-            if mapped.class_map:
-                return LoadedModel(mapped.version, mapped)
-        return LoadedModel(UNTRAINED_VERSION, None)
+        """The model serving a project (see :meth:`ModelRegistry.current`)."""
+        return self.models.current(project_id, labels)
 
     def _on_new_version(self, project_id: int, version: str) -> None:
-        record = next(
-            (v for v in self.store.list_model_versions(project_id) if v.version == version), None
-        )
-        if record is None:
+        """A training job finished: swap a promoted version in; a rejected one changes nothing."""
+        if not self.models.swap_in(project_id, version):
+            log.info(
+                "project %s: %s was not promoted, the serving version stays", project_id, version
+            )
+            self.maybe_schedule_training(project_id)
             return
-        detector = load_torch_detector(Path(record.path), self.settings)
-        with self._models_lock:
-            self._models[project_id] = LoadedModel(version, detector)
-        log.info("project %s now served by %s", project_id, version)
         order = self.store.get_order(project_id)
         if order is not None and order.params.get("uncertainty_scores"):
             # The new version's scores must be in Label Studio before the project switches to
             # it (the title update does that), or the queue would have no order in between.
             self._queue_pool.submit(self._carry_over_then_retitle, project_id, version)
         else:
-            self._update_backend_title(project_id, version)
+            self.models.update_title(project_id, version)
         self.maybe_schedule_training(project_id)
 
     def _carry_over_then_retitle(self, project_id: int, version: str) -> None:
         self._refresh_queue(project_id, version)
-        self._update_backend_title(project_id, version)
-
-    def _update_backend_title(self, project_id: int, version: str) -> None:
-        client = self._studio_client(project_id)
-        if client is None:
-            return
-        try:
-            client.set_backend_title(project_id, None, version)
-        except Exception as exc:  # Label Studio down: the next /setup returns the version anyway
-            log.warning("could not update the ML backend title in Label Studio: %s", exc)
+        self.models.update_title(project_id, version)
 
     # ------------------------------------------------------------------ Label Studio
     def _token_for(self, project_id: int | None) -> str | None:
@@ -446,112 +349,12 @@ class BoxloopService:
 
     # ------------------------------------------------------------------ /webhook
     def handle_webhook(self, payload: dict[str, Any]) -> WebhookOutcome:
-        action = payload.get("action")
-        if not isinstance(action, str):
-            raise ServiceError(400, "webhook payload has no 'action'")
-        outcome = WebhookOutcome(action)
-        if action not in {
-            "ANNOTATION_CREATED",
-            "ANNOTATION_UPDATED",
-            "ANNOTATIONS_CREATED",
-            "ANNOTATIONS_DELETED",
-            "START_TRAINING",
-            "TASKS_CREATED",
-        }:
-            outcome.warnings.append(f"action {action} is not used by boxloop")
-            return outcome
-        project = self._webhook_project(payload)
-        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
-            self._store_annotation(project, payload.get("annotation"), payload.get("task"), outcome)
-        elif action == "ANNOTATIONS_CREATED":
-            items = payload.get("annotations")
-            if not isinstance(items, list):
-                raise ServiceError(400, "ANNOTATIONS_CREATED needs an 'annotations' list")
-            for item in items:
-                self._store_annotation(project, item, None, outcome)
-        elif action == "ANNOTATIONS_DELETED":
-            items = payload.get("annotations")
-            if not isinstance(items, list):
-                raise ServiceError(400, "ANNOTATIONS_DELETED needs an 'annotations' list")
-            ids = [a.get("id") if isinstance(a, dict) else None for a in items]
-            int_ids = [i for i in ids if isinstance(i, int)]
-            if len(int_ids) != len(items):
-                raise ServiceError(400, "ANNOTATIONS_DELETED: every annotation needs an integer id")
-            outcome.deleted = self.store.delete_annotations(project.id, int_ids)
-        elif action == "TASKS_CREATED":
-            items = payload.get("tasks")
-            if not isinstance(items, list):
-                raise ServiceError(400, "TASKS_CREATED needs a 'tasks' list")
-            rows = [
-                (t["id"], t.get("data") or {})
-                for t in items
-                if isinstance(t, dict) and isinstance(t.get("id"), int)
-            ]
-            self.store.upsert_tasks(project.id, rows)
-            outcome.tasks = len(rows)
-            if rows and self.store.get_order(project.id) is not None:
-                self._queue_pool.submit(self._place_new, project.id, [r[0] for r in rows])
-        if action == "START_TRAINING":
-            outcome.training_job = self.scheduler.request(project.id, "START_TRAINING")
-        elif action != "TASKS_CREATED":
-            outcome.training_job = self.maybe_schedule_training(project.id)
-        return outcome
+        """Store what a Label Studio webhook carries; see :class:`WebhookHandler`."""
+        return self.webhooks.handle(payload)
 
-    def _webhook_project(self, payload: dict[str, Any]) -> Project:
-        raw = payload.get("project")
-        project_id = parse_project_id(raw)
-        if project_id is None:
-            annotation = payload.get("annotation")
-            if isinstance(annotation, dict):
-                project_id = parse_project_id(annotation.get("project"))
-        if project_id is None:
-            raise ServiceError(400, "webhook payload names no project")
-        stored = self.store.get_project(project_id)
-        label_config = raw.get("label_config") if isinstance(raw, dict) else None
-        if isinstance(label_config, str) and label_config.strip():
-            try:
-                config = parse_label_config(label_config)
-            except LabelConfigError as exc:
-                if stored is None:
-                    raise ServiceError(422, f"project {project_id}: {exc}") from exc
-            else:
-                if stored is None or stored.label_config != label_config:
-                    stored = self.store.upsert_project(
-                        project_id,
-                        label_config=label_config,
-                        from_name=config.from_name,
-                        to_name=config.to_name,
-                        image_key=config.image_key,
-                        labels=config.labels,
-                    )
-        if stored is None:
-            raise ServiceError(
-                404,
-                f"project {project_id} is unknown to boxloop: connect it as an ML backend "
-                "(Label Studio calls /setup) before sending webhooks",
-            )
-        return stored
-
-    def _store_annotation(
-        self, project: Project, annotation: Any, task: Any, outcome: WebhookOutcome
-    ) -> None:
-        config = parse_label_config(project.label_config)
-        try:
-            result = ingest_annotation(
-                self.store,
-                project.id,
-                config,
-                annotation,
-                task=task if isinstance(task, dict) else None,
-            )
-        except AnnotationPayloadError as exc:
-            raise ServiceError(400, str(exc)) from exc
-        outcome.stored += 1
-        if result.parse_error:
-            outcome.warnings.append(
-                f"annotation {result.annotation_id} stored but not usable for training: "
-                f"{result.parse_error}"
-            )
+    def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
+        if self.store.get_order(project_id) is not None:
+            self._queue_pool.submit(self._place_new, project_id, task_ids)
 
     # ------------------------------------------------------------------ training
     def maybe_schedule_training(self, project_id: int) -> int | None:
@@ -646,31 +449,14 @@ class BoxloopService:
     def status(self) -> dict[str, Any]:
         projects_out = []
         for project in self.store.list_projects():
-            versions = self.store.list_model_versions(project.id)
             jobs = self.store.list_jobs(project.id, limit=5)
             order = self.store.get_order(project.id)
-            with self._models_lock:
-                serving = self._models.get(project.id)
             projects_out.append(
                 {
                     "id": project.id,
                     "labels": project.labels,
-                    "serving_version": serving.version
-                    if serving
-                    else (
-                        versions[-1].version
-                        if versions
-                        else self.current_model(None, project.labels).version
-                    ),
-                    "model_versions": [
-                        {
-                            "version": v.version,
-                            "created_at": v.created_at.isoformat() + "Z",
-                            "n_images": v.n_images,
-                            "n_annotations": v.n_annotations,
-                        }
-                        for v in versions
-                    ],
+                    "serving_version": self.models.serving_version(project.id, project.labels),
+                    "model_versions": self.models.versions_status(project.id),
                     "annotations": self.store.annotation_counts(project.id),
                     "new_annotations_since_training": self.store.count_annotations_since(
                         project.id, project.trained_revision

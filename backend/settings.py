@@ -23,7 +23,9 @@ DEFAULT_MODEL_URL = (
     "https://github.com/Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_nano.onnx"
 )
 
-DetectorName = Literal["fasterrcnn_effnet_lite0", "fasterrcnn_mobilenet_v3", "ssdlite320"]
+DetectorName = Literal[
+    "yolox_nano", "fasterrcnn_effnet_lite0", "fasterrcnn_mobilenet_v3", "ssdlite320"
+]
 
 
 def _default_shared_data() -> Path:
@@ -80,7 +82,11 @@ class Settings(BaseSettings):
     image_fetch_timeout_s: float = 20.0
 
     # --- detector ------------------------------------------------------------------------------
-    detector: DetectorName = "fasterrcnn_effnet_lite0"
+    detector: DetectorName = Field(
+        "yolox_nano",
+        description="What trains: yolox_nano (COCO-pretrained, from the ONNX model; the default) "
+        "or a torchvision Faster R-CNN / SSDlite (ImageNet or COCO weights on disk).",
+    )
     torchvision_weights_dir: Path | None = Field(
         None, description="TORCH_HOME-style dir holding COCO weights for torchvision detectors."
     )
@@ -110,7 +116,27 @@ class Settings(BaseSettings):
     train_box_batch_size_per_image: int = 128
     train_freeze_backbone_body: bool = True
     train_seed: int = 0
-    keep_model_versions: int = 5
+    keep_model_versions: int = Field(
+        5, description="Version directories kept per project (the serving one always is)."
+    )
+    yolox_lr: float = Field(1e-3, description="YOLOX head learning rate (AdamW).")
+    yolox_backbone_lr_mult: float = 0.1
+    yolox_neck_lr_mult: float = 0.3
+    yolox_image_visits: int = Field(
+        600, description="Images a round sees in all; epochs = visits / images, clamped."
+    )
+    yolox_min_epochs: int = 8
+    yolox_max_epochs: int = 30
+    yolox_freeze: Literal["none", "stem", "backbone", "backbone+neck"] = "stem"
+    yolox_input_area: int = Field(
+        416 * 416, description="Letterbox area; its shape follows the images' aspect ratio."
+    )
+    gate_validation_fraction: float = Field(
+        0.2, description="Annotated tasks a training round holds back to judge its candidate."
+    )
+    gate_cv_below: int = Field(
+        15, description="Below this many annotated tasks, judge by 2-fold cross-validation."
+    )
 
     # --- features & ordering -------------------------------------------------------------------
     feature_extractor: str = "imgnet_effnet_lite0"

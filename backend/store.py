@@ -541,6 +541,19 @@ class Store:
             for r in rows
         ]
 
+    def update_model_version_metrics(
+        self, project_id: int, version: str, metrics: dict[str, Any]
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                model_versions.update()
+                .where(
+                    (model_versions.c.project_id == project_id)
+                    & (model_versions.c.version == version)
+                )
+                .values(metrics=metrics)
+            )
+
     def latest_model_version(self, project_id: int) -> ModelVersion | None:
         versions = self.list_model_versions(project_id)
         return versions[-1] if versions else None

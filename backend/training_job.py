@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from backend.boxes import Boxes
+from backend.detectors.yolox import load_coco_yolox_nano
 from backend.images import ImageError, image_source_for, load_image
 from backend.labelstudio.convert import (
     AnnotationParseError,
@@ -20,24 +23,22 @@ from backend.labelstudio.convert import (
     parse_label_config,
     regions_to_boxes,
 )
+from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import Annotation, Project, Store, utcnow
 from backend.training import (
+    ProgressFn,
     TrainConfig,
     TrainSample,
     load_model_version,
+    load_sample_image,
     save_model_version,
     train_detector,
 )
+from backend.training.gate import GateConfig, LabeledImage, run_round
+from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GatheredSamples:
-    samples: list[TrainSample]
-    n_annotations: int
-    skipped: dict[str, int]
 
 
 def version_name(project_id: int, number: int) -> str:
@@ -56,9 +57,23 @@ def latest_per_task(annotations: list[Annotation]) -> list[Annotation]:
     return [chosen[t] for t in sorted(chosen)]
 
 
+@dataclass(frozen=True)
+class GatheredSamples:
+    samples: list[TrainSample]
+    task_ids: list[int]
+    n_annotations: int
+    skipped: dict[str, int]
+
+
 def gather_samples(
     settings: Settings, store: Store, project: Project, config: LabelConfig
 ) -> GatheredSamples:
+    """Each annotated task's image and its newest annotation's boxes.
+
+    The boxes are the ones the store parsed at ingest (``Annotation.boxes``), rescaled when the
+    image has another size than the one the annotator saw; an annotation the store could not
+    parse is skipped and counted, never re-parsed here.
+    """
     source = image_source_for(
         label_studio_url=settings.label_studio_url,
         setup_hostname=project.hostname,
@@ -72,8 +87,18 @@ def gather_samples(
     )
     skipped = {"no_task_data": 0, "image_error": 0, "parse_error": 0}
     samples: list[TrainSample] = []
+    task_ids: list[int] = []
     chosen = latest_per_task(store.list_annotations(project.id))
     for annotation in chosen:
+        if annotation.parse_error is not None:
+            log.warning(
+                "task %s: annotation %s is not usable for training: %s",
+                annotation.task_id,
+                annotation.annotation_id,
+                annotation.parse_error,
+            )
+            skipped["parse_error"] += 1
+            continue
         data = store.get_task_data(project.id, annotation.task_id)
         reference = None if data is None else data.get(config.image_key)
         if not isinstance(reference, str):
@@ -81,19 +106,23 @@ def gather_samples(
             continue
         try:
             image = load_image(reference, source)
-            boxes = regions_to_boxes(annotation.result, config, image.size)
         except ImageError as exc:
             log.warning("task %s: %s", annotation.task_id, exc.message)
             skipped["image_error"] += 1
             continue
-        except AnnotationParseError as exc:
-            log.warning(
-                "task %s: annotation %s: %s", annotation.task_id, annotation.annotation_id, exc
-            )
-            skipped["parse_error"] += 1
-            continue
-        samples.append(TrainSample(image=image, boxes=boxes))
-    return GatheredSamples(samples, len(chosen), skipped)
+        boxes = annotation.boxes
+        if boxes is None:  # no region told the image size (e.g. an empty annotation)
+            try:
+                boxes = regions_to_boxes(annotation.result, config, image.size)
+            except AnnotationParseError as exc:
+                log.warning("task %s: %s", annotation.task_id, exc)
+                skipped["parse_error"] += 1
+                continue
+        if boxes.image_size != image.size and len(boxes):
+            boxes = boxes.scaled(image.width / boxes.width, image.height / boxes.height)
+        samples.append(TrainSample(image=image, boxes=Boxes(boxes.xyxy, boxes.labels, image.size)))
+        task_ids.append(annotation.task_id)
+    return GatheredSamples(samples, task_ids, len(chosen), skipped)
 
 
 def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
@@ -131,22 +160,10 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         raise ValueError(
             f"no usable annotations for project {project.id} (skipped: {gathered.skipped})"
         )
-    previous = store.latest_model_version(project.id)
-    init: torch.nn.Module | None = None
-    if previous is not None and list(previous.labels) == list(config.labels):
-        init, _ = load_model_version(Path(previous.path))
-
-    def progress(fraction: float, message: str) -> None:
-        store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
-
-    train_config = TrainConfig.from_settings(settings)
-    model = train_detector(
-        gathered.samples, list(config.labels), train_config, init=init, progress=progress
-    )
     number = len(store.list_model_versions(project.id)) + 1
     version = version_name(project.id, number)
     directory = settings.models_dir / f"project-{project.id}" / version
-    metadata = {
+    metadata: dict[str, Any] = {
         "version": version,
         "project_id": project.id,
         "labels": list(config.labels),
@@ -155,10 +172,20 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         "n_annotations": gathered.n_annotations,
         "annotations_revision": revision,
         "skipped": gathered.skipped,
-        "train_config": train_config.to_dict(),
         "job_id": job_id,
     }
-    save_model_version(model, directory, metadata)
+
+    def progress(fraction: float, message: str) -> None:
+        store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
+
+    if settings.detector == "yolox_nano":
+        metrics = _train_yolox_round(
+            settings, store, project.id, config, gathered, directory, metadata, progress
+        )
+    else:
+        metrics = _train_torchvision(
+            settings, store, project.id, config, gathered, directory, metadata, progress
+        )
     store.add_model_version(
         project.id,
         version,
@@ -167,7 +194,7 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         n_annotations=gathered.n_annotations,
         n_images=len(gathered.samples),
         annotations_revision=revision,
-        metrics={"skipped": gathered.skipped},
+        metrics={"skipped": gathered.skipped, **metrics},
     )
     store.set_trained_revision(project.id, revision)
     store.update_job(
@@ -176,6 +203,73 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         progress=1.0,
         finished_at=utcnow(),
         model_version=version,
-        message=f"trained on {len(gathered.samples)} images",
+        message=f"{metrics.get('status', 'promoted')}: {metrics.get('reason') or ''}".strip(": ")
+        + f" (trained on {len(gathered.samples)} images)",
     )
     return version
+
+
+def _train_yolox_round(
+    settings: Settings,
+    store: Store,
+    project_id: int,
+    config: LabelConfig,
+    gathered: GatheredSamples,
+    directory: Path,
+    metadata: dict[str, Any],
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    """Fine-tune the COCO YOLOX-Nano from its pretrained weights and judge it (the gate)."""
+    registry = ModelRegistry(settings, store)
+    onnx_path = settings.resolved_onnx_model_path
+    if onnx_path is None or not Path(onnx_path).is_file():
+        raise ValueError(
+            "training yolox_nano needs the COCO YOLOX-Nano ONNX model: run `boxloop models fetch` "
+            "or set BOXLOOP_ONNX_MODEL_PATH"
+        )
+    coco_model, coco_names = load_coco_yolox_nano(Path(onnx_path))
+    init = initial_yolox(coco_model, coco_names, config.labels)
+    gate = GateConfig.from_settings(settings)
+    outcome = run_round(
+        [
+            LabeledImage(task_id, load_sample_image(sample), sample.boxes)
+            for task_id, sample in zip(gathered.task_ids, gathered.samples, strict=True)
+        ],
+        config.labels,
+        init=init,
+        serving_predict=registry.serving_predictor(project_id, config.labels, gate.score_floor),
+        directory=directory,
+        metadata=metadata,
+        settings=settings,
+        train_config=YoloxTrainConfig.from_settings(settings),
+        gate=gate,
+        progress=progress,
+    )
+    return outcome.metrics()
+
+
+def _train_torchvision(
+    settings: Settings,
+    store: Store,
+    project_id: int,
+    config: LabelConfig,
+    gathered: GatheredSamples,
+    directory: Path,
+    metadata: dict[str, Any],
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    """Fine-tune a torchvision detector, warm-started from the previous version (no gate: the
+    ImageNet Faster R-CNN is the benchmark's comparison row, kept as it was)."""
+    previous = store.latest_model_version(project_id)
+    init: torch.nn.Module | None = None
+    if previous is not None and list(previous.labels) == list(config.labels):
+        try:
+            init, _ = load_model_version(Path(previous.path))
+        except (FileNotFoundError, ValueError, RuntimeError):
+            init = None
+    train_config = TrainConfig.from_settings(settings)
+    model = train_detector(
+        gathered.samples, list(config.labels), train_config, init=init, progress=progress
+    )
+    save_model_version(model, directory, {**metadata, "train_config": train_config.to_dict()})
+    return {"status": "promoted", "reason": "no gate for torchvision detectors"}

@@ -5,7 +5,8 @@ Starts ``boxloop serve`` as a subprocess (as users run it), then measures over H
 * ``/predict`` latency p50/p95 for one 640 px image and for a batch of 8, with a trained version;
 * webhook acknowledgement p50/p99 while a training job runs in the background;
 * training seconds per epoch per 50 images (from the job's own timestamps);
-* peak resident memory of the server and of the training worker.
+* peak resident memory of the server and of the training worker;
+* the load average (1, 5, 15 min) before and after, as every results file records it.
 
 Usage: ``.venv/bin/python -m benchmark.backend_speed [--images 50] [--out benchmark/results/backend_speed.json]``
 """
@@ -128,7 +129,13 @@ def _wait_job(client: httpx.Client, status: tuple[str, ...], timeout: float) -> 
     raise TimeoutError(f"no job reached {status}")
 
 
+def _load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: figures taken beside other jobs are pessimistic."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
+    load_before = _load_average()
     work = Path(tempfile.mkdtemp(prefix="boxloop-speed-"))
     dataset = _images(work / "images", n_images + 8)
     port = _free_port()
@@ -212,7 +219,11 @@ def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
         server.terminate()
         server.wait(30)
     results = {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": 2},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": 2,
+            "load_average_1_5_15": {"before": load_before, "after": _load_average()},
+        },
         "images": {"size": [640, 480], "train_images": n_images, "epochs": epochs},
         "predict_ms_1_image": {"p50": _pct(one, 50), "p95": _pct(one, 95), "n": len(one)},
         "predict_ms_batch_8": {

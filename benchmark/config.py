@@ -34,6 +34,9 @@ _FEATURE_NAMES = {"imgnet": "ImgNet", "simnet": "SimNet"}
 #: object counts (see :mod:`benchmark.corrections`).
 IgnoredObjects = Literal["excluded", "counted"]
 IGNORED_OBJECTS: tuple[IgnoredObjects, ...] = ("excluded", "counted")
+#: Detectors a retraining approach can loop with: the product's default (the COCO YOLOX-Nano,
+#: fine-tuned with the promotion gate) and the ImageNet Faster R-CNN it replaced (comparison row).
+DETECTORS = ("yolox", "fasterrcnn")
 
 
 class ConfigError(ValueError):
@@ -51,8 +54,11 @@ class Approach:
 
     strategy: str
     features: str | None = None
+    detector: str = "yolox"
 
     def __post_init__(self) -> None:
+        if self.detector not in DETECTORS:
+            raise ConfigError(f"unknown detector {self.detector!r}; use one of {DETECTORS}")
         if self.strategy not in (*LOOP_STRATEGIES, PRETRAINED):
             raise ConfigError(
                 f"unknown strategy {self.strategy!r}; use one of {[*LOOP_STRATEGIES, PRETRAINED]}"
@@ -73,16 +79,19 @@ class Approach:
         if self.strategy == PRETRAINED:
             return "Pretrained only (YOLOX-Nano)"
         short = _SHORT[self.strategy]
-        return f"{short} ({_FEATURE_NAMES[self.features]})" if self.features else short
+        name = f"{short} ({_FEATURE_NAMES[self.features]})" if self.features else short
+        return name if self.detector == "yolox" else f"{name}, Faster R-CNN (ImageNet)"
 
     @property
     def spec(self) -> str:
-        """The form :meth:`parse` reads back: ``"dissimilar:imgnet"``, ``"random"``."""
-        return self.strategy if self.features is None else f"{self.strategy}:{self.features}"
+        """The form :meth:`parse` reads back: ``"dissimilar:imgnet"``, ``"random@fasterrcnn"``."""
+        base = self.strategy if self.features is None else f"{self.strategy}:{self.features}"
+        return base if self.detector == "yolox" else f"{base}@{self.detector}"
 
     @property
     def slug(self) -> str:
-        return self.strategy if self.features is None else f"{self.strategy}-{self.features}"
+        base = self.strategy if self.features is None else f"{self.strategy}-{self.features}"
+        return base if self.detector == "yolox" else f"{base}-{self.detector}"
 
     @classmethod
     def parse(cls, value: Any) -> Approach:
@@ -90,10 +99,15 @@ class Approach:
         if isinstance(value, Approach):
             return value
         if isinstance(value, dict):
-            return cls(str(value.get("strategy")), value.get("features"))
+            return cls(
+                str(value.get("strategy")),
+                value.get("features"),
+                str(value.get("detector", "yolox")),
+            )
         if isinstance(value, str):
-            strategy, _, features = value.partition(":")
-            return cls(strategy.strip(), features.strip() or None)
+            head, _, detector = value.partition("@")
+            strategy, _, features = head.partition(":")
+            return cls(strategy.strip(), features.strip() or None, detector.strip() or "yolox")
         raise ConfigError(f"cannot read an approach from {value!r}")
 
 
@@ -175,6 +189,8 @@ class ExperimentConfig:
     warm_start: bool = True
     threads: int = 2
     train: dict[str, Any] = field(default_factory=dict)
+    yolox: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
     features: dict[str, Any] = field(default_factory=dict)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     output: str = "benchmark/results/latest"
@@ -235,6 +251,8 @@ class ExperimentConfig:
             "final_round": self.final_round,
             "warm_start": self.warm_start,
             "train": self.train,
+            "yolox": self.yolox,
+            "gate": self.gate,
             "features": self.features,
             "pretrained": asdict(self.pretrained),
         }
@@ -287,7 +305,7 @@ def config_from_dict(data: dict[str, Any], default_name: str = "experiment") -> 
         values["seeds"] = [int(s) for s in values["seeds"]]
     if isinstance(values.get("pretrained"), dict):
         values["pretrained"] = PretrainedConfig(**values["pretrained"])
-    for key in ("train", "features"):
+    for key in ("train", "yolox", "gate", "features"):
         if key in values and not isinstance(values[key], dict):
             raise ConfigError(f"{key!r} must be a mapping")
     return ExperimentConfig(**values)

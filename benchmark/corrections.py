@@ -18,6 +18,7 @@ re-run. One count is kept per
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from backend.boxes import Boxes
@@ -90,9 +91,12 @@ def refresh_corrections(run: dict[str, Any], config: ExperimentConfig) -> bool:
         all_gts = [counted(g) for g in gts]
         for tau, score, ignored in missing:
             if score == GATE:
-                if batch.get("gate_threshold") is None:
+                if batch.get("gate_serves_boxes") is False:
+                    cut = math.inf  # the serving version sends no boxes: all drawn by hand
+                elif batch.get("gate_threshold") is None:
                     continue
-                cut = float(batch["gate_threshold"])
+                else:
+                    cut = float(batch["gate_threshold"])
             else:
                 cut = float(score)
             batch["corrections"][correction_key(tau, score, ignored)] = correct_batch(

@@ -63,9 +63,10 @@ from benchmark.config import (
 )
 from benchmark.corrections import refresh_corrections
 from benchmark.datasets import Dataset, decode_images, expand_path, load_dataset
+from benchmark.product_loop import ProductLoop, gate_config, yolox_config
 from benchmark.reports import write_report
 
-SCHEMA = 1
+SCHEMA = 2
 
 
 # ---------------------------------------------------------------------------------- the seam
@@ -137,7 +138,14 @@ def extract_features(
 
 def run_key(config: ExperimentConfig, dataset: DatasetConfig) -> str:
     """:meth:`ExperimentConfig.run_key` with the training config resolved against the backend."""
-    return config.run_key(dataset, train_config_dict(config.train))
+    return config.run_key(
+        dataset,
+        {
+            "fasterrcnn": train_config_dict(config.train),
+            "yolox": yolox_config(config.yolox).to_dict(),
+            "gate": gate_config(config.gate).to_dict(),
+        },
+    )
 
 
 def set_threads(threads: int) -> None:
@@ -334,6 +342,21 @@ def run_one(
     if not approach.retrains:
         pretrained = pretrained_detector(config.pretrained, labels, config.prediction_floor)
         evaluate(pretrained, 0, 0)
+    loop: ProductLoop | None = None
+    if approach.retrains and approach.detector == "yolox":
+        loop = ProductLoop(
+            labels,
+            config.output_dir / "cache" / "loops" / RunId(prepared.name, approach, seed).slug,
+            onnx_model=expand_path(config.pretrained.model),
+            class_names=expand_path(config.pretrained.classes),
+            floor=config.prediction_floor,
+            yolox=config.yolox,
+            gate=config.gate,
+            seed=seed,
+            threads=config.threads,
+        )
+        if loop.serving.detector is not None:
+            evaluate(loop.serving.detector, 0, 0)
 
     batch_records: list[dict[str, Any]] = []
     labeled: list[int] = []
@@ -349,7 +372,34 @@ def run_one(
             "seconds": {},
         }
         detector: Detector | None = pretrained
-        if approach.retrains and k > 0:
+        if pretrained is not None:
+            # what the product serves the COCO model at
+            record["gate_threshold"] = load_settings().score_threshold
+        if loop is not None:
+            if k > 0:
+                say(f"B{k + 1}: train and gate a candidate on {len(labeled)} images")
+                start = time.perf_counter()
+                outcome = loop.round(
+                    [
+                        (
+                            pool.samples[i].image_id,
+                            prepared.images[pool.samples[i].image_id],
+                            gts[i],
+                        )
+                        for i in labeled
+                    ],
+                    k,
+                )
+                record["seconds"]["train"] = time.perf_counter() - start
+                seconds["train"] += record["seconds"]["train"]
+                record["gate"] = {"candidate": f"v{k}", **outcome.metrics()}
+                if loop.serving.detector is not None:
+                    evaluate(loop.serving.detector, len(labeled), k)
+            detector = loop.serving.detector
+            record["serving_version"] = loop.serving.version
+            record["gate_threshold"] = loop.serving.threshold
+            record["gate_serves_boxes"] = loop.serving.threshold is not None
+        elif approach.retrains and k > 0:
             say(f"B{k + 1}: train M{k} on {len(labeled)} images")
             start = time.perf_counter()
             model = train(
@@ -363,7 +413,7 @@ def run_one(
             seconds["train"] += record["seconds"]["train"]
             detector = wrap(model, labels, config.prediction_floor, config.train)
             evaluate(detector, len(labeled), k)
-        if detector is None:  # B1 of a retraining approach: drawn from scratch
+        if detector is None:  # nothing serves (B1 of the Faster R-CNN loop, unmapped labels)
             record.update(manual=True, predictions=None, corrections={})
         else:
             say(f"B{k + 1}: predict {len(batch)} images")
@@ -383,7 +433,7 @@ def run_one(
         batch_records.append(record)
         labeled.extend(batch)
 
-    if approach.retrains and config.final_round and holdout_gts:
+    if approach.retrains and approach.detector != "yolox" and config.final_round and holdout_gts:
         say(f"final model on {len(labeled)} images")
         start = time.perf_counter()
         model = train(
@@ -424,6 +474,7 @@ def run_one(
             "features": approach.features,
             "slug": approach.slug,
             "label": approach.label,
+            "detector": approach.detector if approach.retrains else "yolox-onnx",
         },
         "seed": seed,
         "oracle": {"tight_iou": config.tight_iou, "corrections": []},

@@ -93,6 +93,7 @@ class OnnxYoloxDetector:
         nms_threshold: float = 0.45,
         max_detections: int = 100,
         decoded: bool | None = None,
+        class_map: dict[int, int] | None = None,
     ) -> None:
         self.session = session
         self.class_names = list(class_names)
@@ -105,7 +106,13 @@ class OnnxYoloxDetector:
         self._input_name = model_input.name
         self.input_size: tuple[int, int] = (int(model_input.shape[2]), int(model_input.shape[3]))
         self._cells, self._strides = _grids(self.input_size)
-        self._class_map = map_class_names(self.class_names, self.labels)
+        # A fine-tuned version's classes *are* the project's labels (``class_map`` identity);
+        # the COCO model's are matched by name and synonym.
+        self._class_map = (
+            dict(class_map)
+            if class_map is not None
+            else map_class_names(self.class_names, self.labels)
+        )
         # source class index → project label index, -1 for dropped classes
         self._lookup = np.full(len(self.class_names), -1, dtype=np.int64)
         for source, target in self._class_map.items():
@@ -123,6 +130,7 @@ class OnnxYoloxDetector:
         score_threshold: float = 0.3,
         nms_threshold: float = 0.45,
         max_detections: int = 100,
+        class_map: dict[int, int] | None = None,
     ) -> OnnxYoloxDetector:
         """Load ``model_path``; class names default to ``coco_classes.txt`` beside it."""
         model_path = Path(model_path)
@@ -145,6 +153,7 @@ class OnnxYoloxDetector:
             score_threshold=score_threshold,
             nms_threshold=nms_threshold,
             max_detections=max_detections,
+            class_map=class_map,
         )
 
     def with_labels(self, labels: Sequence[str]) -> OnnxYoloxDetector:

@@ -106,6 +106,9 @@ def test_retrain_carries_the_order_over_and_preannotates_the_next_batch(
     server = start_boxloop(
         {
             "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(n_train),
+            # the queue carry-over is under test, not the detector: the ungated Faster R-CNN
+            # always swaps its new version in
+            "BOXLOOP_DETECTOR": "fasterrcnn_effnet_lite0",
             "BOXLOOP_TRAIN_EPOCHS": "10",
             "BOXLOOP_TRAIN_BATCH_SIZE": "2",
             "BOXLOOP_DETECTOR_MIN_SIZE": "320",

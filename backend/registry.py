@@ -1,0 +1,216 @@
+"""The model registry: which model serves each project, and every version's record.
+
+One place for what a version's life touches: loading the pretrained COCO model (ONNX for serving,
+PyTorch for fine-tuning), choosing what serves a project (its newest *promoted* version, else the
+COCO model mapped to its labels, else nothing), swapping a promoted version in, telling Label
+Studio (the ML backend's title carries the model version), pruning old version directories, and
+the per-version rows ``/status`` shows (scores, decision, threshold).
+
+A rejected candidate is recorded with its scores and reason but never served and never reaches
+Label Studio.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backend.boxes import Boxes
+from backend.detectors import Detector, OnnxYoloxDetector
+from backend.detectors.versions import load_version_detector
+from backend.settings import Settings
+from backend.store import ModelVersion, Store
+
+__all__ = ["UNTRAINED_VERSION", "LoadedModel", "ModelRegistry", "is_promoted"]
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_VERSION = "boxloop-untrained"
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    detector: Detector | None
+
+
+def is_promoted(record: ModelVersion) -> bool:
+    """Versions from before the gate (no status) count as promoted."""
+    metrics = record.metrics or {}
+    return metrics.get("status", "promoted") == "promoted" and not metrics.get("pruned")
+
+
+class ModelRegistry:
+    """Serving models per project (thread-safe), backed by the store's version records."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        studio_for: Callable[[int], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._studio_for = studio_for
+        self._models: dict[int, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self._pretrained: OnnxYoloxDetector | None = None
+        self._pretrained_loaded = False
+
+    # ------------------------------------------------------------------ pretrained
+    def pretrained(self) -> OnnxYoloxDetector | None:
+        """The COCO YOLOX-Nano ONNX model (all 80 classes), or None when there is none."""
+        with self._lock:
+            if not self._pretrained_loaded:
+                self._pretrained_loaded = True
+                path = self.settings.resolved_onnx_model_path
+                if path is not None:
+                    try:
+                        self._pretrained = OnnxYoloxDetector.from_path(
+                            Path(path),
+                            self.settings.onnx_class_names_path,
+                            num_threads=self.settings.num_threads,
+                            score_threshold=self.settings.score_threshold,
+                            max_detections=self.settings.max_detections,
+                        )
+                    except (OSError, ValueError) as exc:
+                        log.error("could not load the ONNX detector %s: %s", path, exc)
+            return self._pretrained
+
+    def pretrained_for(
+        self, labels: Sequence[str], score_threshold: float | None = None
+    ) -> OnnxYoloxDetector | None:
+        """The COCO model reporting ``labels`` (None when none of them names a COCO class)."""
+        base = self.pretrained()
+        if base is None or not labels:
+            return None
+        mapped = base.with_labels(labels)
+        if score_threshold is not None:
+            mapped.score_threshold = float(score_threshold)
+        return mapped if mapped.class_map else None
+
+    # ------------------------------------------------------------------ serving
+    def serving_record(self, project_id: int) -> ModelVersion | None:
+        """The newest promoted version of a project whose directory still exists."""
+        for record in reversed(self.store.list_model_versions(project_id)):
+            if is_promoted(record) and Path(record.path).is_dir():
+                return record
+        return None
+
+    def current(self, project_id: int | None, labels: Sequence[str] | None = None) -> LoadedModel:
+        """The model serving a project: its newest promoted version, else the pretrained one."""
+        if project_id is not None:
+            with self._lock:
+                loaded = self._models.get(project_id)
+            if loaded is not None:
+                return loaded
+            record = self.serving_record(project_id)
+            if record is not None:
+                loaded = LoadedModel(
+                    record.version, load_version_detector(Path(record.path), self.settings)
+                )
+                with self._lock:
+                    self._models[project_id] = loaded
+                return loaded
+        mapped = self.pretrained_for(labels or [])
+        if mapped is not None:
+            return LoadedModel(mapped.version, mapped)
+        return LoadedModel(UNTRAINED_VERSION, None)
+
+    def serving_predictor(
+        self, project_id: int, labels: Sequence[str], score_floor: float
+    ) -> Callable[[Sequence[Any]], list[Boxes]] | None:
+        """What the gate compares a candidate with: the serving model down to ``score_floor``."""
+        record = self.serving_record(project_id)
+        if record is not None:
+            detector: Detector = load_version_detector(
+                Path(record.path), self.settings, score_floor=score_floor
+            )
+            return lambda images: detector.predict(list(images))
+        mapped = self.pretrained_for(labels, score_threshold=score_floor)
+        if mapped is None:
+            return None
+        return lambda images: mapped.predict(list(images))
+
+    def swap_in(self, project_id: int, version: str) -> bool:
+        """Serve ``version`` if it was promoted; False (nothing changes) for a rejected one."""
+        record = next(
+            (v for v in self.store.list_model_versions(project_id) if v.version == version), None
+        )
+        if record is None or not is_promoted(record):
+            return False
+        detector = load_version_detector(Path(record.path), self.settings)
+        with self._lock:
+            self._models[project_id] = LoadedModel(version, detector)
+        log.info("project %s now served by %s", project_id, version)
+        self.prune(project_id)
+        return True
+
+    def serving_version(self, project_id: int, labels: Sequence[str]) -> str:
+        with self._lock:
+            loaded = self._models.get(project_id)
+        if loaded is not None:
+            return loaded.version
+        record = self.serving_record(project_id)
+        return record.version if record else self.current(None, labels).version
+
+    # ------------------------------------------------------------------ Label Studio
+    def update_title(self, project_id: int, version: str) -> None:
+        """Label Studio shows (and scores the queue by) the backend's model version."""
+        client = self._studio_for(project_id) if self._studio_for else None
+        if client is None:
+            return
+        try:
+            client.set_backend_title(project_id, None, version)
+        except Exception as exc:  # Label Studio down: the next /setup returns the version anyway
+            log.warning("could not update the ML backend title in Label Studio: %s", exc)
+
+    # ------------------------------------------------------------------ housekeeping
+    def prune(self, project_id: int) -> list[str]:
+        """Delete the directories of all but the newest ``keep_model_versions`` versions.
+
+        The serving version is always kept. The records stay (marked ``pruned``) so ``/status``
+        still shows what each version scored.
+        """
+        keep = max(1, self.settings.keep_model_versions)
+        records = self.store.list_model_versions(project_id)
+        serving = self.serving_record(project_id)
+        live = [r for r in records if not (r.metrics or {}).get("pruned")]
+        removed: list[str] = []
+        for record in live[: max(0, len(live) - keep)]:
+            if serving is not None and record.version == serving.version:
+                continue
+            shutil.rmtree(record.path, ignore_errors=True)
+            self.store.update_model_version_metrics(
+                project_id, record.version, {**(record.metrics or {}), "pruned": True}
+            )
+            removed.append(record.version)
+        if removed:
+            log.info("project %s: pruned %s", project_id, ", ".join(removed))
+        return removed
+
+    def versions_status(self, project_id: int) -> list[dict[str, Any]]:
+        """One row per version: when, on what, the gate's decision, its scores and threshold."""
+        rows = []
+        for v in self.store.list_model_versions(project_id):
+            metrics = v.metrics or {}
+            rows.append(
+                {
+                    "version": v.version,
+                    "created_at": v.created_at.isoformat() + "Z",
+                    "n_images": v.n_images,
+                    "n_annotations": v.n_annotations,
+                    "status": metrics.get("status", "promoted"),
+                    "reason": metrics.get("reason"),
+                    "score_threshold": metrics.get("score_threshold"),
+                    "serves_boxes": metrics.get("serves_boxes", True),
+                    "validation": metrics.get("validation"),
+                    "pruned": bool(metrics.get("pruned", False)),
+                }
+            )
+        return rows

@@ -1,0 +1,183 @@
+"""Label Studio webhooks: annotations and tasks into the store, training scheduled as due.
+
+Nothing a webhook carries is dropped: an annotation whose boxes cannot be parsed is stored with
+the reason (and skipped by training), and an envelope that is not what Label Studio sends gets a
+:class:`~backend.errors.ServiceError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.errors import ServiceError
+from backend.ingest import AnnotationPayloadError, ingest_annotation
+from backend.labelstudio.convert import LabelConfigError, parse_label_config
+from backend.store import Project, Store
+
+__all__ = ["WebhookHandler", "WebhookOutcome", "parse_project_id"]
+
+
+@dataclass
+class WebhookOutcome:
+    action: str
+    stored: int = 0
+    deleted: int = 0
+    tasks: int = 0
+    training_job: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": "ok", "action": self.action}
+        for key in ("stored", "deleted", "tasks"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.training_job is not None:
+            out["training_job"] = self.training_job
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
+
+
+def parse_project_id(value: Any) -> int | None:
+    """Label Studio sends the project as ``7`` or ``"7.1795390608"`` (id.timestamp)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        head = value.split(".", 1)[0].strip()
+        if head.isdigit():
+            return int(head)
+    return None
+
+
+class WebhookHandler:
+    """Applies webhook payloads to the store; the service passes in how to schedule work."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        schedule_training: Callable[[int], int | None],
+        request_training: Callable[[int], int],
+        tasks_created: Callable[[int, list[int]], None],
+    ) -> None:
+        self.store = store
+        self._schedule_training = schedule_training
+        self._request_training = request_training
+        self._tasks_created = tasks_created
+
+    def handle(self, payload: dict[str, Any]) -> WebhookOutcome:
+        """Store the annotations or tasks ``payload`` carries and schedule training as due."""
+        action = payload.get("action")
+        if not isinstance(action, str):
+            raise ServiceError(400, "webhook payload has no 'action'")
+        outcome = WebhookOutcome(action)
+        if action not in {
+            "ANNOTATION_CREATED",
+            "ANNOTATION_UPDATED",
+            "ANNOTATIONS_CREATED",
+            "ANNOTATIONS_DELETED",
+            "START_TRAINING",
+            "TASKS_CREATED",
+        }:
+            outcome.warnings.append(f"action {action} is not used by boxloop")
+            return outcome
+        project = self._webhook_project(payload)
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            self._store_annotation(project, payload.get("annotation"), payload.get("task"), outcome)
+        elif action == "ANNOTATIONS_CREATED":
+            items = payload.get("annotations")
+            if not isinstance(items, list):
+                raise ServiceError(400, "ANNOTATIONS_CREATED needs an 'annotations' list")
+            for item in items:
+                self._store_annotation(project, item, None, outcome)
+        elif action == "ANNOTATIONS_DELETED":
+            items = payload.get("annotations")
+            if not isinstance(items, list):
+                raise ServiceError(400, "ANNOTATIONS_DELETED needs an 'annotations' list")
+            ids = [a.get("id") if isinstance(a, dict) else None for a in items]
+            int_ids = [i for i in ids if isinstance(i, int)]
+            if len(int_ids) != len(items):
+                raise ServiceError(400, "ANNOTATIONS_DELETED: every annotation needs an integer id")
+            outcome.deleted = self.store.delete_annotations(project.id, int_ids)
+        elif action == "TASKS_CREATED":
+            items = payload.get("tasks")
+            if not isinstance(items, list):
+                raise ServiceError(400, "TASKS_CREATED needs a 'tasks' list")
+            rows = [
+                (t["id"], t.get("data") or {})
+                for t in items
+                if isinstance(t, dict) and isinstance(t.get("id"), int)
+            ]
+            self.store.upsert_tasks(project.id, rows)
+            outcome.tasks = len(rows)
+            if rows:
+                self._tasks_created(project.id, [r[0] for r in rows])
+        if action == "START_TRAINING":
+            outcome.training_job = self._request_training(project.id)
+        elif action != "TASKS_CREATED":
+            outcome.training_job = self._schedule_training(project.id)
+        return outcome
+
+    def _webhook_project(self, payload: dict[str, Any]) -> Project:
+        raw = payload.get("project")
+        project_id = parse_project_id(raw)
+        if project_id is None:
+            annotation = payload.get("annotation")
+            if isinstance(annotation, dict):
+                project_id = parse_project_id(annotation.get("project"))
+        if project_id is None:
+            raise ServiceError(400, "webhook payload names no project")
+        stored = self.store.get_project(project_id)
+        label_config = raw.get("label_config") if isinstance(raw, dict) else None
+        if isinstance(label_config, str) and label_config.strip():
+            try:
+                config = parse_label_config(label_config)
+            except LabelConfigError as exc:
+                if stored is None:
+                    raise ServiceError(422, f"project {project_id}: {exc}") from exc
+            else:
+                if stored is None or stored.label_config != label_config:
+                    stored = self.store.upsert_project(
+                        project_id,
+                        label_config=label_config,
+                        from_name=config.from_name,
+                        to_name=config.to_name,
+                        image_key=config.image_key,
+                        labels=config.labels,
+                    )
+        if stored is None:
+            raise ServiceError(
+                404,
+                f"project {project_id} is unknown to boxloop: connect it as an ML backend "
+                "(Label Studio calls /setup) before sending webhooks",
+            )
+        return stored
+
+    def _store_annotation(
+        self, project: Project, annotation: Any, task: Any, outcome: WebhookOutcome
+    ) -> None:
+        config = parse_label_config(project.label_config)
+        try:
+            result = ingest_annotation(
+                self.store,
+                project.id,
+                config,
+                annotation,
+                task=task if isinstance(task, dict) else None,
+            )
+        except AnnotationPayloadError as exc:
+            raise ServiceError(400, str(exc)) from exc
+        outcome.stored += 1
+        if result.parse_error:
+            outcome.warnings.append(
+                f"annotation {result.annotation_id} stored but not usable for training: "
+                f"{result.parse_error}"
+            )

@@ -1,0 +1,131 @@
+"""The product's train → gate → predict loop, as the harness replays it.
+
+Each round calls :func:`backend.training.gate.run_round` — the function a training job calls —
+on every image labelled so far: it fine-tunes the COCO YOLOX-Nano from its pretrained weights,
+holds back the same kind of validation slice, scores candidate and serving version with the
+backend's oracle and promotes only a better candidate. The serving version (the COCO model
+mapped to the dataset's labels until a candidate wins) predicts the next batch, exactly as the
+backend would pre-annotate it, at the threshold the gate chose for it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from backend.boxes import Boxes
+from backend.detectors import Detector
+from backend.detectors.versions import load_version_detector
+from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
+from backend.registry import ModelRegistry
+from backend.settings import Settings, load_settings
+from backend.store import Store
+from backend.training.gate import GateConfig, LabeledImage, RoundOutcome, run_round
+from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
+
+__all__ = ["ProductLoop", "gate_config", "yolox_config"]
+
+
+def yolox_config(overrides: dict[str, Any], seed: int = 0, threads: int = 2) -> YoloxTrainConfig:
+    """The backend's default YOLOX schedule (from settings) with the grid's overrides."""
+    return YoloxTrainConfig.from_settings(
+        load_settings(), **{"threads": threads, **overrides, "seed": seed}
+    )
+
+
+def gate_config(overrides: dict[str, Any]) -> GateConfig:
+    base = GateConfig.from_settings(load_settings())
+    values = {**base.to_dict(), **overrides}
+    values["thresholds"] = tuple(values["thresholds"])
+    return GateConfig(**values)
+
+
+@dataclass
+class _Serving:
+    version: str
+    directory: Path | None  # None: the pretrained COCO model (or nothing)
+    threshold: float | None  # what the product serves at; None: serves no boxes
+    detector: Detector | None  # down to the prediction floor
+
+
+class ProductLoop:
+    """One campaign's model history: the serving version and each round's gate decision."""
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        workdir: Path,
+        *,
+        onnx_model: Path,
+        class_names: Path | None,
+        floor: float,
+        yolox: dict[str, Any],
+        gate: dict[str, Any],
+        seed: int,
+        threads: int,
+    ) -> None:
+        self.labels = list(labels)
+        self.workdir = Path(workdir)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
+        self.floor = floor
+        self.seed = seed
+        self.threads = threads
+        self.yolox_overrides = yolox
+        self.gate = gate_config(gate)
+        self.settings: Settings = load_settings(
+            data_dir=self.workdir,
+            onnx_model_path=onnx_model,
+            onnx_class_names_path=class_names,
+            num_threads=threads,
+        )
+        # The registry's own view of "the pretrained model mapped to the labels".
+        self._registry = ModelRegistry(self.settings, Store(self.settings.resolved_database_url))
+        coco, names = load_coco_yolox_nano(onnx_model)
+        self.init: YoloxNano = initial_yolox(coco, names, self.labels)
+        pretrained = self._registry.pretrained_for(self.labels, score_threshold=floor)
+        self.serving = _Serving(
+            version="pretrained" if pretrained is not None else "manual",
+            directory=None,
+            threshold=self.settings.score_threshold if pretrained is not None else None,
+            detector=pretrained,
+        )
+        self.rounds: list[RoundOutcome] = []
+
+    def predict(self, images: Sequence[Image.Image]) -> list[Boxes] | None:
+        """The serving model's boxes down to the floor; None while nothing serves (draw)."""
+        if self.serving.detector is None:
+            return None
+        return self.serving.detector.predict(list(images))
+
+    def round(self, items: Sequence[tuple[str, Image.Image, Boxes]], number: int) -> RoundOutcome:
+        """Train on every labelled image, gate, and swap the candidate in if promoted."""
+        serving = self.serving.detector
+        directory = self.workdir / f"v{number}"
+        outcome = run_round(
+            [LabeledImage(key, image, boxes.kept()) for key, image, boxes in items],
+            self.labels,
+            init=self.init,
+            serving_predict=None if serving is None else lambda ims: serving.predict(list(ims)),
+            directory=directory,
+            metadata={"version": f"bench-v{number}", "labels": self.labels},
+            settings=self.settings,
+            train_config=yolox_config(
+                self.yolox_overrides, seed=self.seed * 1000 + number, threads=self.threads
+            ),
+            gate=self.gate,
+        )
+        self.rounds.append(outcome)
+        if outcome.promoted:
+            self.serving = _Serving(
+                version=f"v{number}",
+                directory=directory,
+                threshold=outcome.threshold if outcome.serves_boxes else None,
+                detector=load_version_detector(directory, self.settings, score_floor=self.floor),
+            )
+        return outcome

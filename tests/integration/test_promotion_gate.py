@@ -1,0 +1,168 @@
+"""The promotion gate through the product's own path: webhooks store annotations, a training job
+fine-tunes the COCO YOLOX-Nano and judges it, the registry serves (or keeps) a version.
+
+Real data: VOC photos (labels COCO knows, so the pretrained model serves before any training)
+and raccoon photos (a label COCO lacks, so nothing serves until a candidate wins).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.boxes import Boxes
+from backend.service import BoxloopService
+from backend.settings import Settings
+from backend.training.gate import GateConfig, validation_split
+from backend.training_job import run_training_job
+from benchmark.datasets import load_dataset
+from tests.conftest import shared_data_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _label_config(labels: list[str]) -> str:
+    inner = "".join(f'<Label value="{name}"/>' for name in labels)
+    return (
+        '<View><Image name="image" value="$image"/>'
+        f'<RectangleLabels name="label" toName="image">{inner}</RectangleLabels></View>'
+    )
+
+
+def _regions(boxes: Boxes, labels: list[str]) -> list[dict]:
+    width, height = boxes.image_size
+    return [
+        {
+            "from_name": "label",
+            "to_name": "image",
+            "type": "rectanglelabels",
+            "original_width": width,
+            "original_height": height,
+            "value": {
+                "x": 100 * float(x0) / width,
+                "y": 100 * float(y0) / height,
+                "width": 100 * float(x1 - x0) / width,
+                "height": 100 * float(y1 - y0) / height,
+                "rotation": 0,
+                "rectanglelabels": [labels[int(label)]],
+            },
+        }
+        for (x0, y0, x1, y1), label in zip(boxes.xyxy, boxes.labels, strict=True)
+    ]
+
+
+def _service(tmp_path: Path, image_root: Path, **extra: object) -> BoxloopService:
+    model = shared_data_dir() / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
+    if not model.is_file():
+        pytest.skip(f"the COCO YOLOX-Nano model is not at {model} (set BOXLOOP_SHARED_DATA)")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        allowed_local_roots=[image_root],
+        reconcile_on_startup=False,
+        train_after_new_annotations=10_000,
+        onnx_model_path=model,
+        num_threads=2,
+        yolox_input_area=320 * 240,
+        gate_cv_below=4,
+        **extra,
+    )
+    return BoxloopService(settings)
+
+
+def _annotate(service: BoxloopService, project: int, samples: list, labels: list[str]) -> None:
+    config = _label_config(labels)
+    for i, (path, boxes) in enumerate(samples):
+        outcome = service.handle_webhook(
+            {
+                "action": "ANNOTATION_CREATED",
+                "annotation": {"id": 1000 + i, "task": i + 1, "result": _regions(boxes, labels)},
+                "task": {"id": i + 1, "data": {"image": str(path)}},
+                "project": {"id": project, "label_config": config},
+            }
+        )
+        assert outcome.stored == 1, outcome
+
+
+def _train(service: BoxloopService, project: int) -> dict:
+    job = service.store.create_job(project, "test")
+    version = run_training_job(service.settings, service.store, job)
+    record = next(v for v in service.models.versions_status(project) if v["version"] == version)
+    return record
+
+
+def test_a_candidate_trained_on_shuffled_labels_is_rejected_and_the_serving_version_stays(
+    tmp_path: Path,
+) -> None:
+    root = shared_data_dir() / "voc" / "VOCdevkit" / "VOC2012"
+    if not root.is_dir():
+        pytest.skip(f"VOC subset not at {root}")
+    dataset = load_dataset(f"voc:{root}")
+    labels = list(dataset.labels)
+    permutation = (np.arange(len(labels)) + 7) % len(labels)  # no class keeps its name
+    service = _service(tmp_path, root, yolox_image_visits=96, yolox_max_epochs=8)
+    # The annotations the gate validates on are right; those it trains on have every class
+    # wrong (task ids 1..16 are the keys of the gate's split).
+    task_ids = list(range(1, 17))
+    train_part, _ = validation_split(task_ids, GateConfig.from_settings(service.settings))
+    samples = []
+    for i, sample in enumerate(dataset.samples[:16]):
+        kept = sample.boxes.kept()
+        if i in train_part:
+            kept = Boxes(kept.xyxy, permutation[kept.labels], kept.image_size)
+        samples.append((sample.image_path, kept))
+    try:
+        service.setup(5, _label_config(labels))
+        before = service.current_model(5, labels).version
+        assert before.startswith("pretrained-")
+        _annotate(service, 5, samples, labels)
+        record = _train(service, 5)
+        assert record["status"] == "rejected", record
+        assert record["validation"]["serving"]["map50"] > record["validation"]["candidate"]["map50"]
+        # it never serves and stays on disk with its scores and reason
+        assert not service.models.swap_in(5, record["version"])
+        assert service.current_model(5, labels).version == before
+        assert service.setup(5, _label_config(labels)) == before
+        directory = service.settings.models_dir / "project-5" / record["version"]
+        metadata = json.loads((directory / "metadata.json").read_text())
+        assert metadata["status"] == "rejected" and metadata["reason"]
+    finally:
+        service.close()
+
+
+def test_a_candidate_for_a_new_class_is_promoted_and_serves_at_its_threshold(
+    tmp_path: Path,
+) -> None:
+    root = shared_data_dir() / "voc" / "raccoon"
+    if not root.is_dir():
+        pytest.skip(f"raccoon subset not at {root}")
+    dataset = load_dataset(f"voc:{root}")
+    labels = list(dataset.labels)
+    samples = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:24]]
+    held_out = dataset.samples[-8:]
+    service = _service(tmp_path, root, yolox_image_visits=360)
+    try:
+        service.setup(6, _label_config(labels))
+        assert service.current_model(6, labels).detector is None  # COCO has no raccoon
+        _annotate(service, 6, samples, labels)
+        record = _train(service, 6)
+        assert record["status"] == "promoted", record
+        assert record["serves_boxes"] and 0 < record["score_threshold"] < 1
+        assert service.models.swap_in(6, record["version"])
+        model = service.current_model(6, labels)
+        assert model.version == record["version"]
+        assert model.detector is not None
+        predictions = model.detector.predict([s.load_image() for s in held_out])
+        found = sum(
+            int((g.iou(p) >= 0.5).any(axis=1).sum()) if len(p) else 0
+            for g, p in ((s.boxes.kept(), p) for s, p in zip(held_out, predictions, strict=True))
+        )
+        total = sum(len(s.boxes.kept()) for s in held_out)
+        assert found >= 0.5 * total, f"{found} of {total} held-out raccoons found"
+        assert all(
+            float(p.scores.min()) >= record["score_threshold"] for p in predictions if len(p)
+        )
+    finally:
+        service.close()

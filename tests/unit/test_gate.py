@@ -1,0 +1,111 @@
+"""The promotion gate's pure parts: the validation split, the decision, the input shape rule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from backend.boxes import Boxes
+from backend.scoring import score_predictions
+from backend.training.gate import GateConfig, decide, score_dict, validation_split
+from backend.training.yolox_train import YoloxTrainConfig, epochs_for, input_shape_for
+
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
+
+
+def _boxes(rows: list[tuple[float, float, float, float, int, float]]) -> Boxes:
+    xyxy = np.array([r[:4] for r in rows], dtype=np.float32).reshape(-1, 4)
+    labels = np.array([r[4] for r in rows], dtype=np.int64)
+    scores = np.array([r[5] for r in rows], dtype=np.float32)
+    return Boxes(xyxy, labels, (100, 100), scores)
+
+
+def _gt(rows: list[tuple[float, float, float, float, int]]) -> Boxes:
+    xyxy = np.array([r[:4] for r in rows], dtype=np.float32).reshape(-1, 4)
+    return Boxes(xyxy, np.array([r[4] for r in rows], dtype=np.int64), (100, 100))
+
+
+def _score(preds: list[Boxes], gts: list[Boxes]):
+    return score_predictions(gts, preds, ["a", "b"], score_thresholds=THRESHOLDS)
+
+
+GTS = [_gt([(10, 10, 40, 40, 0), (50, 50, 90, 90, 1)]), _gt([(5, 5, 60, 60, 0)])]
+
+
+def test_split_is_stable_as_tasks_arrive() -> None:
+    config = GateConfig(validation_fraction=0.2, min_validation=3)
+    keys = list(range(1, 101))
+    train, val = validation_split(keys, config)
+    assert set(train) | set(val) == set(range(100)) and not set(train) & set(val)
+    assert 10 <= len(val) <= 30  # about a fifth
+    # 100 more tasks arrive: every earlier task stays on its side
+    more = [*keys, *range(101, 201)]
+    _, val2 = validation_split(more, config)
+    assert {keys[i] for i in val} <= {
+        k for i, k in enumerate([*keys, *range(101, 201)]) if i in val2
+    }
+    assert not {keys[i] for i in train} & {([*keys, *range(101, 201)])[i] for i in val2}
+
+
+def test_split_keeps_a_minimum_and_never_everything() -> None:
+    config = GateConfig(min_validation=3)
+    assert len(validation_split([7, 8, 9, 10], config)[1]) == 3
+    train, val = validation_split([7, 8], config)
+    assert len(val) == 1 and len(train) == 1
+
+
+def test_a_better_candidate_is_promoted_and_a_worse_one_is_not() -> None:
+    perfect = [
+        _boxes([(10, 10, 40, 40, 0, 0.9), (50, 50, 90, 90, 1, 0.8)]),
+        _boxes([(5, 5, 60, 60, 0, 0.9)]),
+    ]
+    half = [_boxes([(10, 10, 40, 40, 0, 0.9)]), _boxes([(70, 70, 99, 99, 1, 0.9)])]
+    good, poor = _score(perfect, GTS), _score(half, GTS)
+    assert good.best.w_b == 0 and poor.best.w_b > 0
+    promoted, reason = decide(good, poor)
+    assert promoted, reason
+    promoted, reason = decide(poor, good)
+    assert (not promoted and "below" in reason) or "above" in reason
+    # equal is not better: the serving version stays
+    promoted, reason = decide(good, good)
+    assert not promoted and "no better" in reason
+
+
+def test_threshold_is_the_one_that_minimises_annotator_time() -> None:
+    # a right box at 0.6 and a false one at 0.4: thresholds 0.5 and 0.7 differ in W_T
+    preds = [
+        _boxes([(10, 10, 40, 40, 0, 0.6), (60, 0, 99, 30, 1, 0.4), (50, 50, 90, 90, 1, 0.8)]),
+        _boxes([(5, 5, 60, 60, 0, 0.65)]),
+    ]
+    score = _score(preds, GTS)
+    assert score.best_threshold == 0.5  # 0.3 adds a removal, 0.7 drops two right boxes
+    assert score.at(0.5).w_b == 0 and score.at(0.3).removals == 1
+    assert score.beats_manual
+    as_json = score_dict(score)
+    assert as_json["best_threshold"] == 0.5 and len(as_json["thresholds"]) == len(THRESHOLDS)
+
+
+def test_slice_without_boxes_is_judged_on_w_b_alone() -> None:
+    empty_gts = [Boxes.empty((100, 100))]
+    none = [Boxes.empty((100, 100), with_scores=True)]
+    false_box = [_boxes([(1, 1, 20, 20, 0, 0.9)])]
+    quiet, noisy = (
+        score_predictions(empty_gts, p, ["a", "b"], score_thresholds=THRESHOLDS)
+        for p in (none, false_box)
+    )
+    assert score_dict(quiet)["map50"] is None  # NaN is not JSON
+    assert noisy.best.w_b == 1 and quiet.best.w_b == 0
+    assert decide(quiet, noisy)[0] and not decide(noisy, quiet)[0]
+
+
+def test_input_shape_follows_the_aspect_ratio() -> None:
+    config = YoloxTrainConfig()
+    assert input_shape_for([(500, 375)] * 3, config) == (352, 480)
+    height, width = input_shape_for([(1224, 370)] * 3, config)
+    assert height % 32 == 0 and width % 32 == 0 and width / height > 2.5
+    assert input_shape_for([], config) == (416, 416)
+
+
+def test_epochs_follow_the_data_size() -> None:
+    config = YoloxTrainConfig(image_visits=600, min_epochs=8, max_epochs=30)
+    assert epochs_for(10, config) == 30 and epochs_for(60, config) == 10
+    assert epochs_for(1000, config) == 8
