@@ -32,6 +32,7 @@ from pydantic import (
     Field,
     Tag,
     WithJsonSchema,
+    model_validator,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -257,10 +258,29 @@ class AnnotationEvent(BaseModel):
 
 
 class AnnotationsCreatedEvent(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Label Studio sends the annotations as an ``annotation`` list and their tasks as a
+    ``task`` list; ``annotations`` is accepted too."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "anyOf": [
+                {"required": [key], "properties": {key: {"type": "array"}}}
+                for key in ("annotation", "annotations")
+            ]
+        },
+    )
     action: Literal["ANNOTATIONS_CREATED"]
     project: ProjectRef
-    annotations: list[WebhookAnnotation]
+    annotation: list[WebhookAnnotation] | None = None
+    annotations: list[WebhookAnnotation] | None = None
+    task: list[WebhookTask] | None = None
+
+    @model_validator(mode="after")
+    def _has_annotations(self) -> AnnotationsCreatedEvent:
+        if self.annotation is None and self.annotations is None:
+            raise ValueError("ANNOTATIONS_CREATED needs an 'annotation' list")
+        return self
 
 
 class AnnotationsDeletedEvent(BaseModel):

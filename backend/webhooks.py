@@ -93,11 +93,20 @@ class WebhookHandler:
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             self._store_annotation(project, payload.get("annotation"), payload.get("task"), outcome)
         elif action == "ANNOTATIONS_CREATED":
+            # Label Studio sends the list under "annotation" and their tasks as a "task" list
             items = payload.get("annotations")
+            if items is None:
+                items = payload.get("annotation")
             if not isinstance(items, list):
-                raise ServiceError(400, "ANNOTATIONS_CREATED needs an 'annotations' list")
+                raise ServiceError(400, "ANNOTATIONS_CREATED needs an 'annotation' list")
+            tasks = payload.get("task")
+            listed = tasks if isinstance(tasks, list) else []
+            by_id = {t.get("id"): t for t in listed if isinstance(t, dict)}
             for item in items:
-                self._store_annotation(project, item, None, outcome)
+                ref = item.get("task") if isinstance(item, dict) else None
+                task_id = ref.get("id") if isinstance(ref, dict) else ref
+                task = by_id.get(task_id) if isinstance(task_id, int) else None
+                self._store_annotation(project, item, task, outcome)
         elif action == "ANNOTATIONS_DELETED":
             items = payload.get("annotations")
             if not isinstance(items, list):

@@ -349,3 +349,39 @@ def test_other_allowed_hosts_never_get_the_token(
         answer = client.post("/predict", json={"tasks": [_task(1, f"{url}/c.png")], "project": 7})
     assert answer.status_code == 200, answer.text
     assert hits == [("/c.png", None)]
+
+
+# ---------------------------------------------------------------------------- Label Studio's shapes
+def test_annotations_created_as_label_studio_sends_it(
+    client: TestClient, images: list[Path]
+) -> None:
+    """Label Studio's bulk event carries an ``annotation`` list and a parallel ``task`` list
+    (webhooks/models.py: key 'annotation', many=True, nested 'task'); both are stored."""
+    client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+    region = {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": 320,
+        "original_height": 240,
+        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
+    }
+    event = {
+        "action": "ANNOTATIONS_CREATED",
+        "project": {"id": 7, "title": "p"},
+        "annotation": [
+            {"id": 11, "task": 1, "result": [region], "was_cancelled": False, "project": 7},
+            {"id": 12, "task": 2, "result": [region], "was_cancelled": False, "project": 7},
+        ],
+        "task": [
+            {"id": 1, "data": {"image": str(images[0])}, "project": 7},
+            {"id": 2, "data": {"image": str(images[1])}, "project": 7},
+        ],
+    }
+    answer = client.post("/webhook", json=event)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["stored"] == 2
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+    assert store.get_task_data(7, 2) == {"image": str(images[1])}
+    empty = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": 7})
+    assert empty.status_code == 422 and "'annotation' list" in empty.json()["error"]
