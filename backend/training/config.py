@@ -65,8 +65,11 @@ class TrainConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
+        # The torchvision detector named by the settings; with the YOLOX default (trained by
+        # backend.training.yolox_train) the Faster R-CNN this config describes is the ImageNet one.
+        arch = settings.detector if settings.detector != "yolox_nano" else cls.arch
         values: dict[str, Any] = {
-            "arch": settings.detector,
+            "arch": arch,
             "epochs": settings.train_epochs,
             "batch_size": settings.train_batch_size,
             "lr": settings.train_lr,
