@@ -84,6 +84,7 @@ def gather_samples(
         max_pixels=settings.max_image_pixels,
         max_bytes=settings.max_image_bytes,
         timeout_s=settings.image_fetch_timeout_s,
+        allowed_hosts=settings.allowed_image_hosts,  # as serving: images from allowed hosts
     )
     skipped = {"no_task_data": 0, "image_error": 0, "parse_error": 0}
     samples: list[TrainSample] = []

@@ -385,3 +385,36 @@ def test_annotations_created_as_label_studio_sends_it(
     assert store.get_task_data(7, 2) == {"image": str(images[1])}
     empty = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": 7})
     assert empty.status_code == 422 and "'annotation' list" in empty.json()["error"]
+
+
+def test_training_reads_images_from_the_same_hosts_as_serving(
+    tmp_path: Path, foreign_host: tuple[str, list[tuple[str, str | None]]]
+) -> None:
+    from backend.labelstudio.convert import parse_label_config
+    from backend.training_job import gather_samples
+
+    url, hits = foreign_host
+    settings = _settings(tmp_path, allowed_image_hosts=[url])
+    region = {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": 32,
+        "original_height": 24,
+        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
+    }
+    event = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 7, "label_config": LABEL_CONFIG},
+        "annotation": {"id": 1, "task": 1, "result": [region]},
+        "task": {"id": 1, "data": {"image": f"{url}/t.png"}},
+    }
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/webhook", json=event).status_code == 200
+        service = client.app.state.service  # type: ignore[attr-defined]
+        project = service.store.get_project(7)
+        gathered = gather_samples(
+            settings, service.store, project, parse_label_config(LABEL_CONFIG)
+        )
+    assert len(gathered.samples) == 1, gathered.skipped
+    assert hits == [("/t.png", None)]
