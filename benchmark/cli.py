@@ -217,6 +217,9 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
             max_images=QUICK_OVERRIDES["max_images"], holdout=QUICK_OVERRIDES["holdout"]
         )
         data["train"] = {**quick_train_settings(), **train}
+        from benchmark.runner import QUICK_YOLOX
+
+        data["yolox"] = {**QUICK_YOLOX, **dict(data.get("yolox", {}))}
         if args.config is None and args.out is None:
             data["output"] = "benchmark/results/quick"
     if args.max_images is not None:

@@ -345,6 +345,9 @@ def markdown_report(runs: list[dict[str, Any]], config: ExperimentConfig) -> str
         parts.append(_corrections_table(grouped, config, score))
     parts.append(_map_table(grouped))
     parts.append(_timing_table(grouped))
+    gate = _gate_table(runs)
+    if gate:
+        parts.append(gate)
     return "\n".join(parts)
 
 
@@ -482,6 +485,77 @@ def _timing_table(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
         columns,
         digits=1,
     ).replace("**", "")
+
+
+def gate_rows(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per dataset and approach: candidates, promoted, rejected, and promotions whose candidate
+    scored below the serving version on the slice (the gate's invariant: always 0)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs:
+        for batch in run["batches"]:
+            gate = batch.get("gate")
+            if not gate:
+                continue
+            key = (run["dataset"]["name"], run["approach"]["label"])
+            row = out.setdefault(
+                key,
+                {
+                    "dataset": key[0],
+                    "approach": key[1],
+                    "candidates": 0,
+                    "promoted": 0,
+                    "rejected": 0,
+                    "worse_promoted": 0,
+                    "serves_no_boxes": 0,
+                    "thresholds": [],
+                },
+            )
+            row["candidates"] += 1
+            if gate["status"] == "promoted":
+                row["promoted"] += 1
+                cand, serv = gate["validation"]["candidate"], gate["validation"]["serving"]
+                c_map, s_map = cand["map50"] or 0.0, serv["map50"] or 0.0
+
+                def best_wb(score: dict[str, Any]) -> float:
+                    return next(
+                        t["w_b"]
+                        for t in score["thresholds"]
+                        if t["score_threshold"] == score["best_threshold"]
+                    )
+
+                if c_map < s_map - 1e-9 or best_wb(cand) > best_wb(serv) + 1e-9:
+                    row["worse_promoted"] += 1
+                if not gate["serves_boxes"]:
+                    row["serves_no_boxes"] += 1
+                row["thresholds"].append(gate["score_threshold"])
+            else:
+                row["rejected"] += 1
+    return list(out.values())
+
+
+def _gate_table(runs: list[dict[str, Any]]) -> str:
+    rows = gate_rows(runs)
+    if not rows:
+        return ""
+    lines = [
+        "### Table 8. The promotion gate",
+        "",
+        "Each round's candidate against the serving version on the round's validation slice "
+        "(mAP@0.5 and W_B at each model's W_T-best threshold), summed over seeds. *Worse promoted*: "
+        "promotions whose candidate scored below its predecessor on either measure (the gate's "
+        "invariant says 0). Thresholds: those the gate chose for the promoted versions.",
+        "",
+        "| Dataset | Approach | candidates | promoted | rejected | worse promoted | "
+        "serving no boxes | thresholds chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        chosen = ", ".join(f"{t:g}" for t in sorted(set(row["thresholds"]))) or "–"
+        lines.append(
+            f"| {row['dataset']} | {row['approach']} | {row['candidates']} | {row['promoted']} | "
+            f"{row['rejected']} | {row['worse_promoted']} | {row['serves_no_boxes']} | {chosen} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------- plots

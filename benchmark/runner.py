@@ -75,6 +75,13 @@ SCHEMA = 2
 
 #: Training overrides of ``--quick`` (CI): few epochs on small images.
 QUICK_TRAIN: dict[str, Any] = {"epochs": 2, "min_size": 320, "max_size": 544}
+#: YOLOX overrides of ``--quick``: a few short epochs on a small letterbox.
+QUICK_YOLOX: dict[str, Any] = {
+    "image_visits": 48,
+    "min_epochs": 2,
+    "max_epochs": 6,
+    "input_area": 256 * 192,
+}
 
 
 def train_config(overrides: dict[str, Any], seed: int = 0) -> TrainConfig:

@@ -33,7 +33,11 @@ from typing import Any
 from PIL import Image
 
 from backend.boxes import Boxes
-from backend.detectors.versions import load_version_detector, save_model_version
+from backend.detectors.versions import (
+    load_version_detector,
+    save_model_version,
+    update_metadata,
+)
 from backend.detectors.yolox import YoloxNano
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import Settings
@@ -314,16 +318,17 @@ def run_round(
         n_validation=len(val_index),
         mode=mode,
     )
-    save_model_version(
-        candidate,
-        directory,
-        {
-            **metadata,
-            "input_hw": list(hw),
-            "train_config": train_config.to_dict(),
-            "gate": gate.to_dict(),
-            **outcome.metrics(),
-        },
-    )
+    record = {
+        **metadata,
+        "input_hw": list(hw),
+        "train_config": train_config.to_dict(),
+        "gate": gate.to_dict(),
+        "stage": "final",
+        **outcome.metrics(),
+    }
+    if mode == "validation slice":  # the scored export is the candidate: record, don't re-export
+        update_metadata(directory, **record)
+    else:
+        save_model_version(candidate, directory, record)
     log.info("%s: %s (%s)", metadata.get("version"), outcome.metrics()["status"], reason)
     return outcome

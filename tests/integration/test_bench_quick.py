@@ -271,9 +271,13 @@ def test_shipped_grids_parse() -> None:
     assert len(full.seeds) >= 3
     # the table: random / similar / dissimilar (ImgNet and SimNet) / temporal + baselines
     assert {a.slug for a in full.approaches} == {
-        "pretrained", "random", "temporal", "similar-imgnet", "dissimilar-imgnet",
-        "similar-simnet", "dissimilar-simnet",
+        "pretrained", "random-fasterrcnn", "temporal-fasterrcnn",
+        "similar-imgnet-fasterrcnn", "dissimilar-imgnet-fasterrcnn",
+        "similar-simnet-fasterrcnn", "dissimilar-simnet-fasterrcnn",
     }  # fmt: skip
+    loop = load_config(configs / "loop.yaml")
+    assert {d.display_name for d in loop.datasets} >= {"voc:raccoon", "voc:BCCD"}
+    assert all(a.detector == "yolox" for a in loop.approaches)
 
 
 def test_cli_errors_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
