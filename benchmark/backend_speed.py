@@ -134,7 +134,16 @@ def _load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
+def _coco_model() -> Path | None:
+    """The shared COCO YOLOX-Nano the default detector fine-tunes (None: not beside the repo)."""
+    root = Path(os.environ.get("BOXLOOP_SHARED_DATA", "../shared/data"))
+    path = (root / "models" / "yolox_nano_coco" / "yolox_nano.onnx").resolve()
+    return path if path.is_file() else None
+
+
+def run(
+    n_images: int, epochs: int, repeats: int, out: Path, detector: str = "yolox_nano"
+) -> dict[str, Any]:
     load_before = _load_average()
     work = Path(tempfile.mkdtemp(prefix="boxloop-speed-"))
     dataset = _images(work / "images", n_images + 8)
@@ -148,8 +157,14 @@ def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
             "BOXLOOP_TRAIN_EPOCHS": str(epochs),
             "BOXLOOP_RECONCILE_ON_STARTUP": "false",
             "BOXLOOP_LOG_LEVEL": "WARNING",
+            "BOXLOOP_DETECTOR": detector,
         }
     )
+    if detector == "yolox_nano":
+        model = _coco_model()
+        if model is None:
+            raise SystemExit("the YOLOX default needs the COCO model: set BOXLOOP_SHARED_DATA")
+        env["BOXLOOP_ONNX_MODEL_PATH"] = str(model)
     with open(work / "server.log", "wb") as server_log:
         server = subprocess.Popen(
             [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
@@ -224,6 +239,7 @@ def run(n_images: int, epochs: int, repeats: int, out: Path) -> dict[str, Any]:
             "torch_threads": 2,
             "load_average_1_5_15": {"before": load_before, "after": _load_average()},
         },
+        "detector": detector,
         "images": {"size": [640, 480], "train_images": n_images, "epochs": epochs},
         "predict_ms_1_image": {"p50": _pct(one, 50), "p95": _pct(one, 95), "n": len(one)},
         "predict_ms_batch_8": {
@@ -268,11 +284,14 @@ def _job_seconds(db: Path, job_id: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="Faster R-CNN epochs")
+    parser.add_argument(
+        "--detector", default="yolox_nano", help="BOXLOOP_DETECTOR of the served backend"
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("benchmark/results/backend_speed.json"))
     args = parser.parse_args(argv)
-    results = run(args.images, args.epochs, args.repeats, args.out)
+    results = run(args.images, args.epochs, args.repeats, args.out, args.detector)
     rows = [
         (
             "/predict 1 image p50 / p95 (ms)",

@@ -217,9 +217,10 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
             max_images=QUICK_OVERRIDES["max_images"], holdout=QUICK_OVERRIDES["holdout"]
         )
         data["train"] = {**quick_train_settings(), **train}
-        from benchmark.runner import QUICK_YOLOX
+        from benchmark.runner import QUICK_GATE, QUICK_YOLOX
 
         data["yolox"] = {**QUICK_YOLOX, **dict(data.get("yolox", {}))}
+        data["gate"] = {**QUICK_GATE, **dict(data.get("gate", {}))}
         if args.config is None and args.out is None:
             data["output"] = "benchmark/results/quick"
     if args.max_images is not None:

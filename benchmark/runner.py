@@ -82,6 +82,9 @@ QUICK_YOLOX: dict[str, Any] = {
     "max_epochs": 6,
     "input_area": 256 * 192,
 }
+#: Gate overrides of ``--quick``: a validation slice from the first round (no cross-validation,
+#: which trains three times a round).
+QUICK_GATE: dict[str, Any] = {"cv_below": 0}
 
 
 def train_config(overrides: dict[str, Any], seed: int = 0) -> TrainConfig:
