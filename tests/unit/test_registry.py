@@ -1,0 +1,62 @@
+"""The model registry's bookkeeping: which version serves, and pruning that never drops it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backend.registry import ModelRegistry, is_promoted
+from backend.settings import Settings
+from backend.store import Store
+
+
+def _registry(tmp_path: Path, keep: int) -> ModelRegistry:
+    settings = Settings(data_dir=tmp_path / "data", keep_model_versions=keep)
+    settings.data_dir.mkdir(parents=True)
+    store = Store(settings.resolved_database_url)
+    store.upsert_project(
+        1, label_config="<View/>", from_name="l", to_name="i", image_key="image", labels=["a"]
+    )
+    return ModelRegistry(settings, store)
+
+
+def _add(registry: ModelRegistry, version: str, status: str) -> Path:
+    directory = registry.settings.models_dir / "project-1" / version
+    directory.mkdir(parents=True)
+    (directory / "metadata.json").write_text("{}")
+    registry.store.add_model_version(
+        1,
+        version,
+        str(directory),
+        ["a"],
+        n_annotations=1,
+        n_images=1,
+        annotations_revision=1,
+        metrics={"status": status, "reason": "test"},
+    )
+    return directory
+
+
+def test_the_newest_promoted_version_serves_and_rejected_ones_never_do(tmp_path: Path) -> None:
+    registry = _registry(tmp_path, keep=5)
+    _add(registry, "v1", "promoted")
+    _add(registry, "v2", "rejected")
+    serving = registry.serving_record(1)
+    assert serving is not None and serving.version == "v1"
+    rows = {r["version"]: r for r in registry.versions_status(1)}
+    assert rows["v2"]["status"] == "rejected" and rows["v2"]["reason"] == "test"
+
+
+def test_pruning_keeps_the_newest_and_always_the_serving_version(tmp_path: Path) -> None:
+    registry = _registry(tmp_path, keep=2)
+    directories = {"v1": _add(registry, "v1", "promoted")}
+    for version in ("v2", "v3", "v4"):
+        directories[version] = _add(registry, version, "rejected")
+    removed = registry.prune(1)
+    # v1 serves (the only promoted one): kept although it is the oldest; v2 goes
+    assert removed == ["v2"]
+    assert directories["v1"].is_dir() and not directories["v2"].exists()
+    assert directories["v3"].is_dir() and directories["v4"].is_dir()
+    records = {r.version: r for r in registry.store.list_model_versions(1)}
+    assert records["v2"].metrics and records["v2"].metrics["pruned"]  # the record stays
+    assert not is_promoted(records["v2"]) and is_promoted(records["v1"])
+    assert registry.prune(1) == []  # nothing more to do
