@@ -87,6 +87,8 @@ class YoloxTrainConfig:
     min_side: int = 224
     max_side: int = 1024
     grad_clip_norm: float = 10.0
+    # λ_d for unverified (noisy) boxes: read by box-level active learning (issue 14), which passes
+    # it to train_yolox as sample_weights; recorded here so a version says what it trained with.
     noisy_weight: float = 0.5
     threads: int = 2
     seed: int = 0
