@@ -141,13 +141,9 @@ def _coco_model() -> Path | None:
     return path if path.is_file() else None
 
 
-def run(
-    n_images: int, epochs: int, repeats: int, out: Path, detector: str = "yolox_nano"
-) -> dict[str, Any]:
-    load_before = _load_average()
-    work = Path(tempfile.mkdtemp(prefix="boxloop-speed-"))
-    dataset = _images(work / "images", n_images + 8)
-    port = _free_port()
+def server_env(work: Path, n_images: int, detector: str, epochs: int = 4) -> dict[str, str]:
+    """``boxloop serve``'s environment: state under ``work``, training after ``n_images``
+    annotations with ``detector`` (the YOLOX default gets the shared COCO model)."""
     env = dict(os.environ)
     env.update(
         {
@@ -165,6 +161,12 @@ def run(
         if model is None:
             raise SystemExit("the YOLOX default needs the COCO model: set BOXLOOP_SHARED_DATA")
         env["BOXLOOP_ONNX_MODEL_PATH"] = str(model)
+    return env
+
+
+def start_server(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``boxloop serve`` as users run it; returns it and its URL once /health answers."""
+    port = _free_port()
     with open(work / "server.log", "wb") as server_log:
         server = subprocess.Popen(
             [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
@@ -172,17 +174,29 @@ def run(
             stdout=subprocess.DEVNULL,
             stderr=server_log,
         )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    server.terminate()
+    raise RuntimeError(f"boxloop serve did not answer /health; see {work / 'server.log'}")
+
+
+def run(
+    n_images: int, epochs: int, repeats: int, out: Path, detector: str = "yolox_nano"
+) -> dict[str, Any]:
+    load_before = _load_average()
+    work = Path(tempfile.mkdtemp(prefix="boxloop-speed-"))
+    dataset = _images(work / "images", n_images + 8)
+    env = server_env(work, n_images, detector, epochs)
+    server, url = start_server(work, env)
     rss = PeakRss(server.pid)
     rss.start()
-    url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
-            for _ in range(200):
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
             client.post("/setup", json={"project": 1, "schema": LABEL_CONFIG})
             for i, (path, objects) in enumerate(dataset[:n_images]):
                 client.post("/webhook", json=_annotation(i, path, objects))

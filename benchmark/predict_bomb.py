@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,15 @@ from typing import Any
 
 import httpx
 
-from benchmark.backend_speed import LABEL_CONFIG, _annotation, _free_port, _images, _pct
+from benchmark.backend_speed import (
+    LABEL_CONFIG,
+    _annotation,
+    _images,
+    _load_average,
+    _pct,
+    server_env,
+    start_server,
+)
 
 
 def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
@@ -58,10 +65,6 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def _decode_ms(data: bytes, repeats: int = 200) -> dict[str, float]:
     """In process: what ``decode_image`` costs for ``data`` (a bomb stops at its header)."""
     from backend.images import ImageError, decode_image
@@ -75,39 +78,15 @@ def _decode_ms(data: bytes, repeats: int = 200) -> dict[str, float]:
     return _summary(times)
 
 
-def run(n_images: int, repeats: int, out: Path) -> dict[str, Any]:
+def run(n_images: int, repeats: int, out: Path, detector: str = "yolox_nano") -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="boxloop-bomb-"))
     dataset = _images(work / "images", n_images + 1)
     bomb = work / "images" / "bomb.png"
     bomb.write_bytes(bomb_png())
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        {
-            "BOXLOOP_DATA_DIR": str(work / "data"),
-            "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(work / "images"),
-            "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(n_images),
-            "BOXLOOP_TRAIN_EPOCHS": "1",
-            "BOXLOOP_RECONCILE_ON_STARTUP": "false",
-            "BOXLOOP_LOG_LEVEL": "WARNING",
-        }
-    )
-    load_before = _load()
-    with open(work / "server.log", "wb") as server_log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=server_log,
-        )
+    load_before = _load_average()
+    server, url = start_server(work, server_env(work, n_images, detector, epochs=1))
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            for _ in range(300):
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=120) as client:
             client.post("/setup", json={"project": 1, "schema": LABEL_CONFIG})
             for i, (path, objects) in enumerate(dataset[:n_images]):
                 client.post("/webhook", json=_annotation(i, path, objects))
@@ -158,7 +137,7 @@ def run(n_images: int, repeats: int, out: Path) -> dict[str, Any]:
     finally:
         server.terminate()
         server.wait(30)
-    load = {"before": load_before, "after": _load()}
+    load = {"before": load_before, "after": _load_average()}
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "load_average_1_5_15": load},
         "model_version": version,

@@ -371,6 +371,7 @@ def run_one(
     batch_records: list[dict[str, Any]] = []
     labeled: list[int] = []
     model: Any = None
+    served_threshold = load_settings().score_threshold  # what the product serves the COCO model at
     for k, batch in enumerate(plan):
         record: dict[str, Any] = {
             "index": k + 1,
@@ -383,8 +384,7 @@ def run_one(
         }
         detector: Detector | None = pretrained
         if pretrained is not None:
-            # what the product serves the COCO model at
-            record["gate_threshold"] = load_settings().score_threshold
+            record["gate_threshold"] = served_threshold
         if loop is not None:
             if k > 0:
                 say(f"B{k + 1}: train and gate a candidate on {len(labeled)} images")

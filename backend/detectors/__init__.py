@@ -1,7 +1,8 @@
 """Detectors: the :class:`Detector` protocol, the trainable torchvision models and the ONNX YOLOX.
 
-``build_detector_for`` is the one place that decides which model serves a project: its trained
-version when there is one, else the COCO YOLOX mapped to the project's labels, else nothing.
+``build_detector_for`` builds the detector for a project from settings alone: a version directory
+when given, else the COCO YOLOX mapped to the project's labels, else nothing. The server's
+:class:`backend.registry.ModelRegistry` makes the same choice, with the models cached.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from backend.detectors.torch_detector import TorchDetector
 from backend.detectors.versions import (
     load_model_version,
     load_torch_detector,
+    load_version_detector,
     read_metadata,
     save_model_version,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "configure_inference",
     "load_model_version",
     "load_torch_detector",
+    "load_version_detector",
     "map_class_names",
     "read_metadata",
     "replace_class_head",
@@ -67,14 +70,15 @@ def build_detector_for(
 ) -> Detector | None:
     """The detector to serve a project with ``labels``.
 
-    * ``model_version_dir`` given: that trained version (:class:`TorchDetector`); errors propagate.
+    * ``model_version_dir`` given: that version as it is served (YOLOX through onnxruntime,
+      torchvision through :class:`TorchDetector`); errors propagate.
     * else ``settings.resolved_onnx_model_path`` (``onnx_model_path``, else the fetched model): the
       COCO YOLOX with its classes mapped onto ``labels`` (``None`` if none of them maps).
     * else ``None``: nothing sensible to predict with before the first training (an untrained
       head would only produce noise).
     """
     if model_version_dir is not None:
-        return load_torch_detector(Path(model_version_dir), settings)
+        return load_version_detector(Path(model_version_dir), settings)
     if settings.resolved_onnx_model_path is None:
         return None
     yolox = OnnxYoloxDetector.from_path(

@@ -232,29 +232,23 @@ def initial_yolox(
 
 
 def _param_groups(model: YoloxNano, config: YoloxTrainConfig) -> list[dict[str, Any]]:
-    groups: dict[str, dict[str, list[torch.nn.Parameter]]] = {}
+    """AdamW groups by (learning-rate multiplier of the part, weight decay or not)."""
+    mults = {"backbone": config.backbone_lr_mult, "neck": config.neck_lr_mult}
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        part = name.split(".", 1)[0]
-        mult = {"backbone": config.backbone_lr_mult, "neck": config.neck_lr_mult}.get(part, 1.0)
-        decay = param.ndim > 1  # no weight decay on biases and BN affine parameters
-        key = f"{mult}-{decay}"
-        groups.setdefault(key, {"params": []})["params"].append(param)
-        groups[key]["lr_mult"] = mult  # type: ignore[assignment]
-        groups[key]["decay"] = decay  # type: ignore[assignment]
-    out = []
-    for group in groups.values():
-        mult = float(group["lr_mult"])  # type: ignore[arg-type]
-        out.append(
-            {
-                "params": group["params"],
-                "lr": config.lr * mult,
-                "initial_lr": config.lr * mult,
-                "weight_decay": config.weight_decay if group["decay"] else 0.0,
-            }
-        )
-    return out
+        if param.requires_grad:
+            mult = mults.get(name.split(".", 1)[0], 1.0)
+            decay = param.ndim > 1  # no weight decay on biases and BN affine parameters
+            groups.setdefault((mult, decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": config.lr * mult,
+            "initial_lr": config.lr * mult,
+            "weight_decay": config.weight_decay if decay else 0.0,
+        }
+        for (mult, decay), params in groups.items()
+    ]
 
 
 class _Ema:

@@ -20,6 +20,7 @@ from backend.training.gate import GateConfig, validation_split
 from backend.training_job import run_training_job
 from benchmark.datasets import load_dataset
 from tests.conftest import shared_data_dir
+from tests.synthetic import ls_result
 
 pytestmark = pytest.mark.slow
 
@@ -33,25 +34,12 @@ def _label_config(labels: list[str]) -> str:
 
 
 def _regions(boxes: Boxes, labels: list[str]) -> list[dict]:
-    width, height = boxes.image_size
-    return [
-        {
-            "from_name": "label",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "original_width": width,
-            "original_height": height,
-            "value": {
-                "x": 100 * float(x0) / width,
-                "y": 100 * float(y0) / height,
-                "width": 100 * float(x1 - x0) / width,
-                "height": 100 * float(y1 - y0) / height,
-                "rotation": 0,
-                "rectanglelabels": [labels[int(label)]],
-            },
-        }
-        for (x0, y0, x1, y1), label in zip(boxes.xyxy, boxes.labels, strict=True)
+    """The boxes as an annotator submits them (Label Studio percent regions)."""
+    objects = [
+        (labels[int(label)], tuple(float(v) for v in xyxy))
+        for xyxy, label in zip(boxes.xyxy, boxes.labels, strict=True)
     ]
+    return ls_result(objects, boxes.image_size)
 
 
 def _service(tmp_path: Path, image_root: Path, **extra: object) -> BoxloopService:
