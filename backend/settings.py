@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     gate_cv_below: int = Field(
         15, description="Below this many annotated tasks, judge by 2-fold cross-validation."
     )
+    gate_confidence: float = Field(
+        0.9,
+        ge=0.0,
+        lt=1.0,
+        description="Share of bootstrap resamples of the validation images in which a candidate "
+        "must save annotation time to be promoted (0: any point gain promotes).",
+    )
 
     # --- features & ordering -------------------------------------------------------------------
     feature_extractor: str = "imgnet_effnet_lite0"

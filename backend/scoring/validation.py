@@ -3,7 +3,7 @@
 The promotion gate compares model versions by what they would cost a labeller,
 not only by mAP. For every score threshold the annotator might be shown,
 :func:`score_predictions` runs the simulated annotator
-(:func:`~backend.scoring.oracle.correct_batch`) over the validation images and
+(:func:`~backend.scoring.oracle.correct`) image by image over the validation images and
 prices the corrections with the paper's workload (:mod:`backend.scoring.workload`)
 at ``T = 1``: every validation box is corrected from predictions, so
 
@@ -20,9 +20,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from backend.boxes import Boxes, IgnoreOverlap
 from backend.scoring.detection_map import evaluate_map
-from backend.scoring.oracle import correct_batch
+from backend.scoring.oracle import correct
 from backend.scoring.workload import BatchTally, CostModel, batch_cost
 
 #: ``T = 1``: workload figures are in units of the time to draw one box.
@@ -34,7 +36,9 @@ class ThresholdScore:
     """The annotator's work when shown the predictions scoring at least ``score_threshold``.
 
     ``saved_b`` / ``saved_t`` are fractions (``1 − W / W_manual``; ``nan`` when
-    there is no ground truth), not percentages.
+    there is no ground truth), not percentages. ``image_w_t`` holds each image's ``W_T`` in the
+    order scored (they sum to ``w_t``): a comparison of two models on a few images needs the
+    paired per-image figures, not only the totals.
     """
 
     score_threshold: float
@@ -44,6 +48,7 @@ class ThresholdScore:
     w_t: float
     saved_b: float
     saved_t: float
+    image_w_t: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,10 @@ class ValidationScore:
             ``T``) of labelling the set by hand.
         iou_threshold: IoU the annotator needs to accept a box.
         thresholds: one :class:`ThresholdScore` per score threshold, in the order given.
-        best_threshold: the score threshold of least ``W_T`` (ties go to the higher one).
+        best_threshold: the score threshold the model would serve at: the one of least
+            ``W_T`` (ties go to the higher one), or with ``prefer_threshold`` given, the one
+            nearest to it among those within one standard error of that least ``W_T`` (see
+            :func:`score_predictions`).
         beats_manual: whether ``W_T`` at ``best_threshold`` is below ``w_manual``.
     """
 
@@ -85,6 +93,27 @@ class ValidationScore:
         raise KeyError(f"score threshold {score_threshold} was not scored (scored: {scored})")
 
 
+def _one_standard_error(
+    entries: Sequence[ThresholdScore], least: ThresholdScore, prefer: float
+) -> ThresholdScore:
+    """The entry nearest to ``prefer`` whose ``W_T`` is within one standard error of ``least``'s.
+
+    The standard error is that of the mean paired per-image difference to ``least`` (an entry
+    scored on one image only is never as good unless it ties).
+    """
+    base = np.asarray(least.image_w_t, dtype=float)
+    good = []
+    for entry in entries:
+        excess = np.asarray(entry.image_w_t, dtype=float) - base
+        if len(excess) == 0:
+            good.append(entry)
+            continue
+        se = float(excess.std(ddof=1) / math.sqrt(len(excess))) if len(excess) > 1 else 0.0
+        if float(excess.mean()) <= se + 1e-9:
+            good.append(entry)
+    return min(good, key=lambda e: (abs(e.score_threshold - prefer), -e.score_threshold))
+
+
 def _saved(work: float, manual: int) -> float:
     return math.nan if manual <= 0 else 1.0 - work / manual
 
@@ -97,14 +126,24 @@ def score_predictions(
     iou_threshold: float = 0.5,
     score_thresholds: Sequence[float],
     ignore_overlap: IgnoreOverlap = "iou",
+    prefer_threshold: float | None = None,
 ) -> ValidationScore:
     """Score ``preds`` (with scores) against ``gts`` image by image.
 
     ``labels`` is the label list both index into; ``ignore_overlap`` is how a
     prediction is tested against an ignored ground-truth region (see
-    :data:`backend.boxes.IgnoreOverlap`). Raises ``ValueError`` on mismatched
-    lengths or image sizes, predictions without scores, or no or repeated or
-    out-of-range score thresholds.
+    :data:`backend.boxes.IgnoreOverlap`).
+
+    ``prefer_threshold`` (e.g. the product's default serving threshold) makes the choice of
+    :attr:`ValidationScore.best_threshold` robust on small slices, by the one-standard-error
+    rule: a threshold whose ``W_T`` exceeds the least one by no more than the standard error of
+    the paired per-image differences is as good as the least, and of those the one nearest to
+    ``prefer_threshold`` wins. On four images, the least-``W_T`` threshold is often an
+    accident of one image (the grid of issue 12 served a version at 0.05 that way); on hundreds,
+    the standard error shrinks and the rule picks the least.
+
+    Raises ``ValueError`` on mismatched lengths or image sizes, predictions without scores, or
+    no or repeated or out-of-range score thresholds.
     """
     if len(gts) != len(preds):
         raise ValueError(f"{len(preds)} predictions for {len(gts)} images")
@@ -120,26 +159,28 @@ def score_predictions(
 
     entries = []
     for cut in cuts:
-        correction = correct_batch(
-            list(preds),
-            list(gts),
-            iou_threshold,
-            score_threshold=cut,
-            ignore_overlap=ignore_overlap,
-        )
-        w_b, w_t = batch_cost(BatchTally(len(gts), w_manual, correction), UNIT_COST, "paper")
+        per_image = [
+            correct(p.above(cut), g, iou_threshold, ignore_overlap=ignore_overlap)
+            for p, g in zip(preds, gts, strict=True)
+        ]
+        costs = [batch_cost(BatchTally(1, c.gt, c), UNIT_COST, "paper") for c in per_image]
+        w_b = sum(b for b, _ in costs)
+        w_t = float(sum(t for _, t in costs))
         entries.append(
             ThresholdScore(
                 score_threshold=cut,
-                additions=correction.additions,
-                removals=correction.removals,
+                additions=sum(c.additions for c in per_image),
+                removals=sum(c.removals for c in per_image),
                 w_b=w_b,
                 w_t=w_t,
                 saved_b=_saved(w_b, w_manual),
                 saved_t=_saved(w_t, w_manual),
+                image_w_t=tuple(float(t) for _, t in costs),
             )
         )
     best = min(entries, key=lambda e: (e.w_t, -e.score_threshold))
+    if prefer_threshold is not None:
+        best = _one_standard_error(entries, best, prefer_threshold)
     return ValidationScore(
         map50=mean_ap.map50,
         map=mean_ap.map50_95,

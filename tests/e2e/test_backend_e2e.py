@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from backend.training.gate import GateConfig, validation_split
 from tests.conftest import shared_data_dir
 from tests.e2e.conftest import (
     LabelStudioServer,
@@ -123,6 +124,73 @@ def test_preannotate_store_train_and_serve_the_new_version(
     assert found >= 0.5 * total, f"{found} of {total} known boxes found at IoU >= 0.5"
     record = _status(server.url)["model_versions"][-1]
     assert record["status"] == "promoted" and record["version"] == new_version, record
+
+
+def test_a_rejected_candidate_leaves_the_serving_version_and_title_alone(
+    label_studio: LabelStudioServer, start_boxloop: StartBoxloop
+) -> None:
+    # VOC photos: their labels map to COCO classes, so the pretrained model serves from the start.
+    # The tasks the gate trains on are annotated with every label swapped for another; those it
+    # validates on are annotated right. The candidate learns the swap and must lose.
+    photos = voc_images(N_TASKS)
+    if not photos:
+        pytest.skip("the shared VOC2012 subset is absent (set BOXLOOP_SHARED_DATA)")
+    project = create_image_project(label_studio, N_TASKS, images=photos)
+    if len(project.labels) < 2:
+        pytest.skip(f"the first {N_TASKS} VOC photos hold one label only: nothing to swap")
+    coco_model = shared_data_dir() / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
+    if not coco_model.is_file():
+        pytest.skip(f"the COCO YOLOX-Nano model is not at {coco_model}")
+    annotated = project.task_ids[:N_TRAIN]
+    env = {
+        "BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": str(N_TRAIN),
+        "BOXLOOP_ONNX_MODEL_PATH": str(coco_model),
+        "BOXLOOP_YOLOX_INPUT_AREA": str(320 * 256),
+        "BOXLOOP_YOLOX_IMAGE_VISITS": "96",
+        "BOXLOOP_GATE_CV_BELOW": "4",  # judge on a validation slice, not cross-validation
+    }
+    server = start_boxloop(env)
+    connect_backend(label_studio, project.id, server.url)
+    serving = httpx.post(
+        server.url + "/setup", json={"project": project.id, "schema": project.label_config}
+    ).json()["model_version"]
+    assert serving.startswith("pretrained-"), serving
+    retrieve_predictions(label_studio, project.id)
+    assert label_studio.studio.get_project(project.id)["model_version"] == serving
+
+    gate = GateConfig(validation_fraction=0.2, cv_below=4)
+    train_part, _ = validation_split(annotated, gate)
+    swap = dict(zip(project.labels, [*project.labels[1:], project.labels[0]], strict=True))
+    for i, task_id in enumerate(annotated):
+        result = ground_truth_result(project, task_id)
+        if i in train_part:
+            for region in result:
+                labels = region["value"]["rectanglelabels"]
+                region["value"]["rectanglelabels"] = [swap[labels[0]]]
+        submit_annotation(label_studio, task_id, result)
+
+    def finished() -> dict[str, Any] | None:
+        jobs = _status(server.url)["training_jobs"]
+        done = [j for j in jobs if j["status"] in ("succeeded", "failed")]
+        return done[0] if done else None
+
+    job = wait_for(finished, timeout_s=900, what="background training to finish")
+    assert job["status"] == "succeeded", job
+    record = _status(server.url)["model_versions"][-1]
+    assert record["status"] == "rejected", record
+    assert record["version"] == job["model_version"] != serving
+    assert (
+        record["reason"] and record["validation"]["candidate"] and record["validation"]["serving"]
+    )
+
+    # the title, the project's model_version and the predictions of the next tasks stay
+    assert [b["title"] for b in label_studio.studio.list_backends(project.id)] == [serving]
+    assert label_studio.studio.get_project(project.id)["model_version"] == serving
+    next_tasks = project.task_ids[N_TRAIN:]
+    retrieve_predictions(label_studio, project.id, next_tasks)
+    predictions = task_predictions(label_studio, project.id)
+    versions = {p["model_version"] for t in next_tasks for p in predictions[t]}
+    assert versions == {serving}, versions
 
 
 def _iou(a: dict[str, float], b: dict[str, float]) -> float:

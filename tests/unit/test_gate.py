@@ -6,7 +6,13 @@ import numpy as np
 
 from backend.boxes import Boxes
 from backend.scoring import score_predictions
-from backend.training.gate import GateConfig, decide, score_dict, validation_split
+from backend.training.gate import (
+    GateConfig,
+    decide,
+    score_dict,
+    time_saved_confidence,
+    validation_split,
+)
 from backend.training.yolox_train import YoloxTrainConfig, epochs_for, input_shape_for
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
@@ -82,6 +88,67 @@ def test_threshold_is_the_one_that_minimises_annotator_time() -> None:
     assert score.beats_manual
     as_json = score_dict(score)
     assert as_json["best_threshold"] == 0.5 and len(as_json["thresholds"]) == len(THRESHOLDS)
+
+
+def _scenes(n: int) -> tuple[list[Boxes], list[Boxes], list[Boxes]]:
+    """``n`` one-object images; the candidate finds the object on every image, the serving
+    version on all but the first."""
+    gts = [_gt([(10, 10, 40, 40, 0)]) for _ in range(n)]
+    hit = _boxes([(10, 10, 40, 40, 0, 0.9)])
+    candidate = [hit] * n
+    serving = [Boxes.empty((100, 100), with_scores=True)] + [hit] * (n - 1)
+    return gts, candidate, serving
+
+
+def test_the_luck_of_one_image_does_not_promote() -> None:
+    gts, candidate, serving = _scenes(4)
+    better, serving_score = _score(candidate, gts), _score(serving, gts)
+    assert better.best.w_b == 0 and serving_score.best.w_b == 1  # better on the point figures
+    sure = time_saved_confidence(better, serving_score)
+    assert 0.5 < sure < 0.9  # one image of four carries the whole gain
+    promoted, reason = decide(better, serving_score, GateConfig(confidence=0.9))
+    assert not promoted and "not confidently better" in reason
+    # without the confidence requirement the point comparison promotes it
+    assert decide(better, serving_score, GateConfig(confidence=0.0))[0]
+    # the same gain on every image is sure
+    gts, candidate, _ = _scenes(4)
+    nothing = [Boxes.empty((100, 100), with_scores=True)] * 4
+    assert time_saved_confidence(_score(candidate, gts), _score(nothing, gts)) == 1.0
+    assert decide(_score(candidate, gts), _score(nothing, gts))[0]
+
+
+def test_a_small_slice_keeps_the_preferred_threshold_a_large_one_does_not() -> None:
+    # the right box scores 0.6, a false one 0.4 on one image of those scored: threshold 0.5 saves
+    # half a box over 0.3 there and nothing elsewhere
+    def scene(false_box: bool) -> tuple[Boxes, Boxes]:
+        rows = [(10, 10, 40, 40, 0, 0.6)] + ([(60, 60, 90, 90, 1, 0.4)] if false_box else [])
+        return _gt([(10, 10, 40, 40, 0)]), _boxes(rows)
+
+    few = [scene(i == 0) for i in range(4)]
+    small = score_predictions(
+        [g for g, _ in few],
+        [p for _, p in few],
+        ["a", "b"],
+        score_thresholds=THRESHOLDS,
+        prefer_threshold=0.3,
+    )
+    assert small.at(0.5).w_t < small.at(0.3).w_t
+    assert small.best_threshold == 0.3  # half a box on one image of four: not a difference
+    many = [scene(True) for _ in range(12)]
+    large = score_predictions(
+        [g for g, _ in many],
+        [p for _, p in many],
+        ["a", "b"],
+        score_thresholds=THRESHOLDS,
+        prefer_threshold=0.3,
+    )
+    assert large.best_threshold == 0.5  # the false box on every image: 0.3 is clearly worse
+    # without a preference, the least W_T wins (ties to the higher threshold)
+    plain = score_predictions(
+        [g for g, _ in few], [p for _, p in few], ["a", "b"], score_thresholds=THRESHOLDS
+    )
+    assert plain.best_threshold == 0.5
+    assert sum(plain.best.image_w_t) == plain.best.w_t
 
 
 def test_slice_without_boxes_is_judged_on_w_b_alone() -> None:

@@ -37,9 +37,22 @@ def test_perfect_box_and_a_false_positive() -> None:
     #      W_B = 1 + 1 = 2, W_T = 1 + 1/2 = 1.5; saved 0 and 1 - 1.5/2 = 0.25.
     # 0.5 and 0.7: only the cat shown -> A=1, R=0: W_B = W_T = 1, saved 0.5.
     assert score.thresholds == (
-        ThresholdScore(0.3, additions=1, removals=1, w_b=2, w_t=1.5, saved_b=0.0, saved_t=0.25),
-        ThresholdScore(0.5, additions=1, removals=0, w_b=1, w_t=1.0, saved_b=0.5, saved_t=0.5),
-        ThresholdScore(0.7, additions=1, removals=0, w_b=1, w_t=1.0, saved_b=0.5, saved_t=0.5),
+        ThresholdScore(
+            0.3,
+            additions=1,
+            removals=1,
+            w_b=2,
+            w_t=1.5,
+            saved_b=0.0,
+            saved_t=0.25,
+            image_w_t=(1.5,),
+        ),
+        ThresholdScore(
+            0.5, additions=1, removals=0, w_b=1, w_t=1.0, saved_b=0.5, saved_t=0.5, image_w_t=(1.0,)
+        ),
+        ThresholdScore(
+            0.7, additions=1, removals=0, w_b=1, w_t=1.0, saved_b=0.5, saved_t=0.5, image_w_t=(1.0,)
+        ),
     )
     # 0.5 and 0.7 tie on W_T = 1: the higher threshold wins.
     assert score.best_threshold == 0.7 and score.best == score.at(0.7)
