@@ -414,12 +414,17 @@ def _dissimilar_block(state: _RunningMin, block_size: int) -> list[tuple[int, fl
 
 
 def _dissimilar(
-    geo: _Geometry, start: list[int], block_size: int, bar: tqdm, seed: int
+    geo: _Geometry,
+    start: list[int],
+    block_size: int,
+    bar: tqdm,
+    seed: int,
+    limit: int | None = None,
 ) -> list[tuple[int, float]]:
     state = _RunningMin(geo, seed)
     out: list[tuple[int, float]] = []
     state.add(start)
-    while len(start) + len(out) < geo.n:
+    while len(start) + len(out) < geo.n and (limit is None or len(out) < limit):
         picks = _dissimilar_block(state, block_size)
         out.extend(picks)
         state.add([p for p, _ in picks])
@@ -585,8 +590,12 @@ def greedy_order(
     neighbours: int = 64,
     seed: int = 0,
     progress: bool = False,
+    limit: int | None = None,
 ) -> GreedyResult:
     """Order all rows of ``features`` (N, d) greedily from the list ``start``.
+
+    ``limit`` stops farthest-first after that many picks (box-level core-set wants the next K of
+    100k boxes, not a full order): ``order`` and ``distance`` then hold ``start`` and the picks.
 
     ``mode="dissimilar"``: next = arg-max over unlisted items of the min distance to the list
     (farthest-first); ``"similar"``: arg-min (nearest-first). Ties → lowest index. With an empty
@@ -606,8 +615,8 @@ def greedy_order(
         raise ValueError("start indices must be distinct")
     if any(i < 0 or i >= n for i in start_list):
         raise ValueError(f"start indices must lie in 0..{n - 1}")
-    order = np.empty(n, np.int64)
-    distance = np.full(n, np.nan)
+    order: np.ndarray = np.empty(n, np.int64)
+    distance: np.ndarray = np.full(n, np.nan)
     if n == 0:
         return GreedyResult(order, distance)
     if not start_list:  # every distance is infinite: the tie rule picks index 0
@@ -624,9 +633,15 @@ def greedy_order(
         mininterval=1.0,
     ) as bar:
         if mode == "dissimilar":
-            picks = _dissimilar(geo, start_list, block_size, bar, seed)
+            picks = _dissimilar(geo, start_list, block_size, bar, seed, limit)
         else:
+            if limit is not None:
+                raise ValueError("limit applies to the dissimilar mode only")
             picks = _similar(geo, start_list, neighbours, bar, progress)
+    if limit is not None:
+        picks = picks[: max(0, limit - (1 if first_is_pick else 0))]
+        n = len(start_list) + len(picks)
+        order, distance = order[:n], distance[:n]
     order[: len(start_list)] = start_list
     order[len(start_list) :] = [p for p, _ in picks]
     distance[len(start_list) :] = np.sqrt([v for _, v in picks])

@@ -31,6 +31,13 @@ class TrainSample:
 
     image: ImageLike
     boxes: Boxes
+    #: One loss weight per box of ``boxes`` (None: all 1). Box-level active learning trains on
+    #: images whose not-yet-queried boxes are the model's own predictions: they weigh λ_d.
+    box_weights: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.box_weights is not None and len(self.box_weights) != len(self.boxes):
+            raise ValueError(f"{len(self.box_weights)} box weights for {len(self.boxes)} boxes")
 
 
 def load_sample_image(sample: TrainSample) -> Image.Image:

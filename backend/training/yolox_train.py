@@ -37,7 +37,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backend.boxes import Boxes
 from backend.detectors.label_names import map_class_names
 from backend.detectors.yolox import (
     YoloxNano,
@@ -87,8 +86,8 @@ class YoloxTrainConfig:
     min_side: int = 224
     max_side: int = 1024
     grad_clip_norm: float = 10.0
-    # λ_d for unverified (noisy) boxes: read by box-level active learning (issue 14), which passes
-    # it to train_yolox as sample_weights; recorded here so a version says what it trained with.
+    # λ_d for unverified (noisy) boxes: box-level active learning (backend.active) gives each
+    # predicted, not yet queried box this weight through TrainSample.box_weights.
     noisy_weight: float = 0.5
     threads: int = 2
     seed: int = 0
@@ -193,13 +192,27 @@ def letterbox_tensor(
 
 
 def _target(
-    boxes: Boxes, image: Image.Image, r: float, flip: bool, input_hw: tuple[int, int], weight: float
+    sample: TrainSample,
+    image: Image.Image,
+    r: float,
+    flip: bool,
+    input_hw: tuple[int, int],
+    weight: float,
 ) -> YoloxTarget:
-    kept = boxes.kept()
+    """The sample's boxes in letterbox pixels, each with its loss weight (``weight`` × its own:
+    noisy boxes of box-level active learning weigh λ_d, ground truth 1)."""
+    boxes = sample.boxes
+    per_box = (
+        np.ones(len(boxes), np.float32)
+        if sample.box_weights is None
+        else np.asarray(sample.box_weights, np.float32)
+    )
+    kept, per_box = boxes.kept(), per_box[~boxes.ignore_mask] * weight
     if kept.image_size != image.size and len(kept):
         kept = kept.scaled(image.width / kept.width, image.height / kept.height)
-    kept = Boxes(kept.xyxy, kept.labels, image.size).clipped()
     xyxy = kept.xyxy.astype(np.float32).copy()
+    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
+    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
     if flip and len(xyxy):
         xyxy[:, [0, 2]] = image.width - xyxy[:, [2, 0]]
     xyxy *= r
@@ -207,13 +220,10 @@ def _target(
     xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
     xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
     big = ((xyxy[:, 2] - xyxy[:, 0]) >= 2) & ((xyxy[:, 3] - xyxy[:, 1]) >= 2)
-    xyxy, labels = xyxy[big], kept.labels[big]
-    # Noisy boxes (box-level active learning) carry weight λ_d; ground truth 1.
-    weights = np.full(len(xyxy), weight, dtype=np.float32)
     return YoloxTarget(
-        torch.from_numpy(xyxy).reshape(-1, 4),
-        torch.from_numpy(labels.astype(np.int64)),
-        torch.from_numpy(weights),
+        torch.from_numpy(xyxy[big]).reshape(-1, 4),
+        torch.from_numpy(kept.labels[big].astype(np.int64)),
+        torch.from_numpy(per_box[big]),
     )
 
 
@@ -336,7 +346,7 @@ def train_yolox(
                 tensor, r = letterbox_tensor(image, hw, scale, flip)
                 tensors.append(tensor)
                 targets.append(
-                    _target(samples[int(index)].boxes, image, r, flip, hw, weights[int(index)])
+                    _target(samples[int(index)], image, r, flip, hw, weights[int(index)])
                 )
             factor = _lr_factor(step, total, config)
             for group in optimizer.param_groups:

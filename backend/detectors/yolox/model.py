@@ -213,11 +213,16 @@ class HeadLevel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, 5 + C, h·w)``: box offsets, objectness logit, class logits."""
-        x = self.stem(x)
-        cls_logits = self.cls_pred(self.cls_convs(x))
-        reg_feat = self.reg_convs(x)
+        return self.forward_with_stem(x)[0]
+
+    def forward_with_stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The raw rows and the stem's ``(B, width, h, w)`` map: the level's neck feature projected
+        to the head's width, the same width on every level (what box-level core-set pools)."""
+        stem = self.stem(x)
+        cls_logits = self.cls_pred(self.cls_convs(stem))
+        reg_feat = self.reg_convs(stem)
         out = torch.cat([self.reg_pred(reg_feat), self.obj_pred(reg_feat), cls_logits], dim=1)
-        return out.flatten(2)
+        return out.flatten(2), stem
 
 
 class Head(nn.Module):
@@ -230,8 +235,17 @@ class Head(nn.Module):
         return [cast(HeadLevel, level) for level in self.levels]
 
     def forward(self, feats: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        outs = [level(x) for level, x in zip(self.levels, feats, strict=True)]
-        return torch.cat(outs, dim=2).permute(0, 2, 1)
+        return self.forward_with_stems(feats)[0]
+
+    def forward_with_stems(
+        self, feats: tuple[Tensor, Tensor, Tensor]
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Raw rows ``(B, A, 5 + C)`` and each level's stem map (strides 8, 16, 32)."""
+        pairs = [
+            level.forward_with_stem(x) for level, x in zip(self.per_level(), feats, strict=True)
+        ]
+        rows = torch.cat([out for out, _ in pairs], dim=2).permute(0, 2, 1)
+        return rows, [stem for _, stem in pairs]
 
 
 def _init_prediction(conv: nn.Conv2d) -> None:
@@ -260,12 +274,16 @@ class YoloxNano(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, 3, H, W)`` BGR 0–255 → raw ``(B, A, 5 + C)`` (no sigmoid, no decode)."""
+        return self.forward_with_stems(x)[0]
+
+    def forward_with_stems(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward` plus the head's per-level stem maps (box features for core-set)."""
         height, width = x.shape[-2:]
         if not torch.jit.is_tracing() and (height % 32 or width % 32):
             raise ValueError(
                 f"input height and width must be multiples of 32, got {height}×{width}"
             )
-        return self.head(self.neck(self.backbone(x)))
+        return self.head.forward_with_stems(self.neck(self.backbone(x)))
 
 
 # ---------------------------------------------------------------------------------- decoding

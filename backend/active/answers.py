@@ -1,0 +1,89 @@
+"""What an annotator's answer makes of the queried boxes of one image.
+
+One rule for the simulated annotator of the benchmark (the answer is the ground truth) and for
+Label Studio (the answer is what the annotator submitted), so both count the same actions:
+
+* a queried box with IoU ≥ ``iou_threshold`` to an answer box is **adjusted** to the answer box
+  of maximum IoU, taking its class (**confirmed** when the box was already right: IoU ≥
+  ``confirm_iou`` and the same class);
+* one answer box vouches for one query only (pairs are taken by descending IoU); a further
+  query on an object already claimed is a **duplicate**;
+* any other query is **background**: it keeps its coordinates and is labelled "no object";
+* in Label Studio, answer boxes no query matched were **drawn** by the annotator.
+
+The paper counts the adjusted boxes as the labelling cost; a background query still costs the
+annotator a look, so reports show both conventions (:class:`QueryAnswers` has every count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from backend.boxes import Boxes
+
+__all__ = ["QueryAnswers", "resolve_queries"]
+
+
+@dataclass(frozen=True)
+class QueryAnswers:
+    """The outcome of one image's queries.
+
+    Attributes:
+        matched: ``(Q,)`` index of the answer box each query became, or -1 (background or
+            duplicate).
+        kind: ``(Q,)`` one of ``confirmed``, ``adjusted``, ``duplicate``, ``background``.
+        drawn: indices of answer boxes no query matched.
+    """
+
+    matched: np.ndarray
+    kind: tuple[str, ...]
+    drawn: np.ndarray
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k in self.kind if k == kind)
+
+    @property
+    def labeled(self) -> int:
+        """Queries that yielded an object box (confirmed + adjusted)."""
+        return int((self.matched >= 0).sum())
+
+
+def resolve_queries(
+    queries: Boxes,
+    answer: Boxes,
+    *,
+    iou_threshold: float = 0.5,
+    confirm_iou: float = 0.95,
+) -> QueryAnswers:
+    """Match ``queries`` to the ``answer`` boxes of the same image (ignored answer boxes, e.g.
+    VOC ``difficult``, are never matched: they are not labels)."""
+    if queries.image_size != answer.image_size:
+        raise ValueError(f"queries on {queries.image_size}, answer on {answer.image_size}")
+    kept_index = np.flatnonzero(~answer.ignore_mask)
+    kept = answer[kept_index]
+    matched = np.full(len(queries), -1, np.int64)
+    kinds = ["background"] * len(queries)
+    if len(queries) and len(kept):
+        iou = queries.iou(kept)
+        claimed = np.zeros(len(kept), bool)
+        rows, cols = np.nonzero(iou >= iou_threshold)
+        order = np.lexsort((cols, rows, -iou[rows, cols]))
+        for q, a in zip(rows[order], cols[order], strict=True):
+            if matched[q] >= 0 or claimed[a]:
+                continue
+            matched[q], claimed[a] = a, True
+        for q in range(len(queries)):
+            if matched[q] >= 0:
+                a = int(matched[q])
+                same = int(queries.labels[q]) == int(kept.labels[a])
+                kinds[q] = "confirmed" if same and iou[q, a] >= confirm_iou else "adjusted"
+            elif (iou[q] >= iou_threshold).any():
+                kinds[q] = "duplicate"
+        drawn = np.flatnonzero(~claimed)
+    else:
+        drawn = np.arange(len(kept))
+    mapped = np.full(len(queries), -1, np.int64)
+    mapped[matched >= 0] = kept_index[matched[matched >= 0]]
+    return QueryAnswers(mapped, tuple(kinds), kept_index[drawn])

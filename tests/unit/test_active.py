@@ -1,0 +1,234 @@
+"""Box-level active learning: answers, measures, core-set, the campaign state and the pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.active import (
+    BoxCampaign,
+    BoxPool,
+    box_features_at,
+    box_scores,
+    image_scores,
+    predict_pool,
+    resolve_queries,
+    select_boxes,
+    select_images,
+)
+from backend.boxes import Boxes
+from backend.detectors.yolox import YoloxNano
+from backend.ordering.greedy import greedy_order
+from backend.training.samples import TrainSample
+from backend.training.yolox_train import _target
+
+SIZE = (200, 100)
+
+
+def _b(
+    rows: list[tuple[float, float, float, float, int]], scores: list[float] | None = None
+) -> Boxes:
+    xyxy = np.array([r[:4] for r in rows], np.float32).reshape(-1, 4)
+    labels = np.array([r[4] for r in rows], np.int64)
+    s = None if scores is None else np.array(scores, np.float32)
+    return Boxes(xyxy, labels, SIZE, s)
+
+
+def _pool(
+    probs: list[list[float]], objectness: list[float], image: list[int] | None = None
+) -> BoxPool:
+    class_probs = np.array(probs, np.float32) * np.array(objectness, np.float32)[:, None]
+    n = len(probs)
+    return BoxPool(
+        image=np.array(image or [0] * n, np.int64),
+        xyxy=np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1)) + np.arange(n)[:, None] * 20,
+        labels=class_probs.argmax(1),
+        scores=class_probs.max(1),
+        class_probs=class_probs,
+        objectness=np.array(objectness, np.float32),
+        features=None,
+        image_sizes=(SIZE, SIZE),
+    )
+
+
+# ---------------------------------------------------------------------------------- answers
+def test_queries_are_adjusted_confirmed_duplicated_or_background() -> None:
+    truth = _b([(10, 10, 50, 50, 0), (100, 10, 150, 60, 1), (160, 60, 190, 90, 1)])
+    queries = _b(
+        [
+            (12, 12, 52, 52, 1),  # right place, wrong class → adjusted, class from the answer
+            (100, 10, 150, 60, 1),  # exact → confirmed
+            (101, 11, 151, 61, 1),  # the same object again → duplicate
+            (60, 60, 90, 95, 0),  # nothing there → background
+        ]
+    )
+    answers = resolve_queries(queries, truth)
+    assert answers.kind == ("adjusted", "confirmed", "duplicate", "background")
+    assert answers.matched.tolist() == [0, 1, -1, -1]
+    assert answers.drawn.tolist() == [2]  # the object no query found: drawn by the annotator
+    assert answers.labeled == 2 and answers.count("background") == 1
+
+
+def test_an_ignored_object_is_never_a_label() -> None:
+    truth = Boxes(
+        np.array([[10, 10, 50, 50]], np.float32), np.array([0]), SIZE, ignore=np.array([True])
+    )
+    answers = resolve_queries(_b([(10, 10, 50, 50, 0)]), truth)
+    assert answers.kind == ("background",) and answers.drawn.tolist() == []
+
+
+def test_an_adjustment_goes_to_the_object_of_largest_overlap() -> None:
+    truth = _b([(0, 0, 100, 100, 0), (10, 0, 110, 100, 1)])
+    answers = resolve_queries(_b([(9, 0, 109, 100, 0)]), truth)
+    assert answers.matched.tolist() == [1] and answers.kind == ("adjusted",)
+
+
+# ---------------------------------------------------------------------------------- measures
+def test_uncertainty_entropy_and_margin_rank_the_doubtful_box_first() -> None:
+    pool = _pool([[0.98, 0.01, 0.01], [0.4, 0.35, 0.25]], [0.95, 0.6])
+    for measure in ("uncertainty", "entropy", "margin"):
+        scores = box_scores(pool, measure)
+        assert scores[1] > scores[0], measure
+        assert select_boxes(pool, measure, 1).tolist() == [1]
+    # uncertainty is 1 - P with P = objectness x best class
+    assert box_scores(pool, "uncertainty")[0] == pytest.approx(1 - 0.95 * 0.98, abs=1e-6)
+    # a box whose two best outcomes tie has margin 1
+    tie = _pool([[0.5, 0.5]], [1.0])
+    assert box_scores(tie, "margin")[0] == pytest.approx(1.0)
+
+
+def test_selection_respects_eligibility_and_is_seeded() -> None:
+    pool = _pool([[0.9, 0.1]] * 6, [0.5, 0.9, 0.2, 0.8, 0.3, 0.7])
+    eligible = np.array([True, True, False, True, True, True])
+    picked = select_boxes(pool, "uncertainty", 3, eligible=eligible)
+    assert picked.tolist() == [4, 0, 5]  # 2 would be first but is answered
+    a = select_boxes(pool, "random", 4, seed=3)
+    assert a.tolist() == select_boxes(pool, "random", 4, seed=3).tolist()
+    assert len(set(a.tolist())) == 4
+
+
+def test_box_coreset_is_farthest_first_from_the_labelled_boxes() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(40, 8)).astype(np.float32)
+    labeled = rng.normal(size=(5, 8)).astype(np.float32)
+    pool = _pool([[1.0]] * 40, [0.5] * 40)
+    pool = BoxPool(**{**pool.__dict__, "features": feats})
+    picked = select_boxes(pool, "coreset", 7, labeled_features=labeled)
+    # brute force: farthest-first in float64
+    chosen: list[int] = []
+    ref = np.concatenate([labeled, feats]).astype(np.float64)
+    dist = np.min(((ref[None, 5:] - ref[:5, None]) ** 2).sum(-1), axis=0)
+    for _ in range(7):
+        j = int(np.argmax(np.where(np.isin(np.arange(40), chosen), -1, dist)))
+        chosen.append(j)
+        dist = np.minimum(dist, ((ref[5:] - ref[5 + j]) ** 2).sum(-1))
+    assert picked.tolist() == chosen
+    # only eligible boxes, and the ids are pool rows
+    eligible = np.zeros(40, bool)
+    eligible[20:] = True
+    assert all(
+        i >= 20
+        for i in select_boxes(pool, "coreset", 5, eligible=eligible, labeled_features=labeled)
+    )
+
+
+def test_greedy_order_with_a_limit_is_the_prefix_of_the_full_order() -> None:
+    feats = np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
+    full = greedy_order(feats, "dissimilar", [3, 7])
+    part = greedy_order(feats, "dissimilar", [3, 7], limit=25)
+    assert part.order.tolist() == full.order[:27].tolist()
+    none = greedy_order(feats, "dissimilar", [], limit=5)
+    assert none.order.tolist() == greedy_order(feats, "dissimilar", []).order[:5].tolist()
+
+
+def test_image_measures_average_their_boxes() -> None:
+    pool = _pool([[0.9, 0.1], [0.5, 0.5], [0.99, 0.01]], [0.9, 0.5, 0.99], image=[0, 0, 1])
+    scores = image_scores(pool, "uncertainty", 3)
+    assert scores[0] == pytest.approx(np.mean(box_scores(pool, "uncertainty")[:2]))
+    assert scores[2] == 0.0  # no predicted box
+    assert select_images([0, 1, 2], "uncertainty", 2, pool=pool, n_images=3).tolist() == [0, 1]
+    feats = np.array([[0, 0], [1, 0], [10, 0], [0, 0.5]], np.float32)
+    assert select_images(
+        [1, 2, 3], "coreset", 2, image_features=feats, labeled_images=[0]
+    ).tolist() == [2, 1]
+
+
+# ---------------------------------------------------------------------------------- campaign
+def test_the_campaign_trains_on_answers_and_damped_noisy_boxes() -> None:
+    pool = BoxPool(
+        image=np.array([0, 0, 0, 1]),
+        xyxy=np.array(
+            [[10, 10, 50, 50], [100, 10, 150, 60], [60, 60, 90, 95], [5, 5, 30, 30]], np.float32
+        ),
+        labels=np.array([1, 1, 0, 0]),
+        scores=np.array([0.4, 0.9, 0.3, 0.8], np.float32),
+        class_probs=np.zeros((4, 2), np.float32),
+        objectness=np.zeros(4, np.float32),
+        features=None,
+        image_sizes=(SIZE, SIZE),
+    )
+    truth0 = _b([(10, 10, 50, 50, 0), (100, 10, 150, 60, 1)])
+    campaign = BoxCampaign([SIZE, SIZE])
+    queries = pool.boxes([0, 2], 0)
+    campaign.record_answers(0, queries, resolve_queries(queries, truth0), truth0)
+    campaign.label_fully(1, _b([(5, 5, 30, 30, 0), (40, 40, 60, 60, 1)]))
+    # answered regions and the complete image are out of the pool
+    assert campaign.eligible(pool).tolist() == [False, True, False, False]
+    c = campaign.counts
+    assert (c.queried, c.adjusted, c.background, c.full_image_boxes) == (2, 1, 1, 2)
+    assert (c.boxes_labeled, c.boxes_looked_at) == (3, 4)
+    samples = campaign.training_samples(pool, ["img0", "img1"], noisy_weight=0.5)
+    first, second = samples
+    assert first.boxes.labels.tolist() == [0, 1]  # the adjusted box with its true class + noisy
+    assert first.box_weights is not None and first.box_weights.tolist() == [1.0, 0.5]
+    assert second.box_weights is not None and second.box_weights.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="labelled in full"):
+        campaign.record_answers(1, queries, resolve_queries(queries, truth0), truth0)
+
+
+def test_box_weights_follow_their_boxes_into_the_loss_target() -> None:
+    image = Image.new("RGB", SIZE)
+    boxes = Boxes(
+        np.array(
+            [[10, 10, 50, 50], [0, 0, 0.5, 0.5], [60, 10, 90, 40], [100, 10, 150, 60]], np.float32
+        ),
+        np.array([0, 1, 1, 0]),
+        SIZE,
+        ignore=np.array([False, False, True, False]),
+    )
+    sample = TrainSample(
+        image=image, boxes=boxes, box_weights=np.array([1.0, 0.5, 0.7, 0.5], np.float32)
+    )
+    target = _target(sample, image, 1.0, False, (128, 224), 1.0)
+    # the ignored box and the sub-pixel one are dropped, each weight stays with its box
+    assert target.weights is not None
+    assert target.labels.tolist() == [0, 0] and target.weights.tolist() == [1.0, 0.5]
+    plain = _target(TrainSample(image=image, boxes=boxes), image, 1.0, False, (128, 224), 1.0)
+    assert plain.weights is not None and plain.weights.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="box weights"):
+        TrainSample(image=image, boxes=boxes, box_weights=np.ones(2, np.float32))
+
+
+# ---------------------------------------------------------------------------------- pool
+def test_the_pool_keeps_each_box_distribution_and_feature() -> None:
+    torch.manual_seed(0)
+    model = YoloxNano(num_classes=3).eval()
+    with torch.no_grad():  # confident biases, so that an untrained head predicts boxes
+        for level in model.head.per_level():
+            assert level.obj_pred.bias is not None and level.cls_pred.bias is not None
+            level.obj_pred.bias.fill_(3.0)
+            level.cls_pred.bias.fill_(0.0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)) for _ in range(3)]
+    pool = predict_pool(model, images, (96, 160), score_threshold=0.01, max_per_image=20)
+    assert len(pool) > 0 and set(pool.image.tolist()) <= {0, 1, 2}
+    assert pool.features is not None and pool.features.shape == (len(pool), 64)
+    assert np.allclose(pool.class_probs.max(1), pool.scores)
+    assert (pool.scores >= 0.01).all() and (pool.xyxy[:, 2] <= 160).all()
+    assert max(np.bincount(pool.image)) <= 20
+    rows = pool.rows_of(1)
+    got = box_features_at(model, images[1:2], [pool.boxes(rows, 1)], (96, 160))
+    assert got[0].shape == (len(rows), 64)
+    assert select_boxes(pool, "coreset", 4).tolist() == select_boxes(pool, "coreset", 4).tolist()
