@@ -11,6 +11,7 @@ Examples::
     boxloop bench --config benchmark/configs/quick.yaml      # the CI grid
     boxloop bench --config benchmark/configs/full.yaml       # the full grid
     boxloop bench --report benchmark/results/full            # rebuild report.md and plots
+    boxloop bench box --config benchmark/configs/box.yaml    # box-level active learning
 """
 
 from __future__ import annotations
@@ -156,6 +157,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_arguments(parser)
     parser.set_defaults(func=run_command)
+    # Other benchmarks are modes of ``bench`` with their own flags: ``boxloop bench box ...``.
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=False)
+    from benchmark import box_cli
+
+    box_cli.register(modes)
     return parser
 
 

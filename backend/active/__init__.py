@@ -20,7 +20,7 @@ from backend.active.measures import (
     select_boxes,
     select_images,
 )
-from backend.active.pool import BoxPool, box_features_at, predict_pool
+from backend.active.pool import BoxPool, box_features_at, pool_members, predict_pool
 
 __all__ = [
     "MEASURES",
@@ -34,6 +34,7 @@ __all__ = [
     "box_scores",
     "check_measure",
     "image_scores",
+    "pool_members",
     "predict_pool",
     "resolve_queries",
     "select_boxes",

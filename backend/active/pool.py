@@ -29,7 +29,7 @@ from backend.boxes import Boxes
 from backend.detectors.yolox import STRIDES, YoloxNano, decode, grids
 from backend.training.yolox_train import letterbox_tensor
 
-__all__ = ["BoxPool", "box_features_at", "predict_pool", "stems_width"]
+__all__ = ["BoxPool", "box_features_at", "pool_members", "predict_pool", "stems_width"]
 
 #: RoIAlign output per box, averaged to one vector: 2×2 keeps it cheap and still covers the box.
 ROI_OUTPUT = 2
@@ -176,6 +176,26 @@ def predict_pool(
         _concat_features(parts) if with_features else None,
         sizes,
     )
+
+
+def pool_members(
+    pool: BoxPool, t_d: float, minimum: int, eligible: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows of U_B: the boxes scoring ≥ ``t_d``, topped up by score to ``minimum`` eligible ones.
+
+    Why the top-up: a model fine-tuned on a few images of a class COCO lacks scores its first
+    predictions low (a fresh class row starts at the prior 0.01), and a pool empty at ``t_d``
+    would stop box-level querying before it starts. Predict at a lower floor and keep the best
+    of what is there; the threshold still bounds the pool once the model is confident.
+    """
+    mask = np.ones(len(pool), bool) if eligible is None else np.asarray(eligible, bool)
+    member = pool.scores >= t_d
+    short = minimum - int((member & mask).sum())
+    if short > 0:
+        rest = np.flatnonzero(mask & ~member)
+        best = rest[np.lexsort((rest, -pool.scores[rest]))][:short]
+        member[best] = True
+    return np.flatnonzero(member)
 
 
 def _concat_features(parts: Sequence[BoxPool]) -> np.ndarray:

@@ -1,0 +1,400 @@
+"""``boxloop bench box``: box-level against image-level active learning, mAP against boxes labelled.
+
+The method of Desai & Balasubramanian (fine-grained sampling), replayed on ground truth through
+the backend's own parts (:mod:`backend.active`, :func:`backend.training.yolox_train.train_yolox`):
+
+1. a random ``init_fraction`` of the pool is labelled in full (L_I); the COCO YOLOX-Nano,
+   its head re-cut to the dataset's labels, is fine-tuned on it: the initial model;
+2. each episode the current model predicts the images not labelled in full at ``t_d``
+   (the box pool U_B); a *box-level* approach queries the K most informative eligible boxes
+   and the simulated annotator answers them with :func:`backend.active.resolve_queries`
+   (adjusted to the ground truth of largest IoU ≥ 0.5 with its class, else background); an
+   *image-level* approach labels whole images, ranked by the mean of their boxes' measure,
+   until it has drawn at least K boxes;
+3. the model is retrained from the COCO weights on L_I: answered boxes weigh 1, the other
+   predicted boxes of partly labelled images weigh λ_d (``noisy_weight``);
+4. mAP@0.5 on the held-out split after each episode, against the boxes labelled (the paper's
+   cost: ground-truth boxes obtained) and the boxes looked at (every query, background ones
+   included).
+
+"Fully supervised" is the same training on every pool image labelled in full. K is a fraction
+of the pool's object count (``k_fraction``), so every dataset spends the same share per episode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+from tqdm.auto import tqdm
+
+from backend.active import (
+    BoxCampaign,
+    BoxPool,
+    box_features_at,
+    check_measure,
+    pool_members,
+    predict_pool,
+    resolve_queries,
+    select_boxes,
+    select_images,
+)
+from backend.boxes import Boxes
+from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
+from backend.scoring import evaluate_map
+from backend.training.samples import TrainSample
+from backend.training.yolox_train import initial_yolox, input_shape_for, train_yolox
+from benchmark.config import ConfigError, DatasetConfig
+from benchmark.datasets.common import expand_path
+from benchmark.product_loop import yolox_config
+from benchmark.runner import PreparedDataset, prepare_dataset
+
+__all__ = ["BoxBenchConfig", "load_box_config", "run_box_bench"]
+
+SCHEMA = "boxloop.box-al/1"
+#: Score floor of held-out predictions for mAP (as the grid's held-out curve).
+MAP_FLOOR = 0.01
+#: Floor of the box pool's predictions, below t_d: :func:`backend.active.pool_members` tops the
+#: pool up to K boxes from here while the model's scores are still low.
+POOL_FLOOR = 0.01
+#: ``--quick``: a tiny campaign that shows the whole path in CI.
+QUICK: dict[str, Any] = {
+    "seeds": [0],
+    "episodes": 2,
+    "box_measures": ["uncertainty", "coreset"],
+    "image_measures": ["uncertainty"],
+    "yolox": {"image_visits": 48, "min_epochs": 2, "max_epochs": 4, "input_area": 256 * 192},
+}
+QUICK_DATASET = {"max_images": 16, "holdout": 4}
+
+
+@dataclass(frozen=True)
+class BoxBenchConfig:
+    """One box-level experiment grid (YAML keys = field names)."""
+
+    datasets: tuple[DatasetConfig, ...]
+    name: str = "box"
+    output: str = "benchmark/results/box"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    box_measures: tuple[str, ...] = ("random", "uncertainty", "coreset")
+    image_measures: tuple[str, ...] = ("random", "uncertainty")
+    init_fraction: float = 0.1
+    min_init_images: int = 2
+    episodes: int = 4
+    k_fraction: float = 0.1
+    t_d: float = 0.1
+    noisy_weight: float = 0.5
+    yolox: dict[str, Any] = field(default_factory=dict)
+    threads: int = 2
+    model: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
+
+    def __post_init__(self) -> None:
+        for m in (*self.box_measures, *self.image_measures):
+            try:
+                check_measure(m)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        if "coreset" in self.image_measures:
+            raise ConfigError("image-level coreset is not wired into the box bench yet")
+        if not 0 < self.init_fraction < 1 or not 0 < self.k_fraction <= 1:
+            raise ConfigError("init_fraction must be in (0, 1) and k_fraction in (0, 1]")
+        if self.episodes < 1 or not self.datasets:
+            raise ConfigError("a box bench needs datasets and at least one episode")
+
+    @property
+    def approaches(self) -> list[str]:
+        return [f"box:{m}" for m in self.box_measures] + [f"image:{m}" for m in self.image_measures]
+
+    def run_key(self, dataset: DatasetConfig, seed: int) -> str:
+        data = {k: v for k, v in self.to_dict().items() if k not in ("name", "output", "seeds")}
+        data["datasets"] = [asdict(dataset)]
+        data["seed"] = seed
+        text = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["datasets"] = [asdict(d) for d in self.datasets]
+        return out
+
+
+def load_box_config(data: dict[str, Any]) -> BoxBenchConfig:
+    """A :class:`BoxBenchConfig` from a YAML mapping (unknown keys are an error)."""
+    known = set(BoxBenchConfig.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown box bench keys: {', '.join(sorted(unknown))}")
+    values = dict(data)
+    datasets = values.pop("datasets", [])
+    if not datasets:
+        raise ConfigError("a box bench needs at least one dataset")
+    parsed = tuple(DatasetConfig(**({"spec": d} if isinstance(d, str) else d)) for d in datasets)
+    for key in ("seeds", "box_measures", "image_measures"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return BoxBenchConfig(datasets=parsed, **values)
+
+
+def load_box_yaml(path: Path) -> BoxBenchConfig:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return load_box_config(data)
+
+
+# ---------------------------------------------------------------------------------- one campaign
+@dataclass
+class _Data:
+    """A prepared dataset as the campaign needs it."""
+
+    labels: list[str]
+    pool_images: list[Image.Image]
+    pool_truth: list[Boxes]
+    test_images: list[Image.Image]
+    test_truth: list[Boxes]
+    ignore_overlap: Any
+    input_hw: tuple[int, int]
+
+    @classmethod
+    def of(cls, prepared: PreparedDataset, area: int) -> _Data:
+        pool = prepared.pool.samples
+        test = prepared.holdout.samples
+        images = [prepared.images[s.image_id] for s in pool]
+        config = yolox_config({"input_area": area})
+        return cls(
+            labels=list(prepared.dataset.labels),
+            pool_images=images,
+            pool_truth=[s.boxes for s in pool],
+            test_images=[prepared.images[s.image_id] for s in test],
+            test_truth=[s.boxes for s in test],
+            ignore_overlap=prepared.dataset.ignore_overlap,
+            input_hw=input_shape_for([im.size for im in images], config),
+        )
+
+
+def _held_out_map(model: YoloxNano, data: _Data) -> float:
+    pool = predict_pool(
+        model, data.test_images, data.input_hw, score_threshold=MAP_FLOOR, with_features=False
+    )
+    preds = [pool.boxes(pool.rows_of(i), i) for i in range(len(data.test_images))]
+    return float(evaluate_map(data.test_truth, preds, data.labels, data.ignore_overlap).map50)
+
+
+class _Campaign:
+    """One approach's campaign from the shared initial state."""
+
+    def __init__(
+        self,
+        approach: str,
+        data: _Data,
+        init_images: Sequence[int],
+        train: Callable[[list[TrainSample]], YoloxNano],
+        config: BoxBenchConfig,
+        seed: int,
+        k: int,
+    ) -> None:
+        self.level, measure = approach.split(":")
+        self.measure = check_measure(measure)
+        self.data, self.train, self.config, self.seed, self.k = data, train, config, seed, k
+        self.campaign = BoxCampaign([im.size for im in data.pool_images])
+        for i in init_images:
+            self.campaign.label_fully(i, data.pool_truth[i])
+
+    def episode(self, model: YoloxNano, number: int) -> tuple[YoloxNano, dict[str, Any]]:
+        data, campaign = self.data, self.campaign
+        open_images = [
+            i
+            for i in range(len(data.pool_images))
+            if i not in campaign.labeled or not campaign.labeled[i].complete
+        ]
+        pool = predict_pool(
+            model,
+            [data.pool_images[i] for i in open_images],
+            data.input_hw,
+            score_threshold=min(self.config.t_d, POOL_FLOOR),
+            with_features=self.level == "box" and self.measure == "coreset",
+        )
+        pool = _reindex(pool, open_images, [im.size for im in data.pool_images])
+        pool = pool.subset(
+            pool_members(pool, self.config.t_d, self.k, eligible=campaign.eligible(pool))
+        )
+        seed = self.seed * 1000 + number
+        if self.level == "box":
+            self._query_boxes(model, pool, seed)
+        else:
+            self._query_images(pool, open_images, seed)
+        samples = campaign.training_samples(pool, data.pool_images, self.config.noisy_weight)
+        new_model = self.train(samples)
+        c = campaign.counts
+        record = {
+            "episode": number,
+            "pool_boxes": len(pool),
+            "boxes_labeled": c.boxes_labeled,
+            "boxes_looked_at": c.boxes_looked_at,
+            "queried": c.queried,
+            "confirmed": c.confirmed,
+            "adjusted": c.adjusted,
+            "duplicate": c.duplicate,
+            "background": c.background,
+            "full_image_boxes": c.full_image_boxes,
+            "images_in_training": len(campaign.labeled),
+            "map50": _held_out_map(new_model, data),
+        }
+        return new_model, record
+
+    def _query_boxes(self, model: YoloxNano, pool: BoxPool, seed: int) -> None:
+        data, campaign = self.data, self.campaign
+        labeled_features = None
+        if self.measure == "coreset":
+            keys = sorted(campaign.labeled)
+            feats = box_features_at(
+                model,
+                [data.pool_images[i] for i in keys],
+                [campaign.labeled[i].objects for i in keys],
+                data.input_hw,
+            )
+            labeled_features = np.concatenate(feats) if feats else None
+        rows = select_boxes(
+            pool,
+            self.measure,
+            self.k,
+            eligible=campaign.eligible(pool),
+            labeled_features=labeled_features,
+            seed=seed,
+        )
+        for image in sorted(set(pool.image[rows].tolist())):
+            mine = rows[pool.image[rows] == image]
+            queries = pool.boxes(mine, image)
+            truth = data.pool_truth[image]
+            campaign.record_answers(image, queries, resolve_queries(queries, truth), truth)
+
+    def _query_images(self, pool: BoxPool, open_images: list[int], seed: int) -> None:
+        data, campaign = self.data, self.campaign
+        fresh = [i for i in open_images if i not in campaign.labeled]
+        ranked = select_images(
+            fresh, self.measure, len(fresh), pool=pool, n_images=len(data.pool_images), seed=seed
+        )
+        drawn = 0
+        for image in ranked.tolist():
+            if drawn >= self.k:
+                break
+            campaign.label_fully(image, data.pool_truth[image])
+            drawn += len(data.pool_truth[image].kept())
+
+
+def _reindex(pool: BoxPool, images: list[int], sizes: list[tuple[int, int]]) -> BoxPool:
+    """A pool predicted on ``images`` (a subset) with image indices into the full list."""
+    return BoxPool(
+        np.asarray(images, np.int64)[pool.image] if len(pool) else pool.image,
+        pool.xyxy,
+        pool.labels,
+        pool.scores,
+        pool.class_probs,
+        pool.objectness,
+        pool.features,
+        tuple(sizes),
+    )
+
+
+def run_dataset_seed(
+    config: BoxBenchConfig, dataset: DatasetConfig, seed: int, progress: bool = True
+) -> dict[str, Any]:
+    """Every approach of one dataset and seed (the initial model and full supervision shared)."""
+    started = time.perf_counter()
+    prepared = prepare_dataset(dataset)
+    yolox = yolox_config(config.yolox, seed=seed, threads=config.threads)
+    data = _Data.of(prepared, yolox.input_area)
+    coco, names = load_coco_yolox_nano(expand_path(config.model))
+    init = initial_yolox(coco, names, data.labels)
+
+    def train(samples: list[TrainSample]) -> YoloxNano:
+        return train_yolox(samples, init, yolox, input_hw=data.input_hw)
+
+    n = len(data.pool_images)
+    rng = np.random.default_rng(seed)
+    n_init = min(n - 1, max(config.min_init_images, math.ceil(config.init_fraction * n)))
+    init_images = sorted(rng.permutation(n)[:n_init].tolist())
+    pool_objects = sum(len(b.kept()) for b in data.pool_truth)
+    k = max(1, round(config.k_fraction * pool_objects))
+    say = tqdm(
+        total=2 + len(config.approaches) * config.episodes,
+        desc=f"{dataset.display_name} seed {seed}",
+        disable=not progress,
+    )
+    full = train([TrainSample(data.pool_images[i], data.pool_truth[i]) for i in range(n)])
+    full_map = _held_out_map(full, data)
+    say.update()
+    initial = train([TrainSample(data.pool_images[i], data.pool_truth[i]) for i in init_images])
+    init_boxes = sum(len(data.pool_truth[i].kept()) for i in init_images)
+    start_point = {
+        "episode": 0,
+        "boxes_labeled": init_boxes,
+        "boxes_looked_at": init_boxes,
+        "map50": _held_out_map(initial, data),
+    }
+    say.update()
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for approach in config.approaches:
+        campaign = _Campaign(approach, data, init_images, train, config, seed, k)
+        model, curve = initial, [start_point]
+        for number in range(1, config.episodes + 1):
+            model, record = campaign.episode(model, number)
+            curve.append(record)
+            say.update()
+            say.set_postfix_str(f"{approach} ep{number} mAP {record['map50']:.3f}")
+        curves[approach] = curve
+    say.close()
+    return {
+        "schema": SCHEMA,
+        "run_key": config.run_key(dataset, seed),
+        "dataset": dataset.display_name,
+        "seed": seed,
+        "pool_images": n,
+        "pool_objects": pool_objects,
+        "test_images": len(data.test_images),
+        "init_images": n_init,
+        "k": k,
+        "input_hw": list(data.input_hw),
+        "full_map50": full_map,
+        "curves": curves,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def run_box_bench(
+    config: BoxBenchConfig, force: bool = False, progress: bool = True
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Run (or reuse) every dataset × seed, then write the report; returns runs and files."""
+    from benchmark.box_report import write_box_report
+
+    out = Path(config.output)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    runs = []
+    for dataset in config.datasets:
+        for seed in config.seeds:
+            path = runs_dir / f"{_slug(dataset.display_name)}__seed{seed}.json"
+            key = config.run_key(dataset, seed)
+            if path.is_file() and not force:
+                cached = json.loads(path.read_text())
+                if cached.get("schema") == SCHEMA and cached.get("run_key") == key:
+                    runs.append(cached)
+                    continue
+            run = run_dataset_seed(config, dataset, seed, progress)
+            path.write_text(json.dumps(run, indent=2))
+            runs.append(run)
+    return runs, write_box_report(out, config, runs)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
