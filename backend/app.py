@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import __version__
+from backend.box_queries import BoxQueryRequest
 from backend.queueing import OrderRequest
 from backend.service import BoxloopService, ServiceError
 from backend.settings import Settings, get_settings
@@ -777,6 +778,30 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
             **_responses({404: _err("The project is unknown to boxloop.")}),
         },
     )(order)
+
+    @app.post(
+        "/projects/{project_id}/box-queries",
+        tags=["admin"],
+        status_code=202,
+        response_model=None,
+        responses={
+            202: {"description": "The episode's state (the episode itself with ?wait=true)."},
+            **_responses(
+                {
+                    404: _err("The project is unknown to boxloop."),
+                    422: _err("Invalid settings, or no YOLOX model to query with."),
+                }
+            ),
+        },
+    )
+    def box_queries(
+        project_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+        body: Annotated[BoxQueryRequest | None, Body()] = None,
+        wait: Annotated[bool, Query(description="answer when the episode is done")] = False,
+    ) -> dict[str, Any]:
+        """A box-level active-learning episode: query the K most informative predicted boxes,
+        pre-annotate their tasks with the queried boxes marked, and order the queue by them."""
+        return svc.run_box_queries(project_id, body or BoxQueryRequest(), wait=wait)
 
     @app.get(
         "/jobs/{job_id}",

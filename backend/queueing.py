@@ -137,7 +137,7 @@ class QueueManager:
         self.image_source_for = image_source_for
 
     # ------------------------------------------------------------------ helpers
-    def _sync_tasks(self, project_id: int) -> None:
+    def sync_tasks(self, project_id: int) -> None:
         studio = self.studio_for(project_id)
         if studio is None:
             return
@@ -205,7 +205,7 @@ class QueueManager:
         project = self.store.get_project(project_id)
         if project is None:
             raise KeyError(f"project {project_id} is unknown to boxloop (connect it first)")
-        self._sync_tasks(project_id)
+        self.sync_tasks(project_id)
         extractor = None
         if request.strategy in FEATURE_STRATEGIES:
             extractor = self._extractor_name(project_id, request, project.image_key)

@@ -22,9 +22,11 @@ from typing import Any
 
 from backend.boxes import Boxes
 from backend.detectors import Detector, OnnxYoloxDetector
-from backend.detectors.versions import load_version_detector
+from backend.detectors.versions import load_model_version, load_version_detector
+from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
 from backend.settings import Settings
 from backend.store import ModelVersion, Store
+from backend.training.yolox_train import initial_yolox
 
 __all__ = ["UNTRAINED_VERSION", "LoadedModel", "ModelRegistry", "is_promoted"]
 
@@ -121,6 +123,27 @@ class ModelRegistry:
         if mapped is not None:
             return LoadedModel(mapped.version, mapped)
         return LoadedModel(UNTRAINED_VERSION, None)
+
+    def serving_torch_model(
+        self, project_id: int, labels: Sequence[str]
+    ) -> tuple[str, YoloxNano, tuple[int, int] | None] | None:
+        """``(version, PyTorch model, input shape or None)`` of what serves the project, for work
+        the ONNX export cannot do (box-level queries need class distributions and features):
+        the newest promoted YOLOX version, else the COCO model with its head re-cut to
+        ``labels``. None when neither exists (or the serving version is not a YOLOX one)."""
+        record = self.serving_record(project_id)
+        if record is not None:
+            model, metadata = load_model_version(Path(record.path))
+            if not isinstance(model, YoloxNano):
+                return None
+            hw = metadata.get("input_hw")
+            return record.version, model, (int(hw[0]), int(hw[1])) if hw else None
+        path = self.settings.resolved_onnx_model_path
+        if path is None:
+            return None
+        coco, names = load_coco_yolox_nano(Path(path))
+        version = self.current(project_id, labels).version
+        return version, initial_yolox(coco, names, list(labels)), None
 
     def serving_predictor(
         self, project_id: int, labels: Sequence[str], score_floor: float

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ import httpx
 import torch
 from PIL import Image
 
+from backend.box_queries import BoxQueryManager, BoxQueryRequest
 from backend.boxes import Boxes
 from backend.errors import ServiceError
 from backend.images import (
@@ -78,15 +79,25 @@ class BoxloopService:
             studio_for=self._studio_client,
             image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
         )
+        self.box_queries = BoxQueryManager(
+            settings,
+            self.store,
+            self.models,
+            studio_for=self._studio_client,
+            load_task_image=self._task_image,
+            sync_tasks=self.queue.sync_tasks,
+        )
         self.webhooks = WebhookHandler(
             self.store,
             schedule_training=self.maybe_schedule_training,
             request_training=lambda pid: self.scheduler.request(pid, "START_TRAINING"),
             tasks_created=self._tasks_created,
+            annotation_stored=self._annotation_stored,
         )
         # queue work (features, ordering, pushes) runs one job at a time, off the request path
         self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxloop-queue")
         self._queue_state: dict[int, dict[str, Any]] = {}
+        self._box_state: dict[int, dict[str, Any]] = {}
         torch.set_num_threads(max(1, settings.num_threads))
 
     # ------------------------------------------------------------------ lifecycle
@@ -352,6 +363,55 @@ class BoxloopService:
         """Store what a Label Studio webhook carries; see :class:`WebhookHandler`."""
         return self.webhooks.handle(payload)
 
+    def _annotation_stored(self, project_id: int, task_id: int) -> None:
+        """Map the answer back to the task's open box queries (if any)."""
+        try:
+            self.box_queries.record_answer(project_id, task_id)
+        except Exception:  # never lose the stored annotation over the bookkeeping
+            log.exception(
+                "box queries of task %s (project %s): answer not mapped", task_id, project_id
+            )
+
+    def _task_image(self, project_id: int, data: Mapping[str, Any]) -> Image.Image:
+        project = self.store.get_project(project_id)
+        if project is None:
+            raise ValueError(f"project {project_id} is unknown")
+        reference = data.get(project.image_key)
+        if not isinstance(reference, str):
+            raise ValueError(f"task data has no image under ${project.image_key}")
+        return load_image(reference, self.image_source(project), client=self._http)
+
+    def run_box_queries(
+        self, project_id: int, request: BoxQueryRequest, wait: bool = False
+    ) -> dict[str, Any]:
+        """One box-level episode (:class:`BoxQueryManager`) on the queue thread (queue work runs
+        one job at a time); ``wait`` answers with the episode when it is done."""
+        if self.store.get_project(project_id) is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        self._box_state[project_id] = {"state": "queued", "measure": request.measure}
+        future = self._queue_pool.submit(self._run_box_episode, project_id, request)
+        if wait:
+            future.result()
+            state = self._box_state[project_id]
+            if state["state"] == "failed":
+                raise ServiceError(422 if state.get("invalid") else 500, state["error"])
+        return dict(self._box_state[project_id])
+
+    def _run_box_episode(self, project_id: int, request: BoxQueryRequest) -> None:
+        self._box_state[project_id] = {"state": "running", "measure": request.measure}
+        try:
+            episode = self.box_queries.run_episode(project_id, request)
+        except Exception as exc:
+            log.exception("box queries of project %s failed", project_id)
+            self._box_state[project_id] = {
+                "state": "failed",
+                "measure": request.measure,
+                "error": f"{type(exc).__name__}: {exc}",
+                "invalid": isinstance(exc, ValueError),
+            }
+            return
+        self._box_state[project_id] = {"state": "done", **episode}
+
     def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
         if self.store.get_order(project_id) is not None:
             self._queue_pool.submit(self._place_new, project_id, task_ids)
@@ -474,6 +534,10 @@ class BoxloopService:
                         }
                         for j in jobs
                     ],
+                    "box_queries": {
+                        "job": self._box_state.get(project.id),
+                        "episodes": self.box_queries.status(project.id),
+                    },
                     "queue": None
                     if order is None
                     else {

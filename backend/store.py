@@ -140,6 +140,19 @@ orders = Table(
     Column("updated_at", DateTime, nullable=False, default=utcnow),
 )
 
+#: Box-level active learning: one row per episode; ``queries`` holds the queried boxes (pixel
+#: corners, label, informativeness, task) and, once answered, each one's ``kind``.
+box_episodes = Table(
+    "box_episodes",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("episode", Integer, primary_key=True, autoincrement=False),
+    Column("params", JSON, nullable=False),
+    Column("queries", JSON, nullable=False),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+    Column("updated_at", DateTime, nullable=False, default=utcnow, onupdate=utcnow),
+)
+
 JOB_ACTIVE = ("queued", "running")
 
 
@@ -681,6 +694,44 @@ class Store:
             view_id=row["view_id"],
             updated_at=row["updated_at"],
         )
+
+    # ------------------------------------------------------------------ box episodes
+    def add_box_episode(
+        self, project_id: int, params: dict[str, Any], queries: list[dict[str, Any]]
+    ) -> int:
+        """Store a new episode (numbered from 1); returns its number."""
+        with self._tx() as conn:
+            last = conn.execute(
+                select(func.max(box_episodes.c.episode)).where(
+                    box_episodes.c.project_id == project_id
+                )
+            ).scalar()
+            number = int(last or 0) + 1
+            conn.execute(
+                box_episodes.insert().values(
+                    project_id=project_id, episode=number, params=params, queries=queries
+                )
+            )
+        return number
+
+    def list_box_episodes(self, project_id: int) -> list[tuple[int, dict[str, Any], list[Any]]]:
+        """``(episode, params, queries)`` in episode order."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(box_episodes.c.episode, box_episodes.c.params, box_episodes.c.queries)
+                .where(box_episodes.c.project_id == project_id)
+                .order_by(box_episodes.c.episode)
+            ).all()
+        return [(int(r[0]), dict(r[1]), list(r[2])) for r in rows]
+
+    def set_box_queries(self, project_id: int, episode: int, queries: list[dict[str, Any]]) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(box_episodes)
+                .where(box_episodes.c.project_id == project_id)
+                .where(box_episodes.c.episode == episode)
+                .values(queries=queries, updated_at=utcnow())
+            )
 
 
 def _dialect_insert(dialect: str) -> Any:

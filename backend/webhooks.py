@@ -67,11 +67,13 @@ class WebhookHandler:
         schedule_training: Callable[[int], int | None],
         request_training: Callable[[int], int],
         tasks_created: Callable[[int, list[int]], None],
+        annotation_stored: Callable[[int, int], None] | None = None,
     ) -> None:
         self.store = store
         self._schedule_training = schedule_training
         self._request_training = request_training
         self._tasks_created = tasks_created
+        self._annotation_stored = annotation_stored
 
     def handle(self, payload: dict[str, Any]) -> WebhookOutcome:
         """Store the annotations or tasks ``payload`` carries and schedule training as due."""
@@ -185,6 +187,8 @@ class WebhookHandler:
         except AnnotationPayloadError as exc:
             raise ServiceError(400, str(exc)) from exc
         outcome.stored += 1
+        if self._annotation_stored is not None and not result.parse_error:
+            self._annotation_stored(project.id, result.task_id)
         if result.parse_error:
             outcome.warnings.append(
                 f"annotation {result.annotation_id} stored but not usable for training: "
