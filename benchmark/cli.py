@@ -162,6 +162,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from benchmark import box_cli
 
     box_cli.register(modes)
+    from benchmark.search_cli import register_search
+
+    register_search(modes)
     return parser
 
 

@@ -1,0 +1,302 @@
+"""A compact faiss index of search embeddings, with a short-list re-rank and a disk layout.
+
+Why this shape (figures in method-notes and ``benchmark/search_index_speed.py``):
+
+- Below ``flat_below`` vectors (50k), exact search (``Flat``) costs a few ms at most, so it is
+  used as is: nothing to train, recall 1.
+- Above it, ``OPQ{M}_{d'},IVF{nlist},PQ{M}np``: an OPQ rotation, an IVF coarse quantizer with
+  nlist ≈ 4√N (trained on ≥ 39·nlist vectors, as faiss asks) and M = 16-byte PQ codes (``np``: no polysemous training, same codes, faster build). Alone, a
+  16-byte code keeps too little of the exact top 200 on loosely clustered data, so the index
+  returns a short list (``rerank`` candidates) that is re-scored from a **re-rank store**: every
+  vector again, scalar-quantised (``sq4``: 4 bits a dimension, 16 bytes at d = 32; or ``sq6``,
+  ``sq8``, ``fp16``). An image then costs 16 (PQ) + 8 (the IVF list's id) + 16 (store) + 4 (row →
+  task id) ≈ 44 bytes at d = 32, under the 48-byte goal at 1M.
+
+The index is saved to a directory with its factory string, grows with :meth:`CompactIndex.add`
+as tasks arrive (new vectors are encoded with the trained quantizers), and searches with a
+configurable ``nprobe``. Vectors are expected L2-normalised; scores are cosine similarities.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+__all__ = [
+    "CompactIndex",
+    "IndexConfig",
+    "SearchHits",
+    "choose_factory",
+    "nlist_for",
+]
+
+StoreKind = Literal["sq4", "sq6", "sq8", "fp16"]
+_SQ_TYPES = {
+    "sq4": faiss.ScalarQuantizer.QT_4bit,
+    "sq6": faiss.ScalarQuantizer.QT_6bit,
+    "sq8": faiss.ScalarQuantizer.QT_8bit,
+    "fp16": faiss.ScalarQuantizer.QT_fp16,
+}
+_INDEX_FILE = "index.faiss"
+_STORE_FILE = "rerank.npy"
+_IDS_FILE = "ids.npy"
+_META_FILE = "index.json"
+_SQ_FILE = "rerank_sq.npy"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the index is built and searched (settings ``BOXLOOP_SEARCH_*`` feed it)."""
+
+    flat_below: int = 50_000
+    pq_bytes: int = 16
+    opq_dim: int = 64
+    nprobe: int = 16
+    rerank: int = 800
+    store: StoreKind = "sq4"
+    train_size: int = 0  # vectors to train on; 0: max(39·nlist, 64·256), capped at N
+    opq_iterations: int = 20  # faiss' default 50 costs minutes of CPU at 40k vectors
+    num_threads: int = 1
+    seed: int = 0
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists for ``n`` vectors: ≈ 4√n, rounded to a multiple of 8 (at least 8)."""
+    return max(8, round(4 * math.sqrt(max(n, 1)) / 8) * 8)
+
+
+def choose_factory(n: int, d: int, config: IndexConfig | None = None) -> str:
+    """The faiss ``index_factory`` string for ``n`` vectors of ``d`` dimensions."""
+    config = config or IndexConfig()
+    if n < config.flat_below:
+        return "Flat"
+    m = config.pq_bytes
+    if d % m:
+        raise ValueError(f"PQ{m} needs a dimension divisible by {m}, got {d}")
+    out = max(m, min(config.opq_dim, d) // m * m)
+    return f"OPQ{m}_{out},IVF{nlist_for(n)},PQ{m}np"
+
+
+@dataclass(frozen=True)
+class SearchHits:
+    """Top-k of one query: external ids and cosine scores, best first."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+class CompactIndex:
+    """See the module docstring. Build with :meth:`build`, reopen with :meth:`load`."""
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        factory: str,
+        dim: int,
+        config: IndexConfig,
+        ids: np.ndarray,
+        sq: faiss.ScalarQuantizer | None = None,
+        store: np.ndarray | None = None,
+    ) -> None:
+        self.index = index
+        self.factory = factory
+        self.dim = dim
+        self.config = config
+        self.ids = ids
+        self.sq = sq
+        self.store = store if store is not None else np.zeros((0, 0), np.uint8)
+        self._set_nprobe(config.nprobe)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        ids: np.ndarray | None = None,
+        config: IndexConfig | None = None,
+        factory: str | None = None,
+    ) -> CompactIndex:
+        """Train (when the factory needs it) and fill an index with ``vectors`` ``(N, d)``.
+
+        ``ids``: external ids (task ids), default ``0..N-1``; ``factory`` overrides the choice
+        by size (:func:`choose_factory`).
+        """
+        config = config or IndexConfig()
+        x = _as_matrix(vectors)
+        n, d = x.shape
+        faiss.omp_set_num_threads(max(1, config.num_threads))
+        factory = factory or choose_factory(n, d, config)
+        index = faiss.index_factory(d, factory)
+        _limit_opq(index, config.opq_iterations)
+        sq = None
+        if not index.is_trained:
+            rng = np.random.default_rng(config.seed)
+            ivf = faiss.extract_index_ivf(index)
+            want = config.train_size or max(39 * ivf.nlist, 64 * 256)
+            sample = x[rng.choice(n, size=min(n, want), replace=False)] if want < n else x
+            index.train(sample)
+            sq = faiss.ScalarQuantizer(d, _SQ_TYPES[config.store])
+            sq.train(sample)
+        built = cls(index, factory, d, config, np.zeros(0, np.int64), sq)
+        built.add(x, ids)
+        return built
+
+    @property
+    def exact(self) -> bool:
+        """True when the index itself is exact (no re-rank store)."""
+        return self.sq is None
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
+        """Append vectors (as tasks arrive); quantisers trained at build time encode them."""
+        x = _as_matrix(vectors)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"index holds {self.dim}-d vectors, got {x.shape[1]}-d")
+        start = len(self)
+        new_ids = np.arange(start, start + len(x)) if ids is None else np.asarray(ids)
+        if len(new_ids) != len(x):
+            raise ValueError(f"{len(x)} vectors but {len(new_ids)} ids")
+        self.index.add(x)  # faiss rows 0..N-1; external ids live in self.ids
+        self.ids = np.concatenate([self.ids.astype(np.int64), new_ids.astype(np.int64)])
+        if self.sq is not None:
+            codes = self.sq.compute_codes(x)
+            self.store = codes if not len(self.store) else np.concatenate([self.store, codes])
+
+    def needs_rebuild(self) -> bool:
+        """True when the collection outgrew the factory it was built with (a flat index past
+        ``flat_below``, or an IVF whose nlist is below half of ≈ 4√N)."""
+        if self.exact:
+            return len(self) >= self.config.flat_below
+        return faiss.extract_index_ivf(self.index).nlist < nlist_for(len(self)) / 2
+
+    # ------------------------------------------------------------------ searching
+    def _set_nprobe(self, nprobe: int) -> None:
+        if not self.exact:
+            faiss.extract_index_ivf(self.index).nprobe = max(1, int(nprobe))
+
+    def set_search(self, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Change ``nprobe`` and the short-list length for later searches."""
+        if nprobe is not None:
+            self.config = replace(self.config, nprobe=int(nprobe))
+            self._set_nprobe(nprobe)
+        if rerank is not None:
+            self.config = replace(self.config, rerank=int(rerank))
+
+    def search(self, queries: np.ndarray, k: int) -> list[SearchHits]:
+        """Top ``k`` of each query (rows of ``(nq, d)``), cosine scores, best first."""
+        q = _as_matrix(queries)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"index holds {self.dim}-d vectors, got {q.shape[1]}-d queries")
+        k = max(1, min(int(k), len(self)))
+        if len(self) == 0:
+            return [SearchHits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in q]
+        if self.exact:
+            dist, rows = self.index.search(q, k)
+            return [_hits(self.ids, r, 1.0 - 0.5 * dd) for r, dd in zip(rows, dist, strict=True)]
+        short = max(k, self.config.rerank)
+        _, rows = self.index.search(q, short)
+        out = []
+        assert self.sq is not None
+        for qi, cand in zip(q, rows, strict=True):
+            cand = cand[cand >= 0]
+            vecs = self.sq.decode(self.store[cand])
+            scores = vecs @ qi
+            top = np.argsort(-scores, kind="stable")[:k]
+            out.append(SearchHits(self.ids[cand[top]], scores[top].astype(np.float32)))
+        return out
+
+    # ------------------------------------------------------------------ size and disk
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of the parts as saved: index (codes, ids, quantisers), re-rank store, id map."""
+        index_bytes = int(faiss.serialize_index(self.index).nbytes)
+        return {
+            "index": index_bytes,
+            "rerank_store": int(self.store.nbytes),
+            "id_map": int(len(self.ids) * _id_dtype(self.ids).itemsize),
+        }
+
+    def save(self, directory: Path) -> Path:
+        """Write the index, store, id map and ``index.json`` (with the factory) atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".save-"))
+        faiss.write_index(self.index, str(tmp / _INDEX_FILE))
+        np.save(tmp / _IDS_FILE, self.ids.astype(_id_dtype(self.ids)))
+        if self.sq is not None:
+            np.save(tmp / _STORE_FILE, self.store)
+            np.save(tmp / _SQ_FILE, faiss.vector_to_array(self.sq.trained))
+        meta = {
+            "factory": self.factory,
+            "dim": self.dim,
+            "count": len(self),
+            "config": asdict(self.config),
+            "bytes": self.nbytes(),
+        }
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name in (_INDEX_FILE, _IDS_FILE, _STORE_FILE, _SQ_FILE, _META_FILE):
+            if (tmp / name).exists():
+                os.replace(tmp / name, directory / name)
+            elif (directory / name).exists():
+                (directory / name).unlink()
+        tmp.rmdir()
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path, config: IndexConfig | None = None) -> CompactIndex:
+        """Reopen a saved index; ``config`` (e.g. another ``nprobe``) overrides the saved one."""
+        directory = Path(directory)
+        meta = json.loads((directory / _META_FILE).read_text())
+        saved = IndexConfig(**meta["config"])
+        config = config or saved
+        index = faiss.read_index(str(directory / _INDEX_FILE))
+        ids = np.load(directory / _IDS_FILE).astype(np.int64)
+        sq, store = None, None
+        if (directory / _SQ_FILE).exists():
+            trained = np.load(directory / _SQ_FILE)
+            sq = faiss.ScalarQuantizer(int(meta["dim"]), _SQ_TYPES[saved.store])
+            faiss.copy_array_to_vector(trained.astype(np.float32), sq.trained)
+            store = np.load(directory / _STORE_FILE)
+            config = replace(config, store=saved.store)
+        faiss.omp_set_num_threads(max(1, config.num_threads))
+        return cls(index, meta["factory"], int(meta["dim"]), config, ids, sq, store)
+
+
+def _limit_opq(index: faiss.Index, iterations: int) -> None:
+    """Fewer OPQ alternations (and at most 32k training points) than faiss' defaults."""
+    if not isinstance(index, faiss.IndexPreTransform):
+        return
+    chain: Any = index.chain
+    for i in range(chain.size()):
+        transform = faiss.downcast_VectorTransform(chain.at(i))
+        if isinstance(transform, faiss.OPQMatrix):
+            transform.niter = max(1, int(iterations))
+            transform.max_train_points = min(int(transform.max_train_points), 32_768)
+
+
+def _as_matrix(vectors: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ValueError("vectors must be a finite (N, d) array")
+    return x
+
+
+def _id_dtype(ids: np.ndarray) -> np.dtype:
+    """int32 when every id fits (4 bytes an image), else int64."""
+    if len(ids) == 0 or (ids.min() >= 0 and ids.max() < 2**31):
+        return np.dtype(np.int32)
+    return np.dtype(np.int64)
+
+
+def _hits(ids: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> SearchHits:
+    keep = rows >= 0
+    return SearchHits(ids[rows[keep]], scores[keep].astype(np.float32))
