@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend import __version__
 from backend.box_queries import BoxQueryRequest
 from backend.queueing import OrderRequest
+from backend.search_routes import add_search_routes
 from backend.service import BoxloopService, ServiceError
 from backend.settings import Settings, get_settings
 
@@ -828,4 +829,5 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
             "model_version": record.model_version,
         }
 
+    add_search_routes(app, svc)  # POST /projects/{id}/search (docs/search.md)
     return app

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.add_argument("--output", "-o", help="file to write (default: stdout)")
     openapi.set_defaults(func=_openapi)
 
+    from backend.search_cli import register as register_search
+
+    register_search(sub)
+
     for entry in entry_points(group="boxloop.commands"):
         register = entry.load()
         register(sub)

@@ -152,6 +152,22 @@ class Settings(BaseSettings):
     order_strategy: str = "random"
     order_seed: int = 0
 
+    # --- sketch / box-layout search (docs/search.md) ---------------------------------------------
+    search_model_dir: Path | None = Field(
+        None, description="Trained search model; default <data_dir>/search/model."
+    )
+    search_top_k: int = Field(50, ge=1, le=10_000, description="Results a search returns.")
+    search_nprobe: int = Field(16, ge=1, description="IVF lists a search visits (large pools).")
+    search_rerank: int = Field(
+        800, ge=1, description="Short list re-scored from the re-rank store (large pools)."
+    )
+    search_rerank_store: Literal["sq4", "sq6", "sq8", "fp16"] = Field(
+        "sq4", description="Re-rank store codes: sq4 = 4 bits a dimension (16 B at 32-d)."
+    )
+    search_flat_below: int = Field(
+        50_000, ge=1, description="Pools smaller than this are searched exactly (Flat)."
+    )
+
     # --- misc --------------------------------------------------------------------------------
     log_level: str = "INFO"
 

@@ -1,0 +1,84 @@
+"""HTTP face of search: ``POST /projects/{id}/search`` (parsing and status codes only).
+
+Kept out of ``app.py`` so that the search routes are one call there; the work happens in
+:class:`backend.search_service.SearchService`. Errors are the app's JSON ``{"error": ...}``:
+404 unknown project, 409 no search model (or no searchable task), 422 a bad query.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Path
+from pydantic import BaseModel, ConfigDict, Field
+
+from backend.search_service import SearchService
+from backend.service import BoxloopService
+
+__all__ = ["SearchRequest", "add_search_routes"]
+
+MAX_ID = 2**31 - 1
+
+
+class SearchRequest(BaseModel):
+    """A canvas of objects: each ``{box: {x, y, width, height} in percent, label | strokes}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objects: list[dict[str, Any]] = Field(
+        min_length=1, max_length=16, description="objects: box (percent) and label or strokes"
+    )
+    k: int | None = Field(None, ge=1, le=10_000, description="results (BOXLOOP_SEARCH_TOP_K)")
+    front: bool = Field(False, description="move the results to the front of the queue")
+
+
+class SearchHit(BaseModel):
+    task: int
+    score: float
+
+
+class SearchResponse(BaseModel):
+    project: int
+    results: list[SearchHit]
+    model: str
+    index: dict[str, Any]
+    without_features: list[int]
+    moved_to_front: bool
+
+
+class _Error(BaseModel):
+    error: str
+
+
+def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
+    """Register the search routes on ``app``; returns the service behind them."""
+    search = SearchService(
+        svc.settings,
+        svc.store,
+        image_source_for=lambda pid: svc.image_source(svc.store.get_project(pid)),
+        push_order=svc.queue.push,
+    )
+    app.state.search = search
+
+    @app.post(
+        "/projects/{project_id}/search",
+        tags=["admin"],
+        response_model=SearchResponse,
+        responses={
+            404: {"model": _Error, "description": "The project is unknown to boxloop."},
+            409: {"model": _Error, "description": "No search model, or no searchable task."},
+            422: {"model": _Error, "description": "Invalid query."},
+        },
+    )
+    def search_project(
+        project_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+        body: Annotated[SearchRequest, Body()],
+    ) -> dict[str, Any]:
+        """Top-k tasks whose images hold the drawn objects in the drawn layout (docs/search.md).
+
+        The first search of a pool computes its images' vectors (then only new tasks').
+        """
+        outcome = search.search(project_id, {"objects": body.objects}, k=body.k, front=body.front)
+        return outcome.to_json()
+
+    return search

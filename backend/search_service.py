@@ -1,0 +1,358 @@
+"""Sketch and box-layout search over a project's tasks: store → features → index → results.
+
+The orchestration side of :mod:`backend.search` (which only sees typed values): it loads the
+search model named by the settings, keeps one search vector per task in the feature store (under
+an extractor name carrying the model's digest, so a retrained model never mixes with old
+vectors), keeps a :class:`~backend.search.CompactIndex` per project on disk and adds tasks to it
+as they arrive, answers queries, and can move the results to the front of the project's queue
+through the stored order and the Label Studio push the ``order`` command uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from backend.errors import ServiceError
+from backend.features import compute_features
+from backend.features.base import OnnxImageEncoder
+from backend.features.registry import onnx_cache_dir
+from backend.images import ImageSource, load_image
+from backend.ordering.plan import OrderPlan, load_plan
+from backend.ordering.ranks import ranks_for
+from backend.search import (
+    CompactIndex,
+    IndexConfig,
+    QueryEncoder,
+    QueryError,
+    SearchModel,
+    load_search_model,
+    parse_query,
+)
+from backend.search.backbone import pooled_extractor, spatial_map_extractor
+from backend.settings import Settings
+from backend.store import Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchExtractor", "SearchOutcome", "SearchService"]
+
+
+class SearchExtractor:
+    """A :class:`FeatureExtractor`: whole images → the model's index-space vectors."""
+
+    def __init__(self, model: SearchModel, maps: OnnxImageEncoder) -> None:
+        self.model = model
+        self.maps = maps
+        self.name = f"search_{model.digest}"
+        self.dim = model.config.index_dim
+
+    def extract(self, images: Iterable[Image.Image], progress: bool = True) -> np.ndarray:
+        return self.model.reduce(self.model.encode_maps(self.maps.extract(images, progress)))
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What one search returned, and what it did to the queue."""
+
+    project_id: int
+    results: list[tuple[int, float]]
+    model: str
+    factory: str
+    indexed: int
+    without_features: list[int] = field(default_factory=list)
+    moved_to_front: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "project": self.project_id,
+            "results": [{"task": t, "score": round(s, 6)} for t, s in self.results],
+            "model": self.model,
+            "index": {"factory": self.factory, "count": self.indexed},
+            "without_features": self.without_features,
+            "moved_to_front": self.moved_to_front,
+        }
+
+
+class SearchService:
+    """Searches projects; one instance per server (the model and encoders are loaded once)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        image_source_for: Callable[[int], ImageSource],
+        push_order: Callable[[int, OrderPlan], OrderPlan] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.image_source_for = image_source_for
+        self.push_order = push_order
+        self._lock = threading.Lock()
+        self._model: SearchModel | None = None
+        self._model_key: tuple[str, float] | None = None
+        self._encoder: QueryEncoder | None = None
+        self._extractor: SearchExtractor | None = None
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def model_dir(self) -> Path:
+        return self.settings.search_model_dir or self.settings.data_dir / "search" / "model"
+
+    def index_config(self) -> IndexConfig:
+        s = self.settings
+        return IndexConfig(
+            flat_below=s.search_flat_below,
+            nprobe=s.search_nprobe,
+            rerank=s.search_rerank,
+            store=s.search_rerank_store,
+            num_threads=s.num_threads,
+        )
+
+    def _load(self) -> tuple[SearchModel, QueryEncoder, SearchExtractor]:
+        """The model (reloaded when its file changes) and the encoders built on it."""
+        path = self.model_dir / "search_model.pt"
+        try:
+            key = (str(path), path.stat().st_mtime)
+        except FileNotFoundError:
+            raise ServiceError(
+                409,
+                f"no search model in {self.model_dir}: train one with `boxloop search-train` "
+                "or set BOXLOOP_SEARCH_MODEL_DIR",
+            ) from None
+        if self._model is None or self._model_key != key:
+            model = load_search_model(self.model_dir)
+            cache = onnx_cache_dir(self.settings)
+            threads = self.settings.num_threads
+            self._encoder = QueryEncoder(model, pooled_extractor(cache, num_threads=threads))
+            self._extractor = SearchExtractor(
+                model, spatial_map_extractor(cache, num_threads=threads)
+            )
+            self._model, self._model_key = model, key
+        assert self._encoder is not None and self._extractor is not None
+        return self._model, self._encoder, self._extractor
+
+    def _loader(
+        self, project_id: int, image_key: str
+    ) -> Callable[[Mapping[str, Any]], Image.Image]:
+        source = self.image_source_for(project_id)
+
+        def load(data: Mapping[str, Any]) -> Image.Image:
+            reference = data.get(image_key)
+            if not isinstance(reference, str):
+                raise ValueError(f"task data has no image under ${image_key}")
+            return load_image(reference, source)
+
+        return load
+
+    def index_dir(self, project_id: int, extractor: str) -> Path:
+        return self.settings.data_dir / "search" / "index" / str(int(project_id)) / extractor
+
+    # ------------------------------------------------------------------ indexing
+    def refresh_index(self, project_id: int) -> tuple[CompactIndex, list[int]]:
+        """Vectors for every task lacking one, added to the project's index (built, or rebuilt
+        when the collection outgrew its factory). Returns the index and the tasks whose image
+        failed."""
+        project = self.store.get_project(project_id)
+        if project is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        _, _, extractor = self._load()
+        tasks = self.store.list_tasks(project_id)
+        report = compute_features(
+            self.store,
+            project_id,
+            extractor,
+            tasks,
+            self._loader(project_id, project.image_key),
+            batch_size=self.settings.feature_batch_size,
+            progress=False,
+        )
+        ids, vectors = self.store.get_features(project_id, extractor.name)
+        directory = self.index_dir(project_id, extractor.name)
+        config = self.index_config()
+        index: CompactIndex | None = None
+        if (directory / "index.json").is_file():
+            index = CompactIndex.load(directory, config)
+        if index is not None:
+            have = set(index.ids.tolist())
+            new = [i for i, t in enumerate(ids) if t not in have]
+            if new:
+                index.add(vectors[new], np.asarray(ids)[new])
+            if index.needs_rebuild() or len(index) != len(ids):
+                index = None
+        if index is None and len(ids):
+            index = CompactIndex.build(vectors, np.asarray(ids), config)
+        if index is None:
+            raise ServiceError(
+                409, f"project {project_id} has no task with a readable image to search"
+            )
+        index.save(directory)
+        return index, sorted(report.failed)
+
+    # ------------------------------------------------------------------ searching
+    def search(
+        self, project_id: int, query: Any, k: int | None = None, front: bool = False
+    ) -> SearchOutcome:
+        """Top ``k`` tasks of ``project_id`` for ``query`` (its JSON form, see
+        :func:`backend.search.parse_query`); ``front`` moves them to the front of the queue."""
+        if self.store.get_project(project_id) is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        with self._lock:
+            model, encoder, _ = self._load()
+            try:
+                parsed = parse_query(query, labels=model.labels)
+                vector = encoder.encode_index(parsed)
+            except QueryError as exc:
+                raise ServiceError(422, f"invalid query: {exc}") from None
+            index, failed = self.refresh_index(project_id)
+            index.set_search(nprobe=self.settings.search_nprobe)
+            hits = index.search(vector, k or self.settings.search_top_k)[0]
+            results = [(int(t), float(s)) for t, s in zip(hits.ids, hits.scores, strict=True)]
+            moved = False
+            if front and results:
+                self.move_to_front(project_id, [t for t, _ in results])
+                moved = True
+            return SearchOutcome(
+                project_id,
+                results,
+                f"search_{model.digest}",
+                index.factory,
+                len(index),
+                failed,
+                moved,
+            )
+
+    def move_to_front(self, project_id: int, task_ids: list[int]) -> OrderPlan:
+        """Put ``task_ids`` first in the project's stored order (the rest keep their order)
+        and push the new ranks to Label Studio the way ``boxloop order`` does."""
+        old = load_plan(self.store, project_id)
+        known = [t for t, _ in self.store.list_tasks(project_id)]
+        rest = old.task_ids if old is not None else known
+        first = list(dict.fromkeys(task_ids))
+        chosen = set(first)
+        order = first + [t for t in rest if t not in chosen]
+        order += [t for t in known if t not in set(order)]
+        ranks = ranks_for(order)
+        params: dict[str, Any] = dict(old.params) if old is not None else {}
+        params.update(
+            {
+                "ranks": [ranks[t] for t in order],
+                "distance": [None] * len(order),
+                "search_front": first,
+            }
+        )
+        params.setdefault("batch_size", self.settings.order_batch_size)
+        strategy = old.strategy if old is not None else "search"
+        view_id = old.view_id if old is not None else None
+        self.store.set_order(project_id, strategy, params, order, view_id=view_id)
+        plan = OrderPlan(project_id, strategy, order, ranks, [None] * len(order), params, view_id)
+        if self.push_order is not None:
+            plan = self.push_order(project_id, plan)
+        return replace(plan)
+
+
+# ---------------------------------------------------------------------- training from a project
+def sketch_files(directory: Path, labels: list[str], column: str | None = None) -> dict[Path, str]:
+    """Quick, Draw! ndjson files for ``labels``, each with its label: ``<label>.ndjson`` anywhere
+    under ``directory`` (any case), and, with a ``category_map.tsv`` there (columns ``file`` and
+    ``column``, as the shared sketches have), every file whose row names a label."""
+    import csv
+
+    directory = Path(directory)
+    lower = {label.lower(): label for label in labels}
+    out: dict[Path, str] = {}
+    for path in sorted(directory.rglob("*.ndjson")):
+        label = lower.get(path.stem.lower())
+        if label is not None:
+            out[path] = label
+    table = directory / "category_map.tsv"
+    if column and table.is_file():
+        with table.open() as fh:
+            for row in csv.DictReader(fh, delimiter="\t"):
+                label = lower.get((row.get(column) or "").lower())
+                if label is not None and row.get("file"):
+                    out[directory / row["file"]] = label
+    return out
+
+
+def train_from_project(
+    settings: Settings,
+    store: Store,
+    project_id: int,
+    image_source: ImageSource,
+    sketch_dir: Path,
+    *,
+    map_column: str | None = None,
+    sketches_per_file: int = 25,
+    out: Path | None = None,
+    config: Any = None,
+) -> Path:
+    """Train a search model on a project's annotated tasks (boxes only) and sketches.
+
+    ``sketch_dir``: Quick, Draw! ndjson files named by the project's labels, or a folder with a
+    ``category_map.tsv`` whose ``map_column`` names them. Returns the model directory.
+    """
+    from backend.search import SketchSet, TrainConfig, TrainImage, train_search_model
+    from backend.search.sketch import load_quickdraw, render_strokes
+
+    project = store.get_project(project_id)
+    if project is None:
+        raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+    labels = list(project.labels)
+    index = {label: i for i, label in enumerate(labels)}
+    data = dict(store.list_tasks(project_id))
+    cache = onnx_cache_dir(settings)
+    maps_x = spatial_map_extractor(cache, num_threads=settings.num_threads)
+    pooled_x = pooled_extractor(cache, num_threads=settings.num_threads)
+    images: list[TrainImage] = []
+    for annotation in store.list_annotations(project_id):
+        if annotation.was_cancelled or annotation.boxes is None or annotation.task_id not in data:
+            continue
+        boxes = annotation.boxes.kept()
+        if not len(boxes):
+            continue
+        reference = data[annotation.task_id].get(project.image_key)
+        if not isinstance(reference, str):
+            continue
+        try:
+            image = load_image(reference, image_source)
+        except Exception as exc:  # one unreadable image must not stop training
+            log.warning("search training: task %s skipped: %s", annotation.task_id, exc)
+            continue
+        w, h = image.size
+        crops = [
+            image.crop((float(x0), float(y0), max(float(x1), x0 + 1), max(float(y1), y0 + 1)))
+            for x0, y0, x1, y1 in boxes.xyxy
+        ]
+        images.append(
+            TrainImage(
+                maps_x.extract([image], progress=False)[0],
+                np.clip(boxes.xyxy / np.array([w, h, w, h], np.float32), 0, 1),
+                boxes.labels.astype(np.int64),
+                pooled_x.extract(crops, progress=False),
+            )
+        )
+    if len(images) < 2:
+        raise ServiceError(409, f"project {project_id} has fewer than 2 annotated images")
+    strokes, s_labels = [], []
+    for path, label in sketch_files(sketch_dir, labels, map_column).items():
+        for drawing in load_quickdraw(path, limit=sketches_per_file):
+            strokes.append(drawing)
+            s_labels.append(index[label])
+    if not strokes:
+        raise ServiceError(409, f"no sketch in {sketch_dir} names a label of project {project_id}")
+    sketches = SketchSet(
+        pooled_x.extract([render_strokes(s) for s in strokes], progress=False),
+        np.asarray(s_labels, np.int64),
+    )
+    config = config or TrainConfig(num_threads=settings.num_threads)
+    model = train_search_model(labels, images, sketches, config)
+    target = out or settings.search_model_dir or settings.data_dir / "search" / "model"
+    return model.save(target)

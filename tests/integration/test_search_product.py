@@ -1,0 +1,205 @@
+"""Search in the product, on small generated images: search-train, the HTTP endpoint, the CLI.
+
+Images hold a red square on the left or a blue disc on the right; the model is trained from the
+project's own annotations and a generated sketch file per label, then queried by class name and
+by strokes. No shared data needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+from backend.app import create_app
+from backend.boxes import Boxes
+from backend.cli import main
+from backend.search import SearchModelConfig, TrainConfig
+from backend.search_service import SearchService, sketch_files, train_from_project
+from backend.service import BoxloopService
+from backend.settings import Settings
+
+LABELS = ["square", "disc"]
+CONFIG = (
+    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+    '<Label value="square"/><Label value="disc"/></RectangleLabels></View>'
+)
+
+
+def _image(path: Path, kind: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    image = Image.new("RGB", (160, 120), tuple(int(v) for v in rng.integers(180, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    if kind == 0:
+        box = (10 + rng.integers(0, 10), 30, 70, 90)
+        draw.rectangle(box, fill=(200, 20, 20))
+    else:
+        box = (90, 30 + rng.integers(0, 10), 150, 90)
+        draw.ellipse(box, fill=(20, 20, 200))
+    image.save(path)
+    return tuple(float(v) for v in box)  # type: ignore[return-value]
+
+
+def _sketches(directory: Path) -> None:
+    directory.mkdir(parents=True)
+    square = [[[0, 255, 255, 0, 0], [0, 0, 255, 255, 0]]]
+    circle = [
+        [
+            [int(128 + 120 * np.cos(t)) for t in np.linspace(0, 6.3, 20)],
+            [int(128 + 120 * np.sin(t)) for t in np.linspace(0, 6.3, 20)],
+        ]
+    ]
+    for name, drawing in (("square", square), ("disc", circle)):
+        with (directory / f"{name}.ndjson").open("w") as fh:
+            for _ in range(4):
+                fh.write(json.dumps({"word": name, "drawing": drawing}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("search")
+    images = root / "images"
+    images.mkdir()
+    settings = Settings(
+        data_dir=root / "data",
+        allowed_local_roots=[images],
+        reconcile_on_startup=False,
+        train_after_new_annotations=10_000,
+        num_threads=1,
+    )
+    service = BoxloopService(settings)
+    service.setup(1, CONFIG)
+    rng = np.random.default_rng(0)
+    tasks = []
+    for t in range(1, 17):
+        path = images / f"{t}.png"
+        box = _image(path, t % 2, rng)
+        tasks.append((t, {"image": str(path)}))
+        if t <= 12:  # the last four stay unlabelled
+            service.store.upsert_annotation(
+                1, 100 + t, t, [], Boxes(np.array([box]), np.array([t % 2]), (160, 120))
+            )
+    service.store.upsert_tasks(1, tasks)
+    _sketches(root / "sketches")
+    model_dir = train_from_project(
+        settings,
+        service.store,
+        1,
+        service.image_source(service.store.get_project(1)),
+        root / "sketches",
+        config=TrainConfig(
+            model=SearchModelConfig(object_dim=16, layout_channels=4, index_dim=16, hidden=16),
+            object_steps=80,
+            spatial_epochs=40,
+            spatial_batch=8,
+            num_threads=1,
+        ),
+    )
+    yield settings, service, model_dir, root
+    service.close()
+
+
+def test_sketch_files_match_labels_by_name_and_by_the_category_map(tmp_path: Path) -> None:
+    _sketches(tmp_path / "s")
+    (tmp_path / "s" / "extra.ndjson").write_text("")
+    (tmp_path / "s" / "category_map.tsv").write_text("file\tmine\nextra.ndjson\tdisc\n")
+    found = sketch_files(tmp_path / "s", LABELS, column="mine")
+    assert {p.name: label for p, label in found.items()} == {
+        "square.ndjson": "square",
+        "disc.ndjson": "disc",
+        "extra.ndjson": "disc",
+    }
+
+
+def test_search_over_http_finds_the_drawn_class_in_its_place(project) -> None:  # type: ignore[no-untyped-def]
+    settings, service, model_dir, _ = project
+    assert (model_dir / "search_model.pt").is_file()
+    with TestClient(create_app(settings, service)) as client:
+        left_square = {"box": {"x": 5, "y": 25, "width": 40, "height": 50}, "label": "square"}
+        r = client.post("/projects/1/search", json={"objects": [left_square], "k": 8})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["index"]["factory"] == "Flat" and body["index"]["count"] == 16
+        tasks = [hit["task"] for hit in body["results"]]
+        scores = [hit["score"] for hit in body["results"]]
+        assert scores == sorted(scores, reverse=True)
+        assert sum(t % 2 == 0 for t in tasks) >= 6  # squares are the even tasks
+        # strokes of a disc drawn on the right
+        ring = [[[90 + 8 * np.cos(a), 50 + 10 * np.sin(a)] for a in np.linspace(0, 6.3, 16)]]
+        disc = {"box": {"x": 55, "y": 25, "width": 40, "height": 50}, "strokes": ring}
+        r = client.post("/projects/1/search", json={"objects": [disc], "k": 4, "front": True})
+        assert r.status_code == 200, r.text
+        found = [hit["task"] for hit in r.json()["results"]]
+        assert r.json()["moved_to_front"]
+        order = service.store.get_order(1)
+        assert [int(t) for t in order.task_ids[:4]] == found
+        assert sorted(int(t) for t in order.task_ids) == list(range(1, 17))
+
+        # bad input: clear 4xx, the server keeps serving
+        bad = [
+            ({"objects": [{"box": left_square["box"], "label": "cat"}]}, 422, "unknown class"),
+            (
+                {
+                    "objects": [
+                        {"box": {"x": 90, "y": 0, "width": 20, "height": 5}, "label": "disc"}
+                    ]
+                },
+                422,
+                "inside",
+            ),
+            ({"objects": []}, 422, "objects"),
+            ({"objects": [left_square], "k": 0}, 422, "k"),
+        ]
+        for payload, status, message in bad:
+            r = client.post("/projects/1/search", json=payload)
+            assert r.status_code == status and message in r.json()["error"], r.text
+        r = client.post("/projects/99/search", json={"objects": [left_square]})
+        assert r.status_code == 404 and "unknown" in r.json()["error"]
+        assert client.get("/health").status_code == 200
+
+
+def test_without_a_model_the_answer_says_how_to_train_one(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "d", reconcile_on_startup=False, num_threads=1)
+    service = BoxloopService(settings)
+    service.setup(1, CONFIG)
+    try:
+        with TestClient(create_app(settings, service)) as client:
+            r = client.post(
+                "/projects/1/search",
+                json={
+                    "objects": [{"box": {"x": 1, "y": 1, "width": 5, "height": 5}, "label": "disc"}]
+                },
+            )
+        assert r.status_code == 409 and "search-train" in r.json()["error"]
+    finally:
+        service.close()
+
+
+def test_cli_search_prints_the_top_k_and_new_tasks_join_the_index(
+    project, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    settings, service, _, root = project
+    monkeypatch.setenv("BOXLOOP_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("BOXLOOP_ALLOWED_LOCAL_ROOTS", str(root / "images"))
+    monkeypatch.setenv("BOXLOOP_NUM_THREADS", "1")
+    monkeypatch.setenv("BOXLOOP_RECONCILE_ON_STARTUP", "false")
+    rng = np.random.default_rng(5)
+    _image(root / "images" / "17.png", 0, rng)
+    service.store.upsert_tasks(1, [(17, {"image": str(root / "images" / "17.png")})])
+    query = root / "q.json"
+    query.write_text(
+        json.dumps(
+            {"objects": [{"box": {"x": 5, "y": 25, "width": 40, "height": 50}, "label": "square"}]}
+        )
+    )
+    assert main(["search", "--project", "1", "--query", str(query), "--k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["results"]) == 3 and out["index"]["count"] == 17
+    query.write_text(json.dumps({"objects": [{"box": {"x": 5}, "label": "square"}]}))
+    assert main(["search", "--project", "1", "--query", str(query)]) == 2
+    assert "missing" in capsys.readouterr().err
+    search = SearchService(settings, service.store, lambda pid: service.image_source(None))
+    assert search.index_dir(1, "x").parts[-3:] == ("index", "1", "x")
