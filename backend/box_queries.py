@@ -237,11 +237,13 @@ class BoxQueryManager:
                     region["meta"] = {"text": [f"boxloop query {asked['n']}: {asked['value']:.3f}"]}
             results[task_id] = regions
         ranks = ranks_for(order)
-        queue.enable_uncertainty_sampling(studio, project_id, version)
         listed = queue.list_predictions(studio, project_id)
         updated, created = queue.push_version_predictions(
             studio, project_id, results, ranks, version, predictions=listed
         )
+        # after the import: Label Studio accepts a model_version only once predictions carry it
+        if studio.get_project(project_id).get("model_version") != version:
+            queue.enable_uncertainty_sampling(studio, project_id, version)
         rest = {t: r for t, r in ranks.items() if t not in results}
         pushed = queue.push_order_result(studio, project_id, order, ranks, None, uncertainty=False)
         scored, score_created = queue.set_rank_scores(

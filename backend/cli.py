@@ -122,6 +122,40 @@ def _order(args: argparse.Namespace) -> int:
     return 0 if state.get("state") == "done" else 1
 
 
+def _box_queries(args: argparse.Namespace) -> int:
+    """One box-level episode in the foreground (the request ``POST .../box-queries`` takes)."""
+    from pydantic import ValidationError
+
+    from backend.box_queries import BoxQueryRequest
+    from backend.service import BoxloopService, ServiceError
+
+    settings = load_settings(args.settings_file)
+    given = {
+        "measure": args.measure,
+        "k": args.k,
+        "t_d": args.t_d,
+        "noisy_weight": args.noisy_weight,
+        "seed": args.seed,
+        "push": args.push,
+    }
+    try:
+        request = BoxQueryRequest.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"boxloop box-queries: error: {problems}", file=sys.stderr)
+        return 2
+    svc = BoxloopService(settings)
+    try:
+        state = svc.run_box_queries(args.project, request, wait=True)
+    except ServiceError as exc:
+        print(f"boxloop box-queries: error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        svc.close()
+    print(json.dumps(state, indent=2, default=str))
+    return 0
+
+
 def _models_fetch(args: argparse.Namespace) -> int:
     """Download and verify the COCO YOLOX-Nano ONNX model into the data dir."""
     from backend.model_fetch import ModelFetchError, fetch_model
@@ -222,6 +256,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-push", dest="push", action="store_const", const=False, help="store the order only"
     )
     order.set_defaults(func=_order)
+
+    boxes = sub.add_parser(
+        "box-queries",
+        help="box-level active learning: query the most informative predicted boxes",
+        description="One episode, as POST /projects/{id}/box-queries runs it (docs/active-learning.md).",
+    )
+    boxes.add_argument("--project", type=int, required=True)
+    boxes.add_argument(
+        "--measure", choices=["random", "uncertainty", "entropy", "margin", "coreset"]
+    )
+    boxes.add_argument("--k", type=int, help="boxes to query (20)")
+    boxes.add_argument("--t-d", type=float, help="pool threshold (0.1)")
+    boxes.add_argument("--noisy-weight", type=float, help="λ_d (0.5)")
+    boxes.add_argument("--seed", type=int)
+    boxes.add_argument(
+        "--no-push", dest="push", action="store_const", const=False, help="store the episode only"
+    )
+    boxes.set_defaults(func=_box_queries)
 
     models = sub.add_parser(
         "models", help="fetch or show the COCO YOLOX model that pre-annotates before training"
