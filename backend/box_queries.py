@@ -46,7 +46,7 @@ from backend.settings import Settings
 from backend.store import Store
 from backend.training.yolox_train import YoloxTrainConfig, input_shape_for
 
-__all__ = ["BoxQueryManager", "BoxQueryRequest"]
+__all__ = ["BoxQueryManager", "BoxQueryRequest", "unverified_boxes"]
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,25 @@ class BoxQueryManager:
             }
             for n, r in enumerate(rows.tolist())
         ]
-        params = {**request.model_dump(), "version": version, "input_hw": list(hw)}
+        asked_rows = set(rows.tolist())
+        query_tasks = {q["task"] for q in queries}
+        unqueried = [
+            {
+                "task": int(task_ids[int(pool.image[r])]),
+                "xyxy": [float(v) for v in pool.xyxy[r]],
+                "label": int(pool.labels[r]),
+                "size": list(pool.image_sizes[int(pool.image[r])]),
+            }
+            for r in range(len(pool))
+            if r not in asked_rows and int(task_ids[int(pool.image[r])]) in query_tasks
+        ]
+        params = {
+            **request.model_dump(),
+            "version": version,
+            "input_hw": list(hw),
+            # shown to the annotator unasked: in the submitted annotation they are noisy labels
+            "unqueried": unqueried,
+        }
         episode = self.store.add_box_episode(project_id, params, queries)
         # the queue: tasks by their most informative query, then the other unlabelled tasks
         first: dict[int, int] = {}
@@ -303,6 +321,7 @@ class BoxQueryManager:
                     "noisy_weight": params.get("noisy_weight"),
                     "version": params.get("version"),
                     "queried": len(queries),
+                    "unqueried_shown": len(params.get("unqueried", [])),
                     "tasks": len({q["task"] for q in queries}),
                     "open": kinds.count(None),
                     "confirmed": kinds.count("confirmed"),
@@ -323,3 +342,25 @@ def _values(pool: Any, measure: str, rows: np.ndarray, seed: int) -> list[float]
         return [float(len(rows) - i) for i in range(len(rows))]
     scores = box_scores(pool, measure, seed)  # type: ignore[arg-type]
     return [float(scores[r]) for r in rows.tolist()]
+
+
+def unverified_boxes(store: Store, project_id: int) -> dict[int, tuple[Boxes, float]]:
+    """Per task of a box-query episode: the predicted boxes it showed without asking about them,
+    and the episode's λ_d (the newest episode of a task wins). Training weighs a submitted box
+    that still equals one of them at λ_d (:func:`backend.active.noisy_box_weights`)."""
+    out: dict[int, tuple[Boxes, float]] = {}
+    for _number, params, queries in store.list_box_episodes(project_id):
+        weight = float(params.get("noisy_weight", 0.5))
+        shown: dict[int, list[dict[str, Any]]] = {}
+        for item in params.get("unqueried", []):
+            shown.setdefault(int(item["task"]), []).append(item)
+        for task in {int(q["task"]) for q in queries}:
+            items = shown.get(task, [])
+            size = tuple(items[0]["size"]) if items else (1, 1)
+            boxes = Boxes(
+                np.array([i["xyxy"] for i in items], np.float32).reshape(-1, 4),
+                np.array([i["label"] for i in items], np.int64),
+                (int(size[0]), int(size[1])),
+            )
+            out[task] = (boxes, weight)
+    return out

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from backend.active import noisy_box_weights
+from backend.box_queries import unverified_boxes
 from backend.boxes import Boxes
 from backend.detectors.yolox import load_coco_yolox_nano
 from backend.images import ImageError, image_source_for, load_image
@@ -90,6 +92,7 @@ def gather_samples(
     samples: list[TrainSample] = []
     task_ids: list[int] = []
     chosen = latest_per_task(store.list_annotations(project.id))
+    unverified = unverified_boxes(store, project.id)  # box-query tasks: shown, never asked
     for annotation in chosen:
         if annotation.parse_error is not None:
             log.warning(
@@ -121,7 +124,12 @@ def gather_samples(
                 continue
         if boxes.image_size != image.size and len(boxes):
             boxes = boxes.scaled(image.width / boxes.width, image.height / boxes.height)
-        samples.append(TrainSample(image=image, boxes=Boxes(boxes.xyxy, boxes.labels, image.size)))
+        boxes = Boxes(boxes.xyxy, boxes.labels, image.size)
+        weights = None
+        if annotation.task_id in unverified:
+            shown, noisy_weight = unverified[annotation.task_id]
+            weights = noisy_box_weights(boxes, shown, noisy_weight)
+        samples.append(TrainSample(image=image, boxes=boxes, box_weights=weights))
         task_ids.append(annotation.task_id)
     return GatheredSamples(samples, task_ids, len(chosen), skipped)
 
@@ -233,7 +241,7 @@ def _train_yolox_round(
     gate = GateConfig.from_settings(settings)
     outcome = run_round(
         [
-            LabeledImage(task_id, load_sample_image(sample), sample.boxes)
+            LabeledImage(task_id, load_sample_image(sample), sample.boxes, sample.box_weights)
             for task_id, sample in zip(gathered.task_ids, gathered.samples, strict=True)
         ],
         config.labels,

@@ -9,7 +9,7 @@ boxes instead of whole images, and train on partly labelled images with noisy bo
 * :mod:`backend.active.campaign` — what is labelled so far, and L_I as training samples.
 """
 
-from backend.active.answers import QueryAnswers, resolve_queries
+from backend.active.answers import QueryAnswers, noisy_box_weights, resolve_queries
 from backend.active.campaign import BoxCampaign, CampaignCounts, LabeledState
 from backend.active.measures import (
     MEASURES,
@@ -34,6 +34,7 @@ __all__ = [
     "box_scores",
     "check_measure",
     "image_scores",
+    "noisy_box_weights",
     "pool_members",
     "predict_pool",
     "resolve_queries",

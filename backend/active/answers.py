@@ -23,7 +23,7 @@ import numpy as np
 
 from backend.boxes import Boxes
 
-__all__ = ["QueryAnswers", "resolve_queries"]
+__all__ = ["QueryAnswers", "noisy_box_weights", "resolve_queries"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,26 @@ def resolve_queries(
     mapped = np.full(len(queries), -1, np.int64)
     mapped[matched >= 0] = kept_index[matched[matched >= 0]]
     return QueryAnswers(mapped, tuple(kinds), kept_index[drawn])
+
+
+def noisy_box_weights(
+    submitted: Boxes, unverified: Boxes, noisy_weight: float, *, same_iou: float = 0.95
+) -> np.ndarray:
+    """Loss weight of each submitted box: ``noisy_weight`` (λ_d) for a box the annotator left as
+    the model predicted it without being asked to check it (same class, IoU ≥ ``same_iou`` with
+    an unqueried predicted box), 1 for every box the annotator confirmed, fixed or drew.
+
+    Why: a box-query task shows all predicted boxes but asks about a few; the others reach the
+    submitted annotation unverified and are, as in the paper, noisy labels.
+    """
+    weights = np.ones(len(submitted), np.float32)
+    if not len(submitted) or not len(unverified):
+        return weights
+    if unverified.image_size != submitted.image_size:
+        unverified = unverified.scaled(
+            submitted.width / unverified.width, submitted.height / unverified.height
+        )
+    iou = submitted.iou(unverified)
+    same = submitted.labels[:, None] == unverified.labels[None, :]
+    weights[((iou >= same_iou) & same).any(axis=1)] = noisy_weight
+    return weights

@@ -119,6 +119,8 @@ class LabeledImage:
     key: int | str
     image: Image.Image
     boxes: Boxes
+    #: Loss weight per box (None: all 1); box-query tasks weigh unverified boxes at λ_d.
+    box_weights: np.ndarray | None = None
 
 
 @dataclass
@@ -254,7 +256,10 @@ def decide(
 
 
 def _samples(items: Sequence[LabeledImage]) -> list[TrainSample]:
-    return [TrainSample(image=item.image, boxes=item.boxes) for item in items]
+    return [
+        TrainSample(image=item.image, boxes=item.boxes, box_weights=item.box_weights)
+        for item in items
+    ]
 
 
 def _score(

@@ -12,8 +12,10 @@ from fastapi.testclient import TestClient
 from backend.active import box_scores
 from backend.app import create_app
 from backend.box_queries import BoxQueryRequest
+from backend.labelstudio.convert import parse_label_config
 from backend.service import BoxloopService
 from backend.settings import Settings
+from backend.training_job import gather_samples
 from benchmark.datasets import load_dataset
 from tests.conftest import shared_data_dir
 from tests.synthetic import ls_result
@@ -95,9 +97,51 @@ def test_an_episode_queries_the_most_uncertain_boxes_and_maps_the_answer_back(
     assert answered == on_task
     assert row["confirmed"] + row["adjusted"] + row["drawn"] == len(truth)
 
-    # a second episode skips the annotated task
+    # another task is submitted as shown (every predicted box kept): training weighs the boxes
+    # it never asked about at λ_d and the queried ones at 1
+    other = next(q["task"] for q in queries if q["task"] != task)
+    asked = [q for q in queries if q["task"] == other]
+    shown = [u for u in params["unqueried"] if u["task"] == other]
+    size = samples[other - 1].boxes.image_size
+    kept = [(labels[b["label"]], tuple(b["xyxy"])) for b in [*asked, *shown]]
+    service.handle_webhook(
+        {
+            "action": "ANNOTATION_CREATED",
+            "annotation": {"id": 502, "task": other, "result": ls_result(kept, size)},
+            "task": {"id": other, "data": {"image": str(samples[other - 1].image_path)}},
+            "project": {"id": 3, "label_config": _config(labels)},
+        }
+    )
+    project = service.store.get_project(3)
+    assert project is not None
+    gathered = gather_samples(
+        service.settings, service.store, project, parse_label_config(project.label_config)
+    )
+    weights = dict(zip(gathered.task_ids, (s.box_weights for s in gathered.samples), strict=True))
+    assert weights[other] is not None
+    assert sorted(weights[other].tolist()) == sorted([0.5] * len(shown) + [1.0] * len(asked))
+
+    # a second episode skips the annotated tasks
     second = service.run_box_queries(3, BoxQueryRequest(k=4, push=False), wait=True)
-    assert task not in second["order"] and second["episode"] == 2
+    assert task not in second["order"] and other not in second["order"]
+    assert second["episode"] == 2
+
+
+def test_unasked_boxes_left_as_predicted_weigh_lambda_d() -> None:
+    from backend.active import noisy_box_weights
+    from backend.boxes import Boxes
+
+    shown = Boxes(
+        np.array([[10, 10, 50, 50], [60, 60, 90, 90]], np.float32), np.array([0, 1]), (100, 100)
+    )
+    submitted = Boxes(
+        np.array([[10, 10, 50, 50], [60, 60, 95, 95], [0, 0, 5, 5], [60, 60, 90, 90]], np.float32),
+        np.array([0, 1, 0, 0]),
+        (100, 100),
+    )
+    # kept as shown → λ_d; moved, drawn, or relabelled → 1
+    assert noisy_box_weights(submitted, shown, 0.5).tolist() == [0.5, 1.0, 1.0, 1.0]
+    assert noisy_box_weights(submitted, Boxes.empty((100, 100)), 0.5).tolist() == [1.0] * 4
 
 
 def test_uncertainty_values_are_one_minus_the_detection_probability() -> None:
