@@ -232,3 +232,16 @@ def test_the_pool_keeps_each_box_distribution_and_feature() -> None:
     got = box_features_at(model, images[1:2], [pool.boxes(rows, 1)], (96, 160))
     assert got[0].shape == (len(rows), 64)
     assert select_boxes(pool, "coreset", 4).tolist() == select_boxes(pool, "coreset", 4).tolist()
+
+
+def test_the_pool_keeps_boxes_above_t_d_and_tops_up_to_k_while_scores_are_low() -> None:
+    from backend.active import pool_members
+
+    pool = _pool([[1.0]] * 5, [0.5] * 5)
+    pool = BoxPool(
+        **{**pool.__dict__, "scores": np.array([0.3, 0.05, 0.2, 0.02, 0.08], np.float32)}
+    )
+    assert pool_members(pool, 0.1, 2).tolist() == [0, 2]  # two above t_d: enough
+    assert pool_members(pool, 0.1, 4).tolist() == [0, 1, 2, 4]  # topped up by score
+    eligible = np.array([False, True, True, True, True])
+    assert pool_members(pool, 0.1, 3, eligible=eligible).tolist() == [0, 1, 2, 4]
