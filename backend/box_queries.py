@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backend.active import (
     box_features_at,
+    box_scores,
     pool_members,
     predict_pool,
     resolve_queries,
@@ -142,6 +143,7 @@ class BoxQueryManager:
         queries: list[dict[str, Any]] = [
             {
                 "n": n + 1,
+                "row": int(r),
                 "task": int(task_ids[int(pool.image[r])]),
                 "xyxy": [float(v) for v in pool.xyxy[r]],
                 "label": int(pool.labels[r]),
@@ -244,15 +246,17 @@ class BoxQueryManager:
         for index, task_id in enumerate(task_ids):
             if task_id not in by_task:
                 continue
-            rows = pool.rows_of(index)
-            boxes = pool.boxes(rows, index)
-            regions = boxes_to_regions(boxes, config, project.labels)
-            marks = {tuple(round(v, 3) for v in q["xyxy"]): q for q in by_task[task_id]}
-            for region, xyxy in zip(regions, boxes.clipped().xyxy, strict=False):
-                asked = marks.get(tuple(round(float(v), 3) for v in xyxy))
-                if asked is not None:
-                    region["id"] = f"bq{episode}-{asked['n']}"
-                    region["meta"] = {"text": [f"boxloop query {asked['n']}: {asked['value']:.3f}"]}
+            asked = {q["row"]: q for q in by_task[task_id]}
+            regions: list[dict[str, Any]] = []
+            for row in pool.rows_of(index).tolist():  # one box at a time: marks stay on theirs
+                converted = boxes_to_regions(pool.boxes([row], index), config, project.labels)
+                query = asked.get(row)
+                if converted and query is not None:
+                    converted[0]["id"] = f"bq{episode}-{query['n']}"
+                    converted[0]["meta"] = {
+                        "text": [f"boxloop query {query['n']}: {query['value']:.3f}"]
+                    }
+                regions += converted
             results[task_id] = regions
         ranks = ranks_for(order)
         listed = queue.list_predictions(studio, project_id)
@@ -336,8 +340,6 @@ class BoxQueryManager:
 
 def _values(pool: Any, measure: str, rows: np.ndarray, seed: int) -> list[float]:
     """What each queried box scored on the measure (core-set: its pick position, reversed)."""
-    from backend.active import box_scores
-
     if measure == "coreset":
         return [float(len(rows) - i) for i in range(len(rows))]
     scores = box_scores(pool, measure, seed)  # type: ignore[arg-type]
