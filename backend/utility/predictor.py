@@ -228,7 +228,7 @@ def train_top(
                 loss.backward()
                 optimiser.step()
                 schedule.step()
-                total += float(loss) * len(index)
+                total += float(loss.detach()) * len(index)
                 correct += int((logits.argmax(1) == y_t[index]).sum())
                 seen += len(index)
             history.loss.append(total / seen)
