@@ -4,12 +4,12 @@ Why this shape (figures in method-notes and ``benchmark/search_index_speed.py``)
 
 - Below ``flat_below`` vectors (50k), exact search (``Flat``) costs a few ms at most, so it is
   used as is: nothing to train, recall 1.
-- Above it, ``OPQ{M}_{d'},IVF{nlist},PQ{M}np``: an OPQ rotation, an IVF coarse quantizer with
+- Above it, ``OPQ{M}_{d'},IVF{nlist},PQ{M}np,Refine(SQ4)``: an OPQ rotation, an IVF coarse quantizer with
   nlist ≈ 4√N (trained on ≥ 39·nlist vectors, as faiss asks) and M = 16-byte PQ codes (``np``: no polysemous training, same codes, faster build). Alone, a
   16-byte code keeps too little of the exact top 200 on loosely clustered data, so the index
   returns a short list (``rerank`` candidates) that is re-scored from a **re-rank store**: every
   vector again, scalar-quantised (``sq4``: 4 bits a dimension, 16 bytes at d = 32; or ``sq6``,
-  ``sq8``, ``fp16``). An image then costs 16 (PQ) + 8 (the IVF list's id) + 16 (store) + 4 (row →
+  ``sq8``, ``fp16``), faiss' ``IndexRefine`` (in C++, so the re-rank costs microseconds). An image then costs 16 (PQ) + 8 (the IVF list's id) + 16 (store) + 4 (row →
   task id) ≈ 44 bytes at d = 32, under the 48-byte goal at 1M.
 
 The index is saved to a directory with its factory string, grows with :meth:`CompactIndex.add`
@@ -39,17 +39,10 @@ __all__ = [
 ]
 
 StoreKind = Literal["sq4", "sq6", "sq8", "fp16"]
-_SQ_TYPES = {
-    "sq4": faiss.ScalarQuantizer.QT_4bit,
-    "sq6": faiss.ScalarQuantizer.QT_6bit,
-    "sq8": faiss.ScalarQuantizer.QT_8bit,
-    "fp16": faiss.ScalarQuantizer.QT_fp16,
-}
+_REFINE = {"sq4": "SQ4", "sq6": "SQ6", "sq8": "SQ8", "fp16": "SQfp16"}
 _INDEX_FILE = "index.faiss"
-_STORE_FILE = "rerank.npy"
 _IDS_FILE = "ids.npy"
 _META_FILE = "index.json"
-_SQ_FILE = "rerank_sq.npy"
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ def choose_factory(n: int, d: int, config: IndexConfig | None = None) -> str:
     if d % m:
         raise ValueError(f"PQ{m} needs a dimension divisible by {m}, got {d}")
     out = max(m, min(config.opq_dim, d) // m * m)
-    return f"OPQ{m}_{out},IVF{nlist_for(n)},PQ{m}np"
+    return f"OPQ{m}_{out},IVF{nlist_for(n)},PQ{m}np,Refine({_REFINE[config.store]})"
 
 
 @dataclass(frozen=True)
@@ -94,25 +87,20 @@ class SearchHits:
 
 
 class CompactIndex:
-    """See the module docstring. Build with :meth:`build`, reopen with :meth:`load`."""
+    """See the module docstring. Build with :meth:`build`, reopen with :meth:`load`.
+
+    faiss numbers the vectors 0..N-1 in the order they were added; ``ids`` maps those rows to
+    external ids (task ids).
+    """
 
     def __init__(
-        self,
-        index: faiss.Index,
-        factory: str,
-        dim: int,
-        config: IndexConfig,
-        ids: np.ndarray,
-        sq: faiss.ScalarQuantizer | None = None,
-        store: np.ndarray | None = None,
+        self, index: faiss.Index, factory: str, dim: int, config: IndexConfig, ids: np.ndarray
     ) -> None:
         self.index = index
         self.factory = factory
         self.dim = dim
         self.config = config
         self.ids = ids
-        self.sq = sq
-        self.store = store if store is not None else np.zeros((0, 0), np.uint8)
         self._set_nprobe(config.nprobe)
 
     # ------------------------------------------------------------------ building
@@ -136,29 +124,26 @@ class CompactIndex:
         factory = factory or choose_factory(n, d, config)
         index = faiss.index_factory(d, factory)
         _limit_opq(index, config.opq_iterations)
-        sq = None
         if not index.is_trained:
             rng = np.random.default_rng(config.seed)
             ivf = faiss.extract_index_ivf(index)
             want = config.train_size or max(39 * ivf.nlist, 64 * 256)
             sample = x[rng.choice(n, size=min(n, want), replace=False)] if want < n else x
             index.train(sample)
-            sq = faiss.ScalarQuantizer(d, _SQ_TYPES[config.store])
-            sq.train(sample)
-        built = cls(index, factory, d, config, np.zeros(0, np.int64), sq)
+        built = cls(index, factory, d, config, np.zeros(0, np.int64))
         built.add(x, ids)
         return built
 
     @property
     def exact(self) -> bool:
-        """True when the index itself is exact (no re-rank store)."""
-        return self.sq is None
+        """True when the index itself is exact (no coarse quantizer, no re-rank store)."""
+        return not isinstance(self.index, faiss.IndexRefine) and "IVF" not in self.factory
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
     def add(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
-        """Append vectors (as tasks arrive); quantisers trained at build time encode them."""
+        """Append vectors (as tasks arrive); the quantizers trained at build time encode them."""
         x = _as_matrix(vectors)
         if x.shape[1] != self.dim:
             raise ValueError(f"index holds {self.dim}-d vectors, got {x.shape[1]}-d")
@@ -166,11 +151,8 @@ class CompactIndex:
         new_ids = np.arange(start, start + len(x)) if ids is None else np.asarray(ids)
         if len(new_ids) != len(x):
             raise ValueError(f"{len(x)} vectors but {len(new_ids)} ids")
-        self.index.add(x)  # faiss rows 0..N-1; external ids live in self.ids
+        self.index.add(x)
         self.ids = np.concatenate([self.ids.astype(np.int64), new_ids.astype(np.int64)])
-        if self.sq is not None:
-            codes = self.sq.compute_codes(x)
-            self.store = codes if not len(self.store) else np.concatenate([self.store, codes])
 
     def needs_rebuild(self) -> bool:
         """True when the collection outgrew the factory it was built with (a flat index past
@@ -197,44 +179,37 @@ class CompactIndex:
         q = _as_matrix(queries)
         if q.shape[1] != self.dim:
             raise ValueError(f"index holds {self.dim}-d vectors, got {q.shape[1]}-d queries")
-        k = max(1, min(int(k), len(self)))
         if len(self) == 0:
             return [SearchHits(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in q]
-        if self.exact:
-            dist, rows = self.index.search(q, k)
-            return [_hits(self.ids, r, 1.0 - 0.5 * dd) for r, dd in zip(rows, dist, strict=True)]
-        short = max(k, self.config.rerank)
-        _, rows = self.index.search(q, short)
-        out = []
-        assert self.sq is not None
-        for qi, cand in zip(q, rows, strict=True):
-            cand = cand[cand >= 0]
-            vecs = self.sq.decode(self.store[cand])
-            scores = vecs @ qi
-            top = np.argsort(-scores, kind="stable")[:k]
-            out.append(SearchHits(self.ids[cand[top]], scores[top].astype(np.float32)))
-        return out
+        k = max(1, min(int(k), len(self)))
+        if isinstance(self.index, faiss.IndexRefine):
+            # the short list: rerank candidates from the PQ codes, re-scored from the store
+            self.index.k_factor = max(1.0, self.config.rerank / k)
+        dist, rows = self.index.search(q, k)
+        return [_hits(self.ids, r, 1.0 - 0.5 * dd) for r, dd in zip(rows, dist, strict=True)]
 
     # ------------------------------------------------------------------ size and disk
     def nbytes(self) -> dict[str, int]:
-        """Bytes of the parts as saved: index (codes, ids, quantisers), re-rank store, id map."""
+        """Bytes as saved: the index (codes, IVF ids, quantizers), the re-rank store, the
+        row → task-id map."""
+        store = 0
         index_bytes = int(faiss.serialize_index(self.index).nbytes)
+        if isinstance(self.index, faiss.IndexRefine):
+            store = int(faiss.serialize_index(self.index.refine_index).nbytes)
+            index_bytes -= store
         return {
             "index": index_bytes,
-            "rerank_store": int(self.store.nbytes),
+            "rerank_store": store,
             "id_map": int(len(self.ids) * _id_dtype(self.ids).itemsize),
         }
 
     def save(self, directory: Path) -> Path:
-        """Write the index, store, id map and ``index.json`` (with the factory) atomically."""
+        """Write the index, the id map and ``index.json`` (with the factory string)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".save-"))
         faiss.write_index(self.index, str(tmp / _INDEX_FILE))
         np.save(tmp / _IDS_FILE, self.ids.astype(_id_dtype(self.ids)))
-        if self.sq is not None:
-            np.save(tmp / _STORE_FILE, self.store)
-            np.save(tmp / _SQ_FILE, faiss.vector_to_array(self.sq.trained))
         meta = {
             "factory": self.factory,
             "dim": self.dim,
@@ -243,36 +218,29 @@ class CompactIndex:
             "bytes": self.nbytes(),
         }
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for name in (_INDEX_FILE, _IDS_FILE, _STORE_FILE, _SQ_FILE, _META_FILE):
-            if (tmp / name).exists():
-                os.replace(tmp / name, directory / name)
-            elif (directory / name).exists():
-                (directory / name).unlink()
+        for name in (_INDEX_FILE, _IDS_FILE, _META_FILE):  # index.json last: it marks a save
+            os.replace(tmp / name, directory / name)
         tmp.rmdir()
         return directory
 
     @classmethod
     def load(cls, directory: Path, config: IndexConfig | None = None) -> CompactIndex:
-        """Reopen a saved index; ``config`` (e.g. another ``nprobe``) overrides the saved one."""
+        """Reopen a saved index; ``config`` (e.g. another ``nprobe``) overrides the saved one,
+        except the re-rank store kind, which is the saved index's."""
         directory = Path(directory)
         meta = json.loads((directory / _META_FILE).read_text())
         saved = IndexConfig(**meta["config"])
-        config = config or saved
-        index = faiss.read_index(str(directory / _INDEX_FILE))
+        config = replace(config or saved, store=saved.store)
+        index = faiss.read_index(str(directory / _INDEX_FILE))  # already its concrete type
         ids = np.load(directory / _IDS_FILE).astype(np.int64)
-        sq, store = None, None
-        if (directory / _SQ_FILE).exists():
-            trained = np.load(directory / _SQ_FILE)
-            sq = faiss.ScalarQuantizer(int(meta["dim"]), _SQ_TYPES[saved.store])
-            faiss.copy_array_to_vector(trained.astype(np.float32), sq.trained)
-            store = np.load(directory / _STORE_FILE)
-            config = replace(config, store=saved.store)
         faiss.omp_set_num_threads(max(1, config.num_threads))
-        return cls(index, meta["factory"], int(meta["dim"]), config, ids, sq, store)
+        return cls(index, meta["factory"], int(meta["dim"]), config, ids)
 
 
 def _limit_opq(index: faiss.Index, iterations: int) -> None:
     """Fewer OPQ alternations (and at most 32k training points) than faiss' defaults."""
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
     if not isinstance(index, faiss.IndexPreTransform):
         return
     chain: Any = index.chain
