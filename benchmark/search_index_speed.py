@@ -67,6 +67,7 @@ def measure(
     k: int,
     seed: int,
     nprobes: list[int],
+    reranks: list[int],
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     data = clustered(n + queries, d, clusters, spread, rng)
@@ -88,9 +89,10 @@ def measure(
     build_s = time.perf_counter() - t
     parts = index.nbytes()
     rows = []
-    for nprobe in nprobes if not index.exact else [0]:
+    combos = [(p, r) for p in nprobes for r in reranks] if not index.exact else [(0, 0)]
+    for nprobe, rerank in combos:
         if not index.exact:
-            index.set_search(nprobe=nprobe)
+            index.set_search(nprobe=nprobe, rerank=rerank)
         faiss.omp_set_num_threads(1)
         hits = []
         t = time.perf_counter()
@@ -109,6 +111,7 @@ def measure(
         rows.append(
             {
                 "nprobe": nprobe if not index.exact else None,
+                "rerank": rerank if not index.exact else None,
                 "ms_per_query": round(ms, 4),
                 "recall_at_k": round(recall, 4),
                 "ndcg_at_k": round(float(np.mean(ndcgs)), 4),
@@ -119,7 +122,6 @@ def measure(
         "dim": d,
         "factory": index.factory,
         "store": None if index.exact else config.store,
-        "rerank": None if index.exact else config.rerank,
         "build_s": round(build_s, 2),
         "flat_ms_per_query": round(flat_ms, 4),
         "bytes": parts,
@@ -139,9 +141,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['clusters']} Gaussians (spread {result['spread']}), d = {result['dim']}; "
         f"{result['queries']} fresh queries.",
         "",
-        f"| N | factory | store | nprobe | build s | ms/query | exact ms/query | recall@{k} | "
+        f"| N | factory | store | nprobe | short list | build s | ms/query | exact ms/query | recall@{k} | "
         f"NDCG@{k} (gain = exact cosine) | bytes/image (index + store + ids) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         b = r["bytes"]
@@ -149,6 +151,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         for s in r["searches"]:
             lines.append(
                 f"| {r['n']:,} | `{r['factory']}` | {r['store'] or '–'} | {s['nprobe'] or '–'} | "
+                f"{s['rerank'] or '–'} | "
                 f"{r['build_s']} | {s['ms_per_query']} | {r['flat_ms_per_query']} | "
                 f"{s['recall_at_k']} | {s['ndcg_at_k']} | {parts} |"
             )
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--rerank", type=int, default=IndexConfig.rerank)
+    parser.add_argument("--rerank", type=int, nargs="+", default=[IndexConfig.rerank])
     parser.add_argument("--store", default=IndexConfig.store)
     parser.add_argument("--flat-below", type=int, default=IndexConfig.flat_below)
     parser.add_argument("--threads", type=int, default=1, help="threads for building")
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             k=args.k,
             seed=args.seed,
             nprobes=args.nprobe,
+            reranks=args.rerank,
         )
         print(json.dumps(row), flush=True)
         rows.append(row)
