@@ -7,11 +7,16 @@ Kept out of ``app.py`` so that the search routes are one call there; the work ha
 
 from __future__ import annotations
 
+import io
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Path
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from backend.errors import ServiceError
+from backend.images import ImageError, load_image
+from backend.search_page import PAGE
 from backend.search_service import SearchService
 from backend.service import BoxloopService
 
@@ -80,5 +85,49 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         """
         outcome = search.search(project_id, {"objects": body.objects}, k=body.k, front=body.front)
         return outcome.to_json()
+
+    @app.get("/search", tags=["admin"], response_class=HTMLResponse)
+    def search_page() -> HTMLResponse:
+        """The search canvas: draw boxes and strokes, see the thumbnails that come back."""
+        return HTMLResponse(PAGE)
+
+    @app.get(
+        "/projects/{project_id}/search/labels",
+        tags=["admin"],
+        responses={409: {"model": _Error, "description": "No search model."}},
+    )
+    def search_labels(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
+        """The class names a class-only object may use (the search model's)."""
+        return {"project": project_id, "labels": search.labels()}
+
+    @app.get(
+        "/projects/{project_id}/tasks/{task_id}/thumbnail",
+        tags=["admin"],
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}},
+            404: {"model": _Error, "description": "Unknown project, task or image."},
+        },
+    )
+    def thumbnail(
+        project_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+        task_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    ) -> Response:
+        """A task's image, at most 192 px a side, as JPEG (for the canvas page's results)."""
+        project = svc.store.get_project(project_id)
+        if project is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        data = dict(svc.store.list_tasks(project_id)).get(task_id)
+        reference = None if data is None else data.get(project.image_key)
+        if not isinstance(reference, str):
+            raise ServiceError(404, f"task {task_id} of project {project_id} has no image")
+        try:
+            image = load_image(reference, svc.image_source(project))
+        except ImageError as exc:
+            raise ServiceError(exc.status_code, exc.message) from None
+        image.thumbnail((192, 192))
+        out = io.BytesIO()
+        image.convert("RGB").save(out, format="JPEG", quality=85)
+        return Response(out.getvalue(), media_type="image/jpeg")
 
     return search

@@ -139,6 +139,11 @@ class SearchService:
         assert self._encoder is not None and self._extractor is not None
         return self._model, self._encoder, self._extractor
 
+    def labels(self) -> list[str]:
+        """The class names the search model knows (409 without a model)."""
+        with self._lock:
+            return list(self._load()[0].labels)
+
     def _loader(
         self, project_id: int, image_key: str
     ) -> Callable[[Mapping[str, Any]], Image.Image]:

@@ -203,3 +203,92 @@ def test_cli_search_prints_the_top_k_and_new_tasks_join_the_index(
     assert "missing" in capsys.readouterr().err
     search = SearchService(settings, service.store, lambda pid: service.image_source(None))
     assert search.index_dir(1, "x").parts[-3:] == ("index", "1", "x")
+
+
+def _browser():  # type: ignore[no-untyped-def]
+    """Headless Chromium from Debian's packages through Selenium, or a skip saying what lacks."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.skip(
+            "Chromium / chromedriver absent (Debian: apt-get install chromium chromium-driver)"
+        )
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+
+
+def test_canvas_page_in_a_headless_browser(project) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    import uvicorn
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from tests.conftest import free_port
+
+    settings, service, _, _ = project
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, service), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.1)
+    browser = _browser()
+    try:
+        browser.get(f"http://127.0.0.1:{port}/search")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: len(Select(b.find_element(By.ID, "label")).options) == 2)
+        Select(browser.find_element(By.ID, "label")).select_by_visible_text("square")
+        canvas = browser.find_element(By.ID, "canvas")
+        # a box on the left half (offsets from the canvas centre, 512 × 384)
+        ActionChains(browser).move_to_element_with_offset(
+            canvas, -230, -120
+        ).click_and_hold().move_by_offset(150, 180).release().perform()
+        # a second box on the right, with a stroke drawn inside it
+        ActionChains(browser).move_to_element_with_offset(
+            canvas, 30, -120
+        ).click_and_hold().move_by_offset(180, 180).release().perform()
+        browser.find_element(By.ID, "mode-draw").click()
+        ActionChains(browser).move_to_element_with_offset(
+            canvas, 80, -60
+        ).click_and_hold().move_by_offset(40, 30).move_by_offset(30, -20).release().perform()
+        objects = browser.execute_script("return query();")
+        assert len(objects) == 2
+        assert objects[0]["label"] == "square" and "strokes" not in objects[0]
+        assert objects[0]["box"]["x"] < 10 and objects[0]["box"]["width"] > 25
+        assert len(objects[1]["strokes"]) == 1 and len(objects[1]["strokes"][0]) >= 3
+        browser.find_element(By.ID, "k").clear()
+        browser.find_element(By.ID, "k").send_keys("5")
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "img.result")) == 5)
+        # the thumbnails really load (served by /projects/1/tasks/{id}/thumbnail)
+        wait.until(
+            lambda b: all(
+                b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+                for img in b.find_elements(By.CSS_SELECTOR, "img.result")
+            )
+        )
+        assert "5 results" in browser.find_element(By.ID, "status").text
+        # a bad query shows the server's message, and the page keeps working
+        browser.find_element(By.ID, "clear").click()
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda b: "objects" in b.find_element(By.ID, "status").text)
+    finally:
+        browser.quit()
+        server.should_exit = True
+        thread.join(timeout=10)
