@@ -12,6 +12,7 @@ Examples::
     boxloop bench --config benchmark/configs/full.yaml       # the full grid
     boxloop bench --report benchmark/results/full            # rebuild report.md and plots
     boxloop bench box --config benchmark/configs/box.yaml    # box-level active learning
+    boxloop bench utility --quick                            # image utility for machines
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     from benchmark.search_cli import register_search
 
     register_search(modes)
+    from benchmark import utility_cli
+
+    utility_cli.register(modes)
     return parser
 
 

@@ -52,15 +52,18 @@ class PredictorConfig:
 
     Attributes:
         train_from: block stages ``0..train_from-1`` stay frozen (ImageNet); later ones train.
-            4 keeps the stride-16, 80-channel maps fixed (62 KB an image cached).
+            6 (default) trains the last stage (320 channels), the 1280-d head convolution and
+            the classifier on cached stride-32 maps (192 × 7 × 7, 19 KB an image in float16):
+            about 11 ms an image an epoch on one loaded core, against 56 ms from stage 5 and
+            88 ms from stage 4 (measured on this machine); lower values train more.
         epochs, batch_size, lr, weight_decay: AdamW on the trained part.
         size: input side in pixels (square, whole image resized).
         seed: initialisation and batch order.
         threads: torch / onnxruntime threads.
     """
 
-    train_from: int = 4
-    epochs: int = 8
+    train_from: int = 6
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -82,7 +85,7 @@ class UtilityNet(nn.Module):
     cached; ``forward(x) == top(trunk(x))``.
     """
 
-    def __init__(self, train_from: int = 4, pretrained: bool = True) -> None:
+    def __init__(self, train_from: int = 6, pretrained: bool = True) -> None:
         super().__init__()
         self.train_from = int(train_from)
         self.net = efficientnet_lite0(pretrained=pretrained, num_classes=2)
