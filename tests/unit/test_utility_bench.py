@@ -1,0 +1,103 @@
+"""``boxloop bench utility``: config checks, splits, bootstrap, and a tiny run on shared VOC."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmark.config import ConfigError
+from benchmark.utility_bench import (
+    Item,
+    cluster_bootstrap,
+    load_utility_config,
+    run_utility_bench,
+    split_sources,
+)
+from benchmark.utility_report import brisque_overlap
+
+SHARED = Path(os.environ.get("BOXLOOP_SHARED_DATA", "../shared/data"))
+VOC = SHARED / "voc" / "VOCdevkit" / "VOC2012"
+MODEL = SHARED / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
+
+
+def _item(dataset: str, source: str) -> Item:
+    from backend.boxes import Boxes
+
+    return Item(
+        dataset, source, "jpeg_q5", "train", {}, {}, {}, {}, {},
+        np.zeros(1), None, None, Boxes.empty((4, 4)),
+    )  # fmt: skip
+
+
+def test_config_rejects_overlapping_qualities_and_jpeg_as_unseen() -> None:
+    with pytest.raises(ConfigError, match="both trained on and held out"):
+        load_utility_config({"qualities": [5, 10], "heldout_qualities": [10]})
+    with pytest.raises(ConfigError, match="must not be JPEG"):
+        load_utility_config({"unseen": ["jpeg:7"]})
+    with pytest.raises(ConfigError, match="also a labeler"):
+        load_utility_config({"labelers": [416, 320], "unused_size": 320})
+    with pytest.raises(ConfigError, match="unknown bench utility keys"):
+        load_utility_config({"qualitie": [5]})
+    with pytest.raises(ConfigError, match="predictor"):
+        load_utility_config({"predictor": {"train_from": 9}})
+
+
+def test_split_never_shares_a_source_between_train_and_test() -> None:
+    items = [_item(d, f"s{i}") for d in ("a", "b") for i in range(10) for _ in range(3)]
+    for seed in range(3):
+        test = split_sources(items, 0.2, seed)
+        assert sum(1 for d, _ in test if d == "a") == 2
+        assert sum(1 for d, _ in test if d == "b") == 2
+    assert split_sources(items, 0.2, 0) != split_sources(items, 0.2, 1)
+
+
+def test_cluster_bootstrap_interval_covers_a_clear_difference() -> None:
+    clusters = np.repeat(np.arange(40), 5)
+    a = np.ones(200)
+    b = (np.arange(200) % 2).astype(float)
+    mean, low, high = cluster_bootstrap(a, b, clusters, 500, 0)
+    assert mean == pytest.approx(0.5) and 0.3 < low <= mean <= high < 0.7
+    same = cluster_bootstrap(a, a, clusters, 100, 0)
+    assert same == (0.0, 0.0, 0.0)
+
+
+def test_brisque_overlap_is_one_for_equal_and_zero_for_disjoint() -> None:
+    bins = np.linspace(0, 10, 11)
+    x = np.array([1.5, 2.5, 3.5])
+    assert brisque_overlap(x, x, bins) == pytest.approx(1.0)
+    assert brisque_overlap(x, x + 5, bins) == pytest.approx(0.0)
+
+
+@pytest.mark.skipif(not VOC.is_dir() or not MODEL.is_file(), reason=f"shared data absent: {VOC}")
+def test_tiny_run_writes_tables_and_plots(tmp_path: Path) -> None:
+    config = load_utility_config(
+        {
+            "datasets": [f"voc:{VOC}"],
+            "max_images": 4,
+            "qualities": [3, 50],
+            "heldout_qualities": [8],
+            "unseen": ["blur:4"],
+            "seeds": [0],
+            "bootstrap": 50,
+            "random_repeats": 2,
+            "brisque_max_side": 160,
+            "threads": 1,
+            "predictor": {"epochs": 1},
+            "output": str(tmp_path / "out"),
+        }
+    )
+    summary, files = run_utility_bench(config, progress=False)
+    assert {f.name for f in files} >= {"results.json", "report.md"}
+    assert summary["facts"]["items"] == 4 * 4
+    assert summary["facts"]["onnx416_vs_pytorch416_max_score_diff"] < 1e-3
+    stored = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["labeling"] for r in stored["runs"]] == ["yolox_nano@416", "yolox_nano@640", "vote"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Table II layout" in report and "| vote |" in report
+    # the cached labels are reused by a second run
+    again, _ = run_utility_bench(config, progress=False)
+    assert again["facts"]["items"] == summary["facts"]["items"]
