@@ -371,15 +371,20 @@ def run_dataset_seed(
 
 
 def run_box_bench(
-    config: BoxBenchConfig, force: bool = False, progress: bool = True
+    config: BoxBenchConfig, force: bool = False, progress: bool = True, report_only: bool = False
 ) -> tuple[list[dict[str, Any]], list[Path]]:
-    """Run (or reuse) every dataset × seed, then write the report; returns runs and files."""
+    """Run (or reuse) every dataset × seed, then write the report; returns runs and files.
+
+    ``report_only`` runs nothing: the report covers the stored runs of this config (e.g. the
+    seeds that finished before a grid was stopped; the report says which seeds it holds).
+    """
     from benchmark.box_report import write_box_report
 
     out = Path(config.output)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+    if not report_only:
+        (out / "experiment.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     runs = []
     for dataset in config.datasets:
         for seed in config.seeds:
@@ -390,9 +395,13 @@ def run_box_bench(
                 if cached.get("schema") == SCHEMA and cached.get("run_key") == key:
                     runs.append(cached)
                     continue
+            if report_only:
+                continue
             run = run_dataset_seed(config, dataset, seed, progress)
             path.write_text(json.dumps(run, indent=2))
             runs.append(run)
+    if not runs:
+        raise ConfigError(f"no stored runs of this config under {runs_dir}")
     return runs, write_box_report(out, config, runs)
 
 

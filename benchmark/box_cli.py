@@ -31,6 +31,9 @@ def register(modes: Any) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="a tiny campaign (CI)")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--force", action="store_true", help="rerun stored runs")
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: rebuild the report from stored runs"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run_command)
     return parser
@@ -70,7 +73,9 @@ def run_command(args: argparse.Namespace) -> int:
 
     try:
         config = build_box_config(args)
-        runs, files = run_box_bench(config, force=args.force, progress=not args.no_progress)
+        runs, files = run_box_bench(
+            config, force=args.force, progress=not args.no_progress, report_only=args.report
+        )
     except (ConfigError, DatasetError, FileNotFoundError) as exc:
         print(f"boxloop bench box: error: {exc}", file=sys.stderr)
         return 2

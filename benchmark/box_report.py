@@ -81,7 +81,8 @@ def write_box_report(
     lines = [
         "# Box-level against image-level active learning",
         "",
-        f"Config: `{config.name}`; seeds {list(config.seeds)}; {config.episodes} episodes of "
+        f"Config: `{config.name}`; seeds run {sorted({r['seed'] for r in runs})} "
+        f"(of {list(config.seeds)}); {config.episodes} episodes of "
         f"K = {config.k_fraction:.0%} of the pool's objects; initial random images "
         f"{config.init_fraction:.0%}; t_d {config.t_d}; λ_d {config.noisy_weight}. "
         "Held-out mAP@0.5 (COCO-style, pycocotools). *Boxes labelled* = ground-truth boxes "
