@@ -215,3 +215,28 @@ def test_random_filter_drops_the_fraction() -> None:
     assert (labels == 0).sum() == 10
     with pytest.raises(ValueError):
         RandomFilter(1.5).predict(3)
+
+
+# ----------------------------------------------------------------------------- policy
+def test_policy_moves_low_utility_tasks_to_the_end_keeping_order() -> None:
+    from backend.utility.policy import UtilityPolicy
+
+    policy = UtilityPolicy("move_to_end", threshold=0.5)
+    scores = {1: 0.9, 2: 0.1, 3: 0.7, 4: 0.3}
+    assert policy.order([4, 3, 2, 1, 5], scores) == [3, 1, 5, 4, 2]  # 5 unscored: stays
+    assert policy.counts(scores) == {"scored": 4, "low_utility": 2, "flagged": 2, "moved_to_end": 2}
+    assert policy.meta(0.25) == {"utility": 0.25, "low_utility": True}
+
+
+def test_policy_ignore_and_flag_leave_the_order() -> None:
+    from backend.utility.policy import UtilityPolicy
+
+    scores = {1: 0.1, 2: 0.9}
+    assert UtilityPolicy("flag").order([1, 2], scores) == [1, 2]
+    assert UtilityPolicy("ignore").meta(0.1) == {"utility": 0.1}
+    assert UtilityPolicy("ignore").counts(scores)["flagged"] == 0
+    assert UtilityPolicy("flag").meta(None) == {}
+    with pytest.raises(ValueError, match="action"):
+        UtilityPolicy("drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="threshold"):
+        UtilityPolicy("flag", threshold=1.5)
