@@ -51,12 +51,11 @@ class SearchResponse(BaseModel):
     moved_to_front: bool
 
 
-class _Error(BaseModel):
-    error: str
-
-
 def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
     """Register the search routes on ``app``; returns the service behind them."""
+    # the app's documented error answers (imported here: app.py imports this module)
+    from backend.app import _INVALID, _err, _responses
+
     search = SearchService(
         svc.settings,
         svc.store,
@@ -69,11 +68,13 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         "/projects/{project_id}/search",
         tags=["admin"],
         response_model=SearchResponse,
-        responses={
-            404: {"model": _Error, "description": "The project is unknown to boxloop."},
-            409: {"model": _Error, "description": "No search model, or no searchable task."},
-            422: {"model": _Error, "description": "Invalid query."},
-        },
+        responses=_responses(
+            {
+                404: _err("The project is unknown to boxloop."),
+                409: _err("No search model, or no task with a readable image to search."),
+                422: _err("Invalid query (the error names the field)."),
+            }
+        ),
     )
     def search_project(
         project_id: Annotated[int, Path(ge=1, le=MAX_ID)],
@@ -86,7 +87,12 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         outcome = search.search(project_id, {"objects": body.objects}, k=body.k, front=body.front)
         return outcome.to_json()
 
-    @app.get("/search", tags=["admin"], response_class=HTMLResponse)
+    @app.get(
+        "/search",
+        tags=["admin"],
+        response_class=HTMLResponse,
+        responses=_responses(body=False),
+    )
     def search_page() -> HTMLResponse:
         """The search canvas: draw boxes and strokes, see the thumbnails that come back."""
         return HTMLResponse(PAGE)
@@ -94,7 +100,10 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
     @app.get(
         "/projects/{project_id}/search/labels",
         tags=["admin"],
-        responses={409: {"model": _Error, "description": "No search model."}},
+        responses={
+            **_responses({409: _err("No search model.")}, body=False),
+            **_INVALID,
+        },
     )
     def search_labels(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
         """The class names a class-only object may use (the search model's)."""
@@ -106,7 +115,17 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         response_class=Response,
         responses={
             200: {"content": {"image/jpeg": {}}},
-            404: {"model": _Error, "description": "Unknown project, task or image."},
+            **_responses(
+                {
+                    404: _err("Unknown project or task, or the image is not found."),
+                    403: _err("The image is on a host or folder that is not allowed."),
+                    413: _err("The image is over BOXLOOP_MAX_IMAGE_PIXELS / _BYTES."),
+                    422: _err("The task's image cannot be decoded."),
+                    502: _err("The image host failed or answered something not an image."),
+                },
+                body=False,
+            ),
+            **_INVALID,
         },
     )
     def thumbnail(
