@@ -202,6 +202,9 @@ class Prediction(BaseModel):
     result: list[Region]
     score: float
     model_version: str
+    meta: dict[str, Any] | None = Field(
+        None, description="With image utility on: utility (0-1) and low_utility (docs/utility.md)."
+    )
 
 
 class PredictResponse(BaseModel):

@@ -25,8 +25,10 @@ from backend.features.registry import EXTRACTOR_NAMES, simnet_dir
 from backend.images import ImageSource, load_image
 from backend.ordering import FEATURE_STRATEGIES, OrderPlan, Strategy, build_order, place_new_tasks
 from backend.ordering.plan import load_plan, set_view_id
+from backend.ordering.ranks import ranks_for
 from backend.settings import Settings
 from backend.store import Store
+from backend.utility.scorer import UtilityScorer, stored_scores
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,13 @@ class QueueManager:
         store: Store,
         studio_for: Callable[[int], Any],
         image_source_for: Callable[[int], ImageSource],
+        utility: UtilityScorer | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.studio_for = studio_for
         self.image_source_for = image_source_for
+        self.utility = utility
 
     # ------------------------------------------------------------------ helpers
     def sync_tasks(self, project_id: int) -> None:
@@ -226,10 +230,55 @@ class QueueManager:
         )
         plan.params["uncertainty_scores"] = bool(request.uncertainty_scores)
         plan.params["extractor_key"] = request.extractor if extractor else None
+        if self.utility is not None and self.utility.policy.action == "move_to_end":
+            plan = self._low_utility_last(project_id, plan, project.image_key)
         self.store.set_order(project_id, plan.strategy, plan.params, plan.task_ids, plan.view_id)
         if request.push:
             plan = self.push(project_id, plan)
         return plan
+
+    def _low_utility_last(self, project_id: int, plan: OrderPlan, image_key: str) -> OrderPlan:
+        """The plan with low-utility tasks after all others (``BOXLOOP_UTILITY_ACTION=
+        move_to_end``). Tasks not scored yet are scored now and their score stored in the task
+        data; a task whose image cannot be loaded keeps its place."""
+        assert self.utility is not None
+        tasks = dict(self.store.list_tasks(project_id))
+        scores = stored_scores(tasks.items(), self.utility.field)
+        loader = self._loader(project_id, image_key)
+        todo = [t for t in plan.task_ids if t not in scores and t in tasks]
+        for begin in range(0, len(todo), self.settings.feature_batch_size):
+            chunk, images = [], []
+            for task_id in todo[begin : begin + self.settings.feature_batch_size]:
+                try:
+                    images.append(loader(tasks[task_id]))
+                    chunk.append(task_id)
+                except Exception as exc:  # one bad image must not stop the order
+                    log.warning("project %s task %s: no utility (%s)", project_id, task_id, exc)
+            new = dict(zip(chunk, self.utility.score(images), strict=True))
+            scores.update(new)
+            self.store.upsert_tasks(
+                project_id, [(t, self.utility.with_score(tasks[t], s)) for t, s in new.items()]
+            )
+        order = self.utility.policy.order(plan.task_ids, scores)
+        moved = sum(1 for t in order if self.utility.policy.is_low(scores.get(t)))
+        position = {t: i for i, t in enumerate(plan.task_ids)}
+        ranks = ranks_for(order)
+        params = dict(plan.params)
+        params["ranks"] = [ranks[t] for t in order]
+        params["utility_moved_to_end"] = moved
+        distance = [plan.distance[position[t]] for t in order]
+        if "distance" in params:
+            params["distance"] = distance
+        return OrderPlan(
+            project_id,
+            plan.strategy,
+            order,
+            ranks,
+            distance,
+            params,
+            plan.view_id,
+            plan.missing_features,
+        )
 
     def push(
         self, project_id: int, plan: OrderPlan, task_ids: Iterable[int] | None = None

@@ -41,6 +41,7 @@ from backend.queueing import OrderRequest, QueueManager
 from backend.registry import LoadedModel, ModelRegistry
 from backend.settings import Settings
 from backend.store import Project, Store
+from backend.utility.scorer import UtilityScorer, stored_scores
 from backend.webhooks import WebhookHandler, WebhookOutcome, parse_project_id
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,14 @@ class TaskPrediction:
     model_version: str
     error: str | None = None
     status_code: int = 200
+    #: Image utility (``docs/utility.md``): ``{"utility": p, "low_utility": bool}`` when on.
+    meta: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"result": self.result, "score": self.score, "model_version": self.model_version}
+        out = {"result": self.result, "score": self.score, "model_version": self.model_version}
+        if self.meta:
+            out["meta"] = self.meta
+        return out
 
 
 class BoxloopService:
@@ -73,11 +79,14 @@ class BoxloopService:
         self.scheduler = TrainingScheduler(
             settings, self.store, on_success=self._on_new_version, extra_env=self._worker_env
         )
+        # image utility: off unless BOXLOOP_UTILITY_MODEL names an exported predictor
+        self.utility = UtilityScorer.from_settings(settings)
         self.queue = QueueManager(
             settings,
             self.store,
             studio_for=self._studio_client,
             image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
+            utility=self.utility,
         )
         self.box_queries = BoxQueryManager(
             settings,
@@ -291,6 +300,8 @@ class BoxloopService:
                 log.exception("task %s: loading its image failed", task_id)
                 message = f"loading the image failed: {type(exc).__name__}: {exc}"
                 out[i] = TaskPrediction(task_id, [], 0.0, model.version, message, 500)
+        if self.utility is not None and good:
+            self._score_utility(project_id, tasks, good, out)
         if model.detector is not None and good:
             detector = model.detector
             images = [image for _, image in good]
@@ -308,13 +319,53 @@ class BoxloopService:
                 try:
                     if isinstance(boxes, Exception):
                         raise boxes
-                    out[i] = self._to_prediction(tasks[i], boxes, config, model)
+                    out[i] = self._to_prediction(tasks[i], boxes, config, model, out[i].meta)
                 except Exception as exc:
                     message = f"the detector failed on the image: {type(exc).__name__}: {exc}"
                     out[i] = TaskPrediction(out[i].task_id, [], 0.0, model.version, message, 500)
         if project_id is not None:
             self._apply_rank_scores(project_id, out)
         return out
+
+    def _score_utility(
+        self,
+        project_id: int | None,
+        tasks: Sequence[Any],
+        good: list[tuple[int, Image.Image]],
+        out: list[TaskPrediction],
+    ) -> None:
+        """Each loaded image's utility into its prediction's meta; the scores into the tasks'
+        data field (boxloop's store, then Label Studio, in the background). A failure here never
+        fails a prediction: it is logged and the boxes go out without a utility."""
+        assert self.utility is not None
+        try:
+            scores = self.utility.score([image for _, image in good])
+        except Exception:
+            log.exception("utility scoring failed; predictions go out without it")
+            return
+        updates: dict[int, dict[str, Any]] = {}
+        for (i, _), score in zip(good, scores, strict=True):
+            out[i].meta = self.utility.policy.meta(score)
+            task, task_id = tasks[i], out[i].task_id
+            data = task.get("data")
+            if task_id is not None and isinstance(data, dict):
+                new = self.utility.with_score(data, score)
+                if data.get(self.utility.field) != new[self.utility.field]:  # unchanged: no PATCH
+                    updates[task_id] = new
+        if project_id is not None and updates:
+            self._queue_pool.submit(self._record_utility, project_id, updates)
+
+    def _record_utility(self, project_id: int, updates: dict[int, dict[str, Any]]) -> None:
+        try:
+            if self.store.get_project(project_id) is not None:
+                self.store.upsert_tasks(project_id, list(updates.items()))
+            studio = self._studio_client(project_id)
+            if studio is not None:
+                from backend.labelstudio.queue import write_task_data
+
+                write_task_data(studio, project_id, updates)
+        except Exception:
+            log.exception("project %s: storing utility scores failed", project_id)
 
     def _apply_rank_scores(self, project_id: int, predictions: list[TaskPrediction]) -> None:
         """Under Uncertainty-sampling ordering the task score *is* the queue position: a new
@@ -344,7 +395,11 @@ class BoxloopService:
 
     @staticmethod
     def _to_prediction(
-        task: dict[str, Any], boxes: Boxes, config: LabelConfig, model: LoadedModel
+        task: dict[str, Any],
+        boxes: Boxes,
+        config: LabelConfig,
+        model: LoadedModel,
+        meta: dict[str, Any] | None = None,
     ) -> TaskPrediction:
         assert model.detector is not None
         regions = boxes_to_regions(boxes, config, model.detector.labels)
@@ -356,7 +411,7 @@ class BoxloopService:
             ]
         ]
         score = task_score(served)
-        return TaskPrediction(task.get("id"), regions, score, model.version)
+        return TaskPrediction(task.get("id"), regions, score, model.version, meta=meta)
 
     # ------------------------------------------------------------------ /webhook
     def handle_webhook(self, payload: dict[str, Any]) -> WebhookOutcome:
@@ -538,6 +593,11 @@ class BoxloopService:
                         "job": self._box_state.get(project.id),
                         "episodes": self.box_queries.status(project.id),
                     },
+                    "utility": None
+                    if self.utility is None
+                    else self.utility.policy.counts(
+                        stored_scores(self.store.list_tasks(project.id), self.utility.field)
+                    ),
                     "queue": None
                     if order is None
                     else {

@@ -152,6 +152,23 @@ class Settings(BaseSettings):
     order_strategy: str = "random"
     order_seed: int = 0
 
+    # --- image utility (docs/utility.md) ---------------------------------------------------------
+    utility_model: Path | None = Field(
+        None,
+        description="Exported utility predictor (ONNX, from `boxloop bench utility`); unset: off.",
+    )
+    utility_action: Literal["ignore", "flag", "move_to_end"] = Field(
+        "flag",
+        description="Low-utility tasks: only scored (ignore), flagged in the prediction meta and "
+        "task data (flag), or also ordered after every other task (move_to_end).",
+    )
+    utility_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="Below this probability of being useful: low utility."
+    )
+    utility_data_field: str = Field(
+        "boxloop_utility", min_length=1, description="Task data key the score is written to."
+    )
+
     # --- sketch / box-layout search (docs/search.md) ---------------------------------------------
     search_model_dir: Path | None = Field(
         None, description="Trained search model; default <data_dir>/search/model."

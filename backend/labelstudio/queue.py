@@ -183,6 +183,16 @@ def write_ranks(
     return len(updates)
 
 
+def write_task_data(
+    client: LabelStudio | Any, project_id: int, updates: Mapping[int, Mapping[str, Any]]
+) -> int:
+    """Replace the data of each task in ``updates`` (one PATCH a task); returns how many."""
+    client = _sdk(client)
+    for task_id, data in updates.items():
+        client.tasks.update(str(task_id), data=dict(data), project=project_id)
+    return len(updates)
+
+
 def ensure_order_view(
     client: LabelStudio | Any,
     project_id: int,
