@@ -116,7 +116,7 @@ class UtilityBenchConfig:
     unused_size: int = 320
     seeds: tuple[int, ...] = (0, 1, 2)
     test_fraction: float = 0.2
-    brisque_max_side: int = 384
+    brisque_max_side: int = 320
     bootstrap: int = 2000
     random_repeats: int = 20
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
@@ -322,23 +322,32 @@ def _label_chunk(
         timings["detect"] += time.perf_counter() - start
         if any(detector_utility(gt, p, p).binary is not None for p in pristine.values()):
             defined += 1
-        for group, distortion in distortions:
-            items.append(
-                _make_item(
-                    dataset.name,
-                    sample.image_id,
-                    image,
-                    gt,
-                    group,
-                    distortion,
-                    labelers,
-                    pristine,
-                    unused,
-                    trunk,
-                    config,
-                    timings,
-                )
+        pending: list[Any] = []
+        made = [
+            _make_item(
+                dataset.name,
+                sample.image_id,
+                image,
+                gt,
+                group,
+                distortion,
+                labelers,
+                pristine,
+                unused,
+                config,
+                timings,
+                pending,
             )
+            for group, distortion in distortions
+        ]
+        start = time.perf_counter()
+        maps = iter(trunk.encode(pending))  # one batch per source, in append order
+        for item in made:
+            item.maps = next(maps)
+            if item.group == "train":
+                item.png_maps = next(maps)
+        timings["trunk"] += time.perf_counter() - start
+        items += made
     return items, twin_diff, defined, timings
 
 
@@ -368,10 +377,12 @@ def _make_item(
     labelers: dict[int, OnnxYoloxDetector],
     pristine: dict[int, Boxes],
     unused: OnnxYoloxDetector,
-    trunk: TrunkEncoder,
     config: UtilityBenchConfig,
     timings: dict[str, float],
+    pending: list[Any],
 ) -> Item:
+    """One labelled item; its distorted image (and, for the training group, the PNG round trip)
+    is appended to ``pending`` for the caller's trunk batch."""
     start = time.perf_counter()
     if distortion.kind == "jpeg":
         file_bytes = encode_jpeg(image, int(distortion.level))
@@ -401,13 +412,11 @@ def _make_item(
         start = time.perf_counter()
         scores["brisque"] = brisque_score(distorted, config.brisque_max_side)
         timings["brisque"] += time.perf_counter() - start
-    start = time.perf_counter()
-    maps = trunk.encode([distorted])[0]
-    png_maps = None
+    pending.append(distorted)
     png_scores: dict[str, float] = {}
     if group == "train":
         from_png = decode(png_bytes)
-        png_maps = trunk.encode([from_png])[0]
+        pending.append(from_png)
         png_scores = {
             "jpeg_quality": jpeg_quality(png_bytes),
             "laplacian_var": laplacian_variance(from_png),
@@ -416,7 +425,6 @@ def _make_item(
             if np.array_equal(np.asarray(from_png), np.asarray(distorted))
             else brisque_score(from_png, config.brisque_max_side),
         }
-    timings["trunk"] += time.perf_counter() - start
     return Item(
         dataset,
         source,
@@ -427,8 +435,8 @@ def _make_item(
         clipped,
         scores,
         png_scores,
-        maps,
-        png_maps,
+        np.zeros(0, np.float16),  # filled by the caller from one trunk batch per source
+        None,
         unused_boxes,
         gt,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,14 @@ def test_tiny_run_writes_tables_and_plots(tmp_path: Path) -> None:
     assert [r["labeling"] for r in stored["runs"]] == ["yolox_nano@416", "yolox_nano@640", "vote"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Table II layout" in report and "| vote |" in report
+    # each item got its own trunk maps; the PNG round trip holds the same pixels, so the same maps
+    with (tmp_path / "out" / "cache" / "items.pkl").open("rb") as fh:
+        items = pickle.load(fh)["items"]
+    train = [i for i in items if i.group == "train"]
+    assert all(np.array_equal(i.maps, i.png_maps) for i in train)
+    assert not np.array_equal(train[0].maps, train[1].maps)  # q3 vs q50 of one photo
+    assert {i.scores["jpeg_quality"] for i in train} == {3.0, 50.0}
+    assert {i.png_scores["jpeg_quality"] for i in train} == {100.0}
     # the cached labels are reused by a second run
     again, _ = run_utility_bench(config, progress=False)
     assert again["facts"]["items"] == summary["facts"]["items"]
