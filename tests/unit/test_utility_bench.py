@@ -110,3 +110,21 @@ def test_tiny_run_writes_tables_and_plots(tmp_path: Path) -> None:
     # the cached labels are reused by a second run
     again, _ = run_utility_bench(config, progress=False)
     assert again["facts"]["items"] == summary["facts"]["items"]
+
+
+def test_cli_quick_mode_and_flags_build_the_config() -> None:
+    import argparse
+
+    from benchmark.cli import register
+
+    parser = argparse.ArgumentParser(prog="boxloop")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "utility", "--quick", "--epochs", "3", "--seeds", "2"])
+    from benchmark.utility_cli import build_utility_config
+
+    config = build_utility_config(args)
+    assert config.max_images == 10 and config.seeds == (0, 1)
+    assert config.predictor.epochs == 3 and config.output == "benchmark/results/utility-quick"
+    full = build_utility_config(parser.parse_args(["bench", "utility"]))
+    assert len(full.qualities) == 9 and full.seeds == (0, 1, 2)
+    assert len(full.datasets) == 3
