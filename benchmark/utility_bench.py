@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from backend.boxes import Boxes
+from backend.boxes import Boxes, IgnoreOverlap
 from backend.detectors.onnx_yolox import OnnxYoloxDetector
 from backend.scoring import evaluate_map
 from backend.utility.baselines import (
@@ -587,14 +587,14 @@ def filtering(
     net_predict: Any,
     seed: int,
     repeats: int,
-    dataset_labels: dict[str, list[str]],
+    dataset_labels: dict[str, tuple[list[str], IgnoreOverlap]],
 ) -> dict[str, Any]:
     """mAP@0.5 of the unused detector on the test sources' held-out JPEGs: all, after the
     predictor's filter, after a random filter of the same size (mean of ``repeats`` draws), and
     after the true-label filter (an upper reference). Averaged over datasets."""
     rows: dict[str, Any] = {}
     rng = np.random.default_rng(seed)
-    for dataset, labels in sorted(dataset_labels.items()):
+    for dataset, (labels, overlap) in sorted(dataset_labels.items()):
         chosen = [
             i
             for i in items
@@ -612,11 +612,13 @@ def filtering(
             gts: list[Boxes] = gts,
             preds: list[Any] = preds,
             labels: list[str] = labels,
+            overlap: IgnoreOverlap = overlap,
         ) -> float:
             if not mask.any():
                 return float("nan")
             idx = np.flatnonzero(mask)
-            return evaluate_map([gts[k] for k in idx], [preds[k] for k in idx], labels).map50
+            chosen_gts, chosen_preds = [gts[k] for k in idx], [preds[k] for k in idx]
+            return evaluate_map(chosen_gts, chosen_preds, labels, overlap).map50
 
         random_maps = []
         for _ in range(repeats):
@@ -663,9 +665,7 @@ def run_utility_bench(
             pickle.dump({"key": key, "items": items, "facts": facts}, fh)
     facts["stage1_total_seconds"] = round(time.perf_counter() - start, 1)
     labelings = [_labeler_name(s) for s in config.labelers] + [COMBINED]
-    dataset_labels = {
-        d.name: list(d.labels) for d in _load(replace(config, max_images=config.max_images))
-    }
+    dataset_labels = {d.name: (list(d.labels), d.ignore_overlap) for d in _load(config)}
     runs: list[dict[str, Any]] = []
     model_dir = out / "models"
     model_dir.mkdir(parents=True, exist_ok=True)
