@@ -247,6 +247,35 @@ def write_utility_report(out: Path, summary: dict[str, Any], items: Sequence[Any
         plt.close(fig)
         files.append(path)
         lines += ["", "![filtering](filtering.png)"]
+    labels_csv = write_labels_csv(out / "labels.csv", items, labelings)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    return [report, *files]
+    return [report, labels_csv, *files]
+
+
+def write_labels_csv(path: Path, items: Sequence[Any], labelings: Sequence[str]) -> Path:
+    """Every distorted image's labels: per detector binary / Eq. (2) as printed / clipped, and
+    the vote with the detectors' mean graded and clipped utility (empty = undefined)."""
+    import csv
+
+    def cell(value: Any) -> Any:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return round(value, 4) if isinstance(value, float) else value
+
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        header = ["dataset", "source", "distortion", "group"]
+        for labeling in labelings:
+            header += [f"{labeling}_label", f"{labeling}_graded", f"{labeling}_clipped"]
+        writer.writerow(header)
+        for item in items:
+            row = [item.dataset, item.source, item.distortion, item.group]
+            for labeling in labelings:
+                row += [
+                    cell(item.labels[labeling]),
+                    cell(item.graded[labeling]),
+                    cell(item.clipped[labeling]),
+                ]
+            writer.writerow(row)
+    return path

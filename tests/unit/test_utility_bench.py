@@ -92,7 +92,10 @@ def test_tiny_run_writes_tables_and_plots(tmp_path: Path) -> None:
         }
     )
     summary, files = run_utility_bench(config, progress=False)
-    assert {f.name for f in files} >= {"results.json", "report.md"}
+    assert {f.name for f in files} >= {"results.json", "report.md", "labels.csv"}
+    rows = (tmp_path / "out" / "labels.csv").read_text().splitlines()
+    assert rows[0].startswith("dataset,source,distortion,group,yolox_nano@416_label")
+    assert len(rows) == 1 + 4 * 4
     assert summary["facts"]["items"] == 4 * 4
     assert summary["facts"]["onnx416_vs_pytorch416_max_score_diff"] < 1e-3
     stored = json.loads((tmp_path / "out" / "results.json").read_text())
