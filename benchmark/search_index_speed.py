@@ -68,7 +68,8 @@ def measure(
     seed: int,
     nprobes: list[int],
     reranks: list[int],
-) -> dict[str, Any]:
+    stores: list[str],
+) -> list[dict[str, Any]]:
     rng = np.random.default_rng(seed)
     data = clustered(n + queries, d, clusters, spread, rng)
     x, q = data[:n], data[n:]
@@ -87,7 +88,68 @@ def measure(
     t = time.perf_counter()
     index = CompactIndex.build(x, config=config)
     build_s = time.perf_counter() - t
-    parts = index.nbytes()
+    variants: list[tuple[CompactIndex, str, float]] = [(index, config.store, build_s)]
+    if not index.exact:
+        for store in stores:
+            if store != config.store:
+                t = time.perf_counter()
+                other = _with_store(index, x, store, config)
+                variants.append((other, store, build_s + time.perf_counter() - t))
+    out = []
+    for variant, store, seconds in variants:
+        parts = variant.nbytes()
+        out.append(
+            {
+                "n": n,
+                "dim": d,
+                "factory": variant.factory,
+                "store": None if variant.exact else store,
+                "build_s": round(seconds, 2),
+                "flat_ms_per_query": round(flat_ms, 4),
+                "bytes": parts,
+                "bytes_per_image": round(sum(parts.values()) / n, 2),
+                "searches": _searches(variant, x, q, k, exact_ids, exact_scores, nprobes, reranks),
+            }
+        )
+    return out
+
+
+_QT = {
+    "sq4": faiss.ScalarQuantizer.QT_4bit,
+    "sq6": faiss.ScalarQuantizer.QT_6bit,
+    "sq8": faiss.ScalarQuantizer.QT_8bit,
+    "fp16": faiss.ScalarQuantizer.QT_fp16,
+}
+_REFINE_NAME = {"sq4": "SQ4", "sq6": "SQ6", "sq8": "SQ8", "fp16": "SQfp16"}
+
+
+def _with_store(
+    index: CompactIndex, x: np.ndarray, store: str, config: IndexConfig
+) -> CompactIndex:
+    """The same trained OPQ + IVF + PQ codes with another re-rank store (what building with
+    ``store=`` would give, without training the rest again)."""
+    refine = faiss.IndexScalarQuantizer(x.shape[1], _QT[store])
+    rng = np.random.default_rng(config.seed)
+    refine.train(x[rng.choice(len(x), size=min(len(x), 200_000), replace=False)])
+    refine.add(x)
+    assert isinstance(index.index, faiss.IndexRefine)
+    combined = faiss.IndexRefine(index.index.base_index, refine)
+    factory = index.factory.rsplit(",Refine(", 1)[0] + f",Refine({_REFINE_NAME[store]})"
+    out = CompactIndex(combined, factory, index.dim, replace(config, store=store), index.ids)  # type: ignore[arg-type]
+    out._keep = (index, refine)  # type: ignore[attr-defined]  # faiss holds no references
+    return out
+
+
+def _searches(
+    index: CompactIndex,
+    x: np.ndarray,
+    q: np.ndarray,
+    k: int,
+    exact_ids: np.ndarray,
+    exact_scores: np.ndarray,
+    nprobes: list[int],
+    reranks: list[int],
+) -> list[dict[str, Any]]:
     rows = []
     combos = [(p, r) for p in nprobes for r in reranks] if not index.exact else [(0, 0)]
     for nprobe, rerank in combos:
@@ -96,9 +158,9 @@ def measure(
         faiss.omp_set_num_threads(1)
         hits = []
         t = time.perf_counter()
-        for i in range(queries):
+        for i in range(len(q)):
             hits.append(index.search(q[i : i + 1], k)[0])
-        ms = 1000 * (time.perf_counter() - t) / queries
+        ms = 1000 * (time.perf_counter() - t) / len(q)
         recall = float(
             np.mean(
                 [len(np.intersect1d(h.ids, e)) / k for h, e in zip(hits, exact_ids, strict=True)]
@@ -117,17 +179,7 @@ def measure(
                 "ndcg_at_k": round(float(np.mean(ndcgs)), 4),
             }
         )
-    return {
-        "n": n,
-        "dim": d,
-        "factory": index.factory,
-        "store": None if index.exact else config.store,
-        "build_s": round(build_s, 2),
-        "flat_ms_per_query": round(flat_ms, 4),
-        "bytes": parts,
-        "bytes_per_image": round(sum(parts.values()) / n, 2),
-        "searches": rows,
-    }
+    return rows
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -174,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--rerank", type=int, nargs="+", default=[IndexConfig.rerank])
-    parser.add_argument("--store", default=IndexConfig.store)
+    parser.add_argument("--store", default=IndexConfig.store, help="the product's store")
+    parser.add_argument(
+        "--stores",
+        nargs="+",
+        default=["sq4", "sq8", "fp16"],
+        help="re-rank stores to compare on the same trained index",
+    )
     parser.add_argument("--flat-below", type=int, default=IndexConfig.flat_below)
     parser.add_argument("--threads", type=int, default=1, help="threads for building")
     parser.add_argument("--seed", type=int, default=0)
@@ -200,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             nprobes=args.nprobe,
             reranks=args.rerank,
+            stores=args.stores,
         )
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for r in row:
+            print(json.dumps(r), flush=True)
+        rows.extend(row)
     result = {
         "command": "python -m benchmark.search_index_speed " + " ".join(argv or sys.argv[1:]),
         "dim": args.dim,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backend.nets.effnet_lite0 import POOLED_DIM
 from backend.search.backbone import MAP_CHANNELS, MAP_SIDE
 from backend.search.nets import ImageEncoder, ObjectEncoder, SpatialEncoder
 from backend.search.tensor import paint_query_tensors
@@ -27,7 +28,6 @@ __all__ = ["MODEL_FILE", "SearchModel", "SearchModelConfig", "load_search_model"
 
 MODEL_FILE = "search_model.pt"
 _META_FILE = "search_model.json"
-POOLED_DIM = 1280
 
 
 @dataclass(frozen=True)
