@@ -175,11 +175,13 @@ def run_seed(data: SearchData, seed: int, config: SearchBenchConfig) -> dict[str
     f_whole = model.crop_embeddings(data.pooled)
     # The product's compact index, forced on this small collection (the product searches pools
     # under 50k exactly): OPQ + IVF with 8 lists, 16-byte PQ, SQ4 re-rank store, nprobe 4.
-    compact = CompactIndex.build(
-        e_index,
-        config=IndexConfig(flat_below=1, nprobe=COMPACT_NPROBE, rerank=config.k, num_threads=1),
-        factory=COMPACT_FACTORY.format(d=e_index.shape[1]),
-    )
+    compact = None
+    if len(e_index) >= 256:  # PQ needs at least 256 training vectors (not so in --quick)
+        compact = CompactIndex.build(
+            e_index,
+            config=IndexConfig(flat_below=1, nprobe=COMPACT_NPROBE, rerank=config.k, num_threads=1),
+            factory=COMPACT_FACTORY.format(d=e_index.shape[1]),
+        )
     encoder = QueryEncoder(
         model, pooled_extractor(config.out / "cache" / "onnx", num_threads=config.num_threads)
     )
@@ -201,7 +203,9 @@ def run_seed(data: SearchData, seed: int, config: SearchBenchConfig) -> dict[str
         rankings = {
             "boxloop": _rank(e_full, e_q),
             "boxloop (index space)": _rank(e_index, model.reduce(e_q)),
-            "boxloop (compact index)": _compact_rank(compact, model.reduce(e_q), config.k),
+            "boxloop (compact index)": (
+                None if compact is None else _compact_rank(compact, model.reduce(e_q), config.k)
+            ),
             "boxloop, crops-only training (paper)": _rank(e_paper, paper_encoder.encode(sketch_q)),
             "class names + layout": _rank(e_full, encoder.encode(class_q)),
             "single object": _rank(f_whole, single),
@@ -209,6 +213,8 @@ def run_seed(data: SearchData, seed: int, config: SearchBenchConfig) -> dict[str
         }
         row: dict[str, Any] = {"n": n, "relevant": int((rel > config.tau).sum())}
         for method, ranking in rankings.items():
+            if ranking is None:
+                continue
             row[method] = {
                 "ap": average_precision_at_k(ranking, rel, config.k, config.tau),
                 "ndcg": ndcg_at_k(ranking, rel, config.k, config.tau),
@@ -243,7 +249,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for metric in ("ap", "ndcg", "p"):
                 seed_means = []
                 for qs in per_seed_queries:
-                    values = [q[method][metric] for q in qs if not math.isnan(q[method][metric])]
+                    values = [
+                        q[method][metric]
+                        for q in qs
+                        if method in q and not math.isnan(q[method][metric])
+                    ]
                     if values:
                         seed_means.append(float(np.mean(values)))
                 cell = table.setdefault(method, {}).setdefault(metric, {})
@@ -385,5 +395,5 @@ def run_search_bench(config: SearchBenchConfig) -> list[Path]:
 
 #: What ``--quick`` changes: capped sets, fewer sketches, short training, one seed.
 QUICK = {"max_images_per_set": 24, "sketches_per_class": 6, "seeds": (0,)}
-QUICK_OBJECT_STEPS = 100
-QUICK_SPATIAL_EPOCHS = 8
+QUICK_OBJECT_STEPS = 300
+QUICK_SPATIAL_EPOCHS = 60
