@@ -70,6 +70,7 @@ def measure(
     reranks: list[int],
     stores: list[str],
 ) -> list[dict[str, Any]]:
+    load = [round(v, 2) for v in os.getloadavg()]
     rng = np.random.default_rng(seed)
     data = clustered(n + queries, d, clusters, spread, rng)
     x, q = data[:n], data[n:]
@@ -106,6 +107,7 @@ def measure(
                 "store": None if variant.exact else store,
                 "build_s": round(seconds, 2),
                 "flat_ms_per_query": round(flat_ms, 4),
+                "loadavg_at_start": load,
                 "bytes": parts,
                 "bytes_per_image": round(sum(parts.values()) / n, 2),
                 "searches": _searches(variant, x, q, k, exact_ids, exact_scores, nprobes, reranks),
@@ -187,7 +189,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Search index: speed, recall and size",
         "",
-        f"`{result['command']}` · {result['machine']['platform']} · load average at start "
+        " · ".join(f"`{c}`" for c in result.get("commands") or [result["command"]])
+        + f" · {result['machine']['platform']} · load average at start "
         f"{result['machine']['loadavg']} · single queries, 1 thread; exact = `IndexFlatIP` in the "
         "same process. Data: unit vectors from a mixture of "
         f"{result['clusters']} Gaussians (spread {result['spread']}), d = {result['dim']}; "
@@ -237,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads for building")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT / "index_speed")
+    parser.add_argument(
+        "--append", action="store_true", help="add rows to the results already in --out"
+    )
     args = parser.parse_args(argv)
     config = replace(
         IndexConfig(),
@@ -245,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         flat_below=args.flat_below,
         num_threads=args.threads,
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
+    commands: list[str] = []
+    if args.append and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        rows = list(previous["rows"])
+        commands = list(previous.get("commands") or [previous["command"]])
     for n in args.sizes:
         row = measure(
             n,
@@ -265,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(row)
     result = {
         "command": "python -m benchmark.search_index_speed " + " ".join(argv or sys.argv[1:]),
+        "commands": [
+            *commands,
+            "python -m benchmark.search_index_speed " + " ".join(argv or sys.argv[1:]),
+        ],
         "dim": args.dim,
         "clusters": args.clusters,
         "spread": args.spread,
