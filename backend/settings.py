@@ -174,12 +174,14 @@ class Settings(BaseSettings):
         None, description="Trained search model; default <data_dir>/search/model."
     )
     search_top_k: int = Field(50, ge=1, le=10_000, description="Results a search returns.")
-    search_nprobe: int = Field(16, ge=1, description="IVF lists a search visits (large pools).")
+    search_nprobe: int = Field(64, ge=1, description="IVF lists a search visits (large pools).")
     search_rerank: int = Field(
-        800, ge=1, description="Short list re-scored from the re-rank store (large pools)."
+        400, ge=1, description="Short list re-scored from the re-rank store (large pools)."
     )
-    search_rerank_store: Literal["sq4", "sq6", "sq8", "fp16"] = Field(
-        "sq4", description="Re-rank store codes: sq4 = 4 bits a dimension (16 B at 32-d)."
+    search_rerank_store: Literal["pq16", "sq4", "sq6", "sq8", "fp16"] = Field(
+        "pq16",
+        description="Re-rank store: pq16 = a 16-byte PQ of each vector's residual (IVFPQR); "
+        "sqN / fp16 = a scalar-quantised copy (IndexRefine).",
     )
     search_flat_below: int = Field(
         50_000, ge=1, description="Pools smaller than this are searched exactly (Flat)."

@@ -20,7 +20,11 @@ def _clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
 def test_factory_by_size() -> None:
     assert choose_factory(10_000, 32) == "Flat"
     assert choose_factory(49_999, 32) == "Flat"
-    assert choose_factory(1_000_000, 32) == "OPQ16_32,IVF4000,PQ16np,Refine(SQ4)"
+    assert choose_factory(1_000_000, 32) == "OPQ16_32,IVF4000,PQ16+16"
+    assert (
+        choose_factory(1_000_000, 32, IndexConfig(store="sq4"))
+        == "OPQ16_32,IVF4000,PQ16np,Refine(SQ4)"
+    )
     assert (
         choose_factory(1_000_000, 256, IndexConfig(store="sq8"))
         == "OPQ16_64,IVF4000,PQ16np,Refine(SQ8)"
@@ -47,11 +51,16 @@ def test_flat_index_is_exact_and_maps_task_ids(tmp_path) -> None:  # type: ignor
     assert again.nbytes()["id_map"] == 510 * 4
 
 
-def test_ivf_pq_with_rerank_store_keeps_recall_and_survives_disk(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("store", "suffix", "store_bytes"), [("pq16", "PQ16+16", 16), ("sq8", "Refine(SQ8)", 32)]
+)
+def test_ivf_pq_with_rerank_store_keeps_recall_and_survives_disk(
+    tmp_path, store, suffix, store_bytes
+) -> None:  # type: ignore[no-untyped-def]
     x = _clustered(6000, 32)
-    config = IndexConfig(flat_below=1000, nprobe=8, rerank=300, store="sq8", opq_iterations=5)
+    config = IndexConfig(flat_below=1000, nprobe=8, rerank=300, store=store, opq_iterations=5)
     index = CompactIndex.build(x, np.arange(6000) + 100, config)
-    assert index.factory.startswith("OPQ16_32,IVF") and index.factory.endswith("Refine(SQ8)")
+    assert index.factory.startswith("OPQ16_32,IVF") and index.factory.endswith(suffix)
     assert not index.exact
     exact = CompactIndex.build(x, np.arange(6000) + 100, replace(config, flat_below=10**9))
     queries = _clustered(20, 32, seed=5)
@@ -64,7 +73,7 @@ def test_ivf_pq_with_rerank_store_keeps_recall_and_survives_disk(tmp_path) -> No
     # scores come from the re-rank store: close to the exact cosine
     assert np.allclose(got[0].scores[:5], want[0].scores[:5], atol=0.05)
     sizes = index.nbytes()
-    assert 6000 * 32 <= sizes["rerank_store"] < 6000 * 32 + 1000  # sq8: a byte a dimension
+    assert 6000 * store_bytes <= sizes["rerank_store"] < 6000 * store_bytes + 1000
     index.save(tmp_path / "ivf")
     again = CompactIndex.load(tmp_path / "ivf", replace(config, nprobe=4))
     assert again.factory == index.factory
