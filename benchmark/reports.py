@@ -541,7 +541,7 @@ def _gate_table(runs: list[dict[str, Any]]) -> str:
         "### Table 8. The promotion gate",
         "",
         "Each round's candidate against the serving version on the round's validation slice "
-        "(mAP@0.5 and W_B at each model's W_T-best threshold), summed over seeds. *Worse promoted*: "
+        "(mAP@0.5 and W_B at the threshold each model would serve at: least W_T, or within one standard error of it and nearest the product's default), summed over seeds. *Worse promoted*: "
         "promotions whose candidate scored below its predecessor on either measure (the gate's "
         "invariant says 0). Thresholds: those the gate chose for the promoted versions.",
         "",
