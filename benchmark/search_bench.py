@@ -9,7 +9,7 @@ five sets, raccoon and BCCD as distractors; training images included, as in a la
 
 Methods: ``boxloop`` (sketches + layout, exact search on E), ``boxloop (index space)`` (the same
 after the PCA to the index's dimensions: what the product's index holds, exact search),
-``boxloop (compact index)`` (the index space through OPQ + IVF8 + PQ16 + SQ4 re-rank, forced on
+``boxloop (compact index)`` (the index space through OPQ + IVF8 + PQ16 + residual PQ16 re-rank, forced on
 this small collection, nprobe 4 of 8 lists), ``boxloop, crops-only training (paper)`` (f_t
 trained on crop embeddings only, ``sketch_mix = 0``, as the paper),
 ``class names + layout`` (SemIR-like: class embeddings painted, same f_t), ``single object``
@@ -122,7 +122,7 @@ def _queries(
     return out
 
 
-COMPACT_FACTORY = "OPQ16_{d},IVF8,PQ16np,Refine(SQ4)"
+COMPACT_FACTORY = "OPQ16_{d},IVF8,PQ16+16"  # the product's large-pool factory, 8 lists
 COMPACT_NPROBE = 4
 
 
@@ -174,7 +174,7 @@ def run_seed(data: SearchData, seed: int, config: SearchBenchConfig) -> dict[str
     e_index = model.reduce(e_full)
     f_whole = model.crop_embeddings(data.pooled)
     # The product's compact index, forced on this small collection (the product searches pools
-    # under 50k exactly): OPQ + IVF with 8 lists, 16-byte PQ, SQ4 re-rank store, nprobe 4.
+    # under 50k exactly): OPQ + IVF with 8 lists, 16-byte PQ, residual PQ16 re-rank store, nprobe 4.
     compact = None
     if len(e_index) >= 256:  # PQ needs at least 256 training vectors (not so in --quick)
         compact = CompactIndex.build(
