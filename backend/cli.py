@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -96,7 +97,6 @@ def _order(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from backend.queueing import OrderRequest
-    from backend.service import BoxloopService, ServiceError
 
     settings = load_settings(args.settings_file)
     given = {field: getattr(args, option) for option, field in _ORDER_FIELDS.items()}
@@ -105,16 +105,29 @@ def _order(args: argparse.Namespace) -> int:
             {k: v for k, v in given.items() if v is not None}
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        print(f"boxloop order: error: {problems}", file=sys.stderr)
+        print(f"boxloop order: error: {_problems(exc)}", file=sys.stderr)
         return 2
+    return _in_foreground(
+        "order", settings, lambda svc: svc.order_project(args.project, request, wait=True)
+    )
+
+
+def _problems(exc: Any) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field: message; ...``."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+def _in_foreground(command: str, settings: Any, call: Callable[[Any], dict[str, Any]]) -> int:
+    """Run a queue job with a service of its own, print its state; 0 when it is done."""
+    from backend.service import BoxloopService, ServiceError
+
     svc = BoxloopService(settings)
     try:
-        state = svc.order_project(args.project, request, wait=True)
+        state = call(svc)
     except ServiceError as exc:
-        print(f"boxloop order: error: {exc.message}", file=sys.stderr)
+        print(f"boxloop {command}: error: {exc.message}", file=sys.stderr)
         return 1
     finally:
         svc.close()
@@ -127,7 +140,6 @@ def _box_queries(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from backend.box_queries import BoxQueryRequest
-    from backend.service import BoxloopService, ServiceError
 
     settings = load_settings(args.settings_file)
     given = {
@@ -141,19 +153,11 @@ def _box_queries(args: argparse.Namespace) -> int:
     try:
         request = BoxQueryRequest.model_validate({k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"boxloop box-queries: error: {problems}", file=sys.stderr)
+        print(f"boxloop box-queries: error: {_problems(exc)}", file=sys.stderr)
         return 2
-    svc = BoxloopService(settings)
-    try:
-        state = svc.run_box_queries(args.project, request, wait=True)
-    except ServiceError as exc:
-        print(f"boxloop box-queries: error: {exc.message}", file=sys.stderr)
-        return 1
-    finally:
-        svc.close()
-    print(json.dumps(state, indent=2, default=str))
-    return 0
+    return _in_foreground(
+        "box-queries", settings, lambda svc: svc.run_box_queries(args.project, request, wait=True)
+    )
 
 
 def _models_fetch(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -443,29 +443,49 @@ class BoxloopService:
         one job at a time); ``wait`` answers with the episode when it is done."""
         if self.store.get_project(project_id) is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
-        self._box_state[project_id] = {"state": "queued", "measure": request.measure}
-        future = self._queue_pool.submit(self._run_box_episode, project_id, request)
+        state = self._queue_job(
+            self._box_state,
+            project_id,
+            {"measure": request.measure},
+            lambda: self.box_queries.run_episode(project_id, request),
+            wait,
+        )
+        if state["state"] == "failed":
+            raise ServiceError(422 if state.get("invalid") else 500, state["error"])
+        return state
+
+    def _queue_job(
+        self,
+        states: dict[int, dict[str, Any]],
+        project_id: int,
+        tag: dict[str, Any],
+        work: Callable[[], dict[str, Any]],
+        wait: bool,
+    ) -> dict[str, Any]:
+        """Run ``work`` on the queue thread (queue jobs run one at a time, off the request path)
+        with its state (queued → running → done / failed) in ``states[project_id]``; ``wait``
+        answers when it is done."""
+        states[project_id] = {"state": "queued", **tag}
+
+        def run() -> None:
+            states[project_id] = {"state": "running", **tag}
+            try:
+                result = work()
+            except Exception as exc:
+                log.exception("queue job %s of project %s failed", tag, project_id)
+                states[project_id] = {
+                    "state": "failed",
+                    **tag,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "invalid": isinstance(exc, ValueError),  # bad input rather than a fault
+                }
+                return
+            states[project_id] = {"state": "done", **result}
+
+        future = self._queue_pool.submit(run)
         if wait:
             future.result()
-            state = self._box_state[project_id]
-            if state["state"] == "failed":
-                raise ServiceError(422 if state.get("invalid") else 500, state["error"])
-        return dict(self._box_state[project_id])
-
-    def _run_box_episode(self, project_id: int, request: BoxQueryRequest) -> None:
-        self._box_state[project_id] = {"state": "running", "measure": request.measure}
-        try:
-            episode = self.box_queries.run_episode(project_id, request)
-        except Exception as exc:
-            log.exception("box queries of project %s failed", project_id)
-            self._box_state[project_id] = {
-                "state": "failed",
-                "measure": request.measure,
-                "error": f"{type(exc).__name__}: {exc}",
-                "invalid": isinstance(exc, ValueError),
-            }
-            return
-        self._box_state[project_id] = {"state": "done", **episode}
+        return dict(states[project_id])
 
     def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
         if self.store.get_order(project_id) is not None:
@@ -507,25 +527,13 @@ class BoxloopService:
             )
         if request.batch_size < 1:
             raise ServiceError(422, "batch_size must be at least 1")
-        self._queue_state[project_id] = {"state": "queued", "strategy": request.strategy}
-        future = self._queue_pool.submit(self._run_order, project_id, request)
-        if wait:
-            future.result()
-        return dict(self._queue_state[project_id])
-
-    def _run_order(self, project_id: int, request: OrderRequest) -> None:
-        self._queue_state[project_id] = {"state": "running", "strategy": request.strategy}
-        try:
-            plan = self.queue.order(project_id, request)
-        except Exception as exc:
-            log.exception("ordering project %s failed", project_id)
-            self._queue_state[project_id] = {
-                "state": "failed",
-                "strategy": request.strategy,
-                "error": f"{type(exc).__name__}: {exc}",
-            }
-            return
-        self._queue_state[project_id] = {"state": "done", **plan.to_dict()}
+        return self._queue_job(
+            self._queue_state,
+            project_id,
+            {"strategy": request.strategy},
+            lambda: self.queue.order(project_id, request).to_dict(),
+            wait,
+        )
 
     def _refresh_queue(self, project_id: int, version: str) -> None:
         """After a swap-in: the next batch pre-annotated by ``version``, the order kept."""
