@@ -793,7 +793,8 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
             **_responses(
                 {
                     404: _err("The project is unknown to boxloop."),
-                    422: _err("Invalid settings, or no YOLOX model to query with."),
+                    409: _err("No YOLOX model to query with yet (fetch the COCO model or train)."),
+                    422: _err("Invalid settings."),
                 }
             ),
         },

@@ -40,6 +40,7 @@ from backend.active import (
     select_boxes,
 )
 from backend.boxes import Boxes
+from backend.errors import ServiceError
 from backend.labelstudio.convert import boxes_to_regions, parse_label_config
 from backend.ordering.ranks import ranks_for
 from backend.registry import ModelRegistry
@@ -103,10 +104,11 @@ class BoxQueryManager:
         labeled = {a.task_id for a in annotations}
         tasks = [(t, d) for t, d in self.store.list_tasks(project_id) if t not in labeled]
         served = self.registry.serving_torch_model(project_id, project.labels)
-        if served is None:
-            raise ValueError(
+        if served is None:  # a valid request the project's state cannot serve yet
+            raise ServiceError(
+                409,
                 "box queries need a YOLOX model: the COCO YOLOX-Nano (`boxloop models fetch`) "
-                "or a promoted YOLOX version"
+                "or a promoted YOLOX version",
             )
         version, model, hw = served
         images, task_ids, failed = [], [], {}

@@ -451,7 +451,7 @@ class BoxloopService:
             wait,
         )
         if state["state"] == "failed":
-            raise ServiceError(422 if state.get("invalid") else 500, state["error"])
+            raise ServiceError(int(state["status_code"]), state["error"])
         return state
 
     def _queue_job(
@@ -477,7 +477,8 @@ class BoxloopService:
                     "state": "failed",
                     **tag,
                     "error": f"{type(exc).__name__}: {exc}",
-                    "invalid": isinstance(exc, ValueError),  # bad input rather than a fault
+                    # a ServiceError says which HTTP status it is (e.g. 409: no model yet)
+                    "status_code": exc.status_code if isinstance(exc, ServiceError) else 500,
                 }
                 return
             states[project_id] = {"state": "done", **result}
