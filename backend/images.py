@@ -13,9 +13,10 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
 
 import httpx
@@ -298,3 +299,18 @@ def image_source_for(
         max_bytes=max_bytes,
         timeout_s=timeout_s,
     )
+
+
+def task_image_loader(
+    source: ImageSource, image_key: str, *, client: httpx.Client | None = None
+) -> Callable[[Mapping[str, Any]], Image.Image]:
+    """A loader of task images: the reference under ``data[image_key]``, fetched and decoded
+    through ``source`` (``ValueError`` when the task data has no image reference there)."""
+
+    def load(data: Mapping[str, Any]) -> Image.Image:
+        reference = data.get(image_key)
+        if not isinstance(reference, str):
+            raise ValueError(f"task data has no image under ${image_key}")
+        return load_image(reference, source, client=client)
+
+    return load

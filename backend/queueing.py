@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from backend.features import SimNetConfig, compute_features, make_extractor, train_simnet
 from backend.features.registry import EXTRACTOR_NAMES, simnet_dir
-from backend.images import ImageSource, load_image
+from backend.images import ImageSource, task_image_loader
 from backend.ordering import FEATURE_STRATEGIES, OrderPlan, Strategy, build_order, place_new_tasks
 from backend.ordering.plan import load_plan, set_view_id
 from backend.ordering.ranks import ranks_for
@@ -158,15 +158,7 @@ class QueueManager:
     def _loader(
         self, project_id: int, image_key: str
     ) -> Callable[[Mapping[str, Any]], Image.Image]:
-        source = self.image_source_for(project_id)
-
-        def load(data: Mapping[str, Any]) -> Image.Image:
-            reference = data.get(image_key)
-            if not isinstance(reference, str):
-                raise ValueError(f"task data has no image under ${image_key}")
-            return load_image(reference, source)
-
-        return load
+        return task_image_loader(self.image_source_for(project_id), image_key)
 
     def _extractor_name(self, project_id: int, request: OrderRequest, image_key: str) -> str:
         """Compute every missing vector for the project's tasks; returns the extractor's name."""

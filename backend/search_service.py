@@ -24,7 +24,7 @@ from backend.errors import ServiceError
 from backend.features import compute_features
 from backend.features.base import OnnxImageEncoder
 from backend.features.registry import onnx_cache_dir
-from backend.images import ImageSource, load_image
+from backend.images import ImageSource, load_image, task_image_loader
 from backend.ordering.plan import OrderPlan, load_plan
 from backend.ordering.ranks import ranks_for
 from backend.search import (
@@ -147,15 +147,7 @@ class SearchService:
     def _loader(
         self, project_id: int, image_key: str
     ) -> Callable[[Mapping[str, Any]], Image.Image]:
-        source = self.image_source_for(project_id)
-
-        def load(data: Mapping[str, Any]) -> Image.Image:
-            reference = data.get(image_key)
-            if not isinstance(reference, str):
-                raise ValueError(f"task data has no image under ${image_key}")
-            return load_image(reference, source)
-
-        return load
+        return task_image_loader(self.image_source_for(project_id), image_key)
 
     def index_dir(self, project_id: int, extractor: str) -> Path:
         return self.settings.data_dir / "search" / "index" / str(int(project_id)) / extractor

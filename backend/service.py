@@ -27,6 +27,7 @@ from backend.images import (
     ImageSource,
     image_source_for,
     load_image,
+    task_image_loader,
     trusted_studio_url,
 )
 from backend.jobs import TrainingScheduler
@@ -431,10 +432,8 @@ class BoxloopService:
         project = self.store.get_project(project_id)
         if project is None:
             raise ValueError(f"project {project_id} is unknown")
-        reference = data.get(project.image_key)
-        if not isinstance(reference, str):
-            raise ValueError(f"task data has no image under ${project.image_key}")
-        return load_image(reference, self.image_source(project), client=self._http)
+        load = task_image_loader(self.image_source(project), project.image_key, client=self._http)
+        return load(data)
 
     def run_box_queries(
         self, project_id: int, request: BoxQueryRequest, wait: bool = False
