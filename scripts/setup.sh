@@ -12,6 +12,6 @@ stamp=.venv/.boxloop-installed
 want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -c requirements.lock -e ".[dev]"
+  .venv/bin/pip install -q -c requirements.lock -e ".[dev,ray]"
   echo "$want" > "$stamp"
 fi
