@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -153,6 +153,39 @@ box_episodes = Table(
     Column("updated_at", DateTime, nullable=False, default=utcnow, onupdate=utcnow),
 )
 
+#: Bulk pre-annotation runs (``boxloop predict``): one row per run, its progress for ``/status``.
+bulk_runs = Table(
+    "bulk_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project_id", Integer, nullable=False, index=True),
+    Column("model_version", String(255), nullable=False),
+    Column("engine", String(32), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("total", Integer, nullable=False, default=0),
+    Column("done", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("skipped", Integer, nullable=False, default=0),
+    Column("message", Text),
+    Column("created_at", DateTime, nullable=False, default=utcnow),
+    Column("finished_at", DateTime),
+)
+
+#: The bulk ledger: which task has a prediction of which version, and where a push stands.
+#: ``pushing`` is written *before* a batch goes to Label Studio and ``done`` after, so a run
+#: killed in between knows which tasks to check instead of predicting them twice.
+bulk_predictions = Table(
+    "bulk_predictions",
+    metadata,
+    Column("project_id", Integer, primary_key=True, autoincrement=False),
+    Column("task_id", Integer, primary_key=True, autoincrement=False),
+    Column("model_version", String(255), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("run_id", Integer),
+    Column("error", Text),
+    Column("updated_at", DateTime, nullable=False, default=utcnow),
+)
+
 JOB_ACTIVE = ("queued", "running")
 
 
@@ -206,6 +239,22 @@ class TrainingJob:
     model_version: str | None
     created_at: datetime
     started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class BulkRun:
+    id: int
+    project_id: int
+    model_version: str
+    engine: str
+    status: str
+    total: int
+    done: int
+    failed: int
+    skipped: int
+    message: str | None
+    created_at: datetime
     finished_at: datetime | None
 
 
@@ -732,6 +781,84 @@ class Store:
                 .where(box_episodes.c.episode == episode)
                 .values(queries=queries, updated_at=utcnow())
             )
+
+    # ------------------------------------------------------------------ bulk pre-annotation
+    def create_bulk_run(self, project_id: int, model_version: str, engine: str) -> int:
+        with self._tx() as conn:
+            res = conn.execute(
+                bulk_runs.insert().values(
+                    project_id=project_id,
+                    model_version=model_version,
+                    engine=engine,
+                    status="running",
+                    created_at=utcnow(),
+                )
+            )
+            key = res.inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+    def update_bulk_run(self, run_id: int, **values: Any) -> None:
+        with self._tx() as conn:
+            conn.execute(update(bulk_runs).where(bulk_runs.c.id == run_id).values(**values))
+
+    def list_bulk_runs(self, project_id: int, limit: int = 5) -> list[BulkRun]:
+        query = (
+            select(bulk_runs)
+            .where(bulk_runs.c.project_id == project_id)
+            .order_by(bulk_runs.c.id.desc())
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [BulkRun(**dict(r)) for r in rows]
+
+    def bulk_states(self, project_id: int, model_version: str) -> dict[int, str]:
+        """``{task_id: state}`` of the ledger for one model version."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(bulk_predictions.c.task_id, bulk_predictions.c.state)
+                .where(bulk_predictions.c.project_id == project_id)
+                .where(bulk_predictions.c.model_version == model_version)
+            ).all()
+        return {int(r[0]): str(r[1]) for r in rows}
+
+    def mark_bulk(
+        self,
+        project_id: int,
+        model_version: str,
+        states: Mapping[int, str],
+        run_id: int | None,
+        errors: Mapping[int, str] | None = None,
+    ) -> None:
+        """Set the ledger state of some tasks (one transaction)."""
+        if not states:
+            return
+        errors = errors or {}
+        insert = _dialect_insert(self.engine.dialect.name)(bulk_predictions)
+        rows = [
+            {
+                "project_id": project_id,
+                "task_id": int(task_id),
+                "model_version": model_version,
+                "state": state,
+                "run_id": run_id,
+                "error": errors.get(task_id),
+                "updated_at": utcnow(),
+            }
+            for task_id, state in states.items()
+        ]
+        statement = insert.on_conflict_do_update(
+            index_elements=["project_id", "task_id", "model_version"],
+            set_={
+                "state": insert.excluded.state,
+                "run_id": insert.excluded.run_id,
+                "error": insert.excluded.error,
+                "updated_at": insert.excluded.updated_at,
+            },
+        )
+        with self._tx() as conn:
+            conn.execute(statement, rows)
 
 
 def _dialect_insert(dialect: str) -> Any:
