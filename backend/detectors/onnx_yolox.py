@@ -118,6 +118,8 @@ class OnnxYoloxDetector:
         for source, target in self._class_map.items():
             self._lookup[source] = target
         self.decoded = self._detect_decoded() if decoded is None else decoded
+        self.model_path: Path | None = None  # set by from_path
+        self.class_names_path: Path | None = None
 
     @classmethod
     def from_path(
@@ -145,7 +147,7 @@ class OnnxYoloxDetector:
         session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        return cls(
+        detector = cls(
             session,
             read_class_names(names_path),
             labels,
@@ -155,10 +157,13 @@ class OnnxYoloxDetector:
             max_detections=max_detections,
             class_map=class_map,
         )
+        # where it came from: bulk inference on Ray rebuilds the detector from these files
+        detector.model_path, detector.class_names_path = model_path, names_path
+        return detector
 
     def with_labels(self, labels: Sequence[str]) -> OnnxYoloxDetector:
         """The same model reporting ``labels`` (classes with no matching label are dropped)."""
-        return OnnxYoloxDetector(
+        mapped = OnnxYoloxDetector(
             self.session,
             self.class_names,
             labels,
@@ -168,6 +173,8 @@ class OnnxYoloxDetector:
             max_detections=self.max_detections,
             decoded=self.decoded,
         )
+        mapped.model_path, mapped.class_names_path = self.model_path, self.class_names_path
+        return mapped
 
     @property
     def class_map(self) -> dict[int, int]:
