@@ -39,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from backend import migrations
 from backend.boxes import Boxes
 
 
@@ -279,7 +280,7 @@ class Store:
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        migrations.upgrade(self.engine)  # an older boxloop's database: to this code's schema
         self._revision_lock = threading.Lock()
 
     @contextmanager

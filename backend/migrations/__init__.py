@@ -1,0 +1,120 @@
+"""Schema migrations (Alembic), run by :class:`backend.store.Store` when it opens a database.
+
+An upgraded boxloop must open the database an older boxloop wrote: ``Store.__init__`` calls
+:func:`upgrade`, which brings any database to the newest revision on the store's own engine (no
+``alembic.ini`` at run time). A database made before boxloop used Alembic (tables from
+``metadata.create_all``, no ``alembic_version``) is first stamped at the revision whose tables
+it has. ``backend.store.metadata`` stays the code's description of the schema; a unit test
+checks that the migrations at head produce exactly it.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, text
+from sqlalchemy.engine import Connection
+
+__all__ = ["SCRIPT_LOCATION", "alembic_config", "current_revision", "head", "upgrade"]
+
+SCRIPT_LOCATION = Path(__file__).resolve().parent
+
+#: The tables each revision added, newest first: where a pre-Alembic database sits.
+_PRE_ALEMBIC = (
+    ("0002", frozenset({"bulk_runs", "bulk_predictions"})),
+    (
+        "0001",
+        frozenset(
+            {
+                "projects",
+                "tasks",
+                "annotations",
+                "model_versions",
+                "training_jobs",
+                "features",
+                "orders",
+                "box_episodes",
+            }
+        ),
+    ),
+)
+
+#: PostgreSQL advisory lock held while migrating: two processes opening one fresh database at
+#: once (server and training child, two replicas) migrate one after the other.
+_LOCK_KEY = 0x626F786C6F6F70  # "boxloop"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """A Config built in code: the packaged scripts, and the connection to run them on."""
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION).replace("%", "%%"))
+    config.attributes["connection"] = connection
+    return config
+
+
+@functools.cache
+def _script() -> ScriptDirectory:
+    """The revision files, read once per process (``alembic.command`` re-reads them per call,
+    which made every ``Store()`` on a fresh file some 40 ms slower)."""
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head() -> str:
+    """The newest revision."""
+    revision = _script().get_current_head()
+    assert revision is not None
+    return revision
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def pre_alembic_revision(tables: set[str]) -> str | None:
+    """The revision a database without ``alembic_version`` is at, judged by its tables."""
+    for revision, added in _PRE_ALEMBIC:
+        if added <= tables:
+            return revision
+    return None
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the database behind ``engine`` to ``revision`` in one transaction.
+
+    Already there (every open but the first) costs one small query. A brand-new database runs
+    every revision; a pre-Alembic one is stamped first so its tables are not created again.
+    This is what ``alembic upgrade`` does through ``env.py``, run here on the cached scripts.
+    """
+    from backend.store import metadata
+
+    script = _script()
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        current = current_revision(conn)
+        if current == (head() if revision == "head" else revision):
+            return
+        if current is None:
+            stamp = pre_alembic_revision(set(inspect(conn).get_table_names()))
+            if stamp is not None:
+                MigrationContext.configure(conn).stamp(script, stamp)
+
+        def steps(rev: Any, _context: MigrationContext) -> Any:
+            return script._upgrade_revs(revision, rev)
+
+        with EnvironmentContext(
+            alembic_config(conn), script, fn=steps, destination_rev=revision
+        ) as environment:
+            environment.configure(
+                connection=conn,
+                target_metadata=metadata,
+                render_as_batch=conn.dialect.name == "sqlite",
+            )
+            with environment.begin_transaction():
+                environment.run_migrations()
