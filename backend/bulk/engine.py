@@ -23,7 +23,7 @@ from PIL import Image
 from backend.bulk.work import BatchModel, ItemResult, ModelSpec, WorkItem
 from backend.images import ImageError, ImageSource, load_image
 
-__all__ = ["Engine", "InProcessEngine", "describe_error", "run_batch"]
+__all__ = ["Engine", "InProcessEngine", "describe_error", "make_engine", "run_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +109,13 @@ class InProcessEngine:
                 if len(ready) >= self.batch_size or (ready and not pending):
                     batch, ready = ready[: self.batch_size], ready[self.batch_size :]
                     yield from run_batch(model, [b[0] for b in batch], [b[1] for b in batch])
+
+
+def make_engine(*, ray_address: str | None, batch_size: int, fetch_concurrency: int) -> Engine:
+    """The in-process engine, or the Ray engine when a cluster address is given (Ray is an
+    optional dependency: imported only then)."""
+    if not ray_address:
+        return InProcessEngine(batch_size=batch_size, fetch_concurrency=fetch_concurrency)
+    from backend.bulk.ray_engine import RayEngine
+
+    return RayEngine(ray_address, batch_size=batch_size, fetch_concurrency=fetch_concurrency)
