@@ -1,7 +1,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +31,71 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"shared data not found at {root} (set BOXLOOP_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """One real PostgreSQL server (``pgserver``) for the test session, started by the first test
+    that asks for it; its SQLAlchemy admin URL.
+
+    The docs promise PostgreSQL works, so a server that cannot start is a failure, not a skip
+    (the README's test command installs pgserver), unless ``BOXLOOP_SKIP_POSTGRES=1``. The data
+    directory is short and outside ``tmp_path``: the server's Unix socket lives in it and socket
+    paths are limited to about 100 characters.
+    """
+    if os.environ.get("BOXLOOP_SKIP_POSTGRES") == "1":
+        pytest.skip("BOXLOOP_SKIP_POSTGRES=1: PostgreSQL tests skipped")
+    directory = Path(tempfile.mkdtemp(prefix="boxloop-pg-"))
+    try:
+        with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR unset in containers
+            warnings.simplefilter("ignore")
+            import pgserver
+
+            server = pgserver.get_server(directory, cleanup_mode="stop")
+    except Exception as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(
+            f"could not start PostgreSQL for the tests ({type(exc).__name__}: {exc}); install "
+            "the dev extra (pip install -e '.[dev]', which brings pgserver and psycopg) or set "
+            "BOXLOOP_SKIP_POSTGRES=1 to skip the PostgreSQL variants",
+            pytrace=False,
+        )
+    try:
+        yield _sqlalchemy_url(server.get_uri(), database="postgres")
+    finally:
+        server.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _sqlalchemy_url(uri: str, database: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri).set(drivername="postgresql+psycopg", database=database)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (dropped afterwards, with any
+    connections a test left open)."""
+    from sqlalchemy import create_engine, text
+
+    name = f"boxloop_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield _sqlalchemy_url(postgres_server, database=name)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL for a store test, once on SQLite (a file in ``tmp_path``) and once on a
+    fresh PostgreSQL database; the server only starts when a PostgreSQL variant runs."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return str(request.getfixturevalue("postgres_url"))

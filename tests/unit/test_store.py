@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -10,8 +10,11 @@ from backend.store import Store
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(f"sqlite:///{tmp_path / 'state.db'}")
+def store(store_url: str) -> Iterator[Store]:
+    """Every test here runs on SQLite and on PostgreSQL (see ``store_url`` in conftest)."""
+    store = Store(store_url)
+    yield store
+    store.close()
 
 
 def _project(store: Store, pid: int = 1) -> None:
@@ -74,8 +77,8 @@ def test_deleted_annotations_are_tombstones(store: Store) -> None:
     assert len(store.list_annotations(1)) == 2
 
 
-def test_state_survives_reopening(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'state.db'}"
+def test_state_survives_reopening(store_url: str) -> None:
+    url = store_url
     first = Store(url)
     _project(first)
     first.upsert_annotation(1, 10, 5, [{"r": 1}], None)
@@ -85,6 +88,7 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
     assert len(second.list_annotations(1)) == 1
     record = second.get_job(job)
     assert record is not None and record.status == "queued"
+    second.close()
 
 
 def test_features_and_orders(store: Store) -> None:

@@ -1,0 +1,160 @@
+"""Schema migrations: an upgraded boxloop opens the database an older one wrote (SQLite and
+PostgreSQL), and the migrations at head build exactly the schema the code describes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, MetaData, create_engine, inspect
+
+from backend import migrations
+from backend.store import Store, annotations_table, metadata, model_versions, projects
+
+BULK_TABLES = {"bulk_runs", "bulk_predictions"}
+OLD_RESULT = [{"type": "rectanglelabels", "value": {"x": 1.5, "rectanglelabels": ["a"]}}]
+
+
+def _schema_differences(engine: Engine) -> list:
+    with engine.connect() as conn:
+        return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+
+def _revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return migrations.current_revision(conn)
+
+
+def _old_create_all(engine: Engine, *, with_bulk: bool) -> None:
+    """What boxloop did before migrations: ``create_all`` of its tables, no ``alembic_version``
+    (without the bulk tables: as of commit 8c04528; with them: as of bd1b1c1)."""
+    old = MetaData()
+    for table in metadata.sorted_tables:
+        if with_bulk or table.name not in BULK_TABLES:
+            table.to_metadata(old)
+    old.create_all(engine)
+
+
+def _write_old_rows(engine: Engine) -> None:
+    """A project, an annotation and a model version, written the way an older boxloop did."""
+    when = datetime(2026, 1, 2, 3, 4, 5)
+    with engine.begin() as conn:
+        conn.execute(
+            projects.insert().values(
+                id=7,
+                label_config="<View/>",
+                from_name="label",
+                to_name="image",
+                image_key="image",
+                labels=["a", "b"],
+                hostname="http://ls",
+                trained_revision=1,
+                created_at=when,
+                updated_at=when,
+            )
+        )
+        conn.execute(
+            annotations_table.insert().values(
+                project_id=7,
+                annotation_id=70,
+                task_id=700,
+                result=OLD_RESULT,
+                boxes=None,
+                was_cancelled=False,
+                deleted=False,
+                revision=1,
+                source="webhook",
+                updated_at=when,
+            )
+        )
+        conn.execute(
+            model_versions.insert().values(
+                project_id=7,
+                version="project-7-v1",
+                path="/models/project-7/v1",
+                labels=["a", "b"],
+                n_annotations=1,
+                n_images=1,
+                annotations_revision=1,
+                metrics={"status": "promoted"},
+                created_at=when,
+            )
+        )
+
+
+def _open_and_check(url: str) -> None:
+    """Open the old database with today's Store: old rows intact, new tables usable."""
+    store = Store(url)
+    try:
+        assert _revision(store.engine) == migrations.head()
+        assert _schema_differences(store.engine) == []
+        project = store.get_project(7)
+        assert project is not None and project.labels == ["a", "b"]
+        assert project.hostname == "http://ls" and project.trained_revision == 1
+        (annotation,) = store.list_annotations(7)
+        assert (annotation.annotation_id, annotation.task_id) == (70, 700)
+        assert annotation.result == OLD_RESULT and annotation.revision == 1
+        (version,) = store.list_model_versions(7)
+        assert version.version == "project-7-v1" and version.metrics == {"status": "promoted"}
+        assert version.created_at == datetime(2026, 1, 2, 3, 4, 5)
+        # the revision counter continues after the old rows
+        revision, changed = store.upsert_annotation(7, 71, 701, [], None)
+        assert changed and revision == 2
+        # the tables 0002 added work
+        run = store.create_bulk_run(7, "project-7-v1", "local")
+        store.mark_bulk(7, "project-7-v1", {700: "pushing", 701: "pushing"}, run)
+        store.mark_bulk(7, "project-7-v1", {700: "done"}, run)
+        assert store.bulk_states(7, "project-7-v1") == {700: "done", 701: "pushing"}
+        assert [r.id for r in store.list_bulk_runs(7)] == [run]
+    finally:
+        store.close()
+
+
+def test_a_new_database_is_migrated_to_exactly_the_code_schema(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        assert _revision(store.engine) == migrations.head() == "0002"
+        assert _schema_differences(store.engine) == []
+        names = set(inspect(store.engine).get_table_names())
+        assert names == set(metadata.tables) | {"alembic_version"}
+    finally:
+        store.close()
+    Store(store_url).close()  # reopening at head changes nothing
+
+
+def test_a_database_at_the_baseline_revision_is_upgraded_with_its_rows(store_url: str) -> None:
+    engine = create_engine(store_url)
+    try:
+        migrations.upgrade(engine, "0001")
+        assert _revision(engine) == "0001"
+        assert not BULK_TABLES & set(inspect(engine).get_table_names())
+        _write_old_rows(engine)
+    finally:
+        engine.dispose()
+    _open_and_check(store_url)
+
+
+@pytest.mark.parametrize("with_bulk", [False, True], ids=["as-of-8c04528", "as-of-bd1b1c1"])
+def test_a_database_made_before_migrations_is_stamped_and_upgraded(
+    store_url: str, with_bulk: bool
+) -> None:
+    """No ``alembic_version`` table: it is stamped at the revision whose tables it has (creating
+    them again would fail), then upgraded."""
+    engine = create_engine(store_url)
+    try:
+        _old_create_all(engine, with_bulk=with_bulk)
+        assert "alembic_version" not in inspect(engine).get_table_names()
+        _write_old_rows(engine)
+    finally:
+        engine.dispose()
+    _open_and_check(store_url)
+
+
+def test_pre_alembic_databases_are_placed_by_their_tables() -> None:
+    baseline = {"projects", "tasks", "annotations", "model_versions", "training_jobs"}
+    baseline |= {"features", "orders", "box_episodes"}
+    assert migrations.pre_alembic_revision(set()) is None  # brand new: straight to head
+    assert migrations.pre_alembic_revision(baseline) == "0001"
+    assert migrations.pre_alembic_revision(baseline | BULK_TABLES) == "0002"
