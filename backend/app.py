@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend import __version__
 from backend.box_queries import BoxQueryRequest
+from backend.bulk.predict import BulkPredictRequest
 from backend.queueing import OrderRequest
 from backend.search_routes import add_search_routes
 from backend.service import BoxloopService, ServiceError
@@ -782,6 +783,34 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
             **_responses({404: _err("The project is unknown to boxloop.")}),
         },
     )(order)
+
+    @app.post(
+        "/projects/{project_id}/bulk-predict",
+        tags=["admin"],
+        status_code=202,
+        response_model=None,
+        responses={
+            202: {"description": "The run's state (its report with ?wait=true); see /status."},
+            **_responses(
+                {
+                    404: _err("The project is unknown to boxloop."),
+                    409: _err(
+                        "No model pre-annotates the project, no Label Studio access, a run is "
+                        "already going, or Ray was asked for without BOXLOOP_RAY_ADDRESS."
+                    ),
+                    422: _err("Invalid options."),
+                }
+            ),
+        },
+    )
+    def bulk_predict(
+        project_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+        body: Annotated[BulkPredictRequest | None, Body()] = None,
+        wait: Annotated[bool, Query(description="answer when the run is done")] = False,
+    ) -> dict[str, Any]:
+        """Pre-annotate every task that has no prediction of the serving version, pushing
+        predictions to Label Studio in batches (resumable; progress in /status)."""
+        return svc.run_bulk_predict(project_id, body or BulkPredictRequest(), wait=wait)
 
     @app.post(
         "/projects/{project_id}/box-queries",

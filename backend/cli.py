@@ -160,6 +160,34 @@ def _box_queries(args: argparse.Namespace) -> int:
     )
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Bulk pre-annotation in the foreground (what ``POST .../bulk-predict`` runs)."""
+    from pydantic import ValidationError
+
+    from backend.bulk.predict import BulkPredictRequest
+
+    settings = load_settings(args.settings_file)
+    given = {
+        "ray": args.ray,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "fetch_concurrency": args.fetch_concurrency,
+        "push_batch": args.push_batch,
+    }
+    try:
+        request = BulkPredictRequest.model_validate(
+            {k: v for k, v in given.items() if v is not None}
+        )
+    except ValidationError as exc:
+        print(f"boxloop predict: error: {_problems(exc)}", file=sys.stderr)
+        return 2
+    return _in_foreground(
+        "predict",
+        settings,
+        lambda svc: svc.run_bulk_predict(args.project, request, wait=True, progress=True),
+    )
+
+
 def _models_fetch(args: argparse.Namespace) -> int:
     """Download and verify the COCO YOLOX-Nano ONNX model into the data dir."""
     from backend.model_fetch import ModelFetchError, fetch_model
@@ -278,6 +306,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-push", dest="push", action="store_const", const=False, help="store the episode only"
     )
     boxes.set_defaults(func=_box_queries)
+
+    predict = sub.add_parser(
+        "predict",
+        help="pre-annotate every task without a prediction of the serving version",
+        description="Bulk pre-annotation, resumable: lists the project's tasks in Label Studio, "
+        "predicts those lacking the serving version's prediction and imports them in batches "
+        "(docs/scale.md). Ctrl-C and run again to resume.",
+    )
+    predict.add_argument("--project", type=int, required=True)
+    predict.add_argument(
+        "--ray",
+        action="store_const",
+        const=True,
+        help="run on the Ray cluster at BOXLOOP_RAY_ADDRESS (default: when it is set)",
+    )
+    predict.add_argument(
+        "--no-ray", dest="ray", action="store_const", const=False, help="run in this process"
+    )
+    predict.add_argument("--limit", type=int, help="predict at most this many tasks this run")
+    predict.add_argument("--batch-size", type=int, help="images per inference batch (16)")
+    predict.add_argument("--fetch-concurrency", type=int, help="images fetched at once (8)")
+    predict.add_argument("--push-batch", type=int, help="predictions per import request (100)")
+    predict.set_defaults(func=_predict)
 
     models = sub.add_parser(
         "models", help="fetch or show the COCO YOLOX model that pre-annotates before training"

@@ -21,6 +21,7 @@ from PIL import Image
 
 from backend.box_queries import BoxQueryManager, BoxQueryRequest
 from backend.boxes import Boxes
+from backend.bulk.predict import BulkPredictor, BulkPredictRequest
 from backend.errors import ServiceError
 from backend.images import (
     ImageError,
@@ -97,6 +98,15 @@ class BoxloopService:
             load_task_image=self._task_image,
             sync_tasks=self.queue.sync_tasks,
         )
+        self.bulk = BulkPredictor(
+            settings,
+            self.store,
+            self.models,
+            studio_for=self._studio_client,
+            image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
+            rank_scores_for=self._rank_scores,
+        )
+        self._bulk_state: dict[int, dict[str, Any]] = {}
         self.webhooks = WebhookHandler(
             self.store,
             schedule_training=self.maybe_schedule_training,
@@ -368,18 +378,23 @@ class BoxloopService:
         except Exception:
             log.exception("project %s: storing utility scores failed", project_id)
 
-    def _apply_rank_scores(self, project_id: int, predictions: list[TaskPrediction]) -> None:
+    def _rank_scores(self, project_id: int) -> dict[int, float]:
         """Under Uncertainty-sampling ordering the task score *is* the queue position: a new
-        prediction must carry the task's rank score, or it would reorder the queue."""
+        prediction must carry the task's rank score, or it would reorder the queue. ``{}``
+        under any other ordering."""
         order = self.store.get_order(project_id)
         if order is None or not order.params.get("uncertainty_scores"):
-            return
+            return {}
         from backend.labelstudio.queue import rank_score
 
-        ranks = dict(zip(order.task_ids, order.params.get("ranks") or [], strict=False))
+        ranks = zip(order.task_ids, order.params.get("ranks") or [], strict=False)
+        return {int(task_id): rank_score(int(rank)) for task_id, rank in ranks}
+
+    def _apply_rank_scores(self, project_id: int, predictions: list[TaskPrediction]) -> None:
+        scores = self._rank_scores(project_id)
         for prediction in predictions:
-            if prediction.task_id in ranks:
-                prediction.score = rank_score(int(ranks[prediction.task_id]))
+            if prediction.task_id in scores:
+                prediction.score = scores[prediction.task_id]
 
     @staticmethod
     def _image_reference(task: Any, config: LabelConfig) -> tuple[bool, str]:
@@ -486,6 +501,55 @@ class BoxloopService:
         if wait:
             future.result()
         return dict(states[project_id])
+
+    def run_bulk_predict(
+        self,
+        project_id: int,
+        request: BulkPredictRequest,
+        wait: bool = False,
+        progress: bool = False,
+    ) -> dict[str, Any]:
+        """Pre-annotate every task lacking a prediction of the serving version
+        (:class:`BulkPredictor`), on a thread of its own: a run over a big project takes hours and
+        must not hold up ordering or box queries. Refusals (404, 409) are raised at once."""
+        if self.store.get_project(project_id) is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        state = self._bulk_state.get(project_id)
+        if state is not None and state["state"] == "running":
+            raise ServiceError(409, f"a bulk run of project {project_id} is already going")
+        self._bulk_state[project_id] = {"state": "running"}
+        started = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                report = self.bulk.run(project_id, request, progress=progress, on_start=started.set)
+                self._bulk_state[project_id] = report.to_dict()
+            except Exception as exc:
+                if not isinstance(exc, ServiceError):
+                    log.exception("bulk run of project %s failed", project_id)
+                code = exc.status_code if isinstance(exc, ServiceError) else 500
+                message = (
+                    exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+                )
+                self._bulk_state[project_id] = {
+                    "state": "failed",
+                    "error": message,
+                    "status_code": code,
+                }
+                outcome["error"] = self._bulk_state[project_id]
+            finally:
+                started.set()
+
+        worker = threading.Thread(target=run, name=f"boxloop-bulk-{project_id}", daemon=True)
+        worker.start()
+        if wait:
+            worker.join()
+        else:
+            started.wait()  # the checks ran: a refusal is answered now, not found in /status later
+        if "error" in outcome:
+            raise ServiceError(int(outcome["error"]["status_code"]), outcome["error"]["error"])
+        return dict(self._bulk_state[project_id])
 
     def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
         if self.store.get_order(project_id) is not None:
@@ -597,6 +661,10 @@ class BoxloopService:
                         }
                         for j in jobs
                     ],
+                    "bulk_predict": {
+                        "job": self._bulk_state.get(project.id),
+                        "runs": self.bulk.status(project.id),
+                    },
                     "box_queries": {
                         "job": self._box_state.get(project.id),
                         "episodes": self.box_queries.status(project.id),

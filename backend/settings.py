@@ -152,6 +152,20 @@ class Settings(BaseSettings):
     order_strategy: str = "random"
     order_seed: int = 0
 
+    # --- bulk pre-annotation and scale (docs/scale.md) -------------------------------------------
+    bulk_batch_size: int = Field(16, ge=1, le=1024, description="Images per inference batch.")
+    bulk_fetch_concurrency: int = Field(
+        8, ge=1, le=256, description="Images fetched at once (one slow image holds one slot)."
+    )
+    bulk_push_batch: int = Field(
+        100, ge=1, le=5000, description="Predictions per import request to Label Studio."
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster for bulk prediction and features (e.g. ray://head:10001 or "
+        "auto); unset: everything runs in this process.",
+    )
+
     # --- image utility (docs/utility.md) ---------------------------------------------------------
     utility_model: Path | None = Field(
         None,

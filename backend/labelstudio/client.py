@@ -12,13 +12,17 @@ the Label Studio host itself (see :meth:`StudioClient.image_request`).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
+import httpx
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 from label_studio_sdk.core.request_options import RequestOptions
+from label_studio_sdk.types import PredictionRequest
 from pydantic import SecretStr
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,100 @@ class StudioClient:
         )
         for task in pager:
             yield _as_dict(task)
+
+    def iter_task_versions(
+        self, project_id: int, *, page_size: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every task as ``{"id", "data", "model_versions": [...]}`` in id order, where
+        ``model_versions`` are the versions of the task's predictions.
+
+        Why this query: the Data Manager's per-task ``predictions_model_versions`` aggregate is
+        the only cheap way to learn which versions a task has (``include`` keeps each task to
+        three fields; its *filters* on that column compare the joined string or characters, so
+        they cannot be trusted). Pages follow an id cursor (``id >`` the last seen, first page
+        each time), so tasks created or deleted meanwhile never shift a page.
+        """
+        size = page_size or self.page_size
+        last = 0
+        with httpx.Client(timeout=self.sdk._client_wrapper.get_timeout()) as http:
+            while True:
+                cursor = {"filter": "filter:tasks:id", "operator": "greater", "type": "Number"}
+                query = {
+                    "filters": {"conjunction": "and", "items": [{**cursor, "value": last}]},
+                    "ordering": ["tasks:id"],
+                }
+                response = http.get(
+                    f"{self.url}/api/tasks/",
+                    params={
+                        "project": project_id,
+                        "page": 1,
+                        "page_size": size,
+                        "fields": "all",
+                        "include": "id,data,predictions_model_versions",
+                        "query": json.dumps(query),
+                    },
+                    headers=self.auth_headers(),
+                )
+                if response.status_code == 404:  # Label Studio answers 404 past the last page
+                    return
+                if response.status_code != 200:
+                    raise StudioError(
+                        f"listing tasks of project {project_id}: HTTP {response.status_code}: "
+                        f"{response.text[:300]}"
+                    )
+                tasks = response.json().get("tasks") or []
+                for task in tasks:
+                    versions = str(task.get("predictions_model_versions") or "")
+                    yield {
+                        "id": int(task["id"]),
+                        "data": dict(task.get("data") or {}),
+                        "model_versions": [v for v in versions.split(",") if v],
+                    }
+                if len(tasks) < size:
+                    return
+                last = max(int(t["id"]) for t in tasks)
+
+    def import_predictions(
+        self,
+        project_id: int,
+        model_version: str,
+        predictions: Sequence[tuple[int, list[dict[str, Any]], float]],
+    ) -> list[int]:
+        """Import ``(task_id, result, score)`` predictions of ``model_version`` in one request.
+
+        Label Studio rejects the whole request when one task no longer exists (deleted since it
+        was listed); then the tasks that are gone are found, left out, and the rest imported.
+        Returns the ids of the deleted tasks (usually none).
+        """
+        requests = {
+            int(task_id): PredictionRequest(
+                task=int(task_id), result=result, score=float(score), model_version=model_version
+            )
+            for task_id, result, score in predictions
+        }
+        try:
+            self.sdk.projects.import_predictions(project_id, request=list(requests.values()))
+            return []
+        except ApiError as exc:
+            if exc.status_code != 400 or "task" not in str(exc.body):
+                raise
+        gone = [t for t in requests if not self.task_exists(t)]
+        if not gone:
+            raise StudioError(f"Label Studio refused predictions for project {project_id}")
+        keep = [r for t, r in requests.items() if t not in set(gone)]
+        if keep:
+            self.sdk.projects.import_predictions(project_id, request=keep)
+        log.info("project %s: %d tasks deleted meanwhile, not predicted", project_id, len(gone))
+        return gone
+
+    def task_exists(self, task_id: int) -> bool:
+        try:
+            self.sdk.tasks.get(str(int(task_id)))
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return False
+            raise
+        return True
 
     def list_tasks(self, project_id: int) -> list[dict[str, Any]]:
         """``[{"id": ..., "data": {...}}, ...]`` for every task of the project, by id."""
