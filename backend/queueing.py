@@ -20,7 +20,11 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from backend.features import SimNetConfig, compute_features, make_extractor, train_simnet
+from backend.bulk.engine import InProcessEngine, make_engine
+from backend.bulk.features import extract_features
+from backend.bulk.work import EncoderSpec, LoadedSpec, ModelSpec, WorkItem
+from backend.features import SimNetConfig, make_extractor, train_simnet
+from backend.features.compute import FeatureReport
 from backend.features.registry import EXTRACTOR_NAMES, simnet_dir
 from backend.images import ImageSource, task_image_loader
 from backend.ordering import FEATURE_STRATEGIES, OrderPlan, Strategy, build_order, place_new_tasks
@@ -179,14 +183,7 @@ class QueueManager:
                     ),
                 )
         extractor = make_extractor(request.extractor, self.settings, simnet_directory=directory)
-        report = compute_features(
-            self.store,
-            project_id,
-            extractor,
-            tasks,
-            loader,
-            batch_size=self.settings.feature_batch_size,
-        )
+        report = self._compute_features(project_id, extractor, tasks, image_key)
         if report.failed:
             log.warning(
                 "project %s: no features for %d tasks: %s",
@@ -195,6 +192,44 @@ class QueueManager:
                 dict(list(report.failed.items())[:3]),
             )
         return extractor.name
+
+    def _compute_features(
+        self,
+        project_id: int,
+        extractor: Any,
+        tasks: list[tuple[int, dict[str, Any]]],
+        image_key: str,
+    ) -> FeatureReport:
+        """Missing vectors through the bulk engine (in process, or on the Ray cluster at
+        ``BOXLOOP_RAY_ADDRESS``): the path bulk pre-annotation takes, images fetched
+        concurrently and vectors stored as they come back."""
+        items, failed = [], {}
+        for task_id, data in tasks:
+            reference = data.get(image_key)
+            if isinstance(reference, str) and reference:
+                items.append(WorkItem(task_id, reference))
+            else:
+                failed[task_id] = f"task data has no image under ${image_key}"
+        engine = make_engine(
+            ray_address=self.settings.ray_address,
+            batch_size=self.settings.feature_batch_size,
+            fetch_concurrency=self.settings.bulk_fetch_concurrency,
+        )
+        if isinstance(engine, InProcessEngine):
+            spec: ModelSpec = LoadedSpec(extractor.name, extractor)
+        else:
+            spec = EncoderSpec.from_encoder(extractor)
+        report = extract_features(
+            self.store,
+            project_id,
+            spec,
+            items,
+            engine,
+            self.image_source_for(project_id),
+            total=len(items),
+        )
+        report.failed.update(failed)
+        return report
 
     # ------------------------------------------------------------------ public
     def order(self, project_id: int, request: OrderRequest) -> OrderPlan:
