@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -188,6 +189,9 @@ bulk_predictions = Table(
 )
 
 JOB_ACTIVE = ("queued", "running")
+
+#: PostgreSQL advisory lock key that orders the writers of annotation revisions.
+_REVISION_LOCK = 0x626F786C6F6F71
 
 
 @dataclass(frozen=True)
@@ -404,7 +408,29 @@ class Store:
         return [(int(r[0]), dict(r[1])) for r in rows]
 
     # ------------------------------------------------------------------ annotations
+    @contextmanager
+    def _revision_tx(self) -> Iterator[Connection]:
+        """A transaction that may hand out annotation revisions (``_next_revision``).
+
+        Revisions are ``max + 1``, so writers must not overlap between reading the maximum and
+        committing, in this process or any other (the training child's reconcile writes while
+        the server takes webhooks; PostgreSQL may have several servers). The thread lock keeps
+        this process's threads off the database lock; across processes the database orders
+        them: a transaction-scoped advisory lock on PostgreSQL, ``BEGIN IMMEDIATE`` (the write
+        lock up front) on SQLite. Without it both databases handed two annotations the same
+        revision (tests/integration/test_store_backends.py, two processes). Held to commit, so
+        revisions also become visible in order: a trainer that read revision N has every
+        annotation up to N.
+        """
+        with self._revision_lock, self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _REVISION_LOCK})
+            elif conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield conn
+
     def _next_revision(self, conn: Connection) -> int:
+        """Only inside :meth:`_revision_tx`."""
         current = conn.execute(select(func.max(annotations_table.c.revision))).scalar()
         return int(current or 0) + 1
 
@@ -427,7 +453,7 @@ class Store:
         count as new work for the training trigger.
         """
         boxes_json = None if boxes is None else boxes.to_dict()
-        with self._revision_lock, self._tx() as conn:
+        with self._revision_tx() as conn:
             key = (annotations_table.c.project_id == project_id) & (
                 annotations_table.c.annotation_id == annotation_id
             )
@@ -473,7 +499,7 @@ class Store:
     def delete_annotations(self, project_id: int, annotation_ids: Iterable[int]) -> int:
         """Mark annotations deleted (kept as tombstones); returns how many changed."""
         changed = 0
-        with self._revision_lock, self._tx() as conn:
+        with self._revision_tx() as conn:
             for annotation_id in annotation_ids:
                 key = (
                     (annotations_table.c.project_id == project_id)
