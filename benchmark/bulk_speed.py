@@ -190,7 +190,9 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def run(n_tasks: int, use_ray: bool, load_s: float, out: Path) -> dict[str, Any]:
+def run(
+    n_tasks: int, use_ray: bool, load_s: float, out: Path, keep: bool = False
+) -> dict[str, Any]:
     load_before = _load_average()
     images = shared_images()
     work = Path(tempfile.mkdtemp(prefix="boxloop-bulk-"))
@@ -246,7 +248,10 @@ def run(n_tasks: int, use_ray: bool, load_s: float, out: Path) -> dict[str, Any]
     finally:
         if cluster is not None:
             cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if keep:
+            print(f"logs and state kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     results["machine"]["load_average_1_5_15"] = {
         "before": load_before,
         "after": _load_average(),
@@ -274,13 +279,29 @@ def measure_load(
             bulk.update(bulk_run(own, projects["busy"], {"ray": False}))
         busy.clear()
 
+    seen: list[dict[str, Any]] = []
+
+    def watch_training() -> None:  # what the training job did while latencies were taken
+        with httpx.Client(base_url=str(client.base_url), timeout=60) as own:
+            while busy.is_set():
+                projects_now = own.get("/status").json()["projects"]
+                jobs = next(p for p in projects_now if p["id"] == pid)["training_jobs"]
+                if jobs:
+                    seen.append({"t": time.monotonic(), **jobs[0]})
+                time.sleep(2)
+
     worker = threading.Thread(target=run_bulk, daemon=True)
     worker.start()
+    threading.Thread(target=watch_training, daemon=True).start()
     time.sleep(2)  # the run has listed its tasks and is fetching
     loaded = latencies(client, pid, tasks, seconds, first_id=100_000, keep_going=busy)
-    jobs = client.get("/status").json()["projects"]
-    training = next(p for p in jobs if p["id"] == pid)["training_jobs"][:1]
     worker.join()
+    running = [s for s in seen if s["status"] == "running"]
+    training = {
+        "statuses_seen": sorted({s["status"] for s in seen}),
+        "running_s_during_measurement": (running[-1]["t"] - running[0]["t"]) if running else 0,
+        "last": seen[-1] if seen else None,
+    }
     return {
         "idle": {k: _summary(v) for k, v in idle.items()},
         "bulk_and_training": {k: _summary(v) for k, v in loaded.items()},
@@ -295,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--ray", action="store_true", help="also run on a local 2-node Ray cluster")
     parser.add_argument("--load-seconds", type=float, default=30.0)
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, state)")
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmark/results/scale/bulk_speed.json"
     )
     args = parser.parse_args(argv)
-    results = run(args.tasks, args.ray, args.load_seconds, args.out)
+    results = run(args.tasks, args.ray, args.load_seconds, args.out, args.keep)
     print(json.dumps({k: v for k, v in results.items() if k != "load"}, indent=2, default=str))
     print(json.dumps(results["load"], indent=2, default=str))
     return 0
