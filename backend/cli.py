@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -135,56 +135,50 @@ def _in_foreground(command: str, settings: Any, call: Callable[[Any], dict[str, 
     return 0 if state.get("state") == "done" else 1
 
 
-def _box_queries(args: argparse.Namespace) -> int:
-    """One box-level episode in the foreground (the request ``POST .../box-queries`` takes)."""
+def _request_job(
+    command: str,
+    args: argparse.Namespace,
+    request_class: Any,
+    fields: Sequence[str],
+    call: Callable[[Any, Any], dict[str, Any]],
+) -> int:
+    """Build a typed request from the flags named ``fields`` (unset ones keep the request's
+    defaults), then run ``call(service, request)`` in the foreground; exit 2 on bad flags."""
     from pydantic import ValidationError
 
+    settings = load_settings(args.settings_file)
+    given = {name: getattr(args, name) for name in fields}
+    try:
+        request = request_class.model_validate({k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        print(f"boxloop {command}: error: {_problems(exc)}", file=sys.stderr)
+        return 2
+    return _in_foreground(command, settings, lambda svc: call(svc, request))
+
+
+def _box_queries(args: argparse.Namespace) -> int:
+    """One box-level episode in the foreground (the request ``POST .../box-queries`` takes)."""
     from backend.box_queries import BoxQueryRequest
 
-    settings = load_settings(args.settings_file)
-    given = {
-        "measure": args.measure,
-        "k": args.k,
-        "t_d": args.t_d,
-        "noisy_weight": args.noisy_weight,
-        "seed": args.seed,
-        "push": args.push,
-    }
-    try:
-        request = BoxQueryRequest.model_validate({k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        print(f"boxloop box-queries: error: {_problems(exc)}", file=sys.stderr)
-        return 2
-    return _in_foreground(
-        "box-queries", settings, lambda svc: svc.run_box_queries(args.project, request, wait=True)
+    return _request_job(
+        "box-queries",
+        args,
+        BoxQueryRequest,
+        ("measure", "k", "t_d", "noisy_weight", "seed", "push"),
+        lambda svc, request: svc.run_box_queries(args.project, request, wait=True),
     )
 
 
 def _predict(args: argparse.Namespace) -> int:
     """Bulk pre-annotation in the foreground (what ``POST .../bulk-predict`` runs)."""
-    from pydantic import ValidationError
-
     from backend.bulk.predict import BulkPredictRequest
 
-    settings = load_settings(args.settings_file)
-    given = {
-        "ray": args.ray,
-        "limit": args.limit,
-        "batch_size": args.batch_size,
-        "fetch_concurrency": args.fetch_concurrency,
-        "push_batch": args.push_batch,
-    }
-    try:
-        request = BulkPredictRequest.model_validate(
-            {k: v for k, v in given.items() if v is not None}
-        )
-    except ValidationError as exc:
-        print(f"boxloop predict: error: {_problems(exc)}", file=sys.stderr)
-        return 2
-    return _in_foreground(
+    return _request_job(
         "predict",
-        settings,
-        lambda svc: svc.run_bulk_predict(args.project, request, wait=True, progress=True),
+        args,
+        BulkPredictRequest,
+        ("ray", "limit", "batch_size", "fetch_concurrency", "push_batch"),
+        lambda svc, request: svc.run_bulk_predict(args.project, request, wait=True, progress=True),
     )
 
 
