@@ -366,28 +366,38 @@ class Store:
     def upsert_tasks(self, project_id: int, items: Iterable[tuple[int, dict[str, Any]]]) -> int:
         """Insert or refresh tasks ``(task_id, data)``; returns how many were new.
 
-        An atomic ``INSERT ... ON CONFLICT DO UPDATE`` (SQLite and PostgreSQL): the webhook
-        handler, the queue worker and reconciliation (in the training process) may all write
-        the same task at once.
+        The webhook handler, the queue worker and reconciliation (in the training process) may
+        all write the same task at once. Each row is an ``INSERT ... ON CONFLICT DO NOTHING``
+        (SQLite and PostgreSQL) ``RETURNING`` a row only if this call created it, then an
+        update if it did not. Counting the table before and after instead counted other
+        writers' rows too: four threads writing the same ten tasks reported 40 new (the
+        store tests' concurrent upserts, on PostgreSQL and SQLite alike).
         """
-        rows = [{"project_id": project_id, "task_id": int(t), "data": d} for t, d in items]
+        rows = [(int(t), d) for t, d in items]
         if not rows:
             return 0
+        new = 0
+        insert = (
+            _dialect_insert(self.engine.dialect.name)(tasks)
+            .on_conflict_do_nothing(index_elements=[tasks.c.project_id, tasks.c.task_id])
+            .returning(tasks.c.task_id)  # a row back: this call inserted it
+        )
         with self._tx() as conn:
-            before = conn.execute(
-                select(func.count()).where(tasks.c.project_id == project_id)
-            ).scalar()
-            insert = _dialect_insert(self.engine.dialect.name)(tasks)
-            statement = insert.on_conflict_do_update(
-                index_elements=[tasks.c.project_id, tasks.c.task_id],
-                set_={"data": insert.excluded.data},
-            )
-            for row in rows:
-                conn.execute(statement.values(**row, created_at=utcnow()))
-            after = conn.execute(
-                select(func.count()).where(tasks.c.project_id == project_id)
-            ).scalar()
-        return int(after or 0) - int(before or 0)
+            for task_id, data in rows:
+                created = conn.execute(
+                    insert.values(
+                        project_id=project_id, task_id=task_id, data=data, created_at=utcnow()
+                    )
+                ).first()
+                if created is not None:
+                    new += 1
+                else:
+                    conn.execute(
+                        update(tasks)
+                        .where((tasks.c.project_id == project_id) & (tasks.c.task_id == task_id))
+                        .values(data=data)
+                    )
+        return new
 
     def get_task_data(self, project_id: int, task_id: int) -> dict[str, Any] | None:
         with self._tx() as conn:
@@ -479,7 +489,7 @@ class Store:
                 "task_id": task_id,
                 "result": result,
                 "boxes": boxes_json,
-                "parse_error": parse_error,
+                "parse_error": _text(parse_error),
                 "was_cancelled": was_cancelled,
                 "deleted": False,
                 "revision": revision,
@@ -664,6 +674,7 @@ class Store:
             return int(key[0])
 
     def update_job(self, job_id: int, **values: Any) -> None:
+        values = {k: _text(v) for k, v in values.items()}  # messages and errors quote input
         with self._tx() as conn:
             conn.execute(update(training_jobs).where(training_jobs.c.id == job_id).values(**values))
 
@@ -826,6 +837,7 @@ class Store:
             return int(key[0])
 
     def update_bulk_run(self, run_id: int, **values: Any) -> None:
+        values = {k: _text(v) for k, v in values.items()}
         with self._tx() as conn:
             conn.execute(update(bulk_runs).where(bulk_runs.c.id == run_id).values(**values))
 
@@ -870,7 +882,7 @@ class Store:
                 "model_version": model_version,
                 "state": state,
                 "run_id": run_id,
-                "error": errors.get(task_id),
+                "error": _text(errors.get(task_id)),
                 "updated_at": utcnow(),
             }
             for task_id, state in states.items()
@@ -896,6 +908,17 @@ def _dialect_insert(dialect: str) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert
+
+
+def _text(value: Any) -> Any:
+    """A string for a text column, NUL characters replaced (U+FFFD); other values as they are.
+
+    PostgreSQL text cannot hold NUL (psycopg raises ``DataError``), SQLite can: a webhook whose
+    label held ``\u0000`` failed with a 500 and lost the annotation on PostgreSQL only, because
+    the parse error quoting the label went into ``parse_error``. Replaced on every database so
+    both store the same thing. (JSON columns are unaffected: the serializer writes ``\u0000``.)
+    """
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
 def _canonical(value: Any) -> str:

@@ -110,11 +110,13 @@ def test_concurrent_task_upserts_do_not_collide(store: Store) -> None:
     import threading
 
     errors: list[BaseException] = []
+    new_counts: list[int] = []
 
     def write(offset: int) -> None:
         try:
             for _ in range(20):
-                store.upsert_tasks(1, [(i, {"image": f"{offset}-{i}"}) for i in range(10)])
+                items = [(i, {"image": f"{offset}-{i}"}) for i in range(10)]
+                new_counts.append(store.upsert_tasks(1, items))
         except BaseException as exc:  # pragma: no cover - the failure is what we look for
             errors.append(exc)
 
@@ -125,4 +127,22 @@ def test_concurrent_task_upserts_do_not_collide(store: Store) -> None:
         thread.join()
     assert errors == []
     assert [t for t, _ in store.list_tasks(1)] == list(range(10))
+    assert sum(new_counts) == 10  # each task counted new once, whoever inserted it
     assert store.upsert_tasks(1, [(10, {})]) == 1
+
+
+def test_text_with_nul_characters_is_stored(store: Store) -> None:
+    """PostgreSQL text cannot hold NUL; a label with one (quoted in the parse error) must not
+    make the webhook fail there. JSON keeps the character as it came."""
+    _project(store)
+    store.upsert_tasks(1, [(5, {"image": "a\x00b.png"})])
+    result = [{"value": {"rectanglelabels": ["x\x00y"]}}]
+    store.upsert_annotation(1, 10, 5, result, None, parse_error="label 'x\x00y' unknown")
+    (stored,) = store.list_annotations(1)
+    assert stored.parse_error == "label 'x\ufffdy' unknown"
+    assert stored.result == result
+    assert store.get_task_data(1, 5) == {"image": "a\x00b.png"}
+    job = store.create_job(1, "test")
+    store.update_job(job, status="failed", error="bad \x00 byte")
+    record = store.get_job(job)
+    assert record is not None and record.error == "bad \ufffd byte"
