@@ -73,7 +73,17 @@ def head() -> str:
 
 
 def current_revision(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    """The revision stamped in ``alembic_version`` (``None``: new or pre-Alembic database).
+
+    Read directly rather than through ``MigrationContext``, which logs two INFO lines each time
+    it is configured: every ``Store()`` in every process would log them.
+    """
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(versions) > 1:
+        raise RuntimeError(f"alembic_version holds several heads {versions}; boxloop has one")
+    return versions[0] if versions else None
 
 
 def pre_alembic_revision(tables: set[str]) -> str | None:

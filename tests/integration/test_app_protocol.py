@@ -44,6 +44,15 @@ def client(tmp_path: Path, images: list[Path]) -> Iterator[TestClient]:
         yield test_client
 
 
+@pytest.fixture
+def stored_client(tmp_path: Path, images: list[Path], store_url: str) -> Iterator[TestClient]:
+    """The app with its state in ``BOXLOOP_DATABASE_URL`` (settings.database_url): once on a
+    SQLite file, once on a fresh PostgreSQL database, for the tests that store webhooks."""
+    with TestClient(create_app(_settings(tmp_path, database_url=store_url))) as test_client:
+        assert test_client.app.state.service.store.url == store_url  # type: ignore[attr-defined]
+        yield test_client
+
+
 def _task(task_id: int, image: str) -> dict:
     return {"id": task_id, "data": {"image": image}, "project": 7}
 
@@ -137,7 +146,8 @@ def _created(annotation_id: int, task_id: int, image: str, labels: list[str] | N
     }
 
 
-def test_webhooks_store_every_annotation(client: TestClient, images: list[Path]) -> None:
+def test_webhooks_store_every_annotation(stored_client: TestClient, images: list[Path]) -> None:
+    client = stored_client
     client.post("/setup", json=SETUP)
     assert client.post("/webhook", json=_created(1, 1, str(images[0]))).json()["stored"] == 1
     unknown = client.post("/webhook", json=_created(2, 2, str(images[1]), labels=["Cat"])).json()
@@ -173,7 +183,8 @@ def test_webhook_for_an_unknown_project_is_a_404(client: TestClient) -> None:
     assert answer.status_code == 200 and "not used" in answer.json()["warnings"][0]
 
 
-def test_start_training_queues_a_job(client: TestClient, images: list[Path]) -> None:
+def test_start_training_queues_a_job(stored_client: TestClient, images: list[Path]) -> None:
+    client = stored_client
     client.post("/setup", json=SETUP)
     answer = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
     assert answer.status_code == 200 and isinstance(answer.json()["training_job"], int)

@@ -353,10 +353,16 @@ def test_other_allowed_hosts_never_get_the_token(
 
 # ---------------------------------------------------------------------------- Label Studio's shapes
 def test_annotations_created_as_label_studio_sends_it(
-    client: TestClient, images: list[Path]
+    tmp_path: Path, images: list[Path], store_url: str
 ) -> None:
     """Label Studio's bulk event carries an ``annotation`` list and a parallel ``task`` list
-    (webhooks/models.py: key 'annotation', many=True, nested 'task'); both are stored."""
+    (webhooks/models.py: key 'annotation', many=True, nested 'task'); both are stored (on
+    SQLite and on PostgreSQL)."""
+    with TestClient(create_app(_settings(tmp_path, database_url=store_url))) as client:
+        _post_bulk_annotations(client, images)
+
+
+def _post_bulk_annotations(client: TestClient, images: list[Path]) -> None:
     client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
     region = {
         "from_name": "label",
