@@ -158,3 +158,25 @@ def test_pre_alembic_databases_are_placed_by_their_tables() -> None:
     assert migrations.pre_alembic_revision(set()) is None  # brand new: straight to head
     assert migrations.pre_alembic_revision(baseline) == "0001"
     assert migrations.pre_alembic_revision(baseline | BULK_TABLES) == "0002"
+
+
+def test_alembic_commands_run_on_the_packaged_scripts(store_url: str) -> None:
+    """The docs send users to ``alembic.command`` with ``alembic_config(connection)``: that goes
+    through ``env.py``, so downgrading a database and opening it again must work."""
+    from alembic import command
+
+    Store(store_url).close()
+    engine = create_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0001")
+        assert _revision(engine) == "0001"
+        assert not BULK_TABLES & set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    store = Store(store_url)  # and up again on the next start
+    try:
+        assert _revision(store.engine) == migrations.head()
+        assert store.create_bulk_run(1, "v", "local") == 1
+    finally:
+        store.close()
