@@ -152,6 +152,7 @@ def test_webhook_writers_a_training_reader_and_the_queue_at_once(
             assert len({a.annotation_id for a in annotations}) == len(annotations)
             assert store.count_annotations_since(PROJECT, 0) >= len(annotations)
             assert store.count_annotations_since(PROJECT, revision) >= 0
+            time.sleep(0.005)  # a trainer polls; a tight loop only starves 2-core CI machines
 
     @guarded
     def queue() -> None:
@@ -162,6 +163,7 @@ def test_webhook_writers_a_training_reader_and_the_queue_at_once(
             ranks = ranks[1:] + ranks[:1]
             store.upsert_tasks(PROJECT, [(t, {"image": images[t - 1]}) for t in ranks])
             store.set_order(PROJECT, "test", {"n": n}, ranks, view_id=n)
+            time.sleep(0.005)
 
     readers = [threading.Thread(target=trainer), threading.Thread(target=queue)]
     writers = [threading.Thread(target=writer, args=(w,)) for w in range(WRITERS)]
