@@ -8,8 +8,10 @@ can act on) for bad input.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -107,6 +109,7 @@ class BoxloopService:
             rank_scores_for=self._rank_scores,
         )
         self._bulk_state: dict[int, dict[str, Any]] = {}
+        self._bulk_children: dict[int, Any] = {}  # project → its running worker process
         self.webhooks = WebhookHandler(
             self.store,
             schedule_training=self.maybe_schedule_training,
@@ -134,6 +137,8 @@ class BoxloopService:
 
     def close(self) -> None:
         self.scheduler.stop()
+        for child in list(self._bulk_children.values()):
+            child.terminate()  # a later run resumes where this one stopped
         self._queue_pool.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown(wait=False)
         self._http.close()
@@ -508,48 +513,102 @@ class BoxloopService:
         request: BulkPredictRequest,
         wait: bool = False,
         progress: bool = False,
+        in_process: bool = False,
     ) -> dict[str, Any]:
         """Pre-annotate every task lacking a prediction of the serving version
-        (:class:`BulkPredictor`), on a thread of its own: a run over a big project takes hours and
-        must not hold up ordering or box queries. Refusals (404, 409) are raised at once."""
-        if self.store.get_project(project_id) is None:
-            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        (:class:`BulkPredictor`). Refusals (404, 409) are answered at once. The server runs the
+        work in a niced child process (:mod:`backend.bulk.worker`), so ``/predict`` and webhooks
+        keep their latency; ``in_process`` runs it here (the CLI, which is its own process)."""
         state = self._bulk_state.get(project_id)
         if state is not None and state["state"] == "running":
             raise ServiceError(409, f"a bulk run of project {project_id} is already going")
-        self._bulk_state[project_id] = {"state": "running"}
-        started = threading.Event()
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
+        self.bulk.check(project_id, request)
+        if in_process:
+            self._bulk_state[project_id] = {"state": "running"}
             try:
-                report = self.bulk.run(project_id, request, progress=progress, on_start=started.set)
-                self._bulk_state[project_id] = report.to_dict()
-            except Exception as exc:
-                if not isinstance(exc, ServiceError):
-                    log.exception("bulk run of project %s failed", project_id)
-                code = exc.status_code if isinstance(exc, ServiceError) else 500
-                message = (
-                    exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
-                )
-                self._bulk_state[project_id] = {
-                    "state": "failed",
-                    "error": message,
-                    "status_code": code,
-                }
-                outcome["error"] = self._bulk_state[project_id]
-            finally:
-                started.set()
-
-        worker = threading.Thread(target=run, name=f"boxloop-bulk-{project_id}", daemon=True)
+                report = self.bulk.run(project_id, request, progress=progress)
+            except ServiceError:
+                self._bulk_state.pop(project_id, None)
+                raise
+            self._bulk_state[project_id] = report.to_dict()
+            return dict(self._bulk_state[project_id])
+        self._bulk_state[project_id] = {"state": "running"}
+        worker = threading.Thread(
+            target=self._bulk_child,
+            args=(project_id, request),
+            name=f"boxloop-bulk-{project_id}",
+            daemon=True,
+        )
         worker.start()
         if wait:
             worker.join()
-        else:
-            started.wait()  # the checks ran: a refusal is answered now, not found in /status later
-        if "error" in outcome:
-            raise ServiceError(int(outcome["error"]["status_code"]), outcome["error"]["error"])
+            state = self._bulk_state[project_id]
+            if state["state"] == "failed" and "status_code" in state:
+                raise ServiceError(int(state["status_code"]), str(state["error"]))
         return dict(self._bulk_state[project_id])
+
+    def _bulk_child(self, project_id: int, request: BulkPredictRequest) -> None:
+        """Run one bulk run in ``python -m backend.bulk.worker``; its report into the state."""
+        import subprocess
+        import sys
+
+        from backend.jobs import _die_with_parent, _write_private
+        from backend.settings import settings_to_json
+
+        logs = self.settings.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log_path = logs / f"bulk-{project_id}-{stamp}.log"
+        settings_path = log_path.with_suffix(".settings.json")
+        overrides = {
+            key[len("BOXLOOP_") :].lower(): value
+            for key, value in self._worker_env(project_id).items()
+        }
+        _write_private(settings_path, settings_to_json(self.settings, **overrides))
+        command = [
+            sys.executable,
+            "-m",
+            "backend.bulk.worker",
+            "--project",
+            str(project_id),
+            "--request-json",
+            request.model_dump_json(),
+            "--settings-json",
+            str(settings_path),
+        ]
+        try:
+            with open(log_path, "wb") as log_file:
+                child = subprocess.Popen(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=log_file,
+                    preexec_fn=_die_with_parent,
+                )
+                self._bulk_children[project_id] = child
+                out, _ = child.communicate()
+        except Exception as exc:
+            log.exception("starting the bulk run of project %s failed", project_id)
+            self._bulk_state[project_id] = {
+                "state": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+            return
+        finally:
+            settings_path.unlink(missing_ok=True)  # it holds secrets
+            self._bulk_children.pop(project_id, None)
+        lines = out.decode(errors="replace").strip().splitlines()
+        try:
+            result = json.loads(lines[-1]) if lines else None
+        except ValueError:
+            result = None
+        if isinstance(result, dict) and child.returncode in (0, 1):
+            self._bulk_state[project_id] = result
+        else:
+            tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
+            self._bulk_state[project_id] = {
+                "state": "failed",
+                "error": f"the bulk worker exited with code {child.returncode}: {tail}",
+            }
 
     def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
         if self.store.get_order(project_id) is not None:

@@ -133,6 +133,11 @@ class BulkPredictor:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
+    def check(self, project_id: int, request: BulkPredictRequest) -> None:
+        """Refuse at once what a run would refuse (see :meth:`run`), doing no work: the server
+        answers these before it starts a run in a child process."""
+        self._prepare(project_id, request)
+
     def run(
         self,
         project_id: int,
@@ -147,6 +152,21 @@ class BulkPredictor:
         Label Studio access, a run already going, or a PyTorch-only version on Ray) before
         any work; ``on_start`` is called once those checks passed.
         """
+        config, studio, engine, spec, version = self._prepare(project_id, request)
+        with self._lock:
+            if project_id in self._running:
+                raise ServiceError(409, f"a bulk run of project {project_id} is already going")
+            self._running.add(project_id)
+        on_start()
+        try:
+            return self._run(project_id, config, studio, engine, spec, version, request, progress)
+        finally:
+            with self._lock:
+                self._running.discard(project_id)
+
+    def _prepare(
+        self, project_id: int, request: BulkPredictRequest
+    ) -> tuple[LabelConfig, Any, Engine, ModelSpec, str]:
         project = self.store.get_project(project_id)
         if project is None:
             raise ServiceError(
@@ -176,18 +196,7 @@ class BulkPredictor:
             fetch_concurrency=request.fetch_concurrency or self.settings.bulk_fetch_concurrency,
         )
         spec = self._spec(model.detector, model.version, engine)
-        with self._lock:
-            if project_id in self._running:
-                raise ServiceError(409, f"a bulk run of project {project_id} is already going")
-            self._running.add(project_id)
-        on_start()
-        try:
-            return self._run(
-                project_id, config, studio, engine, spec, model.version, request, progress
-            )
-        finally:
-            with self._lock:
-                self._running.discard(project_id)
+        return config, studio, engine, spec, model.version
 
     def status(self, project_id: int) -> list[dict[str, Any]]:
         """The project's last bulk runs, newest first (``/status``)."""

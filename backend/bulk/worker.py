@@ -1,0 +1,49 @@
+"""One bulk pre-annotation run in a child process (``python -m backend.bulk.worker``).
+
+Why a child: a run fetches and decodes thousands of images and keeps onnxruntime busy for
+minutes to hours; inside the server it would compete with ``/predict`` and webhooks for the GIL
+and the cores. Like a training job, the child is niced and dies with the server, reads the
+server's settings from a private JSON file, writes its progress to the store (``/status``), and
+prints its report as one JSON line on stdout when it is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from backend.bulk.predict import BulkPredictRequest
+from backend.errors import ServiceError
+from backend.settings import settings_from_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one bulk pre-annotation (used internally).")
+    parser.add_argument("--project", type=int, required=True)
+    parser.add_argument("--request-json", required=True, help="a BulkPredictRequest as JSON")
+    parser.add_argument("--settings-json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = settings_from_json(args.settings_json.read_text())
+    request = BulkPredictRequest.model_validate_json(args.request_json)
+    from backend.service import BoxloopService
+
+    service = BoxloopService(settings)
+    try:
+        report = service.bulk.run(args.project, request, progress=False)
+    except ServiceError as exc:
+        print(json.dumps({"state": "failed", "error": exc.message, "status_code": exc.status_code}))
+        return 1
+    finally:
+        service.close()
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
