@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from backend.detectors.label_names import map_class_names
+from backend.detectors.onnx_yolox import resize_bgr
 from backend.detectors.yolox import (
     YoloxNano,
     YoloxTarget,
@@ -170,24 +170,19 @@ def letterbox_tensor(
 ) -> tuple[torch.Tensor, float]:
     """``(3, H, W)`` BGR 0–255 float tensor, YOLOX style (top-left, pad 114), and the scale r.
 
-    The resize is the serving path's (:func:`backend.detectors.onnx_yolox.letterbox`: bilinear,
-    half-pixel centres, no antialias, rounded), so a version sees at training what it sees when
-    served. ``scale`` < 1 shrinks the image inside the canvas (scale jitter); > 1 enlarges it and
+    The resize is the serving path's (:func:`backend.detectors.onnx_yolox.resize_bgr`, OpenCV
+    bilinear as YOLOX's own transforms), so a version sees at training what it sees when served. ``scale`` < 1 shrinks the image inside the canvas (scale jitter); > 1 enlarges it and
     crops whatever falls off the right/bottom edge.
     """
     height, width = input_hw
     r = min(height / image.height, width / image.width) * scale
     new_h, new_w = max(1, int(image.height * r)), max(1, int(image.width * r))
-    rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    tensor = torch.from_numpy(rgb[:, :, ::-1].copy()).permute(2, 0, 1)[None].float()  # BGR
-    if (new_h, new_w) != (image.height, image.width):
-        tensor = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False)
-        tensor = tensor.round_().clamp_(0, 255)
+    tensor = torch.from_numpy(resize_bgr(image, new_w, new_h)).permute(2, 0, 1).float()
     if flip:
         tensor = tensor.flip(-1)
     canvas = torch.full((3, height, width), PAD_VALUE)
     h, w = min(height, new_h), min(width, new_w)
-    canvas[:, :h, :w] = tensor[0, :, :h, :w]
+    canvas[:, :h, :w] = tensor[:, :h, :w]
     return canvas, r
 
 
