@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from backend.bulk.engine import InProcessEngine
@@ -91,18 +90,9 @@ def _both(
     cluster: LocalRayCluster, spec: ModelSpec, items: list[WorkItem], source: ImageSource
 ) -> tuple[dict[int, ItemResult], dict[int, ItemResult]]:
     # One fetch at a time in process, blocks of one batch on Ray: both engines then run the
-    # very same batches, so onnxruntime's float32 sums agree (a batch of other images, or of
-    # another size, shifts boxes by a few 1e-4 px).
-    # And torch with one thread, as in a Ray worker (OMP_NUM_THREADS=1): the YOLOX letterbox
-    # (torch interpolate) moves boxes by up to ~0.03 px between 1 and 2 torch threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        local = _by_task(
-            InProcessEngine(batch_size=8, fetch_concurrency=1).run(items, spec, source)
-        )
-    finally:
-        torch.set_num_threads(threads)
+    # very same batches, so float32 results cannot differ by how images were batched (the
+    # encoder runs a whole batch in one onnxruntime call).
+    local = _by_task(InProcessEngine(batch_size=8, fetch_concurrency=1).run(items, spec, source))
     remote = _by_task(
         RayEngine(cluster.address, batch_size=8, block_rows=8).run(items, spec, source)
     )
