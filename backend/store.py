@@ -173,9 +173,9 @@ bulk_runs = Table(
     Column("finished_at", DateTime),
 )
 
-#: The bulk ledger: which task has a prediction of which version, and where a push stands.
-#: ``pushing`` is written *before* a batch goes to Label Studio and ``done`` after, so a run
-#: killed in between knows which tasks to check instead of predicting them twice.
+#: The bulk ledger: what each run did with each task for a model version (done, failed with
+#: the reason, skipped when deleted in Label Studio). Whether a task *has* a prediction is Label
+#: Studio's record, which a resumed run reads; the ledger reports.
 bulk_predictions = Table(
     "bulk_predictions",
     metadata,
@@ -869,9 +869,12 @@ class Store:
         states: Mapping[int, str],
         run_id: int | None,
         errors: Mapping[int, str] | None = None,
+        run_counts: Mapping[str, int] | None = None,
     ) -> None:
-        """Set the ledger state of some tasks (one transaction)."""
-        if not states:
+        """Set the ledger state of some tasks and, with ``run_counts``, the run's progress, in
+        one transaction: a bulk run writes once per imported batch, so it holds the database's
+        write lock as little as possible while webhooks are being stored."""
+        if not states and not run_counts:
             return
         errors = errors or {}
         insert = _dialect_insert(self.engine.dialect.name)(bulk_predictions)
@@ -897,7 +900,12 @@ class Store:
             },
         )
         with self._tx() as conn:
-            conn.execute(statement, rows)
+            if rows:
+                conn.execute(statement, rows)
+            if run_counts and run_id is not None:
+                conn.execute(
+                    update(bulk_runs).where(bulk_runs.c.id == run_id).values(**dict(run_counts))
+                )
 
 
 def _dialect_insert(dialect: str) -> Any:

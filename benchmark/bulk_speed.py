@@ -30,9 +30,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from label_studio_sdk import LabelStudio
+from PIL import Image
 
 from backend.labelstudio.client import StudioClient
 from benchmark.backend_speed import _free_port, _load_average, _pct, server_env, start_server
@@ -135,17 +137,23 @@ def bulk_run(client: httpx.Client, project_id: int, body: dict[str, Any]) -> dic
     return report
 
 
-def _annotation(project_id: int, task: dict[str, Any], number: int) -> dict[str, Any]:
-    """A webhook as Label Studio sends it for a new annotation (one box)."""
-    region = {
+def _region(task: dict[str, Any]) -> dict[str, Any]:
+    """One box, as Label Studio stores it (percent of the image, its size beside)."""
+    return {
         "from_name": "label",
         "to_name": "image",
         "type": "rectanglelabels",
+        "original_width": task["size"][0],
+        "original_height": task["size"][1],
         "value": {"x": 10, "y": 10, "width": 30, "height": 40, "rectanglelabels": ["person"]},
     }
+
+
+def _annotation(project_id: int, task: dict[str, Any], number: int) -> dict[str, Any]:
+    """A webhook as Label Studio sends it for a new annotation."""
     return {
         "action": "ANNOTATION_CREATED",
-        "annotation": {"id": number, "task": task["id"], "result": [region]},
+        "annotation": {"id": number, "task": task["id"], "result": [_region(task)]},
         "task": {"id": task["id"], "data": task["data"]},
         "project": {"id": project_id, "label_config": LABEL_CONFIG},
     }
@@ -240,7 +248,7 @@ def run(
                     if use_ray:
                         results["bulk_ray"] = bulk_run(client, projects["ray"], {"ray": True})
                     results["load"] = measure_load(
-                        client, StudioClient(url, token), projects, load_s
+                        client, StudioClient(url, token), files_root, projects, load_s
                     )
             finally:
                 server.terminate()
@@ -262,13 +270,24 @@ def run(
 
 
 def measure_load(
-    client: httpx.Client, studio: StudioClient, projects: dict[str, int], seconds: float
+    client: httpx.Client,
+    studio: StudioClient,
+    files_root: Path,
+    projects: dict[str, int],
+    seconds: float,
 ) -> dict[str, Any]:
     """Latencies idle, then while a bulk run (project "busy") and a training job both run."""
     pid = projects["load"]
     tasks = studio.list_tasks(pid)
-    idle = latencies(client, pid, tasks, seconds, first_id=1)
-    # enough annotations to train on, then a training job and a bulk run at once
+    for task in tasks:  # the image's size, for the regions' original_width/height
+        name = parse_qs(urlsplit(task["data"]["image"]).query)["d"][0]
+        with Image.open(files_root / name) as image:
+            task["size"] = image.size
+    idle = latencies(client, pid, tasks, seconds, first_id=1_000_000)
+    # annotations in Label Studio to train on (a training job reconciles with it first, so the
+    # synthetic webhooks above are tombstoned), then a training job and a bulk run at once
+    for task in tasks[:40]:
+        studio.sdk.annotations.create(id=task["id"], result=[_region(task)])
     client.post("/train", json={"project": pid}).raise_for_status()
     busy = threading.Event()
     busy.set()
@@ -294,7 +313,7 @@ def measure_load(
     worker.start()
     threading.Thread(target=watch_training, daemon=True).start()
     time.sleep(2)  # the run has listed its tasks and is fetching
-    loaded = latencies(client, pid, tasks, seconds, first_id=100_000, keep_going=busy)
+    loaded = latencies(client, pid, tasks, seconds, first_id=2_000_000, keep_going=busy)
     worker.join()
     running = [s for s in seen if s["status"] == "running"]
     training = {

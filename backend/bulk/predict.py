@@ -11,7 +11,7 @@ Exactly-once comes from Label Studio's own record: a run lists each task's predi
 (:meth:`StudioClient.iter_task_versions`) and predicts only tasks lacking the serving version,
 so a run killed at any point resumes where it stopped (a batch imported just before the kill is
 seen as done). The store's ledger (``bulk_predictions``) says what each run did with each task
-(pushing / done / failed / skipped) and ``bulk_runs`` carries the progress ``/status`` shows.
+(done / failed / skipped) and ``bulk_runs`` carries the progress ``/status`` shows.
 A task deleted in Label Studio after the listing fails its import; the batch is retried
 without it and the task is recorded as skipped.
 """
@@ -338,23 +338,21 @@ class BulkPredictor:
         batch: list[tuple[int, list[dict[str, Any]], float]],
         report: BulkReport,
     ) -> None:
-        """Import one batch; a task deleted since the listing is dropped and recorded."""
-        ids = [task_id for task_id, _, _ in batch]
-        self.store.mark_bulk(project_id, version, dict.fromkeys(ids, "pushing"), report.run_id)
-        deleted = studio.import_predictions(project_id, version, batch)
-        if deleted:
-            self.store.mark_bulk(
-                project_id,
-                version,
-                dict.fromkeys(deleted, "skipped"),
-                report.run_id,
-                dict.fromkeys(deleted, "deleted in Label Studio"),
-            )
-        done = [t for t in ids if t not in set(deleted)]
-        self.store.mark_bulk(project_id, version, dict.fromkeys(done, "done"), report.run_id)
-        report.done += len(done)
+        """Import one batch; a task deleted since the listing is dropped and recorded. One
+        store write per batch (ledger and progress together); Label Studio's own record, not
+        the ledger, tells a resumed run what was imported."""
+        deleted = set(studio.import_predictions(project_id, version, batch))
+        report.done += len(batch) - len(deleted)
         report.skipped += len(deleted)
-        self.store.update_bulk_run(report.run_id, **self._counts(report))
+        states = {t: ("skipped" if t in deleted else "done") for t, _, _ in batch}
+        self.store.mark_bulk(
+            project_id,
+            version,
+            states,
+            report.run_id,
+            dict.fromkeys(deleted, "deleted in Label Studio"),
+            run_counts=self._counts(report),
+        )
 
     @staticmethod
     def _counts(report: BulkReport) -> dict[str, int]:
