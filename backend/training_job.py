@@ -8,6 +8,7 @@ swaps it in after the job reports success, so the old version serves until then.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ from backend.training.gate import GateConfig, LabeledImage, run_round
 from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
 
 log = logging.getLogger(__name__)
+
+#: Seconds between training progress writes to the store (``/status`` polls it).
+_PROGRESS_INTERVAL_S = 1.0
 
 
 def version_name(project_id: int, number: int) -> str:
@@ -184,8 +188,15 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         "job_id": job_id,
     }
 
+    last_write = [0.0]
+
     def progress(fraction: float, message: str) -> None:
-        store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
+        # At most one write a second: a step takes well under a second on small images, and
+        # every write takes the database's write lock that the server's webhooks also need.
+        now = time.monotonic()
+        if now - last_write[0] >= _PROGRESS_INTERVAL_S or fraction >= 1.0:
+            last_write[0] = now
+            store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
 
     if settings.detector == "yolox_nano":
         metrics = _train_yolox_round(
