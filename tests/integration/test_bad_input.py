@@ -359,38 +359,34 @@ def test_annotations_created_as_label_studio_sends_it(
     (webhooks/models.py: key 'annotation', many=True, nested 'task'); both are stored (on
     SQLite and on PostgreSQL)."""
     with TestClient(create_app(_settings(tmp_path, database_url=store_url))) as client:
-        _post_bulk_annotations(client, images)
-
-
-def _post_bulk_annotations(client: TestClient, images: list[Path]) -> None:
-    client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
-    region = {
-        "from_name": "label",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": 320,
-        "original_height": 240,
-        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
-    }
-    event = {
-        "action": "ANNOTATIONS_CREATED",
-        "project": {"id": 7, "title": "p"},
-        "annotation": [
-            {"id": 11, "task": 1, "result": [region], "was_cancelled": False, "project": 7},
-            {"id": 12, "task": 2, "result": [region], "was_cancelled": False, "project": 7},
-        ],
-        "task": [
-            {"id": 1, "data": {"image": str(images[0])}, "project": 7},
-            {"id": 2, "data": {"image": str(images[1])}, "project": 7},
-        ],
-    }
-    answer = client.post("/webhook", json=event)
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["stored"] == 2
-    store = client.app.state.service.store  # type: ignore[attr-defined]
-    assert store.get_task_data(7, 2) == {"image": str(images[1])}
-    empty = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": 7})
-    assert empty.status_code == 422 and "'annotation' list" in empty.json()["error"]
+        client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+        region = {
+            "from_name": "label",
+            "to_name": "image",
+            "type": "rectanglelabels",
+            "original_width": 320,
+            "original_height": 240,
+            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
+        }
+        event = {
+            "action": "ANNOTATIONS_CREATED",
+            "project": {"id": 7, "title": "p"},
+            "annotation": [
+                {"id": 11, "task": 1, "result": [region], "was_cancelled": False, "project": 7},
+                {"id": 12, "task": 2, "result": [region], "was_cancelled": False, "project": 7},
+            ],
+            "task": [
+                {"id": 1, "data": {"image": str(images[0])}, "project": 7},
+                {"id": 2, "data": {"image": str(images[1])}, "project": 7},
+            ],
+        }
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["stored"] == 2
+        store = client.app.state.service.store  # type: ignore[attr-defined]
+        assert store.get_task_data(7, 2) == {"image": str(images[1])}
+        empty = client.post("/webhook", json={"action": "ANNOTATIONS_CREATED", "project": 7})
+        assert empty.status_code == 422 and "'annotation' list" in empty.json()["error"]
 
 
 def test_training_reads_images_from_the_same_hosts_as_serving(
