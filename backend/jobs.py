@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -136,7 +136,7 @@ class TrainingScheduler:
         log_path = self.settings.data_dir / "logs" / f"job-{job_id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         settings_path = log_path.with_suffix(".settings.json")
-        _write_private(settings_path, settings_to_json(self.settings, **overrides))
+        write_private(settings_path, settings_to_json(self.settings, **overrides))
         log.info("training job %s for project %s starting (%s)", job_id, job.project_id, job.reason)
         command = [sys.executable, "-m", "backend.jobs", "--job", str(job_id)]
         try:
@@ -147,7 +147,7 @@ class TrainingScheduler:
                         env=env,
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
-                        preexec_fn=_die_with_parent,
+                        preexec_fn=die_with_parent,
                     )
                 code = self._process.wait()
         finally:
@@ -174,7 +174,7 @@ class TrainingScheduler:
             log.error("training job %s failed (exit %s)", job_id, code)
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` readable by this user only (it may hold tokens)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -8,10 +8,8 @@ can act on) for bad input.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from PIL import Image
 from backend.box_queries import BoxQueryManager, BoxQueryRequest
 from backend.boxes import Boxes
 from backend.bulk.predict import BulkPredictor, BulkPredictRequest
+from backend.bulk.runs import BulkRuns
 from backend.errors import ServiceError
 from backend.images import (
     ImageError,
@@ -108,8 +107,7 @@ class BoxloopService:
             image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
             rank_scores_for=self._rank_scores,
         )
-        self._bulk_state: dict[int, dict[str, Any]] = {}
-        self._bulk_children: dict[int, Any] = {}  # project → its running worker process
+        self.bulk_runs = BulkRuns(settings, self.bulk, worker_env=self._worker_env)
         self.webhooks = WebhookHandler(
             self.store,
             schedule_training=self.maybe_schedule_training,
@@ -137,8 +135,7 @@ class BoxloopService:
 
     def close(self) -> None:
         self.scheduler.stop()
-        for child in list(self._bulk_children.values()):
-            child.terminate()  # a later run resumes where this one stopped
+        self.bulk_runs.close()
         self._queue_pool.shutdown(wait=False, cancel_futures=True)
         self._fetch_pool.shutdown(wait=False)
         self._http.close()
@@ -515,100 +512,11 @@ class BoxloopService:
         progress: bool = False,
         in_process: bool = False,
     ) -> dict[str, Any]:
-        """Pre-annotate every task lacking a prediction of the serving version
-        (:class:`BulkPredictor`). Refusals (404, 409) are answered at once. The server runs the
-        work in a niced child process (:mod:`backend.bulk.worker`), so ``/predict`` and webhooks
-        keep their latency; ``in_process`` runs it here (the CLI, which is its own process)."""
-        state = self._bulk_state.get(project_id)
-        if state is not None and state["state"] == "running":
-            raise ServiceError(409, f"a bulk run of project {project_id} is already going")
-        self.bulk.check(project_id, request)
-        if in_process:
-            self._bulk_state[project_id] = {"state": "running"}
-            try:
-                report = self.bulk.run(project_id, request, progress=progress)
-            except ServiceError:
-                self._bulk_state.pop(project_id, None)
-                raise
-            self._bulk_state[project_id] = report.to_dict()
-            return dict(self._bulk_state[project_id])
-        self._bulk_state[project_id] = {"state": "running"}
-        worker = threading.Thread(
-            target=self._bulk_child,
-            args=(project_id, request),
-            name=f"boxloop-bulk-{project_id}",
-            daemon=True,
+        """Pre-annotate every task lacking a prediction of the serving version; see
+        :class:`~backend.bulk.runs.BulkRuns` (a niced child process unless ``in_process``)."""
+        return self.bulk_runs.start(
+            project_id, request, wait=wait, progress=progress, in_process=in_process
         )
-        worker.start()
-        if wait:
-            worker.join()
-            state = self._bulk_state[project_id]
-            if state["state"] == "failed" and "status_code" in state:
-                raise ServiceError(int(state["status_code"]), str(state["error"]))
-        return dict(self._bulk_state[project_id])
-
-    def _bulk_child(self, project_id: int, request: BulkPredictRequest) -> None:
-        """Run one bulk run in ``python -m backend.bulk.worker``; its report into the state."""
-        import subprocess
-        import sys
-
-        from backend.jobs import _die_with_parent, _write_private
-        from backend.settings import settings_to_json
-
-        logs = self.settings.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        log_path = logs / f"bulk-{project_id}-{stamp}.log"
-        settings_path = log_path.with_suffix(".settings.json")
-        overrides = {
-            key[len("BOXLOOP_") :].lower(): value
-            for key, value in self._worker_env(project_id).items()
-        }
-        _write_private(settings_path, settings_to_json(self.settings, **overrides))
-        command = [
-            sys.executable,
-            "-m",
-            "backend.bulk.worker",
-            "--project",
-            str(project_id),
-            "--request-json",
-            request.model_dump_json(),
-            "--settings-json",
-            str(settings_path),
-        ]
-        try:
-            with open(log_path, "wb") as log_file:
-                child = subprocess.Popen(
-                    command,
-                    stdout=subprocess.PIPE,
-                    stderr=log_file,
-                    preexec_fn=_die_with_parent,
-                )
-                self._bulk_children[project_id] = child
-                out, _ = child.communicate()
-        except Exception as exc:
-            log.exception("starting the bulk run of project %s failed", project_id)
-            self._bulk_state[project_id] = {
-                "state": "failed",
-                "error": f"{type(exc).__name__}: {exc}",
-            }
-            return
-        finally:
-            settings_path.unlink(missing_ok=True)  # it holds secrets
-            self._bulk_children.pop(project_id, None)
-        lines = out.decode(errors="replace").strip().splitlines()
-        try:
-            result = json.loads(lines[-1]) if lines else None
-        except ValueError:
-            result = None
-        if isinstance(result, dict) and child.returncode in (0, 1):
-            self._bulk_state[project_id] = result
-        else:
-            tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
-            self._bulk_state[project_id] = {
-                "state": "failed",
-                "error": f"the bulk worker exited with code {child.returncode}: {tail}",
-            }
 
     def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
         if self.store.get_order(project_id) is not None:
@@ -720,10 +628,7 @@ class BoxloopService:
                         }
                         for j in jobs
                     ],
-                    "bulk_predict": {
-                        "job": self._bulk_state.get(project.id),
-                        "runs": self.bulk.status(project.id),
-                    },
+                    "bulk_predict": self.bulk_runs.status(project.id),
                     "box_queries": {
                         "job": self._box_state.get(project.id),
                         "episodes": self.box_queries.status(project.id),

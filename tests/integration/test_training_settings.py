@@ -77,8 +77,8 @@ def test_a_settings_file_value_reaches_the_training_child(
 
 
 def test_the_hand_over_file_is_private(tmp_path: Path) -> None:
-    from backend.jobs import _write_private
+    from backend.jobs import write_private
 
     path = tmp_path / "x.json"
-    _write_private(path, json.dumps({"a": 1}))
+    write_private(path, json.dumps({"a": 1}))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
