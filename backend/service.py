@@ -36,9 +36,8 @@ from backend.jobs import TrainingScheduler
 from backend.labelstudio.convert import (
     LabelConfig,
     LabelConfigError,
-    boxes_to_regions,
     parse_label_config,
-    task_score,
+    prediction_of,
 )
 from backend.queueing import OrderRequest, QueueManager
 from backend.registry import LoadedModel, ModelRegistry
@@ -420,15 +419,7 @@ class BoxloopService:
         meta: dict[str, Any] | None = None,
     ) -> TaskPrediction:
         assert model.detector is not None
-        regions = boxes_to_regions(boxes, config, model.detector.labels)
-        served = boxes[
-            [
-                i
-                for i, name in enumerate(boxes.labels)
-                if model.detector.labels[int(name)] in config.labels
-            ]
-        ]
-        score = task_score(served)
+        regions, score = prediction_of(boxes, config, model.detector.labels)
         return TaskPrediction(task.get("id"), regions, score, model.version, meta=meta)
 
     # ------------------------------------------------------------------ /webhook

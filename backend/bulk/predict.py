@@ -30,16 +30,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from backend.boxes import Boxes
 from backend.bulk.engine import Engine, InProcessEngine, make_engine
 from backend.bulk.work import DetectorSpec, ItemResult, LoadedSpec, ModelSpec, WorkItem
 from backend.errors import ServiceError
 from backend.images import ImageSource
 from backend.labelstudio.convert import (
     LabelConfig,
-    boxes_to_regions,
     parse_label_config,
-    task_score,
+    prediction_of,
 )
 from backend.registry import ModelRegistry
 from backend.settings import Settings
@@ -309,13 +307,8 @@ class BulkPredictor:
         if not result.ok:
             self._fail(report, result.task_id, str(result.error))
             return None
-        boxes: Boxes = result.value
-        labels = _detector_labels(spec)
-        regions = boxes_to_regions(boxes, config, labels)
-        served = boxes[
-            [i for i, name in enumerate(boxes.labels) if labels[int(name)] in config.labels]
-        ]
-        score = ranks.get(result.task_id, task_score(served))
+        regions, score = prediction_of(result.value, config, _detector_labels(spec))
+        score = ranks.get(result.task_id, score)
         return result.task_id, regions, float(score)
 
     def _fail(self, report: BulkReport, task_id: int, error: str) -> None:

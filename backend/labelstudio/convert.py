@@ -205,3 +205,14 @@ def task_score(boxes: Boxes) -> float:
     if boxes.scores is None or len(boxes) == 0:
         return 0.0
     return float(np.mean(boxes.scores))
+
+
+def prediction_of(
+    boxes: Boxes, config: LabelConfig, labels: Sequence[str]
+) -> tuple[list[dict[str, Any]], float]:
+    """A detector's boxes as one Label Studio prediction: ``(regions, task score)``. Boxes of
+    labels the project's config lacks are left out of both (``labels`` names the detector's
+    label indices). ``/predict`` and bulk pre-annotation both serve this."""
+    regions = boxes_to_regions(boxes, config, labels)
+    served = boxes[[i for i, name in enumerate(boxes.labels) if labels[int(name)] in config.labels]]
+    return regions, task_score(served)
