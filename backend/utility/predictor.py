@@ -12,7 +12,8 @@ Why this shape:
   train on it with class-balanced cross-entropy (each class weighs ``N / (2 N_c)``), horizontal
   flips of the cached maps as augmentation.
 * **Served through onnxruntime** like :mod:`backend.features`: the whole network (trunk and trained
-  top, softmax at the end) is exported once and run by :class:`UtilityPredictor`.
+  top, softmax at the end) is exported once and run by :class:`UtilityPredictor`; the exported
+  graph takes uint8 pixels and does the ImageNet normalisation itself.
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ class TrunkEncoder:
         trunk = _Trunk(net).eval()
         digest = state_digest(trunk)[:12]
         path = Path(cache_dir) / f"utility_trunk{self.config.train_from}_{size}_{digest}.onnx"
-        export_onnx(trunk, path, (size, size))
         mean, std = imagenet_normalization()
+        export_onnx(trunk, path, (size, size), normalization=(mean, std))
         self.encoder = OnnxImageEncoder(
             path,
             name=f"utility-trunk{self.config.train_from}@{size}-{digest}",
@@ -245,11 +246,16 @@ def train_top(
 
 
 def export_predictor(net: UtilityNet, path: Path, size: int = INPUT_SIZE) -> Path:
-    """Write the whole network (softmax output ``(N, 2)``) to ONNX, with a JSON sidecar."""
+    """Write the whole network (softmax output ``(N, 2)``) to ONNX, with a JSON sidecar.
+
+    The graph takes uint8 pixels and normalises them itself (faster on this CPU); predictors
+    exported before that take floats, and :class:`UtilityPredictor` serves both.
+    """
     path = Path(path)
     if path.exists():
         path.unlink()
-    export_onnx(_Probabilities(copy.deepcopy(net).eval()), path, (size, size))
+    probabilities = _Probabilities(copy.deepcopy(net).eval())
+    export_onnx(probabilities, path, (size, size), normalization=imagenet_normalization())
     meta = {"train_from": net.train_from, "size": size, "digest": state_digest(net)[:12]}
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return path

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from backend.features.base import preprocess
+from backend.features.base import export_onnx, preprocess
 from backend.nets.effnet_lite0 import imagenet_normalization
 from backend.utility.distortions import decode, encode_png
 from backend.utility.predictor import (
@@ -17,6 +17,7 @@ from backend.utility.predictor import (
     TrunkEncoder,
     UtilityNet,
     UtilityPredictor,
+    _Probabilities,
     class_weights,
     export_predictor,
     train_top,
@@ -88,3 +89,15 @@ def test_train_top_rejects_bad_labels() -> None:
 def test_predictor_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="utility predictor not found"):
         UtilityPredictor(tmp_path / "missing.onnx")
+
+
+def test_a_predictor_exported_with_float_input_is_still_served(tmp_path: Path) -> None:
+    """Predictors exported before the graph took uint8 pixels keep working, with equal answers."""
+    net = UtilityNet().eval()
+    new = UtilityPredictor(export_predictor(net, tmp_path / "new.onnx", size=SIZE), num_threads=1)
+    old_path = export_onnx(_Probabilities(net), tmp_path / "old.onnx", (SIZE, SIZE))
+    (tmp_path / "old.json").write_text(f'{{"size": {SIZE}}}')
+    old = UtilityPredictor(old_path, num_threads=1)
+    assert new.encoder.takes_pixels and not old.encoder.takes_pixels
+    images = [_scene(i, blur=i % 3 == 0) for i in range(6)] + [_scene(9, False).convert("L")]
+    assert np.allclose(new.predict_proba(images), old.predict_proba(images), atol=1e-5)
