@@ -141,8 +141,9 @@ class Settings(BaseSettings):
         0.9,
         ge=0.0,
         lt=1.0,
-        description="Share of bootstrap resamples of the validation images in which a candidate "
-        "must save annotation time to be promoted (0: any point gain promotes).",
+        description="Confidence (1 - p of a paired sign-flip test over the validation images) "
+        "that a candidate saves annotation time, needed to promote it (0: any point gain "
+        "promotes).",
     )
 
     # --- features & ordering -------------------------------------------------------------------

@@ -55,6 +55,7 @@ __all__ = [
     "initial_yolox",
     "input_shape_for",
     "letterbox_tensor",
+    "present_classes",
     "train_yolox",
 ]
 
@@ -89,6 +90,11 @@ class YoloxTrainConfig:
     # λ_d for unverified (noisy) boxes: box-level active learning (backend.active) gives each
     # predicted, not yet queried box this weight through TrainSample.box_weights.
     noisy_weight: float = 0.5
+    # Leave a label out of the class loss while the round's data holds no box of it. With no
+    # example there is no evidence about it, yet the stock loss pushes its score down on every
+    # other label's foreground anchors, so a COCO class the project has not met yet fades from
+    # the pre-annotations after one round (measured on COCO: fewer boxes served, lower recall).
+    mask_absent_classes: bool = True
     threads: int = 2
     seed: int = 0
 
@@ -284,6 +290,17 @@ def _lr_factor(step: int, total: int, config: YoloxTrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def present_classes(samples: Sequence[TrainSample], num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` bool: labels with at least one kept box of weight > 0 in ``samples``."""
+    present = np.zeros(num_classes, bool)
+    for sample in samples:
+        keep = ~sample.boxes.ignore_mask
+        if sample.box_weights is not None:
+            keep &= np.asarray(sample.box_weights, np.float32) > 0
+        present[sample.boxes.labels[keep].astype(np.int64)] = True
+    return present
+
+
 def train_yolox(
     samples: Sequence[TrainSample],
     init: YoloxNano,
@@ -314,6 +331,11 @@ def train_yolox(
             raise ValueError(f"box label indices outside 0..{num_classes - 1}")
     weights = list(sample_weights) if sample_weights is not None else [1.0] * len(samples)
     hw = input_hw or input_shape_for([im.size for im in images], config)
+    class_mask = (
+        torch.from_numpy(present_classes(samples, num_classes))
+        if config.mask_absent_classes
+        else None
+    )
 
     model = copy.deepcopy(init)
     for param in model.parameters():
@@ -347,7 +369,7 @@ def train_yolox(
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             raw = model(torch.stack(tensors))
-            losses = yolox_loss(raw, targets, hw)
+            losses = yolox_loss(raw, targets, hw, class_mask=class_mask)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip_norm)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from backend.boxes import Boxes
-from backend.scoring import score_predictions
+from backend.scoring import ValidationScore, score_predictions
 from backend.training.gate import (
     GateConfig,
     decide,
@@ -67,7 +69,10 @@ def test_a_better_candidate_is_promoted_and_a_worse_one_is_not() -> None:
     half = [_boxes([(10, 10, 40, 40, 0, 0.9)]), _boxes([(70, 70, 99, 99, 1, 0.9)])]
     good, poor = _score(perfect, GTS), _score(half, GTS)
     assert good.best.w_b == 0 and poor.best.w_b > 0
-    promoted, reason = decide(good, poor)
+    # two images cannot show confidence 0.9 (at most 1 - 2^-2); this test is about the point rules
+    point = GateConfig(confidence=0.0)
+    assert not decide(good, poor)[0]
+    promoted, reason = decide(good, poor, point)
     assert promoted, reason
     promoted, reason = decide(poor, good)
     assert (not promoted and "below" in reason) or "above" in reason
@@ -105,7 +110,7 @@ def test_the_luck_of_one_image_does_not_promote() -> None:
     better, serving_score = _score(candidate, gts), _score(serving, gts)
     assert better.best.w_b == 0 and serving_score.best.w_b == 1  # better on the point figures
     sure = time_saved_confidence(better, serving_score)
-    assert 0.5 < sure < 0.9  # one image of four carries the whole gain
+    assert sure == 0.5  # one image of four carries the whole gain: its sign could go either way
     promoted, reason = decide(better, serving_score, GateConfig(confidence=0.9))
     assert not promoted and "not confidently better" in reason
     # without the confidence requirement the point comparison promotes it
@@ -113,8 +118,36 @@ def test_the_luck_of_one_image_does_not_promote() -> None:
     # the same gain on every image is sure
     gts, candidate, _ = _scenes(4)
     nothing = [Boxes.empty((100, 100), with_scores=True)] * 4
-    assert time_saved_confidence(_score(candidate, gts), _score(nothing, gts)) == 1.0
+    assert time_saved_confidence(_score(candidate, gts), _score(nothing, gts)) == 1 - 1 / 16
     assert decide(_score(candidate, gts), _score(nothing, gts))[0]
+    # ... but three images cannot show it at 0.9, so a slice holds at least four
+    gts3, candidate3, _ = _scenes(3)
+    nothing3 = [Boxes.empty((100, 100), with_scores=True)] * 3
+    assert time_saved_confidence(_score(candidate3, gts3), _score(nothing3, gts3)) == 1 - 1 / 8
+    assert GateConfig(confidence=0.9).min_slice == 4 and GateConfig(confidence=0.0).min_slice == 3
+    assert len(validation_split(list(range(10)), GateConfig(validation_fraction=0.01))[1]) == 4
+
+
+def test_sign_flip_confidence_weighs_the_size_of_each_gain() -> None:
+    """Two images that gain and two that tie are 0.75, not the bootstrap's 94 %; a large gain
+    against a small loss is more sure than a small gain against a large loss; the Monte Carlo
+    branch (over 16 differing images) agrees with the exact one."""
+
+    def score(image_w_t: list[float]) -> ValidationScore:
+        gts = [_gt([(10, 10, 40, 40, 0)]) for _ in image_w_t]
+        plain = _score([Boxes.empty((100, 100), with_scores=True)] * len(image_w_t), gts)
+        best = dataclasses.replace(plain.best, image_w_t=tuple(image_w_t))
+        return dataclasses.replace(plain, thresholds=(best,), best_threshold=best.score_threshold)
+
+    serving = score([3.0, 3.0, 3.0, 3.0])
+    assert time_saved_confidence(score([2.0, 2.0, 3.0, 3.0]), serving) == 0.75
+    big_gain = time_saved_confidence(score([0.0, 0.0, 0.0, 3.5]), serving)  # +3 +3 +3 -0.5
+    small_gain = time_saved_confidence(score([2.5, 2.5, 2.5, 6.0]), serving)  # +.5 x3, -3
+    assert big_gain == 1 - 2 / 16 and small_gain == 0.0  # a net loss is never confident
+    many = [1.0 + 0.1 * (i % 3) for i in range(20)]
+    exact_like = time_saved_confidence(score([w - 1.0 for w in many]), score(many), 4000)
+    assert exact_like > 0.999
+    assert time_saved_confidence(serving, serving) == 0.5
 
 
 def test_a_small_slice_keeps_the_preferred_threshold_a_large_one_does_not() -> None:
@@ -161,7 +194,8 @@ def test_slice_without_boxes_is_judged_on_w_b_alone() -> None:
     )
     assert score_dict(quiet)["map50"] is None  # NaN is not JSON
     assert noisy.best.w_b == 1 and quiet.best.w_b == 0
-    assert decide(quiet, noisy)[0] and not decide(noisy, quiet)[0]
+    point = GateConfig(confidence=0.0)  # one image: the point rules decide
+    assert decide(quiet, noisy, point)[0] and not decide(noisy, quiet, point)[0]
 
 
 def test_input_shape_follows_the_aspect_ratio() -> None:

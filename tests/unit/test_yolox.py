@@ -346,6 +346,39 @@ def test_zero_weight_silences_a_box_but_is_not_deleting_it() -> None:
     assert deleted["obj"] - zero["obj"] == pytest.approx(extra, rel=1e-4)
 
 
+def test_class_mask_leaves_absent_classes_without_gradient() -> None:
+    """Masked class columns get no gradient; the others get exactly the stock loss's."""
+    raw = _random_raw(batch=1, classes=3)
+    target = [_target(FAR_APART, [0, 1])]  # class 2 is absent from the data
+
+    def grad(mask: torch.Tensor | None) -> torch.Tensor:
+        raw.grad = None
+        yolox_loss(raw, target, HW, class_mask=mask)["total"].backward()
+        assert raw.grad is not None
+        return raw.grad[0].clone()
+
+    stock = grad(None)
+    masked = grad(torch.tensor([True, True, False]))
+    assert torch.any(stock[:, 7] != 0)  # the stock loss pushes the absent class down
+    assert torch.all(masked[:, 7] == 0)
+    assert torch.allclose(masked[:, :7], stock[:, :7], atol=1e-9)
+    assert torch.allclose(grad(torch.ones(3, dtype=torch.bool)), stock, atol=1e-9)
+    with pytest.raises(ValueError, match="class_mask"):
+        yolox_loss(raw, target, HW, class_mask=torch.ones(2, dtype=torch.bool))
+
+
+def test_present_classes_counts_kept_boxes_of_positive_weight() -> None:
+    from backend.training.samples import TrainSample
+    from backend.training.yolox_train import present_classes
+
+    image = Image.new("RGB", (64, 48))
+    xyxy = np.array([[1, 1, 10, 10], [2, 2, 20, 20], [3, 3, 30, 30], [4, 4, 40, 40]], np.float32)
+    boxes = Boxes(xyxy, np.array([0, 1, 2, 3]), image.size, ignore=np.array([0, 0, 1, 0], bool))
+    sample = TrainSample(image=image, boxes=boxes, box_weights=np.array([1.0, 0.5, 1.0, 0.0]))
+    # label 2 is ignored (crowd / difficult), label 3 weighs 0, label 4 has no box at all
+    assert present_classes([sample], 5).tolist() == [True, True, False, False, False]
+
+
 def test_empty_targets() -> None:
     raw = _random_raw()
     empty = YoloxTarget(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))

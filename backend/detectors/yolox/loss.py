@@ -167,9 +167,18 @@ def simota_assign(
 
 
 def yolox_loss(
-    raw: Tensor, targets: list[YoloxTarget], input_hw: tuple[int, int], *, use_l1: bool = False
+    raw: Tensor,
+    targets: list[YoloxTarget],
+    input_hw: tuple[int, int],
+    *,
+    use_l1: bool = False,
+    class_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """YOLOX loss of raw predictions ``(B, A, 5 + C)`` (as :class:`YoloxNano` returns them).
+
+    ``class_mask`` ``(C,)`` bool keeps only those columns in the class term (None: all, the stock
+    loss): a class with no example in the training data then gets no push toward "not this
+    class" on every other class's foreground anchors.
 
     Returns ``total`` (= 5·iou + obj + cls + l1), ``iou``, ``obj``, ``cls``, ``l1`` (0 unless
     ``use_l1``), each summed over anchors and divided by ``max(num_fg, 1)``, and ``num_fg`` (the
@@ -180,6 +189,10 @@ def yolox_loss(
     if len(targets) != raw.shape[0]:
         raise ValueError(f"{len(targets)} targets for a batch of {raw.shape[0]}")
     num_classes = raw.shape[2] - 5
+    if class_mask is not None and tuple(class_mask.shape) != (num_classes,):
+        raise ValueError(
+            f"class_mask must have shape ({num_classes},), got {tuple(class_mask.shape)}"
+        )
     cells, strides = grids(input_hw, raw.device)
     if raw.shape[1] != len(cells):
         raise ValueError(f"{raw.shape[1]} rows do not fit input {input_hw} ({len(cells)} cells)")
@@ -232,6 +245,8 @@ def yolox_loss(
         iou = _pair_iou(pred_boxes[bi, ri], reg_t)
         iou_loss = (w * (1.0 - iou**2)).sum() / norm
         cls_bce = F.binary_cross_entropy_with_logits(cls_logits[bi, ri], cls_t, reduction="none")
+        if class_mask is not None:
+            cls_bce = cls_bce * class_mask.to(cls_bce)[None, :]
         cls_loss = (w[:, None] * cls_bce).sum() / norm
         if use_l1:
             s = strides[ri]
