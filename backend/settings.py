@@ -135,7 +135,9 @@ class Settings(BaseSettings):
         0.2, description="Annotated tasks a training round holds back to judge its candidate."
     )
     gate_cv_below: int = Field(
-        15, description="Below this many annotated tasks, judge by 2-fold cross-validation."
+        30,
+        description="Below this many annotated tasks, judge by 2-fold cross-validation: a "
+        "held-back slice would hold under 6 tasks, too few for the gate's test to show a gain.",
     )
     gate_confidence: float = Field(
         0.9,
