@@ -127,7 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="training setting (repeatable), e.g. epochs=2",
     )
-    parser.add_argument("--threads", type=int, help="torch / onnxruntime threads (default 2)")
+    parser.add_argument(
+        "--threads", type=int, help="torch / onnxruntime threads per run (default 2)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="runs in flight at once, one process each (default 1); e.g. --workers 2 --threads 1",
+    )
     parser.add_argument(
         "--no-baselines", action="store_true", help="do not add the random and pretrained baselines"
     )
@@ -208,6 +215,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         ("batch_size", "batch_size"),
         *EVALUATION_FLAGS,
         ("threads", "threads"),
+        ("workers", "workers"),
         ("out", "output"),
     ):
         value = getattr(args, flag)

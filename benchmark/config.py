@@ -188,6 +188,11 @@ class ExperimentConfig:
     final_round: bool = True
     warm_start: bool = True
     threads: int = 2
+    #: Runs in flight at once, each in its own process with ``threads`` threads. On a 2-core
+    #: machine two single-thread workers finish a grid sooner than one two-thread process,
+    #: because most of a run (letterboxing, the oracle, the gate's scoring) is not parallel.
+    #: Not part of the run key: a run's result does not depend on it.
+    workers: int = 1
     train: dict[str, Any] = field(default_factory=dict)
     yolox: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
@@ -202,6 +207,10 @@ class ExperimentConfig:
             raise ConfigError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if self.workers < 1 or self.threads < 1:
+            raise ConfigError(
+                f"workers and threads must be >= 1, got {self.workers}, {self.threads}"
+            )
         for tau in self.iou_thresholds:
             if not 0 < tau <= 1:
                 raise ConfigError(f"iou threshold {tau} outside (0, 1]")

@@ -539,44 +539,106 @@ class GridResult:
     report_files: list[Path]
 
 
+@dataclass(frozen=True)
+class _GridJob:
+    """One run of the grid: what a worker process needs to compute and write it."""
+
+    dataset: DatasetConfig
+    approach: Approach
+    seed: int
+    path: Path
+
+
+#: A worker process's prepared datasets, so consecutive runs on one dataset decode it once.
+_WORKER_DATASETS: dict[str, PreparedDataset] = {}
+
+
+def _run_job(job: _GridJob, config: ExperimentConfig) -> dict[str, Any]:
+    """Compute and write one run in a worker process (see :attr:`ExperimentConfig.workers`)."""
+    set_threads(config.threads)
+    key = json.dumps(dataclasses.asdict(job.dataset), sort_keys=True, default=str)
+    prepared = _WORKER_DATASETS.get(key)
+    if prepared is None:
+        _WORKER_DATASETS.clear()  # one dataset at a time: the pools of images are what is big
+        prepared = _WORKER_DATASETS[key] = prepare_dataset(job.dataset)
+    result = run_one(prepared, job.approach, job.seed, config, lambda message: None)
+    _write_json(job.path, result)
+    return result
+
+
+def _run_jobs_in_workers(
+    jobs: list[_GridJob], config: ExperimentConfig, bar: tqdm
+) -> dict[Path, dict[str, Any]]:
+    """Run ``jobs`` in ``config.workers`` spawned processes; results keyed by their path.
+
+    Spawned, not forked: torch's thread pools do not survive a fork. Each worker keeps the
+    last dataset it decoded, and the jobs arrive grouped by dataset.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    results: dict[Path, dict[str, Any]] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+        futures = {pool.submit(_run_job, job, config): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            results[job.path] = future.result()
+            bar.set_postfix_str(f"done {job.path.stem}")
+            bar.update(1)
+    return results
+
+
 def run_grid(
     config: ExperimentConfig, *, force: bool = False, show_progress: bool = True
 ) -> GridResult:
-    """Run (or reuse) every dataset × approach × seed, then write the report and plots."""
+    """Run (or reuse) every dataset × approach × seed, then write the report and plots.
+
+    With ``config.workers > 1`` the runs still to do go to that many processes; each run's
+    result is the same as in one process (a run seeds everything it draws from).
+    """
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "experiment.json", config.to_dict())
     set_threads(config.threads)
     total = len(config.datasets) * len(config.approaches) * len(config.seeds)
-    runs: list[dict[str, Any]] = []
-    ran = reused = 0
+    done: dict[Path, dict[str, Any]] = {}
+    order: list[Path] = []
+    pending: list[_GridJob] = []
+    reused = 0
     bar = tqdm(total=total, desc=config.name, unit="run", disable=not show_progress)
     for ds_config in config.datasets:
-        prepared: PreparedDataset | None = None
+        key = run_key(config, ds_config)
         for approach in config.approaches:
             for seed in config.seeds:
-                name = ds_config.display_name
-                path = out / "runs" / f"{RunId(name, approach, seed).slug}.json"
-                cached = None if force else _cached(path, config, run_key(config, ds_config))
+                path = out / "runs" / f"{RunId(ds_config.display_name, approach, seed).slug}.json"
+                order.append(path)
+                cached = None if force else _cached(path, config, key)
                 if cached is not None:
-                    runs.append(cached)
+                    done[path] = cached
                     reused += 1
                     bar.update(1)
-                    continue
-                if prepared is None:
-                    bar.set_postfix_str(f"loading {ds_config.spec}")
-                    prepared = prepare_dataset(ds_config)
+                else:
+                    pending.append(_GridJob(ds_config, approach, seed, path))
+    if config.workers > 1 and len(pending) > 1:
+        done.update(_run_jobs_in_workers(pending, config, bar))
+    else:
+        prepared: PreparedDataset | None = None
+        for job in pending:
+            if prepared is None or prepared.config != job.dataset:
+                bar.set_postfix_str(f"loading {job.dataset.spec}")
+                prepared = prepare_dataset(job.dataset)
 
-                def progress(
-                    message: str, n: str = name, a: Approach = approach, s: int = seed
-                ) -> None:
-                    bar.set_postfix_str(f"{n} {a.slug} s{s}: {message}")
+            def progress(message: str, j: _GridJob = job) -> None:
+                bar.set_postfix_str(
+                    f"{j.dataset.display_name} {j.approach.slug} s{j.seed}: {message}"
+                )
 
-                result = run_one(prepared, approach, seed, config, progress)
-                _write_json(path, result)
-                runs.append(result)
-                ran += 1
-                bar.update(1)
+            result = run_one(prepared, job.approach, job.seed, config, progress)
+            _write_json(job.path, result)
+            done[job.path] = result
+            bar.update(1)
     bar.close()
+    runs = [done[path] for path in order]
     files = write_report(out, config, runs)
-    return GridResult(out, runs, ran, reused, files)
+    return GridResult(out, runs, len(pending), reused, files)

@@ -301,3 +301,33 @@ def test_cli_errors_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) 
     assert "--dataset" in capsys.readouterr().err
     assert main(["bench", "--dataset", "yolo:/x"]) == 2
     assert "must start with one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_runs_in_two_worker_processes_equal_runs_in_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--workers 2`` spreads the runs over two processes; every run's result is unchanged."""
+    root = make_shapes_voc(tmp_path / "shapes", n=14)
+    argv = [
+        "--dataset", f"voc:{root}", "--strategy", "random", "--no-baselines",
+        "--seeds", "2", "--quick", "--holdout", "2", "--batch-size", "4",
+        "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main(["bench", *argv, "--workers", "2", "--out", str(tmp_path / "two")]) == 0
+    assert "2 run(s) done, 0 reused" in capsys.readouterr().out
+    assert main(["bench", *argv, "--out", str(tmp_path / "one")]) == 0
+    two, one = read_runs(tmp_path / "two"), read_runs(tmp_path / "one")
+    assert [(r["seed"], r["order"]) for r in two] == [(r["seed"], r["order"]) for r in one]
+    for a, b in zip(two, one, strict=True):
+        # batches, the gate's scores of each round's candidate, predictions and corrections:
+        # all equal but the timers
+        assert len(a["batches"]) == 3 and "gate" in a["batches"][1]
+        untimed = [
+            [{k: v for k, v in x.items() if k != "seconds"} for x in r["batches"]] for r in (a, b)
+        ]
+        assert untimed[0] == untimed[1]
+        assert a["map_curve"] == b["map_curve"]
+    assert load_config_from(tmp_path / "two").workers == 2
+    with pytest.raises(ConfigError, match="workers"):
+        config_from_dict({"datasets": ["voc:/x"], "approaches": ["random"], "workers": 0})

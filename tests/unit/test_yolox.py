@@ -185,6 +185,23 @@ def test_remap_keeps_coco_rows(coco: tuple[YoloxNano, list[str]]) -> None:
         remap_classes(model, [80])
 
 
+def test_remap_fresh_rows_do_not_depend_on_the_global_rng() -> None:
+    """Version 0 is one model: whatever consumed torch's global RNG before, the fresh rows match
+    (a grid's runs once started from different raccoon rows depending on the run before)."""
+    model = YoloxNano(num_classes=3)
+    torch.manual_seed(1)
+    first = remap_classes(model, [None, 2])
+    torch.randn(1000)  # what another run would have drawn
+    second = remap_classes(model, [None, 2])
+    other_seed = remap_classes(model, [None, 2], seed=1)
+    for a, b, c in zip(
+        first.head.per_level(), second.head.per_level(), other_seed.head.per_level(), strict=True
+    ):
+        assert torch.equal(a.cls_pred.weight, b.cls_pred.weight)
+        assert not torch.equal(a.cls_pred.weight[0], c.cls_pred.weight[0])
+        assert torch.equal(a.cls_pred.weight[1], c.cls_pred.weight[1])  # the carried-over row
+
+
 def test_freeze_parts_and_bn_eval() -> None:
     model = YoloxNano(num_classes=2)
 

@@ -248,10 +248,11 @@ class Head(nn.Module):
         return rows, [stem for _, stem in pairs]
 
 
-def _init_prediction(conv: nn.Conv2d) -> None:
+def _init_prediction(conv: nn.Conv2d, generator: torch.Generator | None = None) -> None:
     """Fresh class/objectness row(s): small weights, bias at the foreground prior."""
     assert conv.bias is not None
-    nn.init.normal_(conv.weight, std=0.01)
+    with torch.no_grad():
+        conv.weight.normal_(0.0, 0.01, generator=generator)
     nn.init.constant_(conv.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
 
 
@@ -356,12 +357,16 @@ def postprocess(
 
 
 # ---------------------------------------------------------------------------------- fine-tuning
-def remap_classes(model: YoloxNano, source_rows: list[int | None]) -> YoloxNano:
+def remap_classes(
+    model: YoloxNano, source_rows: list[int | None], *, seed: int = 0
+) -> YoloxNano:
     """A copy of ``model`` over ``len(source_rows)`` classes.
 
     Class row ``i`` (weight and bias, on all three levels) is the old row ``source_rows[i]``, or
     freshly initialised (small normal weights, prior bias) where it is ``None``. Why: a project
     label that COCO already knows (``dog``) should start from COCO's ``dog`` detector.
+    The fresh rows are drawn from their own generator seeded with ``seed``, not from torch's
+    global one: a project's version 0 is the same model whatever ran before in the process.
     """
     if not source_rows:
         raise ValueError("source_rows is empty: a detector needs at least one class")
@@ -370,10 +375,12 @@ def remap_classes(model: YoloxNano, source_rows: list[int | None]) -> YoloxNano:
             raise ValueError(f"source row {row} outside 0..{model.num_classes - 1}")
     new = copy.deepcopy(model)
     new.num_classes = len(source_rows)
+    generator = torch.Generator().manual_seed(seed)
     for old_level, new_level in zip(model.head.per_level(), new.head.per_level(), strict=True):
         old = old_level.cls_pred
-        conv = nn.Conv2d(old.in_channels, len(source_rows), 1).to(old.weight.device)
-        _init_prediction(conv)
+        conv = nn.Conv2d(old.in_channels, len(source_rows), 1)
+        _init_prediction(conv, generator)
+        conv = conv.to(old.weight.device)
         with torch.no_grad():
             for i, row in enumerate(source_rows):
                 if row is not None:
