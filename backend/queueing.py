@@ -145,6 +145,18 @@ class QueueManager:
         self.utility = utility
 
     # ------------------------------------------------------------------ helpers
+    def rank_scores(self, project_id: int) -> dict[int, float]:
+        """Under Uncertainty-sampling ordering the task score *is* the queue position: a new
+        prediction must carry the task's rank score, or it would reorder the queue. ``{}``
+        under any other ordering."""
+        order = self.store.get_order(project_id)
+        if order is None or not order.params.get("uncertainty_scores"):
+            return {}
+        from backend.labelstudio.queue import rank_score
+
+        ranks = zip(order.task_ids, order.params.get("ranks") or [], strict=False)
+        return {int(task_id): rank_score(int(rank)) for task_id, rank in ranks}
+
     def sync_tasks(self, project_id: int) -> None:
         studio = self.studio_for(project_id)
         if studio is None:

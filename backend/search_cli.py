@@ -29,7 +29,7 @@ def _search(args: argparse.Namespace) -> int:
     search = SearchService(
         settings,
         svc.store,
-        image_source_for=lambda pid: svc.image_source(svc.store.get_project(pid)),
+        image_source_for=svc.studio.image_source_of,
         push_order=svc.queue.push,
     )
     try:
@@ -56,7 +56,7 @@ def _search_train(args: argparse.Namespace) -> int:
             settings,
             svc.store,
             args.project,
-            svc.image_source(svc.store.get_project(args.project)),
+            svc.studio.image_source_of(args.project),
             Path(args.sketches),
             map_column=args.map_column,
             out=Path(args.out) if args.out else None,

@@ -59,7 +59,7 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
     search = SearchService(
         svc.settings,
         svc.store,
-        image_source_for=lambda pid: svc.image_source(svc.store.get_project(pid)),
+        image_source_for=svc.studio.image_source_of,
         push_order=svc.queue.push,
     )
     app.state.search = search
@@ -141,7 +141,7 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         if not isinstance(reference, str):
             raise ServiceError(404, f"task {task_id} of project {project_id} has no image")
         try:
-            image = load_image(reference, svc.image_source(project))
+            image = load_image(reference, svc.studio.image_source(project))
         except ImageError as exc:
             raise ServiceError(exc.status_code, exc.message) from None
         image.thumbnail((192, 192))

@@ -24,14 +24,7 @@ from backend.boxes import Boxes
 from backend.bulk.predict import BulkPredictor, BulkPredictRequest
 from backend.bulk.runs import BulkRuns
 from backend.errors import ServiceError
-from backend.images import (
-    ImageError,
-    ImageSource,
-    image_source_for,
-    load_image,
-    task_image_loader,
-    trusted_studio_url,
-)
+from backend.images import ImageError, load_image, task_image_loader
 from backend.jobs import TrainingScheduler
 from backend.labelstudio.convert import (
     LabelConfig,
@@ -42,7 +35,9 @@ from backend.labelstudio.convert import (
 from backend.queueing import OrderRequest, QueueManager
 from backend.registry import LoadedModel, ModelRegistry
 from backend.settings import Settings
-from backend.store import Project, Store
+from backend.store import Store
+from backend.studio_access import StudioAccess
+from backend.task_utility import TaskUtility
 from backend.utility.scorer import UtilityScorer, stored_scores
 from backend.webhooks import WebhookHandler, WebhookOutcome, parse_project_id
 
@@ -74,27 +69,27 @@ class BoxloopService:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(settings.resolved_database_url)
-        self._setup_tokens: dict[int, str] = {}
-        self.models = ModelRegistry(settings, self.store, studio_for=self._studio_client)
+        self.studio = StudioAccess(settings, self.store)
+        self.models = ModelRegistry(settings, self.store, studio_for=self.studio.client)
         self._http = httpx.Client(timeout=settings.image_fetch_timeout_s, follow_redirects=False)
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="boxloop-fetch")
         self.scheduler = TrainingScheduler(
-            settings, self.store, on_success=self._on_new_version, extra_env=self._worker_env
+            settings, self.store, on_success=self._on_new_version, extra_env=self.studio.worker_env
         )
         # image utility: off unless BOXLOOP_UTILITY_MODEL names an exported predictor
         self.utility = UtilityScorer.from_settings(settings)
         self.queue = QueueManager(
             settings,
             self.store,
-            studio_for=self._studio_client,
-            image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
+            studio_for=self.studio.client,
+            image_source_for=self.studio.image_source_of,
             utility=self.utility,
         )
         self.box_queries = BoxQueryManager(
             settings,
             self.store,
             self.models,
-            studio_for=self._studio_client,
+            studio_for=self.studio.client,
             load_task_image=self._task_image,
             sync_tasks=self.queue.sync_tasks,
         )
@@ -102,11 +97,11 @@ class BoxloopService:
             settings,
             self.store,
             self.models,
-            studio_for=self._studio_client,
-            image_source_for=lambda pid: self.image_source(self.store.get_project(pid)),
-            rank_scores_for=self._rank_scores,
+            studio_for=self.studio.client,
+            image_source_for=self.studio.image_source_of,
+            rank_scores_for=self.queue.rank_scores,
         )
-        self.bulk_runs = BulkRuns(settings, self.bulk, worker_env=self._worker_env)
+        self.bulk_runs = BulkRuns(settings, self.bulk, worker_env=self.studio.worker_env)
         self.webhooks = WebhookHandler(
             self.store,
             schedule_training=self.maybe_schedule_training,
@@ -116,6 +111,11 @@ class BoxloopService:
         )
         # queue work (features, ordering, pushes) runs one job at a time, off the request path
         self._queue_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxloop-queue")
+        self.task_utility = (
+            None
+            if self.utility is None
+            else TaskUtility(self.utility, self.store, self.studio.client, self._queue_pool)
+        )
         self._queue_state: dict[int, dict[str, Any]] = {}
         self._box_state: dict[int, dict[str, Any]] = {}
         torch.set_num_threads(max(1, settings.num_threads))
@@ -127,7 +127,7 @@ class BoxloopService:
         if requeued:
             log.info("requeued training jobs after restart: %s", requeued)
         self.scheduler.start()
-        if self.settings.reconcile_on_startup and self._studio_configured():
+        if self.settings.reconcile_on_startup and self.studio.configured:
             threading.Thread(
                 target=self._reconcile_all, name="boxloop-reconcile", daemon=True
             ).start()
@@ -168,44 +168,11 @@ class BoxloopService:
         self.models.update_title(project_id, version)
 
     # ------------------------------------------------------------------ Label Studio
-    def _token_for(self, project_id: int | None) -> str | None:
-        if self.settings.label_studio_token is not None:
-            return self.settings.label_studio_token.get_secret_value()
-        return self._setup_tokens.get(project_id) if project_id is not None else None
-
-    def _studio_configured(self) -> bool:
-        return bool(self.settings.label_studio_url and self.settings.label_studio_token)
-
-    def _studio_client(self, project_id: int) -> Any:
-        url = self._studio_url(self.store.get_project(project_id))
-        token = self._token_for(project_id)
-        if not url or not token:
-            return None
-        from backend.labelstudio.client import StudioClient
-
-        return StudioClient(url, token)
-
-    def _studio_url(self, project: Project | None) -> str | None:
-        """The configured Label Studio URL, else the /setup hostname if allow-listed (no SSRF)."""
-        hostname = project.hostname if project else None
-        return trusted_studio_url(
-            self.settings.label_studio_url, hostname, self.settings.allowed_image_hosts
-        )
-
-    def _worker_env(self, project_id: int) -> dict[str, str]:
-        env: dict[str, str] = {}
-        token = self._token_for(project_id)
-        url = self._studio_url(self.store.get_project(project_id))
-        if token and url:
-            env["BOXLOOP_LABEL_STUDIO_TOKEN"] = token
-            env["BOXLOOP_LABEL_STUDIO_URL"] = url
-        return env
-
     def _reconcile_all(self) -> None:
         from backend.reconcile import reconcile_project
 
         for project in self.store.list_projects():
-            client = self._studio_client(project.id)
+            client = self.studio.client(project.id)
             if client is None:
                 continue
             try:
@@ -215,19 +182,6 @@ class BoxloopService:
                 self.maybe_schedule_training(project.id)
             except Exception as exc:
                 log.warning("start-up reconcile of project %s failed: %s", project.id, exc)
-
-    def image_source(self, project: Project | None) -> ImageSource:
-        project_id = project.id if project else None
-        return image_source_for(
-            label_studio_url=self.settings.label_studio_url,
-            setup_hostname=project.hostname if project else None,
-            token=self._token_for(project_id),
-            allowed_local_roots=self.settings.allowed_local_roots,
-            max_pixels=self.settings.max_image_pixels,
-            max_bytes=self.settings.max_image_bytes,
-            timeout_s=self.settings.image_fetch_timeout_s,
-            allowed_hosts=self.settings.allowed_image_hosts,
-        )
 
     # ------------------------------------------------------------------ /setup
     def setup(
@@ -251,7 +205,7 @@ class BoxloopService:
             hostname=hostname,
         )
         if access_token:
-            self._setup_tokens[project_id] = access_token
+            self.studio.remember_setup_token(project_id, access_token)
         return self.current_model(project_id, config.labels).version
 
     @staticmethod
@@ -282,7 +236,7 @@ class BoxloopService:
         else:
             raise ServiceError(422, "the request names no project and has no label_config")
         model = self.current_model(project_id, config.labels)
-        source = self.image_source(stored)
+        source = self.studio.image_source(stored)
         references = [self._image_reference(task, config) for task in tasks]
         futures = [
             self._fetch_pool.submit(load_image, ref[1], source, client=self._http)
@@ -312,8 +266,10 @@ class BoxloopService:
                 log.exception("task %s: loading its image failed", task_id)
                 message = f"loading the image failed: {type(exc).__name__}: {exc}"
                 out[i] = TaskPrediction(task_id, [], 0.0, model.version, message, 500)
-        if self.utility is not None and good:
-            self._score_utility(project_id, tasks, good, out)
+        if self.task_utility is not None and good:
+            task_ids = [prediction.task_id for prediction in out]
+            for i, meta in self.task_utility.score(project_id, tasks, task_ids, good).items():
+                out[i].meta = meta
         if model.detector is not None and good:
             detector = model.detector
             images = [image for _, image in good]
@@ -339,60 +295,8 @@ class BoxloopService:
             self._apply_rank_scores(project_id, out)
         return out
 
-    def _score_utility(
-        self,
-        project_id: int | None,
-        tasks: Sequence[Any],
-        good: list[tuple[int, Image.Image]],
-        out: list[TaskPrediction],
-    ) -> None:
-        """Each loaded image's utility into its prediction's meta; the scores into the tasks'
-        data field (boxloop's store, then Label Studio, in the background). A failure here never
-        fails a prediction: it is logged and the boxes go out without a utility."""
-        assert self.utility is not None
-        try:
-            scores = self.utility.score([image for _, image in good])
-        except Exception:
-            log.exception("utility scoring failed; predictions go out without it")
-            return
-        updates: dict[int, dict[str, Any]] = {}
-        for (i, _), score in zip(good, scores, strict=True):
-            out[i].meta = self.utility.policy.meta(score)
-            task, task_id = tasks[i], out[i].task_id
-            data = task.get("data")
-            if task_id is not None and isinstance(data, dict):
-                new = self.utility.with_score(data, score)
-                if data.get(self.utility.field) != new[self.utility.field]:  # unchanged: no PATCH
-                    updates[task_id] = new
-        if project_id is not None and updates:
-            self._queue_pool.submit(self._record_utility, project_id, updates)
-
-    def _record_utility(self, project_id: int, updates: dict[int, dict[str, Any]]) -> None:
-        try:
-            if self.store.get_project(project_id) is not None:
-                self.store.upsert_tasks(project_id, list(updates.items()))
-            studio = self._studio_client(project_id)
-            if studio is not None:
-                from backend.labelstudio.queue import write_task_data
-
-                write_task_data(studio, project_id, updates)
-        except Exception:
-            log.exception("project %s: storing utility scores failed", project_id)
-
-    def _rank_scores(self, project_id: int) -> dict[int, float]:
-        """Under Uncertainty-sampling ordering the task score *is* the queue position: a new
-        prediction must carry the task's rank score, or it would reorder the queue. ``{}``
-        under any other ordering."""
-        order = self.store.get_order(project_id)
-        if order is None or not order.params.get("uncertainty_scores"):
-            return {}
-        from backend.labelstudio.queue import rank_score
-
-        ranks = zip(order.task_ids, order.params.get("ranks") or [], strict=False)
-        return {int(task_id): rank_score(int(rank)) for task_id, rank in ranks}
-
     def _apply_rank_scores(self, project_id: int, predictions: list[TaskPrediction]) -> None:
-        scores = self._rank_scores(project_id)
+        scores = self.queue.rank_scores(project_id)
         for prediction in predictions:
             if prediction.task_id in scores:
                 prediction.score = scores[prediction.task_id]
@@ -440,7 +344,9 @@ class BoxloopService:
         project = self.store.get_project(project_id)
         if project is None:
             raise ValueError(f"project {project_id} is unknown")
-        load = task_image_loader(self.image_source(project), project.image_key, client=self._http)
+        load = task_image_loader(
+            self.studio.image_source(project), project.image_key, client=self._http
+        )
         return load(data)
 
     def run_box_queries(

@@ -88,7 +88,7 @@ def project(tmp_path_factory: pytest.TempPathFactory):
         settings,
         service.store,
         1,
-        service.image_source(service.store.get_project(1)),
+        service.studio.image_source_of(1),
         root / "sketches",
         config=TrainConfig(
             model=SearchModelConfig(object_dim=16, layout_channels=4, index_dim=16, hidden=16),
@@ -201,7 +201,7 @@ def test_cli_search_prints_the_top_k_and_new_tasks_join_the_index(
     query.write_text(json.dumps({"objects": [{"box": {"x": 5}, "label": "square"}]}))
     assert main(["search", "--project", "1", "--query", str(query)]) == 2
     assert "missing" in capsys.readouterr().err
-    search = SearchService(settings, service.store, lambda pid: service.image_source(None))
+    search = SearchService(settings, service.store, lambda pid: service.studio.image_source(None))
     assert search.index_dir(1, "x").parts[-3:] == ("index", "1", "x")
 
 
