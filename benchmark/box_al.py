@@ -103,8 +103,6 @@ class BoxBenchConfig:
                 check_measure(m)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from exc
-        if "coreset" in self.image_measures:
-            raise ConfigError("image-level coreset is not wired into the box bench yet")
         if not 0 < self.init_fraction < 1 or not 0 < self.k_fraction <= 1:
             raise ConfigError("init_fraction must be in (0, 1) and k_fraction in (0, 1]")
         if self.episodes < 1 or not self.datasets:
@@ -115,7 +113,10 @@ class BoxBenchConfig:
         return [f"box:{m}" for m in self.box_measures] + [f"image:{m}" for m in self.image_measures]
 
     def run_key(self, dataset: DatasetConfig, seed: int) -> str:
-        data = {k: v for k, v in self.to_dict().items() if k not in ("name", "output", "seeds")}
+        """Everything that changes a dataset-seed's campaigns but the list of approaches: a run
+        file holds one curve per approach, and a grid with more approaches adds theirs to it."""
+        skip = ("name", "output", "seeds", "box_measures", "image_measures")
+        data = {k: v for k, v in self.to_dict().items() if k not in skip}
         data["datasets"] = [asdict(dataset)]
         data["seed"] = seed
         text = json.dumps(data, sort_keys=True, default=str)
@@ -163,6 +164,8 @@ class _Data:
     test_truth: list[Boxes]
     ignore_overlap: Any
     input_hw: tuple[int, int]
+    #: ImgNet features of the pool images (image-level core-set only), rows = pool images.
+    image_features: np.ndarray | None = None
 
     @classmethod
     def of(cls, prepared: PreparedDataset, area: int) -> _Data:
@@ -281,7 +284,14 @@ class _Campaign:
         data, campaign = self.data, self.campaign
         fresh = [i for i in open_images if i not in campaign.labeled]
         ranked = select_images(
-            fresh, self.measure, len(fresh), pool=pool, n_images=len(data.pool_images), seed=seed
+            fresh,
+            self.measure,
+            len(fresh),
+            pool=pool,
+            n_images=len(data.pool_images),
+            image_features=data.image_features,
+            labeled_images=sorted(campaign.labeled),
+            seed=seed,
         )
         drawn = 0
         for image in ranked.tolist():
@@ -306,13 +316,31 @@ def _reindex(pool: BoxPool, images: list[int], sizes: list[tuple[int, int]]) -> 
 
 
 def run_dataset_seed(
-    config: BoxBenchConfig, dataset: DatasetConfig, seed: int, progress: bool = True
+    config: BoxBenchConfig,
+    dataset: DatasetConfig,
+    seed: int,
+    progress: bool = True,
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every approach of one dataset and seed (the initial model and full supervision shared)."""
+    """Every approach of one dataset and seed (the initial model and full supervision shared).
+
+    ``previous``: a stored run of the same run key; only the approaches it lacks run, and its
+    fully supervised mAP is kept (the initial model is retrained: training is seeded, so it is
+    the same model).
+    """
     started = time.perf_counter()
     prepared = prepare_dataset(dataset)
     yolox = yolox_config(config.yolox, seed=seed, threads=config.threads)
     data = _Data.of(prepared, yolox.input_area)
+    curves: dict[str, list[dict[str, Any]]] = dict(previous["curves"]) if previous else {}
+    todo = [a for a in config.approaches if a not in curves]
+    if "image:coreset" in todo:
+        from benchmark.runner import extract_features
+
+        key = json.dumps([dataset.display_name, [s.image_id for s in prepared.pool.samples]])
+        data.image_features = extract_features(
+            "imgnet", data.pool_images, {}, Path(config.output) / "cache", key
+        )
     coco, names = load_coco_yolox_nano(expand_path(config.model))
     init = initial_yolox(coco, names, data.labels)
 
@@ -326,12 +354,15 @@ def run_dataset_seed(
     pool_objects = sum(len(b.kept()) for b in data.pool_truth)
     k = max(1, round(config.k_fraction * pool_objects))
     say = tqdm(
-        total=2 + len(config.approaches) * config.episodes,
+        total=2 + len(todo) * config.episodes,
         desc=f"{dataset.display_name} seed {seed}",
         disable=not progress,
     )
-    full = train([TrainSample(data.pool_images[i], data.pool_truth[i]) for i in range(n)])
-    full_map = _held_out_map(full, data)
+    if previous is not None:
+        full_map = float(previous["full_map50"])
+    else:
+        full = train([TrainSample(data.pool_images[i], data.pool_truth[i]) for i in range(n)])
+        full_map = _held_out_map(full, data)
     say.update()
     initial = train([TrainSample(data.pool_images[i], data.pool_truth[i]) for i in init_images])
     init_boxes = sum(len(data.pool_truth[i].kept()) for i in init_images)
@@ -342,8 +373,11 @@ def run_dataset_seed(
         "map50": _held_out_map(initial, data),
     }
     say.update()
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for approach in config.approaches:
+    approach_seconds: dict[str, float] = (
+        dict(previous.get("approach_seconds", {})) if previous else {}
+    )
+    for approach in todo:
+        approach_started = time.perf_counter()
         campaign = _Campaign(approach, data, init_images, train, config, seed, k)
         model, curve = initial, [start_point]
         for number in range(1, config.episodes + 1):
@@ -352,7 +386,9 @@ def run_dataset_seed(
             say.update()
             say.set_postfix_str(f"{approach} ep{number} mAP {record['map50']:.3f}")
         curves[approach] = curve
+        approach_seconds[approach] = round(time.perf_counter() - approach_started, 1)
     say.close()
+    seconds = time.perf_counter() - started + (float(previous["seconds"]) if previous else 0.0)
     return {
         "schema": SCHEMA,
         "run_key": config.run_key(dataset, seed),
@@ -366,7 +402,8 @@ def run_dataset_seed(
         "input_hw": list(data.input_hw),
         "full_map50": full_map,
         "curves": curves,
-        "seconds": round(time.perf_counter() - started, 1),
+        "approach_seconds": approach_seconds,
+        "seconds": round(seconds, 1),
     }
 
 
@@ -390,18 +427,28 @@ def run_box_bench(
         for seed in config.seeds:
             path = runs_dir / f"{_slug(dataset.display_name)}__seed{seed}.json"
             key = config.run_key(dataset, seed)
+            cached = None
             if path.is_file() and not force:
                 cached = json.loads(path.read_text())
-                if cached.get("schema") == SCHEMA and cached.get("run_key") == key:
-                    runs.append(cached)
-                    continue
+                if cached.get("schema") != SCHEMA or cached.get("run_key") != key:
+                    cached = None
+            if cached is not None and all(a in cached["curves"] for a in config.approaches):
+                runs.append(cached)
+                continue
             if report_only:
                 continue
-            run = run_dataset_seed(config, dataset, seed, progress)
-            path.write_text(json.dumps(run, indent=2))
+            run = run_dataset_seed(config, dataset, seed, progress, previous=cached)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run, indent=2))
+            tmp.replace(path)
             runs.append(run)
     if not runs:
         raise ConfigError(f"no stored runs of this config under {runs_dir}")
+    # the report covers this config's approaches, in its order, whatever else a run file holds
+    runs = [
+        {**r, "curves": {a: r["curves"][a] for a in config.approaches if a in r["curves"]}}
+        for r in runs
+    ]
     return runs, write_box_report(out, config, runs)
 
 

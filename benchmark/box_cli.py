@@ -4,6 +4,8 @@ Examples::
 
     boxloop bench box --config benchmark/configs/box.yaml       # BCCD, 3 seeds
     boxloop bench box --dataset voc:../shared/data/voc/BCCD --quick
+    boxloop bench box --config benchmark/configs/box.yaml --image-measures coreset
+        # adds image-level core-set to the stored runs; the other approaches are not rerun
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ def register(modes: Any) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML box grid (benchmark/configs/box.yaml)")
     parser.add_argument("--dataset", action="append", help="voc:PATH | kitti:PATH | coco:PATH")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1")
+    parser.add_argument(
+        "--box-measures",
+        help="comma-separated box-level measures (random, uncertainty, entropy, margin, coreset)",
+    )
+    parser.add_argument(
+        "--image-measures",
+        help="comma-separated image-level measures (the mean over an image's boxes; coreset on "
+        "ImgNet image features)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny campaign (CI)")
     parser.add_argument("--out", help="output folder")
     parser.add_argument("--force", action="store_true", help="rerun stored runs")
@@ -63,6 +74,10 @@ def build_box_config(args: argparse.Namespace) -> Any:
             data["output"] = "benchmark/results/box-quick"
     if args.seeds is not None:
         data["seeds"] = list(range(args.seeds))
+    for flag in ("box_measures", "image_measures"):
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = [m.strip() for m in value.split(",") if m.strip()]
     if args.out is not None:
         data["output"] = args.out
     return load_box_config(data)

@@ -94,7 +94,8 @@ def write_box_report(
     datasets = sorted({r["dataset"] for r in runs}, key=[r["dataset"] for r in runs].index)
     for name in datasets:
         mine = [r for r in runs if r["dataset"] == name]
-        approaches = list(mine[0]["curves"])
+        # the approaches every seed of this dataset has (a grid stopped part way may lack some)
+        approaches = [a for a in mine[0]["curves"] if all(a in r["curves"] for r in mine)]
         full = [r["full_map50"] for r in mine]
         objects = mine[0]["pool_objects"]
         lines += [

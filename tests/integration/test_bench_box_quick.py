@@ -60,6 +60,24 @@ def test_quick_box_campaign_counts_add_up(tmp_path: Path) -> None:
     assert "boxes to 80 % of full" in report and "BLAD/ComPAS" in report
     assert (out / "plots" / "box_voc_BCCD.png").read_bytes().startswith(b"\x89PNG")
 
+    # One more approach later: image-level core-set on ImgNet features joins the stored run;
+    # the fully supervised model and the other campaigns are not rerun, nor changed.
+    code = main(
+        ["bench", "box", "--dataset", f"voc:{bccd}", "--quick", "--out", str(out),
+         "--image-measures", "uncertainty,coreset", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    again = json.loads(run_file.read_text())
+    assert list(again["curves"]) == [*run["curves"], "image:coreset"]
+    assert again["full_map50"] == run["full_map50"]
+    assert all(again["curves"][a] == c for a, c in run["curves"].items())
+    coreset = again["curves"]["image:coreset"]
+    # the same initial model (seeded training, seeded fresh class rows), then whole images
+    assert coreset[0] == run["curves"]["image:uncertainty"][0]
+    assert all(p["queried"] == 0 for p in coreset[1:])
+    assert all(b["boxes_labeled"] - a["boxes_labeled"] >= k for a, b in itertools.pairwise(coreset))
+    assert "image:coreset" in (out / "report.md").read_text()
+
 
 def test_reach_and_budget_interpolate_between_episodes() -> None:
     curve = [
