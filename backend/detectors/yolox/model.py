@@ -357,9 +357,7 @@ def postprocess(
 
 
 # ---------------------------------------------------------------------------------- fine-tuning
-def remap_classes(
-    model: YoloxNano, source_rows: list[int | None], *, seed: int = 0
-) -> YoloxNano:
+def remap_classes(model: YoloxNano, source_rows: list[int | None], *, seed: int = 0) -> YoloxNano:
     """A copy of ``model`` over ``len(source_rows)`` classes.
 
     Class row ``i`` (weight and bias, on all three levels) is the old row ``source_rows[i]``, or
