@@ -496,7 +496,7 @@ def test_fine_tuning_overfits_two_voc_photos(
     coco: tuple[YoloxNano, list[str]], voc_dir: Path
 ) -> None:
     """30 AdamW steps (backbone frozen, BN eval) on two photos, every class row fresh: mAP@0.5
-    goes from 0 to ≥ 0.9 (measured 1.0 from step 20). ~25 s on 2 idle threads."""
+    goes from chance to ≥ 0.9 (measured 1.0 from step 20). ~25 s on 2 idle threads."""
     from benchmark.datasets.voc import load_voc
 
     dataset = load_voc(voc_dir)
@@ -526,7 +526,10 @@ def test_fine_tuning_overfits_two_voc_photos(
         ]
         return evaluate_map(truths, [p.clipped() for p in preds], labels).map50
 
-    assert map50() < 0.1
+    # The boxes are COCO's (objectness and regression are pretrained), the classes random: a box
+    # can get its right label by chance among four (0.25 with remap_classes' seed 0), never most.
+    before = map50()
+    assert before < 0.5
     freeze(model, "backbone")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     for _ in range(30):
@@ -536,4 +539,4 @@ def test_fine_tuning_overfits_two_voc_photos(
         optimizer.zero_grad()
         losses["total"].backward()
         optimizer.step()
-    assert map50() >= 0.9
+    assert map50() >= max(0.9, before + 0.5)
