@@ -56,7 +56,7 @@ from backend.training.yolox_train import initial_yolox, input_shape_for, train_y
 from benchmark.config import ConfigError, DatasetConfig
 from benchmark.datasets.common import expand_path
 from benchmark.product_loop import yolox_config
-from benchmark.runner import PreparedDataset, prepare_dataset
+from benchmark.runner import PreparedDataset, extract_features, prepare_dataset
 
 __all__ = ["BoxBenchConfig", "load_box_config", "run_box_bench"]
 
@@ -335,8 +335,6 @@ def run_dataset_seed(
     curves: dict[str, list[dict[str, Any]]] = dict(previous["curves"]) if previous else {}
     todo = [a for a in config.approaches if a not in curves]
     if "image:coreset" in todo:
-        from benchmark.runner import extract_features
-
         key = json.dumps([dataset.display_name, [s.image_id for s in prepared.pool.samples]])
         data.image_features = extract_features(
             "imgnet", data.pool_images, {}, Path(config.output) / "cache", key

@@ -550,17 +550,16 @@ class _GridJob:
 
 
 #: A worker process's prepared datasets, so consecutive runs on one dataset decode it once.
-_WORKER_DATASETS: dict[str, PreparedDataset] = {}
+_WORKER_DATASETS: dict[DatasetConfig, PreparedDataset] = {}
 
 
 def _run_job(job: _GridJob, config: ExperimentConfig) -> dict[str, Any]:
     """Compute and write one run in a worker process (see :attr:`ExperimentConfig.workers`)."""
     set_threads(config.threads)
-    key = json.dumps(dataclasses.asdict(job.dataset), sort_keys=True, default=str)
-    prepared = _WORKER_DATASETS.get(key)
+    prepared = _WORKER_DATASETS.get(job.dataset)
     if prepared is None:
         _WORKER_DATASETS.clear()  # one dataset at a time: the pools of images are what is big
-        prepared = _WORKER_DATASETS[key] = prepare_dataset(job.dataset)
+        prepared = _WORKER_DATASETS[job.dataset] = prepare_dataset(job.dataset)
     result = run_one(prepared, job.approach, job.seed, config, lambda message: None)
     _write_json(job.path, result)
     return result
