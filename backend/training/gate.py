@@ -12,7 +12,11 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
    and the sign-flip test of step 3 can reach at most ``1 − 2^-n`` on ``n`` images: a new-class
    candidate that saves time on 3 of 4 images could not pass. Cross-validation scores all of
    them (by fold models trained on half the data, so it errs against the candidate) for the
-   cost of two extra, smaller trainings;
+   cost of two extra, smaller trainings: each fold model runs the candidate's epochs
+   (``cv_fold_epochs="candidate"``), so on half the images it takes half the steps. Run by
+   their own data size instead (``"by_size"``), a fold model gets up to twice the candidate's
+   epochs (``image_visits`` over half the images, up to ``max_epochs``), so each fold costs as
+   much as the candidate and the round three trainings' worth instead of two;
 2. scores the candidate and the serving version on the same tasks with
    :func:`backend.scoring.score_predictions` — mAP@0.5 and the simulated annotator's W_B / W_T,
    the harness's oracle, one implementation — each at the score threshold it would serve at
@@ -54,7 +58,12 @@ from backend.detectors.yolox import YoloxNano
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import Settings
 from backend.training.samples import TrainSample
-from backend.training.yolox_train import YoloxTrainConfig, input_shape_for, train_yolox
+from backend.training.yolox_train import (
+    YoloxTrainConfig,
+    epochs_for,
+    input_shape_for,
+    train_yolox,
+)
 
 __all__ = [
     "GateConfig",
@@ -84,6 +93,9 @@ class GateConfig:
     min_validation: int = 3
     cv_below: int = 30
     cv_folds: int = 2
+    #: Epochs of a cross-validation fold model: ``"candidate"``, those the candidate trains on all
+    #: the images (half the steps on half the data); ``"by_size"``, those its own data size gets.
+    cv_fold_epochs: str = "candidate"
     iou_threshold: float = 0.5
     score_floor: float = 0.05
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -97,6 +109,10 @@ class GateConfig:
             raise ValueError("validation_fraction must be in (0, 1)")
         if self.cv_folds < 2:
             raise ValueError("cv_folds must be at least 2")
+        if self.cv_fold_epochs not in ("candidate", "by_size"):
+            raise ValueError(
+                f"cv_fold_epochs must be 'candidate' or 'by_size', not {self.cv_fold_epochs!r}"
+            )
         if not 0 <= self.confidence < 1:
             raise ValueError("confidence must be in [0, 1)")
         if self.sign_flip_samples < 1:
@@ -343,6 +359,9 @@ def run_round(
         folds = [_fold_of(k, gate.cv_folds, gate.salt) for k in keys]
         val_index = list(range(len(labeled)))
         preds: list[Boxes | None] = [None] * len(labeled)
+        fold_epochs = (
+            epochs_for(len(labeled), train_config) if gate.cv_fold_epochs == "candidate" else None
+        )
         for fold in range(gate.cv_folds):
             held = [i for i in val_index if folds[i] == fold]
             rest = [i for i in val_index if folds[i] != fold]
@@ -353,7 +372,11 @@ def run_round(
             else:
                 say(0.5 * fold / gate.cv_folds, f"cross-validation fold {fold + 1}")
                 fold_model = train_yolox(
-                    _samples([labeled[i] for i in rest]), init, train_config, input_hw=hw
+                    _samples([labeled[i] for i in rest]),
+                    init,
+                    train_config,
+                    input_hw=hw,
+                    epochs=fold_epochs,
                 )
             fold_preds = candidate_predict(
                 fold_model, [labeled[i].image for i in held], f"cv-fold-{fold}"

@@ -308,13 +308,16 @@ def train_yolox(
     *,
     input_hw: tuple[int, int] | None = None,
     sample_weights: Sequence[float] | None = None,
+    epochs: int | None = None,
     progress: ProgressFn | None = None,
 ) -> YoloxNano:
     """Fine-tune a copy of ``init`` (its class count = the labels' count) on ``samples``.
 
     ``samples[i].boxes`` label indices refer to ``init``'s classes; ignored boxes are left out.
     ``sample_weights[i]`` (default 1) weights all of sample i's boxes in the loss (λ_d for images
-    whose boxes are unverified predictions). Returns the EMA model in eval mode. Seeded.
+    whose boxes are unverified predictions). ``epochs`` overrides :func:`epochs_for` (the
+    gate's cross-validation folds run the candidate's). Returns the EMA model in eval mode.
+    Seeded.
     """
     if not samples:
         raise ValueError("no training samples")
@@ -344,7 +347,10 @@ def train_yolox(
     model.train()
     set_bn_eval(model)
     optimizer = torch.optim.AdamW(_param_groups(model, config), lr=config.lr)
-    epochs = epochs_for(len(samples), config)
+    if epochs is None:
+        epochs = epochs_for(len(samples), config)
+    elif epochs < 1:
+        raise ValueError("epochs must be at least 1")
     steps_per_epoch = math.ceil(len(samples) / config.batch_size)
     total = epochs * steps_per_epoch
     ema = _Ema(model, config.ema_decay, ramp_steps=total / 10)

@@ -1,21 +1,36 @@
-"""The promotion gate's pure parts: the validation split, the decision, the input shape rule."""
+"""The promotion gate: the validation split, the decision, the input shape rule, and a real
+cross-validation round on tiny synthetic images (which epochs its fold models train)."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 from backend.boxes import Boxes
+from backend.detectors.yolox import YoloxNano
 from backend.scoring import ValidationScore, score_predictions
+from backend.settings import Settings
+from backend.training import gate as gate_module
 from backend.training.gate import (
     GateConfig,
+    LabeledImage,
     decide,
     score_dict,
     time_saved_confidence,
     validation_split,
 )
-from backend.training.yolox_train import YoloxTrainConfig, epochs_for, input_shape_for
+from backend.training.samples import TrainSample
+from backend.training.yolox_train import (
+    YoloxTrainConfig,
+    epochs_for,
+    input_shape_for,
+    train_yolox,
+)
 
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7)
 
@@ -210,3 +225,78 @@ def test_epochs_follow_the_data_size() -> None:
     config = YoloxTrainConfig(image_visits=600, min_epochs=8, max_epochs=30)
     assert epochs_for(10, config) == 30 and epochs_for(60, config) == 10
     assert epochs_for(1000, config) == 8
+
+
+# ------------------------------------------------------------------ cross-validation folds
+def _rectangle_images(n: int) -> list[LabeledImage]:
+    """``n`` 64×64 grey images, each with one coloured rectangle of class ``i % 2``."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        pixels = np.full((64, 64, 3), 114, np.uint8)
+        x, y = (int(v) for v in rng.integers(4, 30, 2))
+        pixels[y : y + 24, x : x + 24] = (200, 40, 40) if i % 2 else (40, 40, 200)
+        boxes = Boxes(np.array([[x, y, x + 24, y + 24]], np.float32), np.array([i % 2]), (64, 64))
+        items.append(LabeledImage(key=i, image=Image.fromarray(pixels), boxes=boxes))
+    return items
+
+
+@pytest.mark.parametrize("fold_epochs", ["candidate", "by_size"])
+def test_cross_validation_folds_train_the_epochs_the_gate_says(
+    fold_epochs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real round in cross-validation mode (fresh 2-class YOLOX-Nano, 64 px input): each fold
+    model runs the candidate's epochs under ``"candidate"`` (half the steps on half the data),
+    and its own data size's under ``"by_size"`` (here twice as many)."""
+    torch.set_num_threads(1)
+    calls: list[tuple[int, int | None]] = []
+    real_train = gate_module.train_yolox
+
+    def recording_train(samples, init, config, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((len(samples), kwargs.get("epochs")))
+        return real_train(samples, init, config, **kwargs)
+
+    monkeypatch.setattr(gate_module, "train_yolox", recording_train)
+    labeled = _rectangle_images(6)
+    train_config = YoloxTrainConfig(
+        image_visits=24, min_epochs=1, max_epochs=30, input_area=64 * 64, min_side=64,
+        batch_size=4, threads=1,
+    )  # fmt: skip
+    gate = GateConfig(cv_below=30, cv_fold_epochs=fold_epochs, sign_flip_samples=50)
+    outcome = gate_module.run_round(
+        labeled,
+        ["a", "b"],
+        init=YoloxNano(num_classes=2).eval(),
+        serving_predict=None,
+        directory=tmp_path / "v1",
+        metadata={"version": "v1", "labels": ["a", "b"]},
+        settings=Settings(data_dir=tmp_path / "data", num_threads=1),
+        train_config=train_config,
+        gate=gate,
+    )
+    assert outcome.mode == "2-fold cross-validation" and outcome.n_validation == 6
+    *folds, (n_candidate, candidate_epochs) = calls
+    assert n_candidate == 6 and candidate_epochs is None
+    assert len(folds) == 2 and sum(n for n, _ in folds) == 6
+    expected = epochs_for(6, train_config)  # 4: 24 visits over 6 images
+    for n_fold, epochs in folds:
+        if fold_epochs == "candidate":
+            assert epochs == expected
+        else:
+            assert epochs is None and epochs_for(n_fold, train_config) > expected
+
+
+def test_an_epochs_override_sets_the_schedule() -> None:
+    torch.set_num_threads(1)
+    messages: list[str] = []
+    config = YoloxTrainConfig(
+        image_visits=600, input_area=64 * 64, min_side=64, batch_size=4, threads=1
+    )
+    samples = [TrainSample(item.image, item.boxes) for item in _rectangle_images(4)]
+    train_yolox(
+        samples, YoloxNano(num_classes=2).eval(), config, epochs=2,
+        progress=lambda _f, m: messages.append(m),
+    )  # fmt: skip
+    assert len(messages) == 2 and messages[-1].startswith("epoch 2/2")
+    with pytest.raises(ValueError, match="epochs"):
+        train_yolox(samples, YoloxNano(num_classes=2).eval(), config, epochs=0)
