@@ -194,7 +194,12 @@ def _models_fetch(args: argparse.Namespace) -> int:
         return 0
     try:
         info = fetch_model(
-            settings, args.url, force=args.force, timeout_s=args.timeout, quiet=args.quiet
+            settings,
+            args.url,
+            force=args.force,
+            timeout_s=args.timeout,
+            quiet=args.quiet,
+            sha256=args.sha256,
         )
     except ModelFetchError as exc:
         print(f"boxloop models fetch: error: {exc}", file=sys.stderr)
@@ -337,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fetch.add_argument(
         "--force", action="store_true", help="fetch even if a verified model is there"
+    )
+    fetch.add_argument(
+        "--sha256",
+        help="refuse a file with another sha256 (hex; default BOXLOOP_MODEL_SHA256, unset)",
     )
     fetch.add_argument(
         "--if-missing",

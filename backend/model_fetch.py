@@ -12,6 +12,10 @@ after it verified: size within bounds, loads as ONNX and passes ``onnx.checker``
 ``(1, A, 85)`` with ``A`` the anchor points of strides 8/16/32 (a YOLOX COCO head). A wrong file (an
 HTML error page, a truncated download, another model) raises :class:`ModelFetchError` and leaves
 nothing behind; an existing model is kept.
+
+With a pin (``--sha256`` or ``BOXLOOP_MODEL_SHA256``) the file must also have that sha256, and an
+installed model with another digest is fetched again. There is no default pin: this machine
+cannot reach the release to read its digest, and a pin nobody checked would refuse the real file.
 """
 
 from __future__ import annotations
@@ -318,6 +322,7 @@ def fetch_model(
     force: bool = False,
     timeout_s: float = 60.0,
     quiet: bool = False,
+    sha256: str | None = None,
     log: Any = None,
 ) -> ModelInfo:
     """Download, verify and install the YOLOX model into ``settings.fetched_onnx_model_path``.
@@ -325,9 +330,11 @@ def fetch_model(
     ``url`` defaults to ``settings.model_url``; ``file://`` URLs and plain paths are copied. An
     existing model that verifies is kept unless ``force``. On any error nothing new is left on
     disk (no partial file, no new empty directory) and :class:`ModelFetchError` is raised.
+    ``sha256`` (default ``settings.model_sha256``) pins the file's digest.
     """
     say = log or (lambda message: print(message, file=sys.stderr))
     url = url or settings.model_url
+    pin = _normalised_pin(sha256 or settings.model_sha256)
     target = settings.fetched_onnx_model_path
     names_path = target.parent / "coco_classes.txt"
     if target.is_file() and not force:
@@ -336,6 +343,13 @@ def fetch_model(
         except ModelFetchError as exc:
             say(f"the model already at {target} does not verify ({exc}); fetching it again")
         else:
+            if pin is not None and info.sha256 != pin:
+                say(f"the model already at {target} has sha256 {info.sha256}, not the pinned "
+                    f"{pin}; fetching it again")  # fmt: skip
+                return fetch_model(
+                    settings, url, force=True, timeout_s=timeout_s, quiet=quiet, sha256=pin,
+                    log=log,
+                )  # fmt: skip
             if not names_path.is_file():
                 _write_atomic_text(names_path, "\n".join(COCO_CLASSES) + "\n")
             say(f"{target} is already present and verified (use --force to fetch it again)")
@@ -352,6 +366,11 @@ def fetch_model(
         say(f"fetching {url} -> {target}")
         _download(url, tmp_model, timeout_s=timeout_s, quiet=quiet)
         info = verify_onnx_model(tmp_model, name=f"the file from {url}")
+        if pin is not None and info.sha256 != pin:
+            raise ModelFetchError(
+                f"the file from {url} has sha256 {info.sha256}, not the pinned {pin} "
+                "(another release, or a tampered or corrupted download)"
+            )
         _write_atomic_text(names_path, "\n".join(COCO_CLASSES) + "\n")
         os.chmod(tmp_model, 0o644)
         os.replace(tmp_model, target)
@@ -370,6 +389,15 @@ def fetch_model(
         f"input {info.input_size[0]}×{info.input_size[1]}, output {info.output_shape})"
     )
     return ModelInfo(**{**asdict(info), "path": str(target)})
+
+
+def _normalised_pin(pin: str | None) -> str | None:
+    if pin is None or not pin.strip():
+        return None
+    pin = pin.strip().lower()
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise ModelFetchError(f"the sha256 pin {pin!r} is not 64 hex digits")
+    return pin
 
 
 def _write_atomic_text(path: Path, text: str) -> None:

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         DEFAULT_MODEL_URL,
         description="Where `boxloop models fetch` gets the COCO YOLOX-Nano ONNX model (URL or file).",
     )
+    model_sha256: str | None = Field(
+        None,
+        description=(
+            "Pin for `boxloop models fetch`: the file's sha256 (hex). A download with another "
+            "digest is refused and nothing is installed. Unset: size and format are verified."
+        ),
+    )
 
     # --- training ------------------------------------------------------------------------------
     train_after_new_annotations: int = Field(

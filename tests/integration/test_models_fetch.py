@@ -9,6 +9,7 @@ message and leave nothing behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -308,3 +309,30 @@ def test_cli_subprocess_exit_code_on_404(server: _Server, tmp_path: Path) -> Non
     assert proc.returncode == 1
     assert "boxloop models fetch: error:" in proc.stderr and "HTTP 404" in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_sha256_pin_refuses_another_file_and_refetches_a_mismatched_install(
+    server: _Server, data_dir: Path, shared_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = server.url("/download/yolox_nano.onnx")
+    digest = hashlib.sha256(server.model).hexdigest()
+    wrong_pin = "0" * 64
+    assert main(["models", "fetch", "--url", url, "--quiet", "--sha256", wrong_pin]) == 1
+    err = capsys.readouterr().err
+    assert f"has sha256 {digest}, not the pinned {wrong_pin}" in err
+    assert _files(data_dir) == []
+    assert main(["models", "fetch", "--url", url, "--quiet", "--sha256", "xyz"]) == 1
+    assert "is not 64 hex digits" in capsys.readouterr().err
+
+    assert main(["models", "fetch", "--url", url, "--quiet", "--sha256", digest.upper()]) == 0
+    assert json.loads(capsys.readouterr().out)["sha256"] == digest
+    target = Settings(data_dir=data_dir).fetched_onnx_model_path
+    assert target.read_bytes() == server.model
+
+    # An installed model with another digest than the pin is fetched again, and the fetch
+    # fails (nothing changes) when the source has the other digest too.
+    hits = len(server.hits)
+    assert main(["models", "fetch", "--url", url, "--quiet", "--sha256", wrong_pin]) == 1
+    err = capsys.readouterr().err
+    assert "fetching it again" in err and "not the pinned" in err
+    assert len(server.hits) > hits and target.read_bytes() == server.model
