@@ -520,7 +520,9 @@ def evaluate_labeling(
     maps = np.stack([i.maps for i in train])
     net, history = train_top(maps, y_train, pconfig)
     if labeling == COMBINED:
-        export_predictor(net, model_dir / f"{labeling}_seed{seed}.onnx", size=pconfig.size)
+        export_predictor(
+            net, model_dir / f"{labeling}_seed{seed}.onnx", size=pconfig.size, view=pconfig.view
+        )
     result["train_seconds"] = round(history.seconds, 1)
     result["train_loss"] = history.loss
 

@@ -20,6 +20,7 @@ from backend.utility.predictor import (
     _Probabilities,
     class_weights,
     export_predictor,
+    predictor_view,
     train_top,
 )
 
@@ -101,3 +102,38 @@ def test_a_predictor_exported_with_float_input_is_still_served(tmp_path: Path) -
     assert new.encoder.takes_pixels and not old.encoder.takes_pixels
     images = [_scene(i, blur=i % 3 == 0) for i in range(6)] + [_scene(9, False).convert("L")]
     assert np.allclose(new.predict_proba(images), old.predict_proba(images), atol=1e-5)
+
+
+def test_crop_view_keeps_the_centre_pixels_at_their_own_scale() -> None:
+    image = _scene(3, blur=False)  # 128 × 96
+    crop = predictor_view(image, "crop", 64)
+    assert crop.size == (64, 64)
+    assert np.array_equal(np.asarray(crop), np.asarray(image)[16:80, 32:96])
+    assert predictor_view(image, "resize", 64) is image
+    small = predictor_view(image, "crop", 120)  # short side 96 < 120: enlarged to 160 × 120 first
+    assert small.size == (120, 120)
+    with pytest.raises(ValueError, match="view must be one of"):
+        predictor_view(image, "tile", 64)
+    with pytest.raises(ValueError, match="view must be one of"):
+        PredictorConfig(view="tile")
+
+
+def test_a_crop_view_predictor_trains_and_serves_on_the_same_view(tmp_path: Path) -> None:
+    """The trunk maps it trains on and the served answers both read the centre crop: served
+    probabilities equal eager PyTorch's on the crops, and the sidecar carries the view."""
+    config = PredictorConfig(epochs=2, batch_size=8, size=64, view="crop", threads=1)
+    images = [_scene(i, blur=i % 2 == 0) for i in range(8)]
+    trunk = TrunkEncoder(tmp_path, config)
+    maps = trunk.encode(images)
+    net, _ = train_top(maps, np.array([i % 2 for i in range(8)]), config)
+    path = export_predictor(net, tmp_path / "crop.onnx", size=64, view="crop")
+    predictor = UtilityPredictor(path, num_threads=1)
+    assert predictor.view == "crop"
+    mean, std = imagenet_normalization()
+    crops = [predictor_view(im, "crop", 64) for im in images]
+    batch = torch.from_numpy(preprocess(crops, (64, 64), mean, std))
+    with torch.no_grad():
+        eager = torch.softmax(net(batch), dim=1)[:, 1].numpy()
+        trunk_eager = net.trunk(batch).numpy()
+    assert np.allclose(predictor.predict_proba(images), eager, atol=1e-4)
+    assert np.allclose(maps.astype(np.float32), trunk_eager, atol=2e-2)
