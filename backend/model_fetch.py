@@ -340,16 +340,11 @@ def fetch_model(
     if target.is_file() and not force:
         try:
             info = verify_onnx_model(target)
+            if pin is not None and info.sha256 != pin:
+                raise ModelFetchError(f"its sha256 {info.sha256} is not the pinned {pin}")
         except ModelFetchError as exc:
             say(f"the model already at {target} does not verify ({exc}); fetching it again")
         else:
-            if pin is not None and info.sha256 != pin:
-                say(f"the model already at {target} has sha256 {info.sha256}, not the pinned "
-                    f"{pin}; fetching it again")  # fmt: skip
-                return fetch_model(
-                    settings, url, force=True, timeout_s=timeout_s, quiet=quiet, sha256=pin,
-                    log=log,
-                )  # fmt: skip
             if not names_path.is_file():
                 _write_atomic_text(names_path, "\n".join(COCO_CLASSES) + "\n")
             say(f"{target} is already present and verified (use --force to fetch it again)")
