@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from backend.active import noisy_box_weights
 from backend.box_queries import unverified_boxes
 from backend.boxes import Boxes
 from backend.detectors.yolox import load_coco_yolox_nano
-from backend.images import ImageError, image_source_for, load_image
+from backend.images import ImageError, ImageSource, image_source_for, load_image
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfig,
@@ -38,6 +39,7 @@ from backend.training import (
     save_model_version,
     train_detector,
 )
+from backend.training.calibration import unlabeled_sample
 from backend.training.gate import GateConfig, LabeledImage, run_round
 from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
 
@@ -71,16 +73,8 @@ class GatheredSamples:
     skipped: dict[str, int]
 
 
-def gather_samples(
-    settings: Settings, store: Store, project: Project, config: LabelConfig
-) -> GatheredSamples:
-    """Each annotated task's image and its newest annotation's boxes.
-
-    The boxes are the ones the store parsed at ingest (``Annotation.boxes``), rescaled when the
-    image has another size than the one the annotator saw; an annotation the store could not
-    parse is skipped and counted, never re-parsed here.
-    """
-    source = image_source_for(
+def _image_source(settings: Settings, project: Project) -> ImageSource:
+    return image_source_for(
         label_studio_url=settings.label_studio_url,
         setup_hostname=project.hostname,
         token=settings.label_studio_token.get_secret_value()
@@ -92,6 +86,47 @@ def gather_samples(
         timeout_s=settings.image_fetch_timeout_s,
         allowed_hosts=settings.allowed_image_hosts,  # as serving: images from allowed hosts
     )
+
+
+def unannotated_images(
+    settings: Settings,
+    store: Store,
+    project: Project,
+    config: LabelConfig,
+    annotated: set[int],
+    limit: int,
+) -> list[Image.Image]:
+    """Up to ``limit`` images of tasks nobody annotated yet, picked by a hash of the task id.
+
+    The gate carries its threshold to the candidate's score scale on them
+    (:mod:`backend.training.calibration`); a task whose image does not load is left out.
+    """
+    tasks = [(t, data) for t, data in store.list_tasks(project.id) if t not in annotated]
+    source = _image_source(settings, project)
+    images: list[Image.Image] = []
+    for index in unlabeled_sample([t for t, _ in tasks], 2 * limit):  # spares for failed loads
+        reference = tasks[index][1].get(config.image_key)
+        if not isinstance(reference, str):
+            continue
+        try:
+            images.append(load_image(reference, source))
+        except ImageError as exc:
+            log.warning("task %s: not used to match box counts: %s", tasks[index][0], exc.message)
+        if len(images) >= limit:
+            break
+    return images
+
+
+def gather_samples(
+    settings: Settings, store: Store, project: Project, config: LabelConfig
+) -> GatheredSamples:
+    """Each annotated task's image and its newest annotation's boxes.
+
+    The boxes are the ones the store parsed at ingest (``Annotation.boxes``), rescaled when the
+    image has another size than the one the annotator saw; an annotation the store could not
+    parse is skipped and counted, never re-parsed here.
+    """
+    source = _image_source(settings, project)
     skipped = {"no_task_data": 0, "image_error": 0, "parse_error": 0}
     samples: list[TrainSample] = []
     task_ids: list[int] = []
@@ -250,6 +285,13 @@ def _train_yolox_round(
     coco_model, coco_names = load_coco_yolox_nano(Path(onnx_path))
     init = initial_yolox(coco_model, coco_names, config.labels)
     gate = GateConfig.from_settings(settings)
+    unlabeled: list[Image.Image] = []
+    if len(gathered.samples) < gate.cv_below:  # a cross-validation round: match box counts
+        project = store.get_project(project_id)
+        if project is not None:
+            unlabeled = unannotated_images(
+                settings, store, project, config, set(gathered.task_ids), gate.calibration_images
+            )
     outcome = run_round(
         [
             LabeledImage(task_id, load_sample_image(sample), sample.boxes, sample.box_weights)
@@ -263,6 +305,7 @@ def _train_yolox_round(
         settings=settings,
         train_config=YoloxTrainConfig.from_settings(settings),
         gate=gate,
+        unlabeled=unlabeled,
         progress=progress,
     )
     return outcome.metrics()

@@ -103,8 +103,17 @@ class ProductLoop:
             return None
         return self.serving.detector.predict(list(images))
 
-    def round(self, items: Sequence[tuple[str, Image.Image, Boxes]], number: int) -> RoundOutcome:
-        """Train on every labelled image, gate, and swap the candidate in if promoted."""
+    def round(
+        self,
+        items: Sequence[tuple[str, Image.Image, Boxes]],
+        number: int,
+        unlabeled: Sequence[Image.Image] = (),
+    ) -> RoundOutcome:
+        """Train on every labelled image, gate, and swap the candidate in if promoted.
+
+        ``unlabeled``: pool images not labelled yet, on which a cross-validation round carries
+        its threshold to the candidate (as the training job does with unannotated tasks).
+        """
         serving = self.serving.detector
         directory = self.workdir / f"v{number}"
         outcome = run_round(
@@ -119,6 +128,7 @@ class ProductLoop:
                 self.yolox_overrides, seed=self.seed * 1000 + number, threads=self.threads
             ),
             gate=self.gate,
+            unlabeled=unlabeled,
         )
         self.rounds.append(outcome)
         if outcome.promoted:

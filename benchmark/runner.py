@@ -53,6 +53,7 @@ from backend.ordering import batches, order_pool
 from backend.scoring import evaluate_map
 from backend.settings import load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
+from backend.training.calibration import unlabeled_sample
 from benchmark.config import (
     PRETRAINED,
     Approach,
@@ -389,6 +390,11 @@ def run_one(
             if k > 0:
                 say(f"B{k + 1}: train and gate a candidate on {len(labeled)} images")
                 start = time.perf_counter()
+                done = set(labeled)
+                rest = [i for i in range(len(pool)) if i not in done]
+                picked = unlabeled_sample(
+                    [pool.samples[i].image_id for i in rest], loop.gate.calibration_images
+                )
                 outcome = loop.round(
                     [
                         (
@@ -399,6 +405,7 @@ def run_one(
                         for i in labeled
                     ],
                     k,
+                    prepared.pool_images([rest[j] for j in picked]),
                 )
                 record["seconds"]["train"] = time.perf_counter() - start
                 seconds["train"] += record["seconds"]["train"]

@@ -31,7 +31,11 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
    holds :attr:`GateConfig.min_slice` images.
 
 A promoted version serves at its chosen threshold; one whose best threshold still costs more
-than drawing by hand serves no boxes (``serves_boxes`` false). The harness calls
+than drawing by hand serves no boxes (``serves_boxes`` false). In a cross-validation round the
+threshold was chosen on the fold models' scores, which run lower than the candidate's (half the
+steps); given unannotated images, the round serves the candidate at the score that keeps as many
+boxes on them as the fold models kept at the chosen threshold
+(:mod:`backend.training.calibration`). The harness calls
 :func:`run_round` exactly as the training job does.
 """
 
@@ -57,6 +61,7 @@ from backend.detectors.versions import (
 from backend.detectors.yolox import YoloxNano
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import Settings
+from backend.training.calibration import CountMatch, count_matched_threshold
 from backend.training.samples import TrainSample
 from backend.training.yolox_train import (
     YoloxTrainConfig,
@@ -103,6 +108,9 @@ class GateConfig:
     confidence: float = 0.9
     sign_flip_samples: int = 2000
     salt: str = "boxloop-validation"
+    #: Unannotated images on which a cross-validation round carries its threshold over to the
+    #: candidate's score scale (:mod:`backend.training.calibration`); 0 keeps it as chosen.
+    calibration_images: int = 32
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
@@ -117,6 +125,8 @@ class GateConfig:
             raise ValueError("confidence must be in [0, 1)")
         if self.sign_flip_samples < 1:
             raise ValueError("sign_flip_samples must be at least 1")
+        if self.calibration_images < 0:
+            raise ValueError("calibration_images must be at least 0")
 
     @property
     def min_slice(self) -> int:
@@ -168,22 +178,26 @@ class RoundOutcome:
     n_train: int
     n_validation: int
     mode: str
-    epochs_note: str = ""
+    #: How a cross-validation round carried its threshold to the candidate (None: it did not).
+    calibration: CountMatch | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
+        validation: dict[str, Any] = {
+            "mode": self.mode,
+            "n_train": self.n_train,
+            "n_validation": self.n_validation,
+            "candidate": score_dict(self.candidate_score),
+            "serving": score_dict(self.serving_score),
+        }
+        if self.calibration is not None:
+            validation["calibration"] = self.calibration.to_dict()
         return {
             "status": "promoted" if self.promoted else "rejected",
             "reason": self.reason,
             "score_threshold": self.threshold,
             "serves_boxes": self.serves_boxes,
-            "validation": {
-                "mode": self.mode,
-                "n_train": self.n_train,
-                "n_validation": self.n_validation,
-                "candidate": score_dict(self.candidate_score),
-                "serving": score_dict(self.serving_score),
-            },
+            "validation": validation,
         }
 
 
@@ -332,14 +346,19 @@ def run_round(
     settings: Settings,
     train_config: YoloxTrainConfig,
     gate: GateConfig,
+    unlabeled: Sequence[Image.Image] = (),
     progress: ProgressFn | None = None,
 ) -> RoundOutcome:
     """Train a candidate from ``init`` on ``labeled``, write it to ``directory`` and judge it.
 
     ``serving_predict`` predicts with the serving version down to ``gate.score_floor`` (None:
-    nothing serves, i.e. drawing by hand). The candidate's directory gets the decision, both
-    scores and the chosen threshold in its metadata whatever the outcome, so a rejected
-    candidate stays inspectable on disk.
+    nothing serves, i.e. drawing by hand). ``unlabeled``: images of tasks nobody annotated yet
+    (at most ``gate.calibration_images`` are used; pick them with
+    :func:`backend.training.calibration.unlabeled_sample`); a cross-validation round serves the
+    candidate at the score that gives it as many boxes on them as the fold models gave at the
+    chosen threshold. The candidate's directory gets the decision, both scores and the chosen
+    threshold in its metadata whatever the outcome, so a rejected candidate stays inspectable
+    on disk.
     """
     if not labeled:
         raise ValueError("no annotated images to train on")
@@ -353,6 +372,9 @@ def run_round(
         detector = load_version_detector(directory, settings, score_floor=gate.score_floor)
         return detector.predict(list(images))
 
+    calibration_set = list(unlabeled[: gate.calibration_images])
+    fold_on_unlabeled: list[list[Boxes]] = []  # per fold model, on calibration_set
+    candidate_on_unlabeled: list[Boxes] = []
     if len(labeled) < gate.cv_below:
         # Cross-validation: every image predicted by a fold model that did not see it.
         mode = f"{gate.cv_folds}-fold cross-validation"
@@ -379,10 +401,14 @@ def run_round(
                     epochs=fold_epochs,
                 )
             fold_preds = candidate_predict(
-                fold_model, [labeled[i].image for i in held], f"cv-fold-{fold}"
+                fold_model,
+                [labeled[i].image for i in held] + calibration_set,
+                f"cv-fold-{fold}",
             )
-            for i, p in zip(held, fold_preds, strict=True):
+            for i, p in zip(held, fold_preds[: len(held)], strict=True):
                 preds[i] = p
+            if fold_model is not init:
+                fold_on_unlabeled.append(fold_preds[len(held) :])
         say(0.5, "training on every annotated image")
         candidate = train_yolox(
             _samples(labeled),
@@ -393,6 +419,9 @@ def run_round(
         )
         candidate_preds = [p for p in preds if p is not None]
         n_train = len(labeled)
+        if calibration_set and fold_on_unlabeled:
+            say(0.9, f"matching box counts on {len(calibration_set)} unannotated images")
+            candidate_on_unlabeled = candidate_predict(candidate, calibration_set, "calibration")
     else:
         mode = "validation slice"
         train_idx, val_index = validation_split(keys, gate)
@@ -418,6 +447,12 @@ def run_round(
     serving_score = _score(val_gts, serving_preds, labels, gate)
     promoted, reason = decide(candidate_score, serving_score, gate)
     threshold = candidate_score.best_threshold
+    calibration: CountMatch | None = None
+    if fold_on_unlabeled and candidate_on_unlabeled:
+        calibration = count_matched_threshold(
+            fold_on_unlabeled, candidate_on_unlabeled, threshold, floor=gate.score_floor
+        )
+        threshold = calibration.threshold
     outcome = RoundOutcome(
         directory=Path(directory),
         candidate=candidate,
@@ -431,6 +466,7 @@ def run_round(
         n_train=n_train,
         n_validation=len(val_index),
         mode=mode,
+        calibration=calibration,
     )
     record = {
         **metadata,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from backend.boxes import Boxes
+from backend.detectors.versions import load_version_detector
 from backend.service import BoxloopService
 from backend.settings import Settings
 from backend.training.gate import GateConfig, validation_split
@@ -54,8 +55,7 @@ def _service(tmp_path: Path, image_root: Path, **extra: object) -> BoxloopServic
         onnx_model_path=model,
         num_threads=2,
         yolox_input_area=320 * 240,
-        gate_cv_below=4,
-        **extra,
+        **{"gate_cv_below": 4, **extra},
     )
     return BoxloopService(settings)
 
@@ -152,5 +152,43 @@ def test_a_candidate_for_a_new_class_is_promoted_and_serves_at_its_threshold(
         assert all(
             float(p.scores.min()) >= record["score_threshold"] for p in predictions if len(p)
         )
+    finally:
+        service.close()
+
+
+def test_a_cross_validation_round_carries_its_threshold_on_unannotated_tasks(
+    tmp_path: Path,
+) -> None:
+    """12 annotated raccoon tasks (a cross-validation round) and 8 nobody annotated: the job
+    loads the 8, and the new version serves at the score that gives it as many boxes on them as
+    the fold models gave at the threshold the gate chose."""
+    root = shared_data_dir() / "voc" / "raccoon"
+    if not root.is_dir():
+        pytest.skip(f"raccoon subset not at {root}")
+    dataset = load_dataset(f"voc:{root}")
+    labels = list(dataset.labels)
+    annotated = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:12]]
+    unannotated = dataset.samples[12:20]
+    service = _service(tmp_path, root, yolox_image_visits=120, gate_cv_below=30)
+    try:
+        service.setup(7, _label_config(labels))
+        _annotate(service, 7, annotated, labels)
+        service.store.upsert_tasks(
+            7, [(100 + i, {"image": str(s.image_path)}) for i, s in enumerate(unannotated)]
+        )
+        record = _train(service, 7)
+        assert record["validation"]["mode"] == "2-fold cross-validation", record
+        match = record["validation"]["calibration"]
+        assert match["images"] == 8
+        assert match["reference_threshold"] == record["validation"]["candidate"]["best_threshold"]
+        assert record["score_threshold"] == match["threshold"]
+        assert match["reference_boxes_per_image"] > 0, "the fold models kept no raccoon box"
+        # the version itself, reloaded, keeps the matched count on those 8 images
+        directory = service.settings.models_dir / "project-7" / record["version"]
+        detector = load_version_detector(directory, service.settings, score_floor=0.05)
+        predictions = detector.predict([s.load_image() for s in unannotated])
+        kept = sum(int((p.scores >= match["threshold"]).sum()) for p in predictions if len(p))
+        assert kept == round(match["boxes_per_image"] * 8)
+        assert abs(kept - match["reference_boxes_per_image"] * 8) <= 0.5
     finally:
         service.close()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from backend.boxes import Boxes
+from backend.detectors.versions import load_version_detector
 from backend.detectors.yolox import YoloxNano
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import Settings
@@ -300,3 +301,68 @@ def test_an_epochs_override_sets_the_schedule() -> None:
     assert len(messages) == 2 and messages[-1].startswith("epoch 2/2")
     with pytest.raises(ValueError, match="epochs"):
         train_yolox(samples, YoloxNano(num_classes=2).eval(), config, epochs=0)
+
+
+def test_a_cross_validation_round_serves_the_candidate_at_the_fold_models_box_count(
+    tmp_path: Path,
+) -> None:
+    """With unannotated images given, a cross-validation round records how it carried the chosen
+    threshold to the candidate and serves at the carried one; the recorded box count is the
+    candidate's own (reloaded from disk, it predicts them again). Models this small learn too
+    little to find the rectangles, so whether the counts match on real boxes is tested on
+    raccoon photos in tests/integration/test_promotion_gate.py."""
+    torch.set_num_threads(1)
+    labeled = _rectangle_images(10)
+    unlabeled = [item.image for item in _rectangle_images(16)[10:]]
+    train_config = YoloxTrainConfig(
+        image_visits=40, min_epochs=1, max_epochs=30, input_area=64 * 64, min_side=64,
+        batch_size=4, threads=1,
+    )  # fmt: skip
+    gate = GateConfig(cv_below=30, sign_flip_samples=50, score_floor=0.01)
+    settings = Settings(data_dir=tmp_path / "data", num_threads=1)
+    outcome = gate_module.run_round(
+        labeled,
+        ["a", "b"],
+        init=YoloxNano(num_classes=2).eval(),
+        serving_predict=None,
+        directory=tmp_path / "v1",
+        metadata={"version": "v1", "labels": ["a", "b"]},
+        settings=settings,
+        train_config=train_config,
+        gate=gate,
+        unlabeled=unlabeled,
+    )
+    match = outcome.calibration
+    assert match is not None and match.images == 6
+    assert match.reference_threshold == outcome.candidate_score.best_threshold
+    assert outcome.threshold == match.threshold
+    record = outcome.metrics()
+    assert record["score_threshold"] == match.threshold
+    assert record["validation"]["calibration"]["reference_threshold"] == match.reference_threshold
+    detector = load_version_detector(tmp_path / "v1", settings, score_floor=gate.score_floor)
+    again = detector.predict(unlabeled)
+    kept = sum(int((p.scores >= match.threshold).sum()) for p in again if p.scores is not None)
+    assert kept == round(match.boxes_per_image * 6)
+
+
+def test_a_validation_slice_round_needs_no_carrying_over(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    train_config = YoloxTrainConfig(
+        image_visits=8, min_epochs=1, max_epochs=1, input_area=64 * 64, min_side=64,
+        batch_size=4, threads=1,
+    )  # fmt: skip
+    outcome = gate_module.run_round(
+        _rectangle_images(8),
+        ["a", "b"],
+        init=YoloxNano(num_classes=2).eval(),
+        serving_predict=None,
+        directory=tmp_path / "v1",
+        metadata={"version": "v1", "labels": ["a", "b"]},
+        settings=Settings(data_dir=tmp_path / "data", num_threads=1),
+        train_config=train_config,
+        gate=GateConfig(cv_below=4, sign_flip_samples=50),
+        unlabeled=[item.image for item in _rectangle_images(3)],
+    )
+    assert outcome.mode == "validation slice" and outcome.calibration is None
+    assert outcome.threshold == outcome.candidate_score.best_threshold
+    assert "calibration" not in outcome.metrics()["validation"]
