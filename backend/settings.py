@@ -154,6 +154,13 @@ class Settings(BaseSettings):
         "that a candidate saves annotation time, needed to promote it (0: any point gain "
         "promotes).",
     )
+    gate_calibration_images: int = Field(
+        32,
+        ge=0,
+        description="Unannotated tasks' images on which a cross-validation round carries its "
+        "threshold from the fold models' scores to the candidate's, by matching box counts "
+        "(0: serve at the threshold chosen on the fold models).",
+    )
 
     # --- features & ordering -------------------------------------------------------------------
     feature_extractor: str = "imgnet_effnet_lite0"

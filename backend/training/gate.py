@@ -148,6 +148,7 @@ class GateConfig:
             cv_below=settings.gate_cv_below,
             prefer_threshold=settings.score_threshold,
             confidence=settings.gate_confidence,
+            calibration_images=settings.gate_calibration_images,
         )
 
 
