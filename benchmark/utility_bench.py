@@ -94,7 +94,11 @@ class UtilityBenchConfig:
         labelers: input sizes of the labeling YOLOX-Nanos (416 = the shared ONNX file).
         unused_size: input size of the detector that labels nothing and is filtered for.
         seeds: each a different split and initialisation.
-        test_fraction: share of each dataset's source images held out.
+        test_fraction: share of each dataset's source images held out (``folds`` 0).
+        folds: 0, one split per seed (``test_fraction`` held out); k ≥ 2, k-fold
+            cross-validation over source images per seed: every source is tested once, by the
+            fold model that did not train on it, and the k folds' predictions are pooled before
+            accuracy and the interval are computed (k times the test images of one split).
         brisque_max_side: BRISQUE on images shrunk to this longest side (cost).
         bootstrap: cluster-bootstrap resamples for the 95 % intervals.
         random_repeats: random-filter draws averaged for the mAP comparison.
@@ -116,6 +120,7 @@ class UtilityBenchConfig:
     unused_size: int = 320
     seeds: tuple[int, ...] = (0, 1, 2)
     test_fraction: float = 0.2
+    folds: int = 0
     brisque_max_side: int = 320
     bootstrap: int = 2000
     random_repeats: int = 20
@@ -132,6 +137,8 @@ class UtilityBenchConfig:
             raise ConfigError(f"unused_size {self.unused_size} is also a labeler")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be within (0, 1), got {self.test_fraction}")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds must be 0 (one split) or at least 2, got {self.folds}")
         overlap = set(self.qualities) & set(self.heldout_qualities)
         if overlap:
             raise ConfigError(f"qualities {sorted(overlap)} are both trained on and held out")
@@ -447,16 +454,32 @@ def split_sources(items: Sequence[Item], test_fraction: float, seed: int) -> set
     """Test sources: ``test_fraction`` of each dataset's source images, at random by ``seed``."""
     rng = np.random.default_rng(seed)
     test: set[tuple[str, str]] = set()
+    for dataset, sources in sorted(_sources_by_dataset(items).items()):
+        count = max(1, round(test_fraction * len(sources)))
+        for index in rng.permutation(len(sources))[:count]:
+            test.add((dataset, sources[int(index)]))
+    return test
+
+
+def source_folds(items: Sequence[Item], folds: int, seed: int) -> list[set[tuple[str, str]]]:
+    """The test sources of each of ``folds`` folds: each dataset's source images permuted by
+    ``seed`` and dealt round-robin, so every source is in exactly one fold and each fold holds
+    about ``1/folds`` of every dataset."""
+    rng = np.random.default_rng(seed)
+    parts: list[set[tuple[str, str]]] = [set() for _ in range(folds)]
+    for dataset, sources in sorted(_sources_by_dataset(items).items()):
+        for rank, index in enumerate(rng.permutation(len(sources))):
+            parts[rank % folds].add((dataset, sources[int(index)]))
+    return parts
+
+
+def _sources_by_dataset(items: Sequence[Item]) -> dict[str, list[str]]:
     by_dataset: dict[str, list[str]] = {}
     for item in items:
         sources = by_dataset.setdefault(item.dataset, [])
         if not sources or sources[-1] != item.source:  # items come grouped by source
             sources.append(item.source)
-    for dataset, sources in sorted(by_dataset.items()):
-        count = max(1, round(test_fraction * len(sources)))
-        for index in rng.permutation(len(sources))[:count]:
-            test.add((dataset, sources[int(index)]))
-    return test
+    return by_dataset
 
 
 def cluster_bootstrap(
@@ -481,15 +504,48 @@ def _accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return float((pred == truth).mean()) if len(truth) else float("nan")
 
 
-def evaluate_labeling(
+TESTS_KEYS = ("jpeg", "png", "unseen")
+
+
+@dataclass
+class SplitPredictions:
+    """One split's test outcome for a labeling: per test (``jpeg``, ``png``, ``unseen``), each
+    method's 0/1 correctness per test item, the truths and the items' source images."""
+
+    truths: dict[str, np.ndarray]
+    correct: dict[str, dict[str, np.ndarray]]  # method → test → 0/1 per item
+    clusters: dict[str, np.ndarray]
+    predictor_jpeg: np.ndarray  # the predictor's 0/1 on the JPEG test (its drop rate)
+
+    @classmethod
+    def pooled(cls, parts: Sequence[SplitPredictions]) -> SplitPredictions:
+        """The folds' predictions as one test set (each source tested once, by its fold)."""
+
+        def cat(arrays: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(arrays) if arrays else np.zeros(0)
+
+        first = parts[0]
+        return cls(
+            truths={k: cat([p.truths[k] for p in parts]) for k in first.truths},
+            correct={
+                m: {k: cat([p.correct[m][k] for p in parts]) for k in tests}
+                for m, tests in first.correct.items()
+            },
+            clusters={k: cat([p.clusters[k] for p in parts]) for k in first.clusters},
+            predictor_jpeg=cat([p.predictor_jpeg for p in parts]),
+        )
+
+
+def fit_labeling(
     items: Sequence[Item],
     labeling: str,
     test: set[tuple[str, str]],
     seed: int,
     config: UtilityBenchConfig,
-    model_dir: Path,
-) -> tuple[dict[str, Any], UtilityNet | None]:
-    """Train and test the predictor and the baselines for one labeling (a detector or the vote)."""
+) -> tuple[dict[str, Any], UtilityNet | None, SplitPredictions | None]:
+    """Train the predictor and tune the baselines on the sources outside ``test``, and predict
+    the test sources: ``(facts, net, predictions)``; net and predictions are None when the
+    training split lacks a class or the test split is empty."""
 
     def pick(group: str, in_test: bool) -> list[Item]:
         return [
@@ -504,7 +560,7 @@ def evaluate_labeling(
     y_train = np.array([i.labels[labeling] for i in train], np.int64)
     y_test = np.array([i.labels[labeling] for i in test_items], np.int64)
     y_unseen = np.array([i.labels[labeling] for i in unseen], np.int64)
-    result: dict[str, Any] = {
+    facts: dict[str, Any] = {
         "labeling": labeling,
         "seed": seed,
         "train": len(train),
@@ -512,19 +568,18 @@ def evaluate_labeling(
         "unseen": len(unseen),
         "train_useful_share": float(y_train.mean()) if len(y_train) else float("nan"),
         "test_useful_share": float(y_test.mean()) if len(y_test) else float("nan"),
+        # over every item of the labeling's JPEG group (train + test: the same for any split)
+        "graded_mean": float(np.nanmean([i.graded[labeling] for i in train + test_items])),
+        "clipped_mean": float(np.nanmean([i.clipped[labeling] for i in train + test_items])),
     }
     if len(set(y_train.tolist())) < 2 or not len(y_test):
-        result["skipped"] = "the training split lacks one class or the test split is empty"
-        return result, None
+        facts["skipped"] = "the training split lacks one class or the test split is empty"
+        return facts, None, None
     pconfig = replace(config.predictor, seed=seed, threads=config.threads)
     maps = np.stack([i.maps for i in train])
     net, history = train_top(maps, y_train, pconfig)
-    if labeling == COMBINED:
-        export_predictor(
-            net, model_dir / f"{labeling}_seed{seed}.onnx", size=pconfig.size, view=pconfig.view
-        )
-    result["train_seconds"] = round(history.seconds, 1)
-    result["train_loss"] = history.loss
+    facts["train_seconds"] = round(history.seconds, 1)
+    facts["train_loss"] = history.loss
 
     predictions = {
         "jpeg": _top_predict(net, test_items),
@@ -532,16 +587,14 @@ def evaluate_labeling(
         "unseen": _top_predict(net, unseen),
     }
     truths = {"jpeg": y_test, "png": y_test, "unseen": y_unseen}
-    accuracy: dict[str, dict[str, float]] = {"predictor": {}}
-    correct: dict[str, dict[str, np.ndarray]] = {"predictor": {}}
-    for key, pred in predictions.items():
-        accuracy["predictor"][key] = _accuracy(pred, truths[key])
-        correct["predictor"][key] = (pred == truths[key]).astype(np.float64)
+    correct: dict[str, dict[str, np.ndarray]] = {
+        "predictor": {k: (p == truths[k]).astype(np.float64) for k, p in predictions.items()}
+    }
     rules: dict[str, Any] = {}
     for name in BASELINES:
         rule = ThresholdRule.fit(np.array([i.scores[name] for i in train]), y_train)
         rules[name] = asdict(rule)
-        accuracy[name], correct[name] = {}, {}
+        correct[name] = {}
         for key, chosen, use_png in (
             ("jpeg", test_items, False),
             ("png", test_items, True),
@@ -549,38 +602,108 @@ def evaluate_labeling(
         ):
             values = np.array([(i.png_scores if use_png else i.scores)[name] for i in chosen])
             pred = rule.predict(values) if len(chosen) else np.zeros(0, np.int64)
-            accuracy[name][key] = _accuracy(pred, truths[key])
             correct[name][key] = (pred == truths[key]).astype(np.float64)
-    drop = float((predictions["jpeg"] == 0).mean())
-    random_pred = RandomFilter(drop, seed=seed).predict(len(y_test))
-    accuracy["random"] = {"jpeg": _accuracy(random_pred, y_test)}
-    best = max(BASELINES, key=lambda b: accuracy[b]["jpeg"])
+    facts["rules"] = rules
     clusters = {
         "jpeg": np.array([f"{i.dataset}/{i.source}" for i in test_items]),
         "png": np.array([f"{i.dataset}/{i.source}" for i in test_items]),
         "unseen": np.array([f"{i.dataset}/{i.source}" for i in unseen]),
     }
+    return facts, net, SplitPredictions(truths, correct, clusters, predictions["jpeg"])
+
+
+def summarize_labeling(
+    facts: dict[str, Any], predictions: SplitPredictions, seed: int, config: UtilityBenchConfig
+) -> dict[str, Any]:
+    """Accuracy of every method on every test, the random filter at the predictor's drop rate,
+    and the cluster-bootstrap interval on predictor − best baseline (best on that test)."""
+    accuracy: dict[str, dict[str, float]] = {
+        method: {key: float(v.mean()) if len(v) else float("nan") for key, v in tests.items()}
+        for method, tests in predictions.correct.items()
+    }
+    y_test = predictions.truths["jpeg"]
+    drop = float((predictions.predictor_jpeg == 0).mean())
+    random_pred = RandomFilter(drop, seed=seed).predict(len(y_test))
+    accuracy["random"] = {"jpeg": _accuracy(random_pred, y_test)}
     intervals = {}
-    for key in ("jpeg", "png", "unseen"):
+    for key in TESTS_KEYS:
         best_here = max(BASELINES, key=lambda b: accuracy[b][key])
         mean, low, high = cluster_bootstrap(
-            correct["predictor"][key],
-            correct[best_here][key],
-            clusters[key],
+            predictions.correct["predictor"][key],
+            predictions.correct[best_here][key],
+            predictions.clusters[key],
             config.bootstrap,
             seed,
         )
         intervals[key] = {"vs": best_here, "diff": mean, "low": low, "high": high}
-    result.update(
-        accuracy=accuracy,
-        rules=rules,
-        best_baseline=best,
-        predictor_drop_rate=drop,
-        difference=intervals,
-        graded_mean=float(np.nanmean([i.graded[labeling] for i in train + test_items])),
-        clipped_mean=float(np.nanmean([i.clipped[labeling] for i in train + test_items])),
-    )
-    return result, net
+    return {
+        **facts,
+        "accuracy": accuracy,
+        "best_baseline": max(BASELINES, key=lambda b: accuracy[b]["jpeg"]),
+        "predictor_drop_rate": drop,
+        "difference": intervals,
+    }
+
+
+def evaluate_labeling(
+    items: Sequence[Item],
+    labeling: str,
+    test: set[tuple[str, str]],
+    seed: int,
+    config: UtilityBenchConfig,
+    model_dir: Path,
+) -> tuple[dict[str, Any], UtilityNet | None]:
+    """Train and test the predictor and the baselines for one labeling on one split."""
+    facts, net, predictions = fit_labeling(items, labeling, test, seed, config)
+    if net is None or predictions is None:
+        return facts, None
+    if labeling == COMBINED:
+        export_predictor(
+            net,
+            model_dir / f"{labeling}_seed{seed}.onnx",
+            size=config.predictor.size,
+            view=config.predictor.view,
+        )
+    return summarize_labeling(facts, predictions, seed, config), net
+
+
+def evaluate_labeling_folds(
+    items: Sequence[Item],
+    labeling: str,
+    folds: Sequence[set[tuple[str, str]]],
+    seed: int,
+    config: UtilityBenchConfig,
+) -> tuple[dict[str, Any], list[tuple[set[tuple[str, str]], UtilityNet]]]:
+    """k-fold cross-validation over sources: one predictor per fold, the folds' test
+    predictions pooled, then summarised as one split (each source tested once)."""
+    parts: list[SplitPredictions] = []
+    nets: list[tuple[set[tuple[str, str]], UtilityNet]] = []
+    per_fold: list[dict[str, Any]] = []
+    for test in folds:
+        facts, net, predictions = fit_labeling(items, labeling, test, seed, config)
+        per_fold.append(facts)
+        if net is None or predictions is None:
+            continue
+        parts.append(predictions)
+        nets.append((test, net))
+    if not parts:
+        return {**per_fold[0], "skipped": "no fold could be trained"}, []
+    pooled = {
+        "labeling": labeling,
+        "seed": seed,
+        "folds": len(folds),
+        "train": round(float(np.mean([f["train"] for f in per_fold]))),
+        "test": sum(f["test"] for f in per_fold if "skipped" not in f),
+        "unseen": sum(f["unseen"] for f in per_fold if "skipped" not in f),
+        "train_useful_share": float(np.mean([f["train_useful_share"] for f in per_fold])),
+        "test_useful_share": float(SplitPredictions.pooled(parts).truths["jpeg"].mean()),
+        "graded_mean": per_fold[0]["graded_mean"],
+        "clipped_mean": per_fold[0]["clipped_mean"],
+        "train_seconds": round(sum(f.get("train_seconds", 0.0) for f in per_fold), 1),
+        "folds_skipped": sum("skipped" in f for f in per_fold),
+        "rules": [f.get("rules") for f in per_fold],
+    }
+    return summarize_labeling(pooled, SplitPredictions.pooled(parts), seed, config), nets
 
 
 def filtering(
@@ -649,7 +772,11 @@ def run_utility_bench(
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache = cache_dir / "items.pkl"
     key = json.dumps(
-        {k: v for k, v in config.to_dict().items() if k not in ("seeds", "bootstrap", "output")},
+        {
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in ("seeds", "bootstrap", "output", "folds")  # stage 2 only
+        },
         sort_keys=True,
         default=str,
     )
@@ -677,15 +804,14 @@ def run_utility_bench(
     files: list[Path] = []
     summary: dict[str, Any] = {}
     for seed in config.seeds:
-        test = split_sources(items, config.test_fraction, seed)
         # the vote first: it also drives the filtering test, the most expensive row to lose
         for labeling in [COMBINED, *labelings[:-1]]:
-            result, net = evaluate_labeling(items, labeling, test, seed, config, model_dir)
-            if labeling == COMBINED and net is not None:
+            result, fold_nets = _evaluate_seed(items, labeling, seed, config, model_dir)
+            if labeling == COMBINED and fold_nets:
                 result["filtering"] = filtering(
                     items,
-                    test,
-                    lambda chosen, n=net: _top_predict(n, chosen),
+                    set().union(*(test for test, _ in fold_nets)),
+                    lambda chosen, nets=fold_nets: _fold_predict(nets, chosen),
                     seed,
                     config.random_repeats,
                     dataset_labels,
@@ -707,6 +833,40 @@ def run_utility_bench(
         (out / "results.json").write_text(json.dumps(_jsonable(summary), indent=2))
         files = [out / "results.json", *write_utility_report(out, summary, items)]
     return summary, files
+
+
+def _evaluate_seed(
+    items: Sequence[Item], labeling: str, seed: int, config: UtilityBenchConfig, model_dir: Path
+) -> tuple[dict[str, Any], list[tuple[set[tuple[str, str]], UtilityNet]]]:
+    """One seed of one labeling: one split, or ``config.folds`` folds pooled. Returns the result
+    row and each trained predictor with the test sources it predicts."""
+    if not config.folds:
+        test = split_sources(items, config.test_fraction, seed)
+        result, net = evaluate_labeling(items, labeling, test, seed, config, model_dir)
+        return result, [] if net is None else [(test, net)]
+    folds = source_folds(items, config.folds, seed)
+    result, nets = evaluate_labeling_folds(items, labeling, folds, seed, config)
+    if labeling == COMBINED:
+        for k, (_, net) in enumerate(nets):
+            export_predictor(
+                net,
+                model_dir / f"{labeling}_seed{seed}_fold{k}.onnx",
+                size=config.predictor.size,
+                view=config.predictor.view,
+            )
+    return result, nets
+
+
+def _fold_predict(
+    nets: Sequence[tuple[set[tuple[str, str]], UtilityNet]], chosen: Sequence[Item]
+) -> np.ndarray:
+    """Each item predicted by the predictor whose test sources hold it."""
+    out = np.zeros(len(chosen), np.int64)
+    for test, net in nets:
+        index = [k for k, i in enumerate(chosen) if (i.dataset, i.source) in test]
+        if index:
+            out[index] = _top_predict(net, [chosen[k] for k in index])
+    return out
 
 
 def _top_predict(net: UtilityNet, chosen: Sequence[Item], png: bool = False) -> np.ndarray:

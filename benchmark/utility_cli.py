@@ -30,6 +30,12 @@ def register(modes: Any) -> argparse.ArgumentParser:
     parser.add_argument("--dataset", action="append", help="voc:PATH | kitti:PATH | coco:PATH")
     parser.add_argument("--max-images", type=int, help="cap every dataset at N source images")
     parser.add_argument("--seeds", type=int, help="seeds 0..N-1")
+    parser.add_argument(
+        "--folds",
+        type=int,
+        help="k-fold cross-validation over source images per seed, predictions pooled (0: one "
+        "80/20 split)",
+    )
     parser.add_argument("--epochs", type=int, help="predictor training epochs")
     parser.add_argument("--threads", type=int, help="torch / onnxruntime threads")
     parser.add_argument("--quick", action="store_true", help="a small slice, one seed (CI)")
@@ -59,6 +65,8 @@ def build_utility_config(args: argparse.Namespace) -> Any:
         data["max_images"] = args.max_images
     if args.seeds is not None:
         data["seeds"] = list(range(args.seeds))
+    if args.folds is not None:
+        data["folds"] = args.folds
     if args.epochs is not None:
         data["predictor"] = {**dict(data.get("predictor", {})), "epochs": args.epochs}
     if args.threads is not None:

@@ -50,8 +50,14 @@ def write_utility_report(out: Path, summary: dict[str, Any], items: Sequence[Any
         f"training JPEG qualities {config['qualities']}; held-out qualities "
         f"{config['heldout_qualities']}; unseen distortion {config['unseen']}; labelers "
         f"YOLOX-Nano at {config['labelers']} px; unused detector YOLOX-Nano at "
-        f"{config['unused_size']} px; seeds {config['seeds']}; predictor "
-        f"{config['predictor']}.",
+        f"{config['unused_size']} px; seeds {config['seeds']}; "
+        + (
+            f"per seed, {config['folds']}-fold cross-validation over source images, the folds' "
+            "test predictions pooled (every source tested once)"
+            if config.get("folds")
+            else f"per seed, one split holding out {config['test_fraction']:.0%} of the sources"
+        )
+        + f"; predictor {config['predictor']}.",
         "",
         f"Source images with a ground-truth box found on the pristine image by at least one "
         f"labeler: {facts['sources_with_a_found_box']} of {facts['sources']}. Distorted items: "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -113,6 +115,17 @@ def test_tiny_run_writes_tables_and_plots(tmp_path: Path) -> None:
     # the cached labels are reused by a second run
     again, _ = run_utility_bench(config, progress=False)
     assert again["facts"]["items"] == summary["facts"]["items"]
+    # 2-fold cross-validation over the same cached labels: every source tested once
+    folded, _ = run_utility_bench(dataclasses.replace(config, folds=2), progress=False)
+    assert folded["facts"] == {**again["facts"], "stage1_total_seconds": ANY}
+    for row in folded["runs"]:
+        assert row.get("folds") == 2 or "skipped" in row, row
+        if "accuracy" in row:
+            defined = [i for i in train if i.labels[row["labeling"]] is not None]
+            if row["folds_skipped"] == 0:  # each defined item tested once, by its fold
+                assert row["test"] == len(defined)
+            else:
+                assert row["test"] < len(defined)
 
 
 def test_cli_quick_mode_and_flags_build_the_config() -> None:
@@ -131,3 +144,44 @@ def test_cli_quick_mode_and_flags_build_the_config() -> None:
     full = build_utility_config(parser.parse_args(["bench", "utility"]))
     assert len(full.qualities) == 9 and full.seeds == (0, 1, 2)
     assert len(full.datasets) == 3
+
+
+def test_folds_test_every_source_once_and_keep_datasets_balanced() -> None:
+    from benchmark.utility_bench import source_folds
+
+    items = [_item(d, f"s{i}") for d in ("a", "b") for i in range(10) for _ in range(3)]
+    folds = source_folds(items, 5, seed=0)
+    assert len(folds) == 5
+    every = [source for fold in folds for source in fold]
+    assert len(every) == len(set(every)) == 20
+    assert all(sum(1 for d, _ in fold if d == "a") == 2 for fold in folds)
+    assert source_folds(items, 5, seed=1) != folds
+    with pytest.raises(ConfigError, match="folds"):
+        load_utility_config({"folds": 1})
+
+
+def test_pooled_folds_are_summarised_as_one_test_set() -> None:
+    """Two folds' correctness arrays pooled: the accuracy is over all items, the interval is
+    the cluster bootstrap over every source, and the drop rate is the pooled one."""
+    from benchmark.utility_bench import BASELINES, SplitPredictions, summarize_labeling
+
+    def part(pred_ok: list[int], base_ok: list[int], drops: list[int], tag: str):
+        n = len(pred_ok)
+        tests = ("jpeg", "png", "unseen")
+        correct = {"predictor": {k: np.array(pred_ok, float) for k in tests}}
+        for b in BASELINES:
+            correct[b] = {k: np.array(base_ok, float) for k in tests}
+        clusters = {k: np.array([f"{tag}{i // 2}" for i in range(n)]) for k in tests}
+        truths = {k: np.ones(n, np.int64) for k in tests}
+        return SplitPredictions(truths, correct, clusters, np.array(drops))
+
+    one = part([1, 1, 1, 0], [1, 0, 1, 0], [1, 1, 1, 0], "x")
+    two = part([1, 1, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1], [1, 1, 0, 0, 1, 1], "y")
+    pooled = SplitPredictions.pooled([one, two])
+    config = load_utility_config({"bootstrap": 200})
+    row = summarize_labeling({"labeling": "vote", "seed": 0}, pooled, 0, config)
+    assert row["accuracy"]["predictor"]["jpeg"] == pytest.approx(7 / 10)
+    assert row["accuracy"]["brisque"]["jpeg"] == pytest.approx(4 / 10)
+    assert row["predictor_drop_rate"] == pytest.approx(3 / 10)
+    diff = row["difference"]["jpeg"]
+    assert diff["diff"] == pytest.approx(0.3) and diff["low"] <= 0.3 <= diff["high"]
