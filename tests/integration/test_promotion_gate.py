@@ -19,7 +19,7 @@ from backend.service import BoxloopService
 from backend.settings import Settings
 from backend.training.gate import GateConfig, validation_split
 from backend.training_job import run_training_job
-from benchmark.datasets import load_dataset
+from benchmark.datasets import Dataset, load_dataset
 from tests.conftest import shared_data_dir
 from tests.synthetic import ls_result
 
@@ -74,6 +74,13 @@ def _annotate(service: BoxloopService, project: int, samples: list, labels: list
         assert outcome.stored == 1, outcome
 
 
+def _raccoon() -> tuple[Path, Dataset]:
+    root = shared_data_dir() / "voc" / "raccoon"
+    if not root.is_dir():
+        pytest.skip(f"raccoon subset not at {root}")
+    return root, load_dataset(f"voc:{root}")
+
+
 def _train(service: BoxloopService, project: int) -> dict:
     job = service.store.create_job(project, "test")
     version = run_training_job(service.settings, service.store, job)
@@ -123,10 +130,7 @@ def test_a_candidate_trained_on_shuffled_labels_is_rejected_and_the_serving_vers
 def test_a_candidate_for_a_new_class_is_promoted_and_serves_at_its_threshold(
     tmp_path: Path,
 ) -> None:
-    root = shared_data_dir() / "voc" / "raccoon"
-    if not root.is_dir():
-        pytest.skip(f"raccoon subset not at {root}")
-    dataset = load_dataset(f"voc:{root}")
+    root, dataset = _raccoon()
     labels = list(dataset.labels)
     samples = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:24]]
     held_out = dataset.samples[-8:]
@@ -162,10 +166,7 @@ def test_a_cross_validation_round_carries_its_threshold_on_unannotated_tasks(
     """12 annotated raccoon tasks (a cross-validation round) and 8 nobody annotated: the job
     loads the 8, and the new version serves at the score that gives it as many boxes on them as
     the fold models gave at the threshold the gate chose."""
-    root = shared_data_dir() / "voc" / "raccoon"
-    if not root.is_dir():
-        pytest.skip(f"raccoon subset not at {root}")
-    dataset = load_dataset(f"voc:{root}")
+    root, dataset = _raccoon()
     labels = list(dataset.labels)
     annotated = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:12]]
     unannotated = dataset.samples[12:20]

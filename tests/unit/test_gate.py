@@ -242,29 +242,23 @@ def _rectangle_images(n: int) -> list[LabeledImage]:
     return items
 
 
-@pytest.mark.parametrize("fold_epochs", ["candidate", "by_size"])
-def test_cross_validation_folds_train_the_epochs_the_gate_says(
-    fold_epochs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A real round in cross-validation mode (fresh 2-class YOLOX-Nano, 64 px input): each fold
-    model runs the candidate's epochs under ``"candidate"`` (half the steps on half the data),
-    and its own data size's under ``"by_size"`` (here twice as many)."""
-    torch.set_num_threads(1)
-    calls: list[tuple[int, int | None]] = []
-    real_train = gate_module.train_yolox
-
-    def recording_train(samples, init, config, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append((len(samples), kwargs.get("epochs")))
-        return real_train(samples, init, config, **kwargs)
-
-    monkeypatch.setattr(gate_module, "train_yolox", recording_train)
-    labeled = _rectangle_images(6)
-    train_config = YoloxTrainConfig(
-        image_visits=24, min_epochs=1, max_epochs=30, input_area=64 * 64, min_side=64,
-        batch_size=4, threads=1,
+def _tiny_config(visits: int, max_epochs: int = 30) -> YoloxTrainConfig:
+    return YoloxTrainConfig(
+        image_visits=visits, min_epochs=1, max_epochs=max_epochs, input_area=64 * 64,
+        min_side=64, batch_size=4, threads=1,
     )  # fmt: skip
-    gate = GateConfig(cv_below=30, cv_fold_epochs=fold_epochs, sign_flip_samples=50)
-    outcome = gate_module.run_round(
+
+
+def _tiny_round(
+    tmp_path: Path,
+    labeled: list[LabeledImage],
+    train_config: YoloxTrainConfig,
+    gate: GateConfig,
+    unlabeled: list[Image.Image] | None = None,
+) -> gate_module.RoundOutcome:
+    """A real round from a fresh 2-class YOLOX-Nano, nothing serving."""
+    torch.set_num_threads(1)
+    return gate_module.run_round(
         labeled,
         ["a", "b"],
         init=YoloxNano(num_classes=2).eval(),
@@ -274,7 +268,28 @@ def test_cross_validation_folds_train_the_epochs_the_gate_says(
         settings=Settings(data_dir=tmp_path / "data", num_threads=1),
         train_config=train_config,
         gate=gate,
+        unlabeled=unlabeled or [],
     )
+
+
+@pytest.mark.parametrize("fold_epochs", ["candidate", "by_size"])
+def test_cross_validation_folds_train_the_epochs_the_gate_says(
+    fold_epochs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real round in cross-validation mode (fresh 2-class YOLOX-Nano, 64 px input): each fold
+    model runs the candidate's epochs under ``"candidate"`` (half the steps on half the data),
+    and its own data size's under ``"by_size"`` (here twice as many)."""
+    calls: list[tuple[int, int | None]] = []
+    real_train = gate_module.train_yolox
+
+    def recording_train(samples, init, config, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((len(samples), kwargs.get("epochs")))
+        return real_train(samples, init, config, **kwargs)
+
+    monkeypatch.setattr(gate_module, "train_yolox", recording_train)
+    train_config = _tiny_config(24)
+    gate = GateConfig(cv_below=30, cv_fold_epochs=fold_epochs, sign_flip_samples=50)
+    outcome = _tiny_round(tmp_path, _rectangle_images(6), train_config, gate)
     assert outcome.mode == "2-fold cross-validation" and outcome.n_validation == 6
     *folds, (n_candidate, candidate_epochs) = calls
     assert n_candidate == 6 and candidate_epochs is None
@@ -311,27 +326,9 @@ def test_a_cross_validation_round_serves_the_candidate_at_the_fold_models_box_co
     candidate's own (reloaded from disk, it predicts them again). Models this small learn too
     little to find the rectangles, so whether the counts match on real boxes is tested on
     raccoon photos in tests/integration/test_promotion_gate.py."""
-    torch.set_num_threads(1)
-    labeled = _rectangle_images(10)
     unlabeled = [item.image for item in _rectangle_images(16)[10:]]
-    train_config = YoloxTrainConfig(
-        image_visits=40, min_epochs=1, max_epochs=30, input_area=64 * 64, min_side=64,
-        batch_size=4, threads=1,
-    )  # fmt: skip
     gate = GateConfig(cv_below=30, sign_flip_samples=50, score_floor=0.01)
-    settings = Settings(data_dir=tmp_path / "data", num_threads=1)
-    outcome = gate_module.run_round(
-        labeled,
-        ["a", "b"],
-        init=YoloxNano(num_classes=2).eval(),
-        serving_predict=None,
-        directory=tmp_path / "v1",
-        metadata={"version": "v1", "labels": ["a", "b"]},
-        settings=settings,
-        train_config=train_config,
-        gate=gate,
-        unlabeled=unlabeled,
-    )
+    outcome = _tiny_round(tmp_path, _rectangle_images(10), _tiny_config(40), gate, unlabeled)
     match = outcome.calibration
     assert match is not None and match.images == 6
     assert match.reference_threshold == outcome.candidate_score.best_threshold
@@ -339,6 +336,7 @@ def test_a_cross_validation_round_serves_the_candidate_at_the_fold_models_box_co
     record = outcome.metrics()
     assert record["score_threshold"] == match.threshold
     assert record["validation"]["calibration"]["reference_threshold"] == match.reference_threshold
+    settings = Settings(data_dir=tmp_path / "data", num_threads=1)
     detector = load_version_detector(tmp_path / "v1", settings, score_floor=gate.score_floor)
     again = detector.predict(unlabeled)
     kept = sum(int((p.scores >= match.threshold).sum()) for p in again if p.scores is not None)
@@ -346,22 +344,12 @@ def test_a_cross_validation_round_serves_the_candidate_at_the_fold_models_box_co
 
 
 def test_a_validation_slice_round_needs_no_carrying_over(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    train_config = YoloxTrainConfig(
-        image_visits=8, min_epochs=1, max_epochs=1, input_area=64 * 64, min_side=64,
-        batch_size=4, threads=1,
-    )  # fmt: skip
-    outcome = gate_module.run_round(
+    outcome = _tiny_round(
+        tmp_path,
         _rectangle_images(8),
-        ["a", "b"],
-        init=YoloxNano(num_classes=2).eval(),
-        serving_predict=None,
-        directory=tmp_path / "v1",
-        metadata={"version": "v1", "labels": ["a", "b"]},
-        settings=Settings(data_dir=tmp_path / "data", num_threads=1),
-        train_config=train_config,
-        gate=GateConfig(cv_below=4, sign_flip_samples=50),
-        unlabeled=[item.image for item in _rectangle_images(3)],
+        _tiny_config(8, max_epochs=1),
+        GateConfig(cv_below=4, sign_flip_samples=50),
+        [item.image for item in _rectangle_images(3)],
     )
     assert outcome.mode == "validation slice" and outcome.calibration is None
     assert outcome.threshold == outcome.candidate_score.best_threshold
