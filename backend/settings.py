@@ -155,11 +155,12 @@ class Settings(BaseSettings):
         "promotes).",
     )
     gate_calibration_images: int = Field(
-        32,
+        0,
         ge=0,
         description="Unannotated tasks' images on which a cross-validation round carries its "
         "threshold from the fold models' scores to the candidate's, by matching box counts "
-        "(0: serve at the threshold chosen on the fold models).",
+        "(0, the default: serve at the threshold chosen on the fold models; the loop grid "
+        "found matching neutral on average, benchmark/results/loop_calibrated).",
     )
 
     # --- features & ordering -------------------------------------------------------------------

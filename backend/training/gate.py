@@ -33,9 +33,9 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
 A promoted version serves at its chosen threshold; one whose best threshold still costs more
 than drawing by hand serves no boxes (``serves_boxes`` false). In a cross-validation round the
 threshold was chosen on the fold models' scores, which run lower than the candidate's (half the
-steps); given unannotated images, the round serves the candidate at the score that keeps as many
-boxes on them as the fold models kept at the chosen threshold
-(:mod:`backend.training.calibration`). The harness calls
+steps); with ``calibration_images`` set and unannotated images given, the round serves the
+candidate at the score that keeps as many boxes on them as the fold models kept at the chosen
+threshold (:mod:`backend.training.calibration`; off by default, measured neutral). The harness calls
 :func:`run_round` exactly as the training job does.
 """
 
@@ -110,7 +110,9 @@ class GateConfig:
     salt: str = "boxloop-validation"
     #: Unannotated images on which a cross-validation round carries its threshold over to the
     #: candidate's score scale (:mod:`backend.training.calibration`); 0 keeps it as chosen.
-    calibration_images: int = 32
+    #: Off by default: on the loop grid it moved the served W_T both ways, +0.05 points on
+    #: average (``benchmark/results/loop_calibrated/README.md``).
+    calibration_images: int = 0
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:

@@ -170,7 +170,9 @@ def test_a_cross_validation_round_carries_its_threshold_on_unannotated_tasks(
     labels = list(dataset.labels)
     annotated = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:12]]
     unannotated = dataset.samples[12:20]
-    service = _service(tmp_path, root, yolox_image_visits=120, gate_cv_below=30)
+    service = _service(
+        tmp_path, root, yolox_image_visits=120, gate_cv_below=30, gate_calibration_images=32
+    )
     try:
         service.setup(7, _label_config(labels))
         _annotate(service, 7, annotated, labels)

@@ -327,7 +327,7 @@ def test_a_cross_validation_round_serves_the_candidate_at_the_fold_models_box_co
     little to find the rectangles, so whether the counts match on real boxes is tested on
     raccoon photos in tests/integration/test_promotion_gate.py."""
     unlabeled = [item.image for item in _rectangle_images(16)[10:]]
-    gate = GateConfig(cv_below=30, sign_flip_samples=50, score_floor=0.01)
+    gate = GateConfig(cv_below=30, sign_flip_samples=50, score_floor=0.01, calibration_images=8)
     outcome = _tiny_round(tmp_path, _rectangle_images(10), _tiny_config(40), gate, unlabeled)
     match = outcome.calibration
     assert match is not None and match.images == 6
@@ -348,9 +348,17 @@ def test_a_validation_slice_round_needs_no_carrying_over(tmp_path: Path) -> None
         tmp_path,
         _rectangle_images(8),
         _tiny_config(8, max_epochs=1),
-        GateConfig(cv_below=4, sign_flip_samples=50),
+        GateConfig(cv_below=4, sign_flip_samples=50, calibration_images=8),
         [item.image for item in _rectangle_images(3)],
     )
     assert outcome.mode == "validation slice" and outcome.calibration is None
     assert outcome.threshold == outcome.candidate_score.best_threshold
     assert "calibration" not in outcome.metrics()["validation"]
+
+
+def test_carrying_the_threshold_is_off_unless_set(tmp_path: Path) -> None:
+    assert GateConfig().calibration_images == 0
+    settings = Settings(data_dir=tmp_path, gate_calibration_images=8)
+    assert GateConfig.from_settings(settings).calibration_images == 8
+    with pytest.raises(ValueError, match="calibration_images"):
+        GateConfig(calibration_images=-1)
