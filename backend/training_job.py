@@ -286,7 +286,8 @@ def _train_yolox_round(
     init = initial_yolox(coco_model, coco_names, config.labels)
     gate = GateConfig.from_settings(settings)
     unlabeled: list[Image.Image] = []
-    if len(gathered.samples) < gate.cv_below:  # a cross-validation round: match box counts
+    # only a cross-validation round matches box counts, and only when the option is on
+    if gate.calibration_images > 0 and len(gathered.samples) < gate.cv_below:
         project = store.get_project(project_id)
         if project is not None:
             unlabeled = unannotated_images(

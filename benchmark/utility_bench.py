@@ -688,6 +688,7 @@ def evaluate_labeling_folds(
         nets.append((test, net))
     if not parts:
         return {**per_fold[0], "skipped": "no fold could be trained"}, []
+    predictions = SplitPredictions.pooled(parts)
     pooled = {
         "labeling": labeling,
         "seed": seed,
@@ -696,14 +697,14 @@ def evaluate_labeling_folds(
         "test": sum(f["test"] for f in per_fold if "skipped" not in f),
         "unseen": sum(f["unseen"] for f in per_fold if "skipped" not in f),
         "train_useful_share": float(np.mean([f["train_useful_share"] for f in per_fold])),
-        "test_useful_share": float(SplitPredictions.pooled(parts).truths["jpeg"].mean()),
+        "test_useful_share": float(predictions.truths["jpeg"].mean()),
         "graded_mean": per_fold[0]["graded_mean"],
         "clipped_mean": per_fold[0]["clipped_mean"],
         "train_seconds": round(sum(f.get("train_seconds", 0.0) for f in per_fold), 1),
         "folds_skipped": sum("skipped" in f for f in per_fold),
         "rules": [f.get("rules") for f in per_fold],
     }
-    return summarize_labeling(pooled, SplitPredictions.pooled(parts), seed, config), nets
+    return summarize_labeling(pooled, predictions, seed, config), nets
 
 
 def filtering(
