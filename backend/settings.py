@@ -146,6 +146,13 @@ class Settings(BaseSettings):
         description="Below this many annotated tasks, judge by 2-fold cross-validation: a "
         "held-back slice would hold under 6 tasks, too few for the gate's test to show a gain.",
     )
+    gate_cv_fold_epochs: Literal["visits", "candidate", "by_size"] = Field(
+        "visits",
+        description="Epochs of a cross-validation fold model: 'visits' (the default), as many "
+        "image visits as the candidate, so the threshold chosen on the folds fits it; "
+        "'candidate', the candidate's epochs (half its steps: a round costs two trainings, not "
+        "three); 'by_size', the fold's own data size's.",
+    )
     gate_confidence: float = Field(
         0.9,
         ge=0.0,

@@ -11,12 +11,15 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
    predicted by a model that did not train on it. Below 30 tasks a 20 % slice holds under 6,
    and the sign-flip test of step 3 can reach at most ``1 − 2^-n`` on ``n`` images: a new-class
    candidate that saves time on 3 of 4 images could not pass. Cross-validation scores all of
-   them (by fold models trained on half the data, so it errs against the candidate) for the
-   cost of two extra, smaller trainings: each fold model runs the candidate's epochs
-   (``cv_fold_epochs="candidate"``), so on half the images it takes half the steps. Run by
-   their own data size instead (``"by_size"``), a fold model gets up to twice the candidate's
-   epochs (``image_visits`` over half the images, up to ``max_epochs``), so each fold costs as
-   much as the candidate and the round three trainings' worth instead of two;
+   them, by fold models trained on half the data, for the cost of two extra trainings. Each
+   fold model sees as many images in all as the candidate (``cv_fold_epochs="visits"``, the
+   default): twice the candidate's epochs on half the images, past ``max_epochs`` if need be.
+   The fold models stand in for the candidate twice, in the gate's decision and in the score
+   threshold chosen on their predictions, so they must be as confident as it is. Fold models
+   with half its steps (``"candidate"``: the candidate's epochs) score lower, and the threshold
+   chosen on them fell to 0.05 on a class COCO lacks where the candidate's best was 0.3
+   (``benchmark/results/loop/README.md``); ``"by_size"`` gives each its own data size's epochs
+   (``image_visits`` over half the images, up to ``max_epochs``);
 2. scores the candidate and the serving version on the same tasks with
    :func:`backend.scoring.score_predictions` — mAP@0.5 and the simulated annotator's W_B / W_T,
    the harness's oracle, one implementation — each at the score threshold it would serve at
@@ -88,6 +91,7 @@ ProgressFn = Callable[[float, str], None]
 
 #: Thresholds the gate tries for each model; the W_T-best one is what the version serves at.
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 19))
+FOLD_EPOCH_RULES = ("visits", "candidate", "by_size")
 
 
 @dataclass(frozen=True)
@@ -98,9 +102,10 @@ class GateConfig:
     min_validation: int = 3
     cv_below: int = 30
     cv_folds: int = 2
-    #: Epochs of a cross-validation fold model: ``"candidate"``, those the candidate trains on all
-    #: the images (half the steps on half the data); ``"by_size"``, those its own data size gets.
-    cv_fold_epochs: str = "candidate"
+    #: Epochs of a cross-validation fold model: ``"visits"``, as many image visits as the
+    #: candidate (its epochs × all images / the fold's images); ``"candidate"``, the candidate's
+    #: epochs (half the steps on half the data); ``"by_size"``, those its own data size gets.
+    cv_fold_epochs: str = "visits"
     iou_threshold: float = 0.5
     score_floor: float = 0.05
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -119,9 +124,10 @@ class GateConfig:
             raise ValueError("validation_fraction must be in (0, 1)")
         if self.cv_folds < 2:
             raise ValueError("cv_folds must be at least 2")
-        if self.cv_fold_epochs not in ("candidate", "by_size"):
+        if self.cv_fold_epochs not in FOLD_EPOCH_RULES:
             raise ValueError(
-                f"cv_fold_epochs must be 'candidate' or 'by_size', not {self.cv_fold_epochs!r}"
+                f"cv_fold_epochs must be one of {', '.join(FOLD_EPOCH_RULES)}, "
+                f"not {self.cv_fold_epochs!r}"
             )
         if not 0 <= self.confidence < 1:
             raise ValueError("confidence must be in [0, 1)")
@@ -148,6 +154,7 @@ class GateConfig:
         return cls(
             validation_fraction=settings.gate_validation_fraction,
             cv_below=settings.gate_cv_below,
+            cv_fold_epochs=settings.gate_cv_fold_epochs,
             prefer_threshold=settings.score_threshold,
             confidence=settings.gate_confidence,
             calibration_images=settings.gate_calibration_images,
@@ -206,6 +213,17 @@ class RoundOutcome:
 
 def _fold_of(key: int | str, folds: int, salt: str) -> int:
     return min(folds - 1, int(_unit_hash(key, f"{salt}:folds") * folds))
+
+
+def fold_epochs(rule: str, n_all: int, n_fold: int, config: YoloxTrainConfig) -> int | None:
+    """Epochs of a fold model trained on ``n_fold`` of the round's ``n_all`` images, by
+    :attr:`GateConfig.cv_fold_epochs`; ``None`` leaves them to :func:`epochs_for`."""
+    candidate = epochs_for(n_all, config)
+    if rule == "visits":
+        return max(1, round(candidate * n_all / max(1, n_fold)))
+    if rule == "candidate":
+        return candidate
+    return None
 
 
 def _finite(value: Any) -> Any:
@@ -384,9 +402,6 @@ def run_round(
         folds = [_fold_of(k, gate.cv_folds, gate.salt) for k in keys]
         val_index = list(range(len(labeled)))
         preds: list[Boxes | None] = [None] * len(labeled)
-        fold_epochs = (
-            epochs_for(len(labeled), train_config) if gate.cv_fold_epochs == "candidate" else None
-        )
         for fold in range(gate.cv_folds):
             held = [i for i in val_index if folds[i] == fold]
             rest = [i for i in val_index if folds[i] != fold]
@@ -401,7 +416,7 @@ def run_round(
                     init,
                     train_config,
                     input_hw=hw,
-                    epochs=fold_epochs,
+                    epochs=fold_epochs(gate.cv_fold_epochs, len(labeled), len(rest), train_config),
                 )
             fold_preds = candidate_predict(
                 fold_model,

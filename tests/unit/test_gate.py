@@ -21,6 +21,7 @@ from backend.training.gate import (
     GateConfig,
     LabeledImage,
     decide,
+    fold_epochs,
     score_dict,
     time_saved_confidence,
     validation_split,
@@ -272,13 +273,14 @@ def _tiny_round(
     )
 
 
-@pytest.mark.parametrize("fold_epochs", ["candidate", "by_size"])
+@pytest.mark.parametrize("rule", ["visits", "candidate", "by_size"])
 def test_cross_validation_folds_train_the_epochs_the_gate_says(
-    fold_epochs: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    rule: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real round in cross-validation mode (fresh 2-class YOLOX-Nano, 64 px input): each fold
-    model runs the candidate's epochs under ``"candidate"`` (half the steps on half the data),
-    and its own data size's under ``"by_size"`` (here twice as many)."""
+    model sees as many images in all as the candidate under ``"visits"``, runs the candidate's
+    epochs under ``"candidate"`` (half the steps on half the data), and its own data size's
+    under ``"by_size"`` (here twice as many)."""
     calls: list[tuple[int, int | None]] = []
     real_train = gate_module.train_yolox
 
@@ -288,7 +290,7 @@ def test_cross_validation_folds_train_the_epochs_the_gate_says(
 
     monkeypatch.setattr(gate_module, "train_yolox", recording_train)
     train_config = _tiny_config(24)
-    gate = GateConfig(cv_below=30, cv_fold_epochs=fold_epochs, sign_flip_samples=50)
+    gate = GateConfig(cv_below=30, cv_fold_epochs=rule, sign_flip_samples=50)
     outcome = _tiny_round(tmp_path, _rectangle_images(6), train_config, gate)
     assert outcome.mode == "2-fold cross-validation" and outcome.n_validation == 6
     *folds, (n_candidate, candidate_epochs) = calls
@@ -296,7 +298,9 @@ def test_cross_validation_folds_train_the_epochs_the_gate_says(
     assert len(folds) == 2 and sum(n for n, _ in folds) == 6
     expected = epochs_for(6, train_config)  # 4: 24 visits over 6 images
     for n_fold, epochs in folds:
-        if fold_epochs == "candidate":
+        if rule == "visits":
+            assert epochs is not None and abs(epochs * n_fold - expected * 6) <= n_fold / 2
+        elif rule == "candidate":
             assert epochs == expected
         else:
             assert epochs is None and epochs_for(n_fold, train_config) > expected
@@ -362,3 +366,18 @@ def test_carrying_the_threshold_is_off_unless_set(tmp_path: Path) -> None:
     assert GateConfig.from_settings(settings).calibration_images == 8
     with pytest.raises(ValueError, match="calibration_images"):
         GateConfig(calibration_images=-1)
+
+
+def test_fold_epochs_rule_comes_from_the_settings(tmp_path: Path) -> None:
+    """Visits by default; an admin can choose the cheaper rule, and a wrong name is refused."""
+    assert GateConfig.from_settings(Settings(data_dir=tmp_path)).cv_fold_epochs == "visits"
+    cheaper = Settings(data_dir=tmp_path, gate_cv_fold_epochs="candidate")
+    assert GateConfig.from_settings(cheaper).cv_fold_epochs == "candidate"
+    with pytest.raises(ValueError, match="cv_fold_epochs"):
+        GateConfig(cv_fold_epochs="steps")
+    config = YoloxTrainConfig(image_visits=600, min_epochs=8, max_epochs=30)
+    # The product at 20 tasks: the candidate hits the 30-epoch cap (600 visits), and a fold
+    # model on 10 images takes 60 epochs to see as many, past the cap.
+    assert fold_epochs("visits", 20, 10, config) == 60
+    assert fold_epochs("candidate", 20, 10, config) == 30
+    assert fold_epochs("by_size", 20, 10, config) is None
