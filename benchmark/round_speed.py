@@ -5,6 +5,8 @@ One process, the same 50 real images (VOC subset by default), measured back to b
 * a YOLOX-Nano round as the product runs it (:func:`backend.training.yolox_train.train_yolox`
   with the settings' schedule), beside a Faster R-CNN round (the ImageNet loop it replaced,
   :func:`backend.training.train_detector`, its default schedule);
+* one training step (forward, loss, backward) on the same batch with the weights in NCHW and in
+  channels-last, the memory format :func:`train_yolox` uses (median of ``--repeats`` each);
 * the fine-tuned YOLOX version served from its ONNX export by onnxruntime (the product's path)
   beside the same weights in eager PyTorch, one image at a time (p50 over ``--repeats``).
 
@@ -17,6 +19,7 @@ other jobs is pessimistic). Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -29,7 +32,14 @@ import torch
 from tqdm import tqdm
 
 from backend.detectors.versions import load_version_detector, save_model_version
-from backend.detectors.yolox import decode, load_coco_yolox_nano, postprocess
+from backend.detectors.yolox import (
+    YoloxTarget,
+    decode,
+    load_coco_yolox_nano,
+    postprocess,
+    set_bn_eval,
+    yolox_loss,
+)
 from backend.settings import load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
 from backend.training.yolox_train import (
@@ -51,6 +61,30 @@ def _p50(values: list[float]) -> float:
     return float(np.percentile(values, 50))
 
 
+def _step_seconds(
+    init: torch.nn.Module,
+    batch: torch.Tensor,
+    targets: list[YoloxTarget],
+    hw: tuple[int, int],
+    channels_last: bool,
+    repeats: int,
+) -> float:
+    """Median seconds of one training step (forward, YOLOX loss, backward) of a copy of
+    ``init`` in train mode with frozen BN, as :func:`train_yolox` steps."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = copy.deepcopy(init).to(memory_format=memory_format)
+    model.train()
+    set_bn_eval(model)
+    inputs = batch.contiguous(memory_format=memory_format)
+    seconds = []
+    for _ in range(repeats + 1):  # the first step warms oneDNN's kernel cache up
+        started = time.perf_counter()
+        yolox_loss(model(inputs), targets, hw)["total"].backward()
+        seconds.append(time.perf_counter() - started)
+        model.zero_grad(set_to_none=True)
+    return _p50(seconds[1:])
+
+
 def run(
     dataset_spec: str, n_images: int, repeats: int, onnx_model: Path, out: Path
 ) -> dict[str, Any]:
@@ -67,6 +101,19 @@ def run(
     init = initial_yolox(coco, names, labels)
     config = YoloxTrainConfig.from_settings(settings)
     hw = input_shape_for([im.size for im in images], config)
+
+    batch_images = images[: config.batch_size]
+    boxed = [letterbox_tensor(image, hw) for image in batch_images]
+    batch = torch.stack([tensor for tensor, _ in boxed])
+    targets = [
+        YoloxTarget(
+            torch.from_numpy(s.boxes.kept().xyxy.astype(np.float32) * r).reshape(-1, 4),
+            torch.from_numpy(s.boxes.kept().labels.astype(np.int64)),
+        )
+        for s, (_, r) in zip(chosen[: config.batch_size], boxed, strict=True)
+    ]
+    step_nchw = _step_seconds(init, batch, targets, hw, False, repeats)
+    step_cl = _step_seconds(init, batch, targets, hw, True, repeats)
     start = time.perf_counter()
     model = train_yolox(samples, init, config, input_hw=hw)
     yolox_seconds = time.perf_counter() - start
@@ -111,6 +158,12 @@ def run(
             "epochs": epochs,
             "config": config.to_dict(),
         },
+        "training_step": {
+            "batch": len(batch_images),
+            "nchw_seconds_p50": round(step_nchw, 3),
+            "channels_last_seconds_p50": round(step_cl, 3),
+            "speedup": round(step_nchw / step_cl, 2),
+        },
         "fasterrcnn_round": {"seconds": round(frcnn_seconds, 1), "epochs": frcnn_config.epochs},
         "round_speedup_vs_fasterrcnn": round(frcnn_seconds / yolox_seconds, 2),
         "serve_ms_one_image": {
@@ -129,6 +182,8 @@ def run(
         "|---|---|",
         f"| YOLOX-Nano round, {n_images} images, {hw[0]}×{hw[1]}, "
         f"{epochs} epochs | {yolox_seconds:.1f} s |",
+        f"| one training step, batch {len(batch_images)}: NCHW / channels-last (p50) | "
+        f"{step_nchw:.3f} s / {step_cl:.3f} s ({step_nchw / step_cl:.2f}×) |",
         f"| Faster R-CNN round (ImageNet, {frcnn_config.epochs} epochs) | {frcnn_seconds:.1f} s |",
         f"| fine-tuned version, one image, onnxruntime p50 | {onnx_p50} ms |",
         f"| same weights, eager PyTorch p50 | {eager_p50} ms |",

@@ -1,7 +1,8 @@
 """Carry a score threshold chosen on one model's predictions over to another model's scores.
 
 Why: while a project has few annotated tasks, the gate scores a candidate by cross-validation,
-on the predictions of fold models trained on half the images for half the steps. Those models
+on the predictions of fold models trained on half the images. With half the steps
+(``cv_fold_epochs="candidate"``, the gate's rule when this was built) those models
 are less confident than the candidate that will serve, so the threshold of least annotator time
 on their predictions sits lower on the score axis than the candidate's would (the loop grid of
 issue 12: raccoon fell from 0.3 to 0.05, BCCD from 0.3–0.4 to 0.15–0.25). Served as is, the

@@ -35,10 +35,10 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
 
 A promoted version serves at its chosen threshold; one whose best threshold still costs more
 than drawing by hand serves no boxes (``serves_boxes`` false). In a cross-validation round the
-threshold was chosen on the fold models' scores, which run lower than the candidate's (half the
-steps); with ``calibration_images`` set and unannotated images given, the round serves the
-candidate at the score that keeps as many boxes on them as the fold models kept at the chosen
-threshold (:mod:`backend.training.calibration`; off by default, measured neutral). The harness calls
+threshold was chosen on the fold models' scores. With ``calibration_images`` set and unannotated
+images given, the round serves the candidate at the score that keeps as many boxes on them as
+the fold models kept at the chosen threshold (:mod:`backend.training.calibration`; off by
+default, measured neutral with half-step folds). The harness calls
 :func:`run_round` exactly as the training job does.
 """
 
