@@ -26,6 +26,8 @@ DEFAULT_MODEL_URL = (
 DetectorName = Literal[
     "yolox_nano", "fasterrcnn_effnet_lite0", "fasterrcnn_mobilenet_v3", "ssdlite320"
 ]
+#: How many epochs the gate's cross-validation fold models train (``GateConfig.cv_fold_epochs``).
+FoldEpochRule = Literal["visits", "candidate", "by_size"]
 
 
 def _default_shared_data() -> Path:
@@ -146,7 +148,7 @@ class Settings(BaseSettings):
         description="Below this many annotated tasks, judge by 2-fold cross-validation: a "
         "held-back slice would hold under 6 tasks, too few for the gate's test to show a gain.",
     )
-    gate_cv_fold_epochs: Literal["visits", "candidate", "by_size"] = Field(
+    gate_cv_fold_epochs: FoldEpochRule = Field(
         "visits",
         description="Epochs of a cross-validation fold model: 'visits' (the default), as many "
         "image visits as the candidate, so the threshold chosen on the folds fits it; "
