@@ -213,6 +213,11 @@ class RoundOutcome:
         }
 
 
+def _span(say: ProgressFn, start: float, end: float, prefix: str = "") -> ProgressFn:
+    """``say`` for one training of a round: its fractions mapped onto ``[start, end]``."""
+    return lambda fraction, message: say(start + (end - start) * fraction, prefix + message)
+
+
 def _fold_of(key: int | str, folds: int, salt: str) -> int:
     return min(folds - 1, int(_unit_hash(key, f"{salt}:folds") * folds))
 
@@ -406,21 +411,34 @@ def run_round(
         folds = [_fold_of(k, gate.cv_folds, gate.salt) for k in keys]
         val_index = list(range(len(labeled)))
         preds: list[Boxes | None] = [None] * len(labeled)
+        plan = []  # (fold, held, rest, epochs) of each fold that holds images
         for fold in range(gate.cv_folds):
             held = [i for i in val_index if folds[i] == fold]
             rest = [i for i in val_index if folds[i] != fold]
-            if not held:
-                continue
+            if held:
+                epochs = fold_epochs(gate.cv_fold_epochs, len(labeled), len(rest), train_config)
+                plan.append((fold, held, rest, epochs))
+        # /status progress up to 0.9 in proportion to each training's image visits, so the
+        # fold models (two thirds of the round under "visits") do not show as a jump.
+        visits = [
+            (e if e is not None else epochs_for(len(r), train_config)) * len(r)
+            for _, _, r, e in plan
+        ] + [epochs_for(len(labeled), train_config) * len(labeled)]
+        starts = [0.9 * sum(visits[:k]) / sum(visits) for k in range(len(visits) + 1)]
+        for k, (fold, held, rest, epochs) in enumerate(plan):
             if not rest:  # every image in one fold: fall back to the untrained start
                 fold_model = init
             else:
-                say(0.5 * fold / gate.cv_folds, f"cross-validation fold {fold + 1}")
+                say(starts[k], f"cross-validation fold {fold + 1}")
                 fold_model = train_yolox(
                     _samples([labeled[i] for i in rest]),
                     init,
                     train_config,
                     input_hw=hw,
-                    epochs=fold_epochs(gate.cv_fold_epochs, len(labeled), len(rest), train_config),
+                    epochs=epochs,
+                    progress=_span(
+                        say, starts[k], starts[k + 1], f"cross-validation fold {fold + 1}: "
+                    ),
                 )
             fold_preds = candidate_predict(
                 fold_model,
@@ -431,13 +449,13 @@ def run_round(
                 preds[i] = p
             if fold_model is not init:
                 fold_on_unlabeled.append(fold_preds[len(held) :])
-        say(0.5, "training on every annotated image")
+        say(starts[-2], "training on every annotated image")
         candidate = train_yolox(
             _samples(labeled),
             init,
             train_config,
             input_hw=hw,
-            progress=lambda f, m: say(0.5 + 0.4 * f, m),
+            progress=_span(say, starts[-2], 0.9),
         )
         candidate_preds = [p for p in preds if p is not None]
         n_train = len(labeled)
@@ -452,7 +470,7 @@ def run_round(
             init,
             train_config,
             input_hw=hw,
-            progress=lambda f, m: say(0.9 * f, m),
+            progress=_span(say, 0.0, 0.9),
         )
         candidate_preds = candidate_predict(
             candidate, [labeled[i].image for i in val_index], "validation"

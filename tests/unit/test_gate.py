@@ -256,6 +256,7 @@ def _tiny_round(
     train_config: YoloxTrainConfig,
     gate: GateConfig,
     unlabeled: list[Image.Image] | None = None,
+    progress: gate_module.ProgressFn | None = None,
 ) -> gate_module.RoundOutcome:
     """A real round from a fresh 2-class YOLOX-Nano, nothing serving."""
     torch.set_num_threads(1)
@@ -270,6 +271,7 @@ def _tiny_round(
         train_config=train_config,
         gate=gate,
         unlabeled=unlabeled or [],
+        progress=progress,
     )
 
 
@@ -381,3 +383,25 @@ def test_fold_epochs_rule_comes_from_the_settings(tmp_path: Path) -> None:
     assert fold_epochs("visits", 20, 10, config) == 60
     assert fold_epochs("candidate", 20, 10, config) == 30
     assert fold_epochs("by_size", 20, 10, config) is None
+
+
+def test_a_cross_validation_round_reports_progress_by_image_visits(tmp_path: Path) -> None:
+    """Under ``"visits"`` the two fold models and the candidate see as many images each, so
+    the candidate starts about two thirds of the way to 0.9, and every training reports its
+    epochs as it goes, never moving the fraction backwards."""
+    reports: list[tuple[float, str]] = []
+    gate = GateConfig(cv_below=30, sign_flip_samples=50)
+    outcome = _tiny_round(
+        tmp_path,
+        _rectangle_images(6),
+        _tiny_config(24),
+        gate,
+        progress=lambda f, m: reports.append((f, m)),
+    )
+    assert outcome.mode == "2-fold cross-validation"
+    fractions = [f for f, _ in reports]
+    assert fractions == sorted(fractions) and fractions[0] >= 0 and fractions[-1] <= 1
+    for fold in (1, 2):
+        assert any(m.startswith(f"cross-validation fold {fold}: epoch") for _, m in reports)
+    start = next(f for f, m in reports if m == "training on every annotated image")
+    assert start == pytest.approx(0.6, abs=0.1)
