@@ -5,6 +5,10 @@ One process, the same 50 real images (VOC subset by default), measured back to b
 * a YOLOX-Nano round as the product runs it (:func:`backend.training.yolox_train.train_yolox`
   with the settings' schedule), beside a Faster R-CNN round (the ImageNet loop it replaced,
   :func:`backend.training.train_detector`, its default schedule);
+* a cross-validation round of the promotion gate (:func:`backend.training.gate.run_round`) on
+  the first ``--cv-images`` images at the product's settings, its fold models under the
+  default rule (``"visits"``: the candidate's image visits) and under ``"candidate"`` (half
+  the steps), nothing serving;
 * one training step (forward, loss, backward) on the same batch with the weights in NCHW and in
   channels-last, the memory format :func:`train_yolox` uses (median of ``--repeats`` each);
 * the fine-tuned YOLOX version served from its ONNX export by onnxruntime (the product's path)
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from tqdm import tqdm
 
 from backend.detectors.versions import load_version_detector, save_model_version
 from backend.detectors.yolox import (
+    YoloxNano,
     YoloxTarget,
     decode,
     load_coco_yolox_nano,
@@ -40,8 +47,9 @@ from backend.detectors.yolox import (
     set_bn_eval,
     yolox_loss,
 )
-from backend.settings import load_settings
+from backend.settings import FoldEpochRule, Settings, load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
+from backend.training.gate import GateConfig, LabeledImage, run_round
 from backend.training.yolox_train import (
     YoloxTrainConfig,
     epochs_for,
@@ -85,8 +93,42 @@ def _step_seconds(
     return _p50(seconds[1:])
 
 
+def _cv_round_seconds(
+    labeled: list[LabeledImage],
+    labels: list[str],
+    init: YoloxNano,
+    settings: Settings,
+    config: YoloxTrainConfig,
+    rule: FoldEpochRule,
+) -> float:
+    """Seconds of one cross-validation round (fold models, candidate, export, scoring)."""
+    gate = dataclasses.replace(GateConfig.from_settings(settings), cv_fold_epochs=rule)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        outcome = run_round(
+            labeled,
+            labels,
+            init=init,
+            serving_predict=None,
+            directory=Path(tmp) / "candidate",
+            metadata={"version": "candidate", "labels": labels},
+            settings=settings,
+            train_config=config,
+            gate=gate,
+        )
+        seconds = time.perf_counter() - started
+    if not outcome.mode.endswith("cross-validation"):
+        raise ValueError(f"{len(labeled)} images made a {outcome.mode} round, not cross-validation")
+    return seconds
+
+
 def run(
-    dataset_spec: str, n_images: int, repeats: int, onnx_model: Path, out: Path
+    dataset_spec: str,
+    n_images: int,
+    repeats: int,
+    onnx_model: Path,
+    out: Path,
+    cv_images: int = 20,
 ) -> dict[str, Any]:
     load_before = _load()
     torch.set_num_threads(2)
@@ -114,6 +156,16 @@ def run(
     ]
     step_nchw = _step_seconds(init, batch, targets, hw, False, repeats)
     step_cl = _step_seconds(init, batch, targets, hw, True, repeats)
+
+    labeled = [
+        LabeledImage(key=s.image_id, image=image, boxes=s.boxes)
+        for s, image in zip(chosen[:cv_images], images, strict=False)
+    ]
+    cv_seconds = {
+        rule: _cv_round_seconds(labeled, labels, init, settings, config, rule)
+        for rule in typing.get_args(FoldEpochRule)
+        if rule != "by_size"
+    }
     start = time.perf_counter()
     model = train_yolox(samples, init, config, input_hw=hw)
     yolox_seconds = time.perf_counter() - start
@@ -158,6 +210,11 @@ def run(
             "epochs": epochs,
             "config": config.to_dict(),
         },
+        "cross_validation_round": {
+            "images": len(labeled),
+            "seconds_by_fold_rule": {k: round(v, 1) for k, v in cv_seconds.items()},
+            "visits_over_candidate": round(cv_seconds["visits"] / cv_seconds["candidate"], 2),
+        },
         "training_step": {
             "batch": len(batch_images),
             "nchw_seconds_p50": round(step_nchw, 3),
@@ -182,6 +239,8 @@ def run(
         "|---|---|",
         f"| YOLOX-Nano round, {n_images} images, {hw[0]}×{hw[1]}, "
         f"{epochs} epochs | {yolox_seconds:.1f} s |",
+        f"| cross-validation round, {len(labeled)} images, fold models with the candidate's "
+        f"visits / its epochs | {cv_seconds['visits']:.1f} s / {cv_seconds['candidate']:.1f} s |",
         f"| one training step, batch {len(batch_images)}: NCHW / channels-last (p50) | "
         f"{step_nchw:.3f} s / {step_cl:.3f} s ({step_nchw / step_cl:.2f}×) |",
         f"| Faster R-CNN round (ImageNet, {frcnn_config.epochs} epochs) | {frcnn_seconds:.1f} s |",
@@ -201,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
+        "--cv-images", type=int, default=20, help="images of the cross-validation round timed"
+    )
+    parser.add_argument(
         "--onnx-model",
         default="$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx",
     )
@@ -208,7 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if "BOXLOOP_SHARED_DATA" not in os.environ:
         os.environ["BOXLOOP_SHARED_DATA"] = str(Path("../shared/data").resolve())
-    results = run(args.dataset, args.images, args.repeats, expand_path(args.onnx_model), args.out)
+    results = run(
+        args.dataset,
+        args.images,
+        args.repeats,
+        expand_path(args.onnx_model),
+        args.out,
+        args.cv_images,
+    )
     print(json.dumps(results, indent=2))
     return 0
 
