@@ -222,17 +222,15 @@ def _fold_of(key: int | str, folds: int, salt: str) -> int:
     return min(folds - 1, int(_unit_hash(key, f"{salt}:folds") * folds))
 
 
-def fold_epochs(
-    rule: FoldEpochRule, n_all: int, n_fold: int, config: YoloxTrainConfig
-) -> int | None:
+def fold_epochs(rule: FoldEpochRule, n_all: int, n_fold: int, config: YoloxTrainConfig) -> int:
     """Epochs of a fold model trained on ``n_fold`` of the round's ``n_all`` images, by
-    :attr:`GateConfig.cv_fold_epochs`; ``None`` leaves them to :func:`epochs_for`."""
+    :attr:`GateConfig.cv_fold_epochs`."""
+    if rule == "by_size":
+        return epochs_for(n_fold, config)
     candidate = epochs_for(n_all, config)
     if rule == "visits":
         return max(1, round(candidate * n_all / max(1, n_fold)))
-    if rule == "candidate":
-        return candidate
-    return None
+    return candidate
 
 
 def _finite(value: Any) -> Any:
@@ -420,10 +418,8 @@ def run_round(
                 plan.append((fold, held, rest, epochs))
         # /status progress up to 0.9 in proportion to each training's image visits, so the
         # fold models (two thirds of the round under "visits") do not show as a jump.
-        visits = [
-            (e if e is not None else epochs_for(len(r), train_config)) * len(r)
-            for _, _, r, e in plan
-        ] + [epochs_for(len(labeled), train_config) * len(labeled)]
+        visits = [epochs * len(rest) for _, _, rest, epochs in plan]
+        visits.append(epochs_for(len(labeled), train_config) * len(labeled))
         starts = [0.9 * sum(visits[:k]) / sum(visits) for k in range(len(visits) + 1)]
         for k, (fold, held, rest, epochs) in enumerate(plan):
             if not rest:  # every image in one fold: fall back to the untrained start

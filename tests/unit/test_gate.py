@@ -305,7 +305,7 @@ def test_cross_validation_folds_train_the_epochs_the_gate_says(
         elif rule == "candidate":
             assert epochs == expected
         else:
-            assert epochs is None and epochs_for(n_fold, train_config) > expected
+            assert epochs == epochs_for(n_fold, train_config) > expected
 
 
 def test_an_epochs_override_sets_the_schedule() -> None:
@@ -382,7 +382,7 @@ def test_fold_epochs_rule_comes_from_the_settings(tmp_path: Path) -> None:
     # model on 10 images takes 60 epochs to see as many, past the cap.
     assert fold_epochs("visits", 20, 10, config) == 60
     assert fold_epochs("candidate", 20, 10, config) == 30
-    assert fold_epochs("by_size", 20, 10, config) is None
+    assert fold_epochs("by_size", 20, 10, config) == 30  # its own 10 images: 60, capped
 
 
 def test_a_cross_validation_round_reports_progress_by_image_visits(tmp_path: Path) -> None:
