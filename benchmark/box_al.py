@@ -93,6 +93,7 @@ class BoxBenchConfig:
     k_fraction: float = 0.1
     t_d: float = 0.1
     noisy_weight: float = 0.5
+    background_weight: float = 1.0
     yolox: dict[str, Any] = field(default_factory=dict)
     threads: int = 2
     model: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
@@ -235,7 +236,9 @@ class _Campaign:
             self._query_boxes(model, pool, seed)
         else:
             self._query_images(pool, open_images, seed)
-        samples = campaign.training_samples(pool, data.pool_images, self.config.noisy_weight)
+        samples = campaign.training_samples(
+            pool, data.pool_images, self.config.noisy_weight, self.config.background_weight
+        )
         new_model = self.train(samples)
         c = campaign.counts
         record = {

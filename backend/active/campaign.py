@@ -5,6 +5,8 @@ the initial random images and image-level queries) or *partial* (some of its box
 A partial image trains with its answered object boxes at weight 1 and with the current model's
 other predictions on it as **noisy** boxes at weight λ_d (the paper's
 L = L_labeled + λ_d · L_noisy): unqueried regions must not teach "background" at full weight.
+"No object" elsewhere on a partial image, where nobody looked, weighs ``background_weight``
+(1 by default, as in the paper); the queries answered background always weigh 1.
 
 A predicted box is no longer eligible for a query once its region is answered: IoU ≥
 ``answered_iou`` with a labelled object box or with a region answered "background". The pool is
@@ -123,25 +125,42 @@ class BoxCampaign:
 
     # ------------------------------------------------------------------ training
     def training_samples(
-        self, pool: BoxPool, images: Sequence[ImageLike], noisy_weight: float
+        self,
+        pool: BoxPool,
+        images: Sequence[ImageLike],
+        noisy_weight: float,
+        background_weight: float = 1.0,
     ) -> list[TrainSample]:
         """L_I as training samples: verified boxes weigh 1; on partial images, the pool's boxes
-        whose regions are still unanswered join as noisy labels weighing ``noisy_weight``."""
+        whose regions are still unanswered join as noisy labels weighing ``noisy_weight``, and
+        "no object" weighs ``background_weight`` outside the regions answered background."""
         eligible = self.eligible(pool)
         samples = []
         for image in sorted(self.labeled):
             state = self.labeled[image]
-            objects = state.objects
-            weights: np.ndarray = np.ones(len(objects), np.float32)
-            if not state.complete:
-                rows = pool.rows_of(image)
-                rows = rows[eligible[rows]]
-                noisy = pool.boxes(rows, image)
-                objects = Boxes(
-                    np.concatenate([objects.xyxy, noisy.xyxy]).astype(np.float32),
-                    np.concatenate([objects.labels, noisy.labels]).astype(np.int64),
-                    self.image_sizes[image],
+            if state.complete:
+                samples.append(TrainSample(image=images[image], boxes=state.objects))
+                continue
+            rows = pool.rows_of(image)
+            noisy = pool.boxes(rows[eligible[rows]], image)
+            objects = Boxes(
+                np.concatenate([state.objects.xyxy, noisy.xyxy]).astype(np.float32),
+                np.concatenate([state.objects.labels, noisy.labels]).astype(np.int64),
+                self.image_sizes[image],
+            )
+            weights = np.concatenate(
+                [
+                    np.ones(len(state.objects), np.float32),
+                    np.full(len(noisy), noisy_weight, np.float32),
+                ]
+            )
+            samples.append(
+                TrainSample(
+                    image=images[image],
+                    boxes=objects,
+                    box_weights=weights,
+                    background_weight=background_weight,
+                    verified_background=state.background,
                 )
-                weights = np.concatenate([weights, np.full(len(noisy), noisy_weight, np.float32)])
-            samples.append(TrainSample(image=images[image], boxes=objects, box_weights=weights))
+            )
         return samples

@@ -34,10 +34,19 @@ class TrainSample:
     #: One loss weight per box of ``boxes`` (None: all 1). Box-level active learning trains on
     #: images whose not-yet-queried boxes are the model's own predictions: they weigh λ_d.
     box_weights: np.ndarray | None = None
+    #: Loss weight of "no object here" on the regions no box covers: 1 on an image labelled in
+    #: full; box-level active learning gives a partly labelled image λ_d, since nobody looked at
+    #: its unqueried regions.
+    background_weight: float = 1.0
+    #: ``(K, 4)`` xyxy regions (in ``boxes``' image pixels) an annotator answered "no object":
+    #: verified background, full weight whatever ``background_weight``.
+    verified_background: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.box_weights is not None and len(self.box_weights) != len(self.boxes):
             raise ValueError(f"{len(self.box_weights)} box weights for {len(self.boxes)} boxes")
+        if not self.background_weight >= 0:
+            raise ValueError("background_weight must be >= 0")
 
 
 def load_sample_image(sample: TrainSample) -> Image.Image:

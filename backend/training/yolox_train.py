@@ -209,23 +209,44 @@ def _target(
         else np.asarray(sample.box_weights, np.float32)
     )
     kept, per_box = boxes.kept(), per_box[~boxes.ignore_mask] * weight
-    if kept.image_size != image.size and len(kept):
-        kept = kept.scaled(image.width / kept.width, image.height / kept.height)
-    xyxy = kept.xyxy.astype(np.float32).copy()
-    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, image.width)
-    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, image.height)
-    if flip and len(xyxy):
-        xyxy[:, [0, 2]] = image.width - xyxy[:, [2, 0]]
-    xyxy *= r
-    height, width = input_hw
-    xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
-    xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
+    xyxy = _to_input(kept.xyxy, kept.image_size, image.size, r, flip, input_hw)
     big = ((xyxy[:, 2] - xyxy[:, 0]) >= 2) & ((xyxy[:, 3] - xyxy[:, 1]) >= 2)
+    verified = sample.verified_background
     return YoloxTarget(
         torch.from_numpy(xyxy[big]).reshape(-1, 4),
         torch.from_numpy(kept.labels[big].astype(np.int64)),
         torch.from_numpy(per_box[big]),
+        background_weight=sample.background_weight,
+        verified_background=None
+        if verified is None
+        else torch.from_numpy(_to_input(verified, boxes.image_size, image.size, r, flip, input_hw)),
     )
+
+
+def _to_input(
+    xyxy: np.ndarray,
+    annotated_size: tuple[int, int],
+    image_size: tuple[int, int],
+    r: float,
+    flip: bool,
+    input_hw: tuple[int, int],
+) -> np.ndarray:
+    """Boxes annotated on an image of ``annotated_size`` in letterbox pixels of ``image_size``
+    resized by ``r`` (mirrored when ``flip``), clipped to the image and to the input."""
+    width, height = image_size
+    out = np.asarray(xyxy, np.float32).reshape(-1, 4).copy()
+    if annotated_size != image_size and len(out):
+        out[:, [0, 2]] *= width / annotated_size[0]
+        out[:, [1, 3]] *= height / annotated_size[1]
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, width)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, height)
+    if flip and len(out):
+        out[:, [0, 2]] = width - out[:, [2, 0]]
+    out *= r
+    input_h, input_w = input_hw
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, input_w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, input_h)
+    return out
 
 
 def initial_yolox(

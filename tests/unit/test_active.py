@@ -179,11 +179,18 @@ def test_the_campaign_trains_on_answers_and_damped_noisy_boxes() -> None:
     c = campaign.counts
     assert (c.queried, c.adjusted, c.background, c.full_image_boxes) == (2, 1, 1, 2)
     assert (c.boxes_labeled, c.boxes_looked_at) == (3, 4)
-    samples = campaign.training_samples(pool, ["img0", "img1"], noisy_weight=0.5)
+    samples = campaign.training_samples(
+        pool, ["img0", "img1"], noisy_weight=0.5, background_weight=0.25
+    )
     first, second = samples
     assert first.boxes.labels.tolist() == [0, 1]  # the adjusted box with its true class + noisy
     assert first.box_weights is not None and first.box_weights.tolist() == [1.0, 0.5]
-    assert second.box_weights is not None and second.box_weights.tolist() == [1.0, 1.0]
+    # the partial image's unchecked regions weigh 0.25 as background, the query answered
+    # "background" is verified; the complete image is stock (every weight 1)
+    assert first.background_weight == 0.25
+    assert first.verified_background is not None
+    assert first.verified_background.tolist() == [[60, 60, 90, 95]]
+    assert second.box_weights is None and second.background_weight == 1.0
     with pytest.raises(ValueError, match="labelled in full"):
         campaign.record_answers(1, queries, resolve_queries(queries, truth0), truth0)
 
@@ -209,6 +216,25 @@ def test_box_weights_follow_their_boxes_into_the_loss_target() -> None:
     assert plain.weights is not None and plain.weights.tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="box weights"):
         TrainSample(image=image, boxes=boxes, box_weights=np.ones(2, np.float32))
+
+
+def test_verified_background_follows_the_image_into_the_loss_target() -> None:
+    """Regions answered "no object" are rescaled, mirrored and letterboxed as the boxes are."""
+    image = Image.new("RGB", (200, 100))
+    regions = np.array([[10, 10, 50, 30]], np.float32)  # annotated on a 400x200 copy
+    sample = TrainSample(
+        image=image,
+        boxes=Boxes.empty((400, 200)),
+        background_weight=0.5,
+        verified_background=regions,
+    )
+    target = _target(sample, image, 0.5, True, (64, 128), 1.0)
+    # half size (400 -> 200), mirrored in 200 px, then resized by r = 0.5
+    assert target.background_weight == 0.5
+    assert target.verified_background is not None
+    assert target.verified_background.tolist() == [[87.5, 2.5, 97.5, 7.5]]
+    with pytest.raises(ValueError, match="background_weight"):
+        TrainSample(image=image, boxes=Boxes.empty((200, 100)), background_weight=-0.5)
 
 
 # ---------------------------------------------------------------------------------- pool

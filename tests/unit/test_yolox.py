@@ -363,6 +363,61 @@ def test_zero_weight_silences_a_box_but_is_not_deleting_it() -> None:
     assert deleted["obj"] - zero["obj"] == pytest.approx(extra, rel=1e-4)
 
 
+def test_background_weight_scales_only_unclaimed_anchors_outside_verified_regions() -> None:
+    """A partly labelled image: "no object" on unchecked regions weighs ``background_weight``;
+    anchors centred in a region answered "no object" and anchors claimed by a box are as stock."""
+    raw = _random_raw(batch=1)
+    cells, strides = grids(HW)
+    centres = ((cells + 0.5) * strides).numpy()
+    verified = [[60.0, 0.0, 128.0, 40.0]]
+    in_verified = torch.from_numpy(
+        (centres[:, 0] > 60) & (centres[:, 0] < 128) & (centres[:, 1] > 0) & (centres[:, 1] < 40)
+    )
+    assert int(in_verified.sum()) > 0
+
+    def grad(background_weight: float, regions: list[list[float]] | None) -> torch.Tensor:
+        raw.grad = None
+        target = YoloxTarget(
+            torch.tensor(FAR_APART[:1]),
+            torch.tensor([0]),
+            background_weight=background_weight,
+            verified_background=None if regions is None else torch.tensor(regions),
+        )
+        yolox_loss(raw, [target], HW)["total"].backward()
+        assert raw.grad is not None
+        return raw.grad[0].clone()
+
+    stock = grad(1.0, None)
+    # weight 1 is the stock loss, whatever regions are verified
+    assert torch.equal(grad(1.0, verified), stock)
+    silenced = grad(0.0, verified)
+    rows = raw[0].detach()
+    boxes = torch.cat([(rows[:, :2] + cells) * strides, rows[:, 2:4].exp() * strides], 1)
+    found = simota_assign(
+        boxes, rows[:, 4], rows[:, 5:], _target(FAR_APART[:1], [0]), cells, strides
+    )
+    claimed = torch.zeros(len(stock), dtype=torch.bool)
+    claimed[found.fg_rows] = True
+    kept = claimed | in_verified
+    # claimed and verified anchors learn exactly as before; the others' objectness learns nothing
+    assert torch.allclose(silenced[kept], stock[kept], atol=1e-9)
+    assert torch.all(silenced[~kept, 4] == 0) and torch.any(stock[~kept, 4] != 0)
+    # and the objectness term is linear in the weight
+    obj = {
+        w: float(
+            yolox_loss(
+                raw,
+                [YoloxTarget(torch.tensor(FAR_APART[:1]), torch.tensor([0]), background_weight=w)],
+                HW,
+            )["obj"]
+        )
+        for w in (0.0, 0.5, 1.0)
+    }
+    assert obj[0.5] == pytest.approx((obj[0.0] + obj[1.0]) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="background_weight"):
+        YoloxTarget(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), background_weight=-1.0)
+
+
 def test_class_mask_leaves_absent_classes_without_gradient() -> None:
     """Masked class columns get no gradient; the others get exactly the stock loss's."""
     raw = _random_raw(batch=1, classes=3)

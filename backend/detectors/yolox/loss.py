@@ -16,11 +16,17 @@ Follows the YOLOX paper (Ge et al. 2021, §2.1 "SimOTA"):
 
 Why per-box weights: box-level active learning trains on a mix of verified boxes (weight 1) and
 unverified, possibly wrong, predicted boxes (weight λ_d < 1). A foreground anchor matched to a box
-of weight ``w`` contributes ``w ×`` its IoU, objectness, class (and L1) terms; background anchors
-count fully. The assignment and the ``num_fg`` normaliser do not depend on the weights, so the loss
-is linear in each weight, and weight 0 makes a box's anchors neither foreground nor background.
-Note that this is *not* the same as deleting the box: deleted, its anchors would become
-background (objectness target 0) and could be claimed by neighbouring boxes.
+of weight ``w`` contributes ``w ×`` its IoU, objectness, class (and L1) terms. The assignment and
+the ``num_fg`` normaliser do not depend on the weights, so the loss is linear in each weight, and
+weight 0 makes a box's anchors neither foreground nor background. Note that this is *not* the same
+as deleting the box: deleted, its anchors would become background (objectness target 0) and could
+be claimed by neighbouring boxes.
+
+Why a background weight: an anchor no box claims learns "no object here" (objectness target 0).
+On a fully labelled image that is verified. On a partly labelled one nobody looked at the regions
+between the queried boxes, and an object the model missed there would be taught as background at
+full weight. ``YoloxTarget.background_weight`` scales those anchors' objectness term; anchors
+centred in ``verified_background`` (queries the annotator answered "no object") keep weight 1.
 
 The assignment runs under ``no_grad`` (it is a discrete matching; YOLOX does the same).
 """
@@ -55,6 +61,10 @@ class YoloxTarget:
     boxes_xyxy: Tensor
     labels: Tensor
     weights: Tensor | None = None
+    #: Objectness weight of the anchors no box claims: 1 where the image is labelled in full.
+    background_weight: float = 1.0
+    #: ``(K, 4)`` xyxy regions verified empty: anchors centred in them weigh 1 as background.
+    verified_background: Tensor | None = None
 
     def __post_init__(self) -> None:
         boxes = torch.as_tensor(self.boxes_xyxy, dtype=torch.float32).reshape(-1, 4)
@@ -71,6 +81,13 @@ class YoloxTarget:
             raise ValueError("every box needs x_max > x_min and y_max > y_min")
         if len(weights) and bool((weights < 0).any()):
             raise ValueError("box weights must be >= 0")
+        if not self.background_weight >= 0:
+            raise ValueError("background_weight must be >= 0")
+        verified = torch.as_tensor(
+            self.verified_background if self.verified_background is not None else [],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
+        object.__setattr__(self, "verified_background", verified)
         object.__setattr__(self, "boxes_xyxy", boxes)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "weights", weights)
@@ -204,11 +221,26 @@ def yolox_loss(
 
     obj_target = torch.zeros_like(obj_logits)
     obj_weight = torch.ones_like(obj_logits)
+    centres = (cells + 0.5) * strides
     fg_batch, fg_rows, reg_targets, cls_targets, fg_weights = [], [], [], [], []
     for b, target in enumerate(targets):
         for label in target.labels.tolist():
             if not 0 <= label < num_classes:
                 raise ValueError(f"image {b}: label {label} outside 0..{num_classes - 1}")
+        if target.background_weight != 1.0:
+            obj_weight[b] = target.background_weight
+            verified = target.verified_background
+            if verified is not None and len(verified):
+                verified = verified.to(raw.device)
+                inside = (
+                    (
+                        (centres[None] > verified[:, None, :2])
+                        & (centres[None] < verified[:, None, 2:])
+                    )
+                    .all(-1)
+                    .any(0)
+                )
+                obj_weight[b, inside] = 1.0
         found = simota_assign(
             pred_boxes[b].detach(),
             obj_logits[b].detach(),
