@@ -35,8 +35,8 @@ class TrainSample:
     #: images whose not-yet-queried boxes are the model's own predictions: they weigh λ_d.
     box_weights: np.ndarray | None = None
     #: Loss weight of "no object here" on the regions no box covers: 1 on an image labelled in
-    #: full; box-level active learning gives a partly labelled image λ_d, since nobody looked at
-    #: its unqueried regions.
+    #: full. Box-level active learning may give a partly labelled image less, since nobody looked
+    #: at its unqueried regions (``BoxCampaign.training_samples(background_weight=)``).
     background_weight: float = 1.0
     #: ``(K, 4)`` xyxy regions (in ``boxes``' image pixels) an annotator answered "no object":
     #: verified background, full weight whatever ``background_weight``.
