@@ -22,7 +22,7 @@ from typing import Any
 
 from backend.boxes import Boxes
 from backend.detectors import Detector, OnnxYoloxDetector
-from backend.detectors.versions import load_model_version, load_version_detector
+from backend.detectors.versions import load_model_version, load_version_detector, read_metadata
 from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
 from backend.settings import Settings
 from backend.store import ModelVersion, Store
@@ -159,6 +159,22 @@ class ModelRegistry:
         if mapped is None:
             return None
         return lambda images: mapped.predict(list(images))
+
+    def serving_trained_on(self, project_id: int) -> frozenset[int | str]:
+        """Task ids the serving version trained on (its metadata's ``trained_on``), which the
+        gate keeps out of the slice it scores the serving version on. Empty for the pretrained
+        model, and for a version saved before versions recorded them (logged)."""
+        record = self.serving_record(project_id)
+        if record is None:
+            return frozenset()
+        trained_on = read_metadata(Path(record.path)).get("trained_on")
+        if trained_on is None:
+            log.warning(
+                "%s does not record its training tasks: the gate may score it on some of them",
+                record.version,
+            )
+            return frozenset()
+        return frozenset(trained_on)
 
     def swap_in(self, project_id: int, version: str) -> bool:
         """Serve ``version`` if it was promoted; False (nothing changes) for a rejected one."""

@@ -307,6 +307,7 @@ def _train_yolox_round(
         train_config=YoloxTrainConfig.from_settings(settings),
         gate=gate,
         unlabeled=unlabeled,
+        serving_trained_on=registry.serving_trained_on(project_id),
         progress=progress,
     )
     return outcome.metrics()

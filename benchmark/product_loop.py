@@ -51,6 +51,8 @@ class _Serving:
     directory: Path | None  # None: the pretrained COCO model (or nothing)
     threshold: float | None  # what the product serves at; None: serves no boxes
     detector: Detector | None  # down to the prediction floor
+    #: Keys of the images it trained on: the gate never scores it on them.
+    trained_on: frozenset[int | str] = frozenset()
 
 
 class ProductLoop:
@@ -129,6 +131,7 @@ class ProductLoop:
             ),
             gate=self.gate,
             unlabeled=unlabeled,
+            serving_trained_on=self.serving.trained_on,
         )
         self.rounds.append(outcome)
         if outcome.promoted:
@@ -137,5 +140,6 @@ class ProductLoop:
                 directory=directory,
                 threshold=outcome.threshold if outcome.serves_boxes else None,
                 detector=load_version_detector(directory, self.settings, score_floor=self.floor),
+                trained_on=frozenset(outcome.trained_on),
             )
         return outcome

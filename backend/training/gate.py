@@ -6,7 +6,8 @@ a small fine-tune can forget (VOC mAP@0.5 0.784 → 0.717 after 42 images in the
 loose or false boxes cost an annotator more to fix than they save. So every round:
 
 1. holds back a validation slice of the annotated tasks, chosen by a hash of the task key (the
-   same task is always in the same slice, whatever else arrives), or, while fewer than
+   same task is always in the same slice, whatever else arrives), among the tasks the serving
+   version did not train on (``serving_trained_on``; see below), or, while fewer than
    ``cv_below`` tasks exist, scores by ``cv_folds``-fold cross-validation so that every task is
    predicted by a model that did not train on it. Below 30 tasks a 20 % slice holds under 6,
    and the sign-flip test of step 3 can reach at most ``1 − 2^-n`` on ``n`` images: a new-class
@@ -35,6 +36,17 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
    the serving version cannot predict wins on nearly every image and passes once the slice
    holds :attr:`GateConfig.min_slice` images.
 
+Both models are scored only on tasks neither trained on. A slice chosen by hash alone cannot
+promise that: a version promoted by a cross-validation round trained on every task of that round,
+and about a fifth of them fall in every later slice. The grids before this rule scored the
+serving version partly on its own training images, so on BCCD and raccoon the version of the
+first round was never replaced: every later candidate (trained on 40–80 images) scored "below"
+it on a slice where it had seen half the images. With ``serving_unseen_only`` (the default) the
+slice is drawn from the tasks the serving version did not train on (its metadata's
+``trained_on``), as many as the slice would hold otherwise; in a cross-validation round the
+comparison uses the fold predictions of those tasks, and the threshold is still chosen on all of
+them (every fold prediction is honest for the candidate).
+
 A promoted version serves at its chosen threshold; one whose best threshold still costs more
 than drawing by hand serves no boxes (``serves_boxes`` false). In a cross-validation round the
 threshold was chosen on the fold models' scores. With ``calibration_images`` set and unannotated
@@ -49,7 +61,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -115,6 +127,9 @@ class GateConfig:
     confidence: float = 0.9
     sign_flip_samples: int = 2000
     salt: str = "boxloop-validation"
+    #: Score the serving version only on tasks it did not train on (its ``trained_on``). False
+    #: reproduces the grids before this rule, which scored it partly on its own training tasks.
+    serving_unseen_only: bool = True
     #: Unannotated images on which a cross-validation round carries its threshold over to the
     #: candidate's score scale (:mod:`backend.training.calibration`); 0 keeps it as chosen.
     #: Off by default: on the loop grid it moved the served W_T both ways, +0.05 points on
@@ -192,6 +207,8 @@ class RoundOutcome:
     mode: str
     #: How a cross-validation round carried its threshold to the candidate (None: it did not).
     calibration: CountMatch | None = None
+    #: Keys of the tasks the candidate trained on (the next round keeps them out of its slice).
+    trained_on: tuple[int | str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
@@ -256,22 +273,27 @@ def _unit_hash(key: int | str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def validation_split(keys: Sequence[int | str], config: GateConfig) -> tuple[list[int], list[int]]:
+def validation_split(
+    keys: Sequence[int | str],
+    config: GateConfig,
+    seen: Collection[int | str] = (),
+) -> tuple[list[int], list[int]]:
     """``(train indices, validation indices)``.
 
     A task is in the slice when the hash of its key falls below ``validation_fraction``: the
     decision is the task's own, so tasks arriving later never move an earlier task between the
-    parts, and the serving version was never trained on a task that is now in the slice. While
-    the slice holds fewer than :attr:`GateConfig.min_slice` tasks, it is topped up with the tasks
-    of lowest hash (the only case where a task can later change sides).
+    parts. ``seen``: keys of tasks the serving version trained on, never put in the slice (the
+    serving version must not be scored on its own training images). The slice holds as many
+    tasks as it would without them (those below the fraction, at least
+    :attr:`GateConfig.min_slice`), taken from the unseen tasks in hash order; tasks topped up
+    that way can later change sides.
     """
     units = [_unit_hash(k, config.salt) for k in keys]
-    val = {i for i, u in enumerate(units) if u < config.validation_fraction}
-    want = min(config.min_slice, max(0, len(keys) - 1))
-    for i in sorted(range(len(keys)), key=units.__getitem__):
-        if len(val) >= want:
-            break
-        val.add(i)
+    seen_set = set(seen)
+    eligible = sorted((i for i, k in enumerate(keys) if k not in seen_set), key=units.__getitem__)
+    natural = sum(1 for u in units if u < config.validation_fraction)
+    want = min(max(natural, config.min_slice), max(0, len(keys) - 1), len(eligible))
+    val = set(eligible[:want])
     train = [i for i in range(len(keys)) if i not in val]
     return train, sorted(val)
 
@@ -319,6 +341,8 @@ def decide(
 ) -> tuple[bool, str]:
     """Promote only a candidate no worse on mAP@0.5 and on W_B, better on one, and confidently
     cheaper for the annotator (:func:`time_saved_confidence` ≥ ``config.confidence``)."""
+    if candidate.images == 0:
+        return False, "no annotated task that the serving version did not train on to judge by"
     # mAP is undefined (NaN) on a slice without boxes: then W_B alone decides.
     c_map = candidate.map50 if math.isfinite(candidate.map50) else 0.0
     s_map = serving.map50 if math.isfinite(serving.map50) else 0.0
@@ -375,13 +399,16 @@ def run_round(
     train_config: YoloxTrainConfig,
     gate: GateConfig,
     unlabeled: Sequence[Image.Image] = (),
+    serving_trained_on: Collection[int | str] = (),
     progress: ProgressFn | None = None,
 ) -> RoundOutcome:
     """Train a candidate from ``init`` on ``labeled``, write it to ``directory`` and judge it.
 
     ``serving_predict`` predicts with the serving version down to ``gate.score_floor`` (None:
-    nothing serves, i.e. drawing by hand). ``unlabeled``: images of tasks nobody annotated yet
-    (at most ``gate.calibration_images`` are used; pick them with
+    nothing serves, i.e. drawing by hand). ``serving_trained_on``: keys of the tasks the serving
+    version trained on (its metadata's ``trained_on``; empty for the pretrained model); with
+    ``gate.serving_unseen_only`` neither model is scored on them. ``unlabeled``: images of tasks
+    nobody annotated yet (at most ``gate.calibration_images`` are used; pick them with
     :func:`backend.training.calibration.unlabeled_sample`); a cross-validation round serves the
     candidate at the score that gives it as many boxes on them as the fold models gave at the
     chosen threshold. The candidate's directory gets the decision, both scores and the chosen
@@ -393,6 +420,7 @@ def run_round(
     say = progress or (lambda _f, _m: None)
     hw = input_shape_for([item.image.size for item in labeled], train_config)
     keys = [item.key for item in labeled]
+    seen = set(serving_trained_on) if gate.serving_unseen_only else set()
     gts_all = [item.boxes.kept() for item in labeled]
 
     def candidate_predict(model: YoloxNano, images: Sequence[Image.Image], tag: str) -> list[Boxes]:
@@ -400,6 +428,7 @@ def run_round(
         detector = load_version_detector(directory, settings, score_floor=gate.score_floor)
         return detector.predict(list(images))
 
+    fold_preds_all: list[Boxes] = []  # a cross-validation round's prediction of every task
     calibration_set = list(unlabeled[: gate.calibration_images])
     fold_on_unlabeled: list[list[Boxes]] = []  # per fold model, on calibration_set
     candidate_on_unlabeled: list[Boxes] = []
@@ -453,14 +482,21 @@ def run_round(
             input_hw=hw,
             progress=_span(say, starts[-2], 0.9),
         )
-        candidate_preds = [p for p in preds if p is not None]
+        # every task was predicted by a fold model that did not see it; the serving version is
+        # compared only on those it did not see either
+        val_index = [i for i in val_index if keys[i] not in seen]
+        fold_preds_all = [p for p in preds if p is not None]
+        if len(fold_preds_all) != len(labeled):
+            raise RuntimeError("a cross-validation round left an image without a prediction")
+        candidate_preds = [fold_preds_all[i] for i in val_index]
         n_train = len(labeled)
+        trained_on = list(keys)
         if calibration_set and fold_on_unlabeled:
             say(0.9, f"matching box counts on {len(calibration_set)} unannotated images")
             candidate_on_unlabeled = candidate_predict(candidate, calibration_set, "calibration")
     else:
         mode = "validation slice"
-        train_idx, val_index = validation_split(keys, gate)
+        train_idx, val_index = validation_split(keys, gate, seen)
         candidate = train_yolox(
             _samples([labeled[i] for i in train_idx]),
             init,
@@ -472,6 +508,7 @@ def run_round(
             candidate, [labeled[i].image for i in val_index], "validation"
         )
         n_train = len(train_idx)
+        trained_on = [keys[i] for i in train_idx]
     val_images = [labeled[i].image for i in val_index]
     val_gts = [gts_all[i] for i in val_index]
     say(0.92, f"scoring on {len(val_index)} validation images")
@@ -482,7 +519,11 @@ def run_round(
         serving_preds = serving_predict(val_images)
     serving_score = _score(val_gts, serving_preds, labels, gate)
     promoted, reason = decide(candidate_score, serving_score, gate)
-    threshold = candidate_score.best_threshold
+    # the threshold it serves at: chosen on every honest prediction of the candidate's stand-ins
+    threshold_score = candidate_score
+    if mode != "validation slice" and len(val_index) < len(labeled):
+        threshold_score = _score(gts_all, fold_preds_all, labels, gate)
+    threshold = threshold_score.best_threshold
     calibration: CountMatch | None = None
     if fold_on_unlabeled and candidate_on_unlabeled:
         calibration = count_matched_threshold(
@@ -497,12 +538,13 @@ def run_round(
         candidate_score=candidate_score,
         serving_score=serving_score,
         threshold=threshold,
-        serves_boxes=candidate_score.beats_manual,
+        serves_boxes=threshold_score.beats_manual,
         input_hw=hw,
         n_train=n_train,
         n_validation=len(val_index),
         mode=mode,
         calibration=calibration,
+        trained_on=tuple(trained_on),
     )
     record = {
         **metadata,
@@ -510,6 +552,7 @@ def run_round(
         "train_config": train_config.to_dict(),
         "gate": gate.to_dict(),
         "stage": "final",
+        "trained_on": list(outcome.trained_on),
         **outcome.metrics(),
     }
     if mode == "validation slice":  # the scored export is the candidate: record, don't re-export

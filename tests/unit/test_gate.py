@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from backend.boxes import Boxes
-from backend.detectors.versions import load_version_detector
+from backend.detectors.versions import load_version_detector, read_metadata
 from backend.detectors.yolox import YoloxNano
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import Settings
@@ -76,6 +76,25 @@ def test_split_keeps_a_minimum_and_never_everything() -> None:
     assert len(validation_split([7, 8, 9, 10], config)[1]) == 3
     train, val = validation_split([7, 8], config)
     assert len(val) == 1 and len(train) == 1
+
+
+def test_the_slice_never_holds_a_task_the_serving_version_trained_on() -> None:
+    """A version promoted by a cross-validation round trained on every task of that round; the
+    next slice is drawn from the other tasks, as large as it would be without them."""
+    config = GateConfig(validation_fraction=0.2)
+    keys = list(range(1, 41))
+    _, plain = validation_split(keys, config)
+    seen = set(range(1, 21))  # the first batch, all trained on
+    train, val = validation_split(keys, config, seen)
+    assert not {keys[i] for i in val} & seen
+    assert len(val) == len(plain) and set(train) | set(val) == set(range(40))
+    # the unseen tasks the hash puts in the slice stay there
+    assert {keys[i] for i in plain} - seen <= {keys[i] for i in val}
+    # nothing seen: the same split as before
+    assert validation_split(keys, config, ()) == validation_split(keys, config)
+    # fewer unseen tasks than the slice wants: all of them, and the rest trains
+    train, val = validation_split(keys, config, set(range(1, 39)))
+    assert sorted(keys[i] for i in val) == [39, 40] and len(train) == 38
 
 
 def test_a_better_candidate_is_promoted_and_a_worse_one_is_not() -> None:
@@ -257,14 +276,17 @@ def _tiny_round(
     gate: GateConfig,
     unlabeled: list[Image.Image] | None = None,
     progress: gate_module.ProgressFn | None = None,
+    serving_predict: gate_module.PredictFn | None = None,
+    serving_trained_on: frozenset[int | str] = frozenset(),
 ) -> gate_module.RoundOutcome:
-    """A real round from a fresh 2-class YOLOX-Nano, nothing serving."""
+    """A real round from a fresh 2-class YOLOX-Nano (nothing serving unless given)."""
     torch.set_num_threads(1)
     return gate_module.run_round(
         labeled,
         ["a", "b"],
         init=YoloxNano(num_classes=2).eval(),
-        serving_predict=None,
+        serving_predict=serving_predict,
+        serving_trained_on=serving_trained_on,
         directory=tmp_path / "v1",
         metadata={"version": "v1", "labels": ["a", "b"]},
         settings=Settings(data_dir=tmp_path / "data", num_threads=1),
@@ -405,3 +427,58 @@ def test_a_cross_validation_round_reports_progress_by_image_visits(tmp_path: Pat
         assert any(m.startswith(f"cross-validation fold {fold}: epoch") for _, m in reports)
     start = next(f for f, m in reports if m == "training on every annotated image")
     assert start == pytest.approx(0.6, abs=0.1)
+
+
+def _memorizing_serving(labeled: list[LabeledImage], trained_on: set[int]) -> gate_module.PredictFn:
+    """A serving version that learnt its training images by heart (their true boxes at 0.99)
+    and finds nothing anywhere else: on its own training tasks it looks perfect."""
+    known = {item.image.tobytes(): item.boxes for item in labeled if item.key in trained_on}
+
+    def predict(images):  # type: ignore[no-untyped-def]
+        out = []
+        for image in images:
+            boxes = known.get(image.tobytes())
+            if boxes is None:
+                out.append(Boxes.empty(image.size, with_scores=True))
+            else:
+                scores = np.full(len(boxes), 0.99, np.float32)
+                out.append(Boxes(boxes.xyxy, boxes.labels, boxes.image_size, scores))
+        return out
+
+    return predict
+
+
+@pytest.mark.parametrize("cv_below", [30, 4])
+def test_the_serving_version_is_never_scored_on_its_own_training_tasks(
+    tmp_path: Path, cv_below: int
+) -> None:
+    """A real round in either mode beside a serving version that memorised half the tasks:
+    scored on those it would look perfect. With the default it is scored only on the others,
+    where it finds nothing, and the candidate records the tasks it trained on for the next
+    round. ``serving_unseen_only=False`` (the grids before this rule) scores it on them."""
+    labeled = _rectangle_images(10)
+    seen = set(range(5))
+    serving = _memorizing_serving(labeled, seen)
+    gate = GateConfig(cv_below=cv_below, sign_flip_samples=50)
+    outcome = _tiny_round(
+        tmp_path, labeled, _tiny_config(10, max_epochs=2), gate,
+        serving_predict=serving, serving_trained_on=frozenset(seen),
+    )  # fmt: skip
+    serving_score = outcome.serving_score
+    assert serving_score.images == outcome.n_validation
+    assert serving_score.best.w_b == serving_score.w_manual > 0  # it finds none of them
+    if cv_below == 30:
+        assert outcome.mode == "2-fold cross-validation" and outcome.n_validation == 5
+        assert set(outcome.trained_on) == set(range(10))
+    else:
+        assert outcome.mode == "validation slice"
+        validated = set(range(10)) - set(outcome.trained_on)
+        assert len(validated) == outcome.n_validation and not validated & seen
+    metadata = read_metadata(tmp_path / "v1")
+    assert sorted(metadata["trained_on"]) == sorted(outcome.trained_on)
+    leaky = _tiny_round(
+        tmp_path, labeled, _tiny_config(10, max_epochs=2),
+        dataclasses.replace(gate, serving_unseen_only=False),
+        serving_predict=serving, serving_trained_on=frozenset(seen),
+    )  # fmt: skip
+    assert leaky.serving_score.best.w_b < leaky.serving_score.w_manual  # its memory shows

@@ -19,10 +19,10 @@ def _registry(tmp_path: Path, keep: int) -> ModelRegistry:
     return ModelRegistry(settings, store)
 
 
-def _add(registry: ModelRegistry, version: str, status: str) -> Path:
+def _add(registry: ModelRegistry, version: str, status: str, metadata: str = "{}") -> Path:
     directory = registry.settings.models_dir / "project-1" / version
     directory.mkdir(parents=True)
-    (directory / "metadata.json").write_text("{}")
+    (directory / "metadata.json").write_text(metadata)
     registry.store.add_model_version(
         1,
         version,
@@ -60,3 +60,15 @@ def test_pruning_keeps_the_newest_and_always_the_serving_version(tmp_path: Path)
     assert records["v2"].metrics and records["v2"].metrics["pruned"]  # the record stays
     assert not is_promoted(records["v2"]) and is_promoted(records["v1"])
     assert registry.prune(1) == []  # nothing more to do
+
+
+def test_the_gate_learns_which_tasks_the_serving_version_trained_on(tmp_path: Path) -> None:
+    registry = _registry(tmp_path, keep=5)
+    assert registry.serving_trained_on(1) == frozenset()  # the pretrained model: none
+    recorded = '{"arch": "yolox_nano", "labels": ["a"], "trained_on": [3, 5, 8]}'
+    _add(registry, "v1", "promoted", recorded)
+    _add(registry, "v2", "rejected", '{"arch": "yolox_nano", "labels": ["a"], "trained_on": [1]}')
+    assert registry.serving_trained_on(1) == frozenset({3, 5, 8})  # v1 serves, not v2
+    # a version saved before versions recorded their tasks: nothing known (logged)
+    _add(registry, "v3", "promoted", '{"arch": "yolox_nano", "labels": ["a"]}')
+    assert registry.serving_trained_on(1) == frozenset()
