@@ -60,9 +60,12 @@ def _service(tmp_path: Path, image_root: Path, **extra: object) -> BoxloopServic
     return BoxloopService(settings)
 
 
-def _annotate(service: BoxloopService, project: int, samples: list, labels: list[str]) -> None:
+def _annotate(
+    service: BoxloopService, project: int, samples: list, labels: list[str], start: int = 0
+) -> None:
+    """Submit ``samples`` as tasks ``start + 1``, ``start + 2``, ..."""
     config = _label_config(labels)
-    for i, (path, boxes) in enumerate(samples):
+    for i, (path, boxes) in enumerate(samples, start=start):
         outcome = service.handle_webhook(
             {
                 "action": "ANNOTATION_CREATED",
@@ -193,5 +196,38 @@ def test_a_cross_validation_round_carries_its_threshold_on_unannotated_tasks(
         kept = sum(int((p.scores >= match["threshold"]).sum()) for p in predictions if len(p))
         assert kept == round(match["boxes_per_image"] * 8)
         assert abs(kept - match["reference_boxes_per_image"] * 8) <= 0.5
+    finally:
+        service.close()
+
+
+def _trained_on(service: BoxloopService, project: int, version: str) -> set[int]:
+    path = service.settings.models_dir / f"project-{project}" / version / "metadata.json"
+    return set(json.loads(path.read_text())["trained_on"])
+
+
+def test_the_next_round_never_scores_the_serving_version_on_its_own_training_tasks(
+    tmp_path: Path,
+) -> None:
+    """24 raccoon tasks: a cross-validation round, whose version (if promoted) trained on all 24.
+    8 more arrive: the next round judges on a slice, drawn only from tasks that version never
+    saw, and records the tasks its own candidate trained on."""
+    root, dataset = _raccoon()
+    labels = list(dataset.labels)
+    samples = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:32]]
+    service = _service(tmp_path, root, yolox_image_visits=120, gate_cv_below=30)
+    try:
+        service.setup(8, _label_config(labels))
+        _annotate(service, 8, samples[:24], labels)
+        first = _train(service, 8)
+        assert first["validation"]["mode"] == "2-fold cross-validation", first
+        assert first["status"] == "promoted", first  # nothing served a raccoon before
+        assert _trained_on(service, 8, first["version"]) == set(range(1, 25))
+        _annotate(service, 8, samples[24:], labels, start=24)  # tasks 25-32
+        second = _train(service, 8)
+        assert second["validation"]["mode"] == "validation slice", second
+        validated = set(range(1, 33)) - _trained_on(service, 8, second["version"])
+        assert validated and validated <= set(range(25, 33)), validated
+        assert second["validation"]["n_validation"] == len(validated)
+        assert second["validation"]["serving"]["images"] == len(validated)
     finally:
         service.close()
