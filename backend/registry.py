@@ -28,7 +28,7 @@ from backend.settings import Settings
 from backend.store import ModelVersion, Store
 from backend.training.yolox_train import initial_yolox
 
-__all__ = ["UNTRAINED_VERSION", "LoadedModel", "ModelRegistry", "is_promoted"]
+__all__ = ["UNTRAINED_VERSION", "LoadedModel", "ModelRegistry", "WarmStart", "is_promoted"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ UNTRAINED_VERSION = "boxloop-untrained"
 class LoadedModel:
     version: str
     detector: Detector | None
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A promoted version a new candidate continues from, and the tasks it trained on."""
+
+    version: str
+    model: YoloxNano
+    trained_on: frozenset[int | str]
 
 
 def is_promoted(record: ModelVersion) -> bool:
@@ -175,6 +184,19 @@ class ModelRegistry:
             )
             return frozenset()
         return frozenset(trained_on)
+
+    def warm_start(self, project_id: int, labels: Sequence[str]) -> WarmStart | None:
+        """The serving version as a candidate's starting point; None when nothing trained
+        serves, or it is no YOLOX version of ``labels``, or it does not record the tasks it
+        trained on (the gate could not keep them out of its slice)."""
+        record = self.serving_record(project_id)
+        if record is None or list(record.labels) != list(labels):
+            return None
+        model, metadata = load_model_version(Path(record.path))
+        trained_on = metadata.get("trained_on")
+        if not isinstance(model, YoloxNano) or trained_on is None:
+            return None
+        return WarmStart(record.version, model, frozenset(trained_on))
 
     def swap_in(self, project_id: int, version: str) -> bool:
         """Serve ``version`` if it was promoted; False (nothing changes) for a rejected one."""

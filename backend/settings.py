@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     yolox_min_epochs: int = 8
     yolox_max_epochs: int = 30
     yolox_freeze: Literal["none", "stem", "backbone", "backbone+neck"] = "stem"
+    yolox_warm_start: bool = Field(
+        True,
+        description="Start each round's candidate from the serving version (when it is a YOLOX "
+        "version of the same labels that records its training tasks), not from the COCO "
+        "weights, so training accumulates over rounds. The gate then judges only on tasks "
+        "neither trained on.",
+    )
     yolox_input_area: int = Field(
         416 * 416, description="Letterbox area; its shape follows the images' aspect ratio."
     )

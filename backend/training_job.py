@@ -284,6 +284,11 @@ def _train_yolox_round(
         )
     coco_model, coco_names = load_coco_yolox_nano(Path(onnx_path))
     init = initial_yolox(coco_model, coco_names, config.labels)
+    init_trained_on: frozenset[int | str] = frozenset()
+    warm = registry.warm_start(project_id, config.labels) if settings.yolox_warm_start else None
+    if warm is not None:
+        init, init_trained_on = warm.model, warm.trained_on
+        metadata = {**metadata, "warm_start": warm.version}
     gate = GateConfig.from_settings(settings)
     unlabeled: list[Image.Image] = []
     # only a cross-validation round matches box counts, and only when the option is on
@@ -308,6 +313,7 @@ def _train_yolox_round(
         gate=gate,
         unlabeled=unlabeled,
         serving_trained_on=registry.serving_trained_on(project_id),
+        init_trained_on=init_trained_on,
         progress=progress,
     )
     return outcome.metrics()

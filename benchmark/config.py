@@ -186,6 +186,8 @@ class ExperimentConfig:
     ignored_objects: IgnoredObjects = "excluded"
     prediction_floor: float = 0.05
     final_round: bool = True
+    #: Each round's model continues from the last one: the Faster R-CNN loop from the previous
+    #: model, the YOLOX loop from the serving version (the product's ``yolox_warm_start``).
     warm_start: bool = True
     threads: int = 2
     #: Runs in flight at once, each in its own process with ``threads`` threads. On a 2-core

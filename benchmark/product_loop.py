@@ -53,6 +53,8 @@ class _Serving:
     detector: Detector | None  # down to the prediction floor
     #: Keys of the images it trained on: the gate never scores it on them.
     trained_on: frozenset[int | str] = frozenset()
+    #: Its PyTorch model (a trained version), for the next candidate to continue from.
+    model: YoloxNano | None = None
 
 
 class ProductLoop:
@@ -70,8 +72,10 @@ class ProductLoop:
         gate: dict[str, Any],
         seed: int,
         threads: int,
+        warm_start: bool = True,
     ) -> None:
         self.labels = list(labels)
+        self.warm_start = warm_start
         self.workdir = Path(workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir.mkdir(parents=True)
@@ -118,10 +122,12 @@ class ProductLoop:
         """
         serving = self.serving.detector
         directory = self.workdir / f"v{number}"
+        # as the training job does (Settings.yolox_warm_start): continue from a trained version
+        warm = self.serving.model if self.warm_start else None
         outcome = run_round(
             [LabeledImage(key, image, boxes.kept()) for key, image, boxes in items],
             self.labels,
-            init=self.init,
+            init=self.init if warm is None else warm,
             serving_predict=None if serving is None else lambda ims: serving.predict(list(ims)),
             directory=directory,
             metadata={"version": f"bench-v{number}", "labels": self.labels},
@@ -132,6 +138,7 @@ class ProductLoop:
             gate=self.gate,
             unlabeled=unlabeled,
             serving_trained_on=self.serving.trained_on,
+            init_trained_on=self.serving.trained_on if warm is not None else (),
         )
         self.rounds.append(outcome)
         if outcome.promoted:
@@ -141,5 +148,6 @@ class ProductLoop:
                 threshold=outcome.threshold if outcome.serves_boxes else None,
                 detector=load_version_detector(directory, self.settings, score_floor=self.floor),
                 trained_on=frozenset(outcome.trained_on),
+                model=outcome.candidate,
             )
         return outcome

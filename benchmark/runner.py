@@ -365,6 +365,7 @@ def run_one(
             gate=config.gate,
             seed=seed,
             threads=config.threads,
+            warm_start=config.warm_start,
         )
         if loop.serving.detector is not None:
             evaluate(loop.serving.detector, 0, 0)

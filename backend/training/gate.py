@@ -38,14 +38,14 @@ loose or false boxes cost an annotator more to fix than they save. So every roun
 
 Both models are scored only on tasks neither trained on. A slice chosen by hash alone cannot
 promise that: a version promoted by a cross-validation round trained on every task of that round,
-and about a fifth of them fall in every later slice. The grids before this rule scored the
-serving version partly on its own training images, so on BCCD and raccoon the version of the
-first round was never replaced: every later candidate (trained on 40–80 images) scored "below"
-it on a slice where it had seen half the images. With ``serving_unseen_only`` (the default) the
-slice is drawn from the tasks the serving version did not train on (its metadata's
-``trained_on``), as many as the slice would hold otherwise; in a cross-validation round the
-comparison uses the fold predictions of those tasks, and the threshold is still chosen on all of
-them (every fold prediction is honest for the candidate).
+and about a fifth of them fall in every later slice, so the grids before this rule scored the
+serving version partly on its own training images. With ``serving_unseen_only`` (the default) the
+slice is drawn from the tasks that neither the serving version nor the candidate's starting point
+trained on (their metadata's ``trained_on``), as many as the slice would hold otherwise; a
+cross-validation round compares on the fold predictions of those tasks and chooses the threshold
+on every task its starting point did not see. The rule is what makes a warm start safe: a
+candidate that continues from the serving version (``Settings.yolox_warm_start``, the
+default) would otherwise be judged on images both models trained on.
 
 A promoted version serves at its chosen threshold; one whose best threshold still costs more
 than drawing by hand serves no boxes (``serves_boxes`` false). In a cross-validation round the
@@ -127,8 +127,9 @@ class GateConfig:
     confidence: float = 0.9
     sign_flip_samples: int = 2000
     salt: str = "boxloop-validation"
-    #: Score the serving version only on tasks it did not train on (its ``trained_on``). False
-    #: reproduces the grids before this rule, which scored it partly on its own training tasks.
+    #: Score only on tasks that neither the serving version nor the candidate's starting model
+    #: trained on (their ``trained_on``). False reproduces the grids before this rule, which
+    #: scored the serving version partly on its own training tasks.
     serving_unseen_only: bool = True
     #: Unannotated images on which a cross-validation round carries its threshold over to the
     #: candidate's score scale (:mod:`backend.training.calibration`); 0 keeps it as chosen.
@@ -207,7 +208,8 @@ class RoundOutcome:
     mode: str
     #: How a cross-validation round carried its threshold to the candidate (None: it did not).
     calibration: CountMatch | None = None
-    #: Keys of the tasks the candidate trained on (the next round keeps them out of its slice).
+    #: Keys of the tasks the candidate trained on, its starting point's included (the next round
+    #: keeps them out of its slice).
     trained_on: tuple[int | str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -400,6 +402,7 @@ def run_round(
     gate: GateConfig,
     unlabeled: Sequence[Image.Image] = (),
     serving_trained_on: Collection[int | str] = (),
+    init_trained_on: Collection[int | str] = (),
     progress: ProgressFn | None = None,
 ) -> RoundOutcome:
     """Train a candidate from ``init`` on ``labeled``, write it to ``directory`` and judge it.
@@ -407,7 +410,10 @@ def run_round(
     ``serving_predict`` predicts with the serving version down to ``gate.score_floor`` (None:
     nothing serves, i.e. drawing by hand). ``serving_trained_on``: keys of the tasks the serving
     version trained on (its metadata's ``trained_on``; empty for the pretrained model); with
-    ``gate.serving_unseen_only`` neither model is scored on them. ``unlabeled``: images of tasks
+    ``gate.serving_unseen_only`` neither model is scored on them. ``init_trained_on``: those
+    ``init`` trained on, when it is a warm start from the serving version (then the fold models
+    and the candidate start from a model that saw them: they are kept out of the scoring and of
+    the threshold choice too). ``unlabeled``: images of tasks
     nobody annotated yet (at most ``gate.calibration_images`` are used; pick them with
     :func:`backend.training.calibration.unlabeled_sample`); a cross-validation round serves the
     candidate at the score that gives it as many boxes on them as the fold models gave at the
@@ -420,7 +426,8 @@ def run_round(
     say = progress or (lambda _f, _m: None)
     hw = input_shape_for([item.image.size for item in labeled], train_config)
     keys = [item.key for item in labeled]
-    seen = set(serving_trained_on) if gate.serving_unseen_only else set()
+    init_seen = set(init_trained_on) if gate.serving_unseen_only else set()
+    seen = set(serving_trained_on) | init_seen if gate.serving_unseen_only else set()
     gts_all = [item.boxes.kept() for item in labeled]
 
     def candidate_predict(model: YoloxNano, images: Sequence[Image.Image], tag: str) -> list[Boxes]:
@@ -520,9 +527,13 @@ def run_round(
     serving_score = _score(val_gts, serving_preds, labels, gate)
     promoted, reason = decide(candidate_score, serving_score, gate)
     # the threshold it serves at: chosen on every honest prediction of the candidate's stand-ins
+    # (in a cross-validation round, every task the fold models' starting point did not see)
     threshold_score = candidate_score
-    if mode != "validation slice" and len(val_index) < len(labeled):
-        threshold_score = _score(gts_all, fold_preds_all, labels, gate)
+    honest = [i for i in range(len(labeled)) if keys[i] not in init_seen]
+    if mode != "validation slice" and len(honest) > len(val_index):
+        threshold_score = _score(
+            [gts_all[i] for i in honest], [fold_preds_all[i] for i in honest], labels, gate
+        )
     threshold = threshold_score.best_threshold
     calibration: CountMatch | None = None
     if fold_on_unlabeled and candidate_on_unlabeled:
@@ -544,7 +555,8 @@ def run_round(
         n_validation=len(val_index),
         mode=mode,
         calibration=calibration,
-        trained_on=tuple(trained_on),
+        # a warm start carries what its starting point saw
+        trained_on=tuple(dict.fromkeys([*trained_on, *init_trained_on])),
     )
     record = {
         **metadata,

@@ -208,9 +208,9 @@ def _trained_on(service: BoxloopService, project: int, version: str) -> set[int]
 def test_the_next_round_never_scores_the_serving_version_on_its_own_training_tasks(
     tmp_path: Path,
 ) -> None:
-    """24 raccoon tasks: a cross-validation round, whose version (if promoted) trained on all 24.
-    8 more arrive: the next round judges on a slice, drawn only from tasks that version never
-    saw, and records the tasks its own candidate trained on."""
+    """24 raccoon tasks: a cross-validation round, whose version trained on all 24. 8 more
+    arrive: the next candidate continues from that version (warm start), and the round judges
+    on a slice drawn only from the tasks that version never saw."""
     root, dataset = _raccoon()
     labels = list(dataset.labels)
     samples = [(s.image_path, s.boxes.kept()) for s in dataset.samples[:32]]
@@ -225,6 +225,11 @@ def test_the_next_round_never_scores_the_serving_version_on_its_own_training_tas
         _annotate(service, 8, samples[24:], labels, start=24)  # tasks 25-32
         second = _train(service, 8)
         assert second["validation"]["mode"] == "validation slice", second
+        # it continued from the first version (warm start), so it carries that one's tasks
+        directory = service.settings.models_dir / "project-8" / second["version"]
+        assert (
+            json.loads((directory / "metadata.json").read_text())["warm_start"] == first["version"]
+        )
         validated = set(range(1, 33)) - _trained_on(service, 8, second["version"])
         assert validated and validated <= set(range(25, 33)), validated
         assert second["validation"]["n_validation"] == len(validated)

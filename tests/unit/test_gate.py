@@ -278,6 +278,7 @@ def _tiny_round(
     progress: gate_module.ProgressFn | None = None,
     serving_predict: gate_module.PredictFn | None = None,
     serving_trained_on: frozenset[int | str] = frozenset(),
+    init_trained_on: frozenset[int | str] = frozenset(),
 ) -> gate_module.RoundOutcome:
     """A real round from a fresh 2-class YOLOX-Nano (nothing serving unless given)."""
     torch.set_num_threads(1)
@@ -287,6 +288,7 @@ def _tiny_round(
         init=YoloxNano(num_classes=2).eval(),
         serving_predict=serving_predict,
         serving_trained_on=serving_trained_on,
+        init_trained_on=init_trained_on,
         directory=tmp_path / "v1",
         metadata={"version": "v1", "labels": ["a", "b"]},
         settings=Settings(data_dir=tmp_path / "data", num_threads=1),
@@ -482,3 +484,30 @@ def test_the_serving_version_is_never_scored_on_its_own_training_tasks(
         serving_predict=serving, serving_trained_on=frozenset(seen),
     )  # fmt: skip
     assert leaky.serving_score.best.w_b < leaky.serving_score.w_manual  # its memory shows
+
+
+def test_a_warm_start_keeps_what_its_starting_point_saw_out_of_the_scoring(
+    tmp_path: Path,
+) -> None:
+    """A candidate continuing from the serving version (which trained on tasks 0-3): in a
+    cross-validation round neither the comparison nor the threshold uses those tasks (the fold
+    models start from a model that saw them), and the candidate records them as its own."""
+    labeled = _rectangle_images(10)
+    seen = frozenset(range(4))
+    outcome = _tiny_round(
+        tmp_path, labeled, _tiny_config(10, max_epochs=2),
+        GateConfig(cv_below=30, sign_flip_samples=50, score_floor=0.01),
+        serving_predict=_memorizing_serving(labeled, set(seen)),
+        serving_trained_on=seen, init_trained_on=seen,
+    )  # fmt: skip
+    assert outcome.n_validation == 6 and outcome.serving_score.images == 6
+    assert outcome.candidate_score.images == 6  # the threshold too: chosen on the same 6
+    assert outcome.threshold == outcome.candidate_score.best_threshold
+    assert set(outcome.trained_on) == set(range(10))
+    # a slice round: the slice holds none of them, and the record carries them
+    sliced = _tiny_round(
+        tmp_path, labeled, _tiny_config(10, max_epochs=2),
+        GateConfig(cv_below=4, sign_flip_samples=50), init_trained_on=seen,
+    )  # fmt: skip
+    validated = set(range(10)) - set(sliced.trained_on)
+    assert validated and not validated & seen and seen <= set(sliced.trained_on)

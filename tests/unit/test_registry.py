@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from backend.detectors.versions import save_model_version, update_metadata
+from backend.detectors.yolox import YoloxNano
 from backend.registry import ModelRegistry, is_promoted
 from backend.settings import Settings
 from backend.store import Store
@@ -72,3 +74,23 @@ def test_the_gate_learns_which_tasks_the_serving_version_trained_on(tmp_path: Pa
     # a version saved before versions recorded their tasks: nothing known (logged)
     _add(registry, "v3", "promoted", '{"arch": "yolox_nano", "labels": ["a"]}')
     assert registry.serving_trained_on(1) == frozenset()
+
+
+def test_a_candidate_warm_starts_only_from_a_yolox_version_that_records_its_tasks(
+    tmp_path: Path,
+) -> None:
+    registry = _registry(tmp_path, keep=5)
+    assert registry.warm_start(1, ["a"]) is None  # nothing trained serves
+    directory = registry.settings.models_dir / "project-1" / "v1"
+    metadata = {"labels": ["a"], "input_hw": [64, 64], "trained_on": [4, 7]}
+    save_model_version(YoloxNano(num_classes=1).eval(), directory, metadata)
+    registry.store.add_model_version(
+        1, "v1", str(directory), ["a"], n_annotations=2, n_images=2, annotations_revision=1,
+        metrics={"status": "promoted", "reason": "test"},
+    )  # fmt: skip
+    warm = registry.warm_start(1, ["a"])
+    assert warm is not None and warm.version == "v1" and warm.trained_on == frozenset({4, 7})
+    assert isinstance(warm.model, YoloxNano) and warm.model.num_classes == 1
+    assert registry.warm_start(1, ["a", "b"]) is None  # the labels changed: start from COCO
+    update_metadata(directory, trained_on=None)
+    assert registry.warm_start(1, ["a"]) is None  # its tasks unknown: the gate could not judge
