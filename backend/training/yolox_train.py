@@ -87,9 +87,6 @@ class YoloxTrainConfig:
     min_side: int = 224
     max_side: int = 1024
     grad_clip_norm: float = 10.0
-    # λ_d for unverified (noisy) boxes: box-level active learning (backend.active) gives each
-    # predicted, not yet queried box this weight through TrainSample.box_weights.
-    noisy_weight: float = 0.5
     # Leave a label out of the class loss while the round's data holds no box of it. With no
     # example there is no evidence about it, yet the stock loss pushes its score down on every
     # other label's foreground anchors, so a COCO class the project has not met yet fades from
@@ -198,17 +195,16 @@ def _target(
     r: float,
     flip: bool,
     input_hw: tuple[int, int],
-    weight: float,
 ) -> YoloxTarget:
-    """The sample's boxes in letterbox pixels, each with its loss weight (``weight`` × its own:
-    noisy boxes of box-level active learning weigh λ_d, ground truth 1)."""
+    """The sample's boxes in letterbox pixels, each with its loss weight (``box_weights``: noisy
+    boxes of box-level active learning weigh λ_d, ground truth 1)."""
     boxes = sample.boxes
     per_box = (
         np.ones(len(boxes), np.float32)
         if sample.box_weights is None
         else np.asarray(sample.box_weights, np.float32)
     )
-    kept, per_box = boxes.kept(), per_box[~boxes.ignore_mask] * weight
+    kept, per_box = boxes.kept(), per_box[~boxes.ignore_mask]
     xyxy = _to_input(kept.xyxy, kept.image_size, image.size, r, flip, input_hw)
     big = ((xyxy[:, 2] - xyxy[:, 0]) >= 2) & ((xyxy[:, 3] - xyxy[:, 1]) >= 2)
     verified = sample.verified_background
@@ -328,15 +324,14 @@ def train_yolox(
     config: YoloxTrainConfig,
     *,
     input_hw: tuple[int, int] | None = None,
-    sample_weights: Sequence[float] | None = None,
     epochs: int | None = None,
     progress: ProgressFn | None = None,
 ) -> YoloxNano:
     """Fine-tune a copy of ``init`` (its class count = the labels' count) on ``samples``.
 
-    ``samples[i].boxes`` label indices refer to ``init``'s classes; ignored boxes are left out.
-    ``sample_weights[i]`` (default 1) weights all of sample i's boxes in the loss (λ_d for images
-    whose boxes are unverified predictions). ``epochs`` overrides :func:`epochs_for` (the
+    ``samples[i].boxes`` label indices refer to ``init``'s classes; ignored boxes are left out;
+    ``samples[i].box_weights`` weigh its boxes in the loss (λ_d for unverified predictions).
+    ``epochs`` overrides :func:`epochs_for` (the
     gate's cross-validation folds run the candidate's). Returns the EMA model in eval mode.
     Seeded.
     """
@@ -353,7 +348,6 @@ def train_yolox(
         labels = sample.boxes.labels
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"box label indices outside 0..{num_classes - 1}")
-    weights = list(sample_weights) if sample_weights is not None else [1.0] * len(samples)
     hw = input_hw or input_shape_for([im.size for im in images], config)
     class_mask = (
         torch.from_numpy(present_classes(samples, num_classes))
@@ -392,9 +386,7 @@ def train_yolox(
                 scale = float(rng.uniform(*config.scale_jitter))
                 tensor, r = letterbox_tensor(image, hw, scale, flip)
                 tensors.append(tensor)
-                targets.append(
-                    _target(samples[int(index)], image, r, flip, hw, weights[int(index)])
-                )
+                targets.append(_target(samples[int(index)], image, r, flip, hw))
             factor = _lr_factor(step, total, config)
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor

@@ -208,11 +208,11 @@ def test_box_weights_follow_their_boxes_into_the_loss_target() -> None:
     sample = TrainSample(
         image=image, boxes=boxes, box_weights=np.array([1.0, 0.5, 0.7, 0.5], np.float32)
     )
-    target = _target(sample, image, 1.0, False, (128, 224), 1.0)
+    target = _target(sample, image, 1.0, False, (128, 224))
     # the ignored box and the sub-pixel one are dropped, each weight stays with its box
     assert target.weights is not None
     assert target.labels.tolist() == [0, 0] and target.weights.tolist() == [1.0, 0.5]
-    plain = _target(TrainSample(image=image, boxes=boxes), image, 1.0, False, (128, 224), 1.0)
+    plain = _target(TrainSample(image=image, boxes=boxes), image, 1.0, False, (128, 224))
     assert plain.weights is not None and plain.weights.tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="box weights"):
         TrainSample(image=image, boxes=boxes, box_weights=np.ones(2, np.float32))
@@ -228,7 +228,7 @@ def test_verified_background_follows_the_image_into_the_loss_target() -> None:
         background_weight=0.5,
         verified_background=regions,
     )
-    target = _target(sample, image, 0.5, True, (64, 128), 1.0)
+    target = _target(sample, image, 0.5, True, (64, 128))
     # half size (400 -> 200), mirrored in 200 px, then resized by r = 0.5
     assert target.background_weight == 0.5
     assert target.verified_background is not None
