@@ -11,8 +11,10 @@ the backend's own parts (:mod:`backend.active`, :func:`backend.training.yolox_tr
    (adjusted to the ground truth of largest IoU ≥ 0.5 with its class, else background); an
    *image-level* approach labels whole images, ranked by the mean of their boxes' measure,
    until it has drawn at least K boxes;
-3. the model is retrained from the COCO weights on L_I: answered boxes weigh 1, the other
-   predicted boxes of partly labelled images weigh λ_d (``noisy_weight``);
+3. the model is retrained on L_I, from the COCO weights or, with ``warm_start``, from the last
+   episode's model (as the product's training job continues from the serving version):
+   answered boxes weigh 1, the other predicted boxes of partly labelled images weigh λ_d
+   (``noisy_weight``);
 4. mAP@0.5 on the held-out split after each episode, against the boxes labelled (the paper's
    cost: ground-truth boxes obtained) and the boxes looked at (every query, background ones
    included).
@@ -94,6 +96,10 @@ class BoxBenchConfig:
     t_d: float = 0.1
     noisy_weight: float = 0.5
     background_weight: float = 1.0
+    #: Each episode's model continues from the last one (the product's
+    #: ``BOXLOOP_YOLOX_WARM_START``) instead of restarting from the COCO weights with the same
+    #: image visits however many images are labelled.
+    warm_start: bool = False
     yolox: dict[str, Any] = field(default_factory=dict)
     threads: int = 2
     model: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
@@ -118,6 +124,8 @@ class BoxBenchConfig:
         file holds one curve per approach, and a grid with more approaches adds theirs to it."""
         skip = ("name", "output", "seeds", "box_measures", "image_measures")
         data = {k: v for k, v in self.to_dict().items() if k not in skip}
+        if not self.warm_start:  # the grids from before the key keep their run keys
+            del data["warm_start"]
         data["datasets"] = [asdict(dataset)]
         data["seed"] = seed
         text = json.dumps(data, sort_keys=True, default=str)
@@ -201,7 +209,7 @@ class _Campaign:
         approach: str,
         data: _Data,
         init_images: Sequence[int],
-        train: Callable[[list[TrainSample]], YoloxNano],
+        train: Callable[[list[TrainSample], YoloxNano | None], YoloxNano],
         config: BoxBenchConfig,
         seed: int,
         k: int,
@@ -239,7 +247,7 @@ class _Campaign:
         samples = campaign.training_samples(
             pool, data.pool_images, self.config.noisy_weight, self.config.background_weight
         )
-        new_model = self.train(samples)
+        new_model = self.train(samples, model if self.config.warm_start else None)
         c = campaign.counts
         record = {
             "episode": number,
@@ -345,8 +353,9 @@ def run_dataset_seed(
     coco, names = load_coco_yolox_nano(expand_path(config.model))
     init = initial_yolox(coco, names, data.labels)
 
-    def train(samples: list[TrainSample]) -> YoloxNano:
-        return train_yolox(samples, init, yolox, input_hw=data.input_hw)
+    def train(samples: list[TrainSample], start: YoloxNano | None = None) -> YoloxNano:
+        """Fine-tune ``start`` (default: the COCO model re-cut to the labels) on ``samples``."""
+        return train_yolox(samples, init if start is None else start, yolox, input_hw=data.input_hw)
 
     n = len(data.pool_images)
     rng = np.random.default_rng(seed)

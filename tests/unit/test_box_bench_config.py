@@ -1,0 +1,28 @@
+"""The box bench's config: what its run key holds, so stored grids stay reusable."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from benchmark.box_al import load_box_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_stored_box_grids_keep_their_run_keys_and_a_warm_start_gets_its_own() -> None:
+    """``warm_start`` came after the stored grids: at its default (False) every stored run of
+    ``box.yaml`` still matches its key, so the grid is reused, not rerun; True is another run."""
+    config = load_box_yaml(ROOT / "benchmark" / "configs" / "box.yaml")
+    assert config.warm_start is False
+    runs = sorted((ROOT / "benchmark" / "results" / "box" / "runs").glob("*.json"))
+    assert runs, "the stored box grid is missing"
+    by_name = {d.display_name: d for d in config.datasets}
+    for path in runs:
+        run = json.loads(path.read_text())
+        dataset = by_name[run["dataset"]]
+        assert run["run_key"] == config.run_key(dataset, run["seed"]), path.name
+    warm = dataclasses.replace(config, warm_start=True)
+    dataset = config.datasets[0]
+    assert warm.run_key(dataset, 0) != config.run_key(dataset, 0)
