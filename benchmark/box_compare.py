@@ -37,8 +37,10 @@ def _load(grid: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _weights(grid: Path) -> str:
+    """The grid's training rule, as a column title."""
     config = json.loads((grid / "experiment.json").read_text())
-    return f"λ_d {config['noisy_weight']}, background {config.get('background_weight', 1.0)}"
+    rule = f"λ_d {config['noisy_weight']}, background {config.get('background_weight', 1.0)}"
+    return rule + (", warm start" if config.get("warm_start") else "")
 
 
 def compare_grids(grids: Sequence[Path]) -> str:
@@ -57,7 +59,8 @@ def compare_grids(grids: Sequence[Path]) -> str:
         "Held-out mAP@0.5, mean ± sd over seeds, interpolated at the budget (ground-truth boxes "
         "obtained). **Bold**: the box-level approach beats image-level with the same measure "
         "outside the seed spread (box mean − sd > image mean + sd). Image-level campaigns label "
-        "whole images, so every grid's image rows are the same runs.",
+        "whole images, so grids that differ only in λ_d or the background weight share their "
+        "image rows (a warm start changes them too).",
         "",
         "Grids: " + "; ".join(f"`{g}` ({_weights(g)})" for g in grids) + ".",
         "",
