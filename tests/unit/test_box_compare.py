@@ -48,7 +48,7 @@ def test_grids_meet_at_the_smallest_final_budget_and_bold_marks_a_win_outside_th
     # box 0.620 ± 0.020 vs image 0.610 ± 0.010: overlapping, not bold; 0.720 ± 0.020: bold
     assert rows["| box:margin"].endswith("| 0.620 ± 0.020 | **0.720 ± 0.020** |")
     assert rows["| image:margin"].endswith("| 0.610 ± 0.010 | 0.610 ± 0.010 |")
-    assert "λ_d 0.0, background 1.0" in text and "warm start" not in text
+    assert "(λ_d 0.0, background 1.0)" in text and "background 1.0, warm start" not in text
     experiment = json.loads((clear / "experiment.json").read_text())
     (clear / "experiment.json").write_text(json.dumps({**experiment, "warm_start": True}))
     assert "λ_d 0.0, background 1.0, warm start" in compare_grids([close, clear])
