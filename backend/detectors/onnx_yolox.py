@@ -54,11 +54,15 @@ def resize_bgr(image: Image.Image, new_w: int, new_h: int) -> np.ndarray:
     Why OpenCV and not ``torch.nn.functional.interpolate``: it is what YOLOX's ``ValTransform``
     calls, and it takes 3 ms for a VOC image where torch's float path took 7 ms on one thread
     and 50 ms when its thread pool met other work on the two cores (a bulk run beside a server).
+
+    The channels are swapped after the resize, on the small image: bilinear resizing treats each
+    channel alone, so the pixels are the same as swapping first, and the full-size copy is gone
+    (4.6x faster on VOC/KITTI/COCO photos, ``tests/test_onnx_yolox.py`` checks equality).
     """
-    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)[:, :, ::-1])
-    if (new_h, new_w) == bgr.shape[:2]:
-        return bgr
-    return np.asarray(cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR))
+    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    if (new_h, new_w) != rgb.shape[:2]:
+        rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def letterbox(image: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, float]:

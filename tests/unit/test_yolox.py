@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,7 +17,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from backend.boxes import Boxes
-from backend.detectors.onnx_yolox import OnnxYoloxDetector, _grids, letterbox
+from backend.detectors.onnx_yolox import OnnxYoloxDetector, _grids, letterbox, resize_bgr
 from backend.detectors.yolox import (
     YoloxNano,
     YoloxTarget,
@@ -126,6 +127,23 @@ def test_import_names_the_first_mismatch(onnx_path: Path) -> None:
     graph = onnx.load(str(onnx_path)).graph
     with pytest.raises(ValueError, match=r"convolution 82 .*head\.levels\.0\.cls_pred"):
         load_onnx_weights(YoloxNano(num_classes=20), graph)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_resize_bgr_equals_swapping_channels_before_the_resize(mode: str) -> None:
+    """``resize_bgr`` swaps channels on the small image; YOLOX swaps first. Same pixels."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (97, 141, 3), dtype=np.uint8)).convert(mode)
+    full_bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    for new_w, new_h in [(141, 97), (70, 48), (211, 145), (31, 200)]:
+        expected = (
+            full_bgr
+            if (new_h, new_w) == full_bgr.shape[:2]
+            else cv2.resize(full_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        )
+        got = resize_bgr(image, new_w, new_h)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        assert np.array_equal(got, expected)
 
 
 def test_non_square_input_gives_one_row_per_cell() -> None:
