@@ -22,6 +22,7 @@ from typing import Any
 
 from backend.boxes import Boxes
 from backend.detectors import Detector, OnnxYoloxDetector
+from backend.detectors.pretrained import load_pretrained
 from backend.detectors.versions import load_model_version, load_version_detector, read_metadata
 from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
 from backend.settings import Settings
@@ -79,18 +80,14 @@ class ModelRegistry:
         with self._lock:
             if not self._pretrained_loaded:
                 self._pretrained_loaded = True
-                path = self.settings.resolved_onnx_model_path
-                if path is not None:
-                    try:
-                        self._pretrained = OnnxYoloxDetector.from_path(
-                            Path(path),
-                            self.settings.onnx_class_names_path,
-                            num_threads=self.settings.num_threads,
-                            score_threshold=self.settings.score_threshold,
-                            max_detections=self.settings.max_detections,
-                        )
-                    except (OSError, ValueError) as exc:
-                        log.error("could not load the ONNX detector %s: %s", path, exc)
+                try:
+                    self._pretrained = load_pretrained(self.settings)
+                except (OSError, ValueError) as exc:
+                    log.error(
+                        "could not load the ONNX detector %s: %s",
+                        self.settings.resolved_onnx_model_path,
+                        exc,
+                    )
             return self._pretrained
 
     def pretrained_for(

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "unset: the model `boxloop models fetch` put in the data dir, if there.",
     )
     onnx_class_names_path: Path | None = None
+    pretrained_input: Literal["square", "aspect"] = Field(
+        "square",
+        description="How the COCO model letterboxes an image before the first training: square "
+        "(its 416x416 input, as exported) or aspect (a dynamic-input export of the same weights; "
+        "each image gets a shape following its aspect ratio at the same pixel budget, as "
+        "fine-tuned versions do). Wide frames (dashcams) gain most: docs/backend.md.",
+    )
     detector_min_size: int = 512
     detector_max_size: int = 853
     score_threshold: float = 0.3

@@ -162,6 +162,20 @@ class PretrainedConfig:
 
     model: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
     classes: str = "$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/coco_classes.txt"
+    # the backend's ``pretrained_input``: "square" (the file's 416² input) or "aspect"
+    input: str = "square"
+
+    def __post_init__(self) -> None:
+        if self.input not in ("square", "aspect"):
+            raise ConfigError(f"pretrained.input must be square or aspect, not {self.input!r}")
+
+    def key(self) -> dict[str, str]:
+        """What enters a run key: the default input is left out, so runs stored before the
+        option existed keep their keys."""
+        out = asdict(self)
+        if self.input == "square":
+            del out["input"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -265,7 +279,7 @@ class ExperimentConfig:
             "yolox": self.yolox,
             "gate": self.gate,
             "features": self.features,
-            "pretrained": asdict(self.pretrained),
+            "pretrained": self.pretrained.key(),
         }
         return hashlib.sha256(
             json.dumps(relevant, sort_keys=True, default=str).encode()

@@ -67,6 +67,7 @@ class ProductLoop:
         *,
         onnx_model: Path,
         class_names: Path | None,
+        pretrained_input: str = "square",
         floor: float,
         yolox: dict[str, Any],
         gate: dict[str, Any],
@@ -89,6 +90,7 @@ class ProductLoop:
             onnx_model_path=onnx_model,
             onnx_class_names_path=class_names,
             num_threads=threads,
+            pretrained_input=pretrained_input,
         )
         # The registry's own view of "the pretrained model mapped to the labels".
         self._registry = ModelRegistry(self.settings, Store(self.settings.resolved_database_url))

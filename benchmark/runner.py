@@ -41,7 +41,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from backend.boxes import Boxes
-from backend.detectors import Detector, OnnxYoloxDetector, TorchDetector
+from backend.detectors import Detector, TorchDetector
+from backend.detectors.pretrained import load_pretrained
 from backend.features import (
     FeatureExtractor,
     SimNetConfig,
@@ -200,18 +201,26 @@ def wrap(
     )
 
 
-def pretrained_detector(config: PretrainedConfig, labels: list[str], floor: float) -> Detector:
-    """The COCO YOLOX-Nano ONNX model with its classes mapped onto ``labels`` by name."""
+def pretrained_detector(
+    config: PretrainedConfig, labels: list[str], floor: float, cache: Path
+) -> Detector:
+    """The COCO YOLOX-Nano ONNX model with its classes mapped onto ``labels`` by name, loaded as
+    the backend loads it (:func:`backend.detectors.pretrained.load_pretrained`); an ``aspect``
+    input's dynamic export is cached under ``cache``."""
     model = expand_path(config.model)
     if not model.is_file():
         raise ConfigError(f"pretrained ONNX model not found: {model}")
-    return OnnxYoloxDetector.from_path(
-        model,
-        expand_path(config.classes),
-        labels=labels,
+    settings = load_settings(
+        data_dir=cache,
+        onnx_model_path=model,
+        onnx_class_names_path=expand_path(config.classes),
         num_threads=torch.get_num_threads(),
         score_threshold=floor,
+        pretrained_input=config.input,
     )
+    detector = load_pretrained(settings, labels)
+    assert detector is not None  # load_pretrained returns None only without a model path
+    return detector
 
 
 # ---------------------------------------------------------------------------------- datasets
@@ -351,7 +360,9 @@ def run_one(
 
     pretrained: Detector | None = None
     if not approach.retrains:
-        pretrained = pretrained_detector(config.pretrained, labels, config.prediction_floor)
+        pretrained = pretrained_detector(
+            config.pretrained, labels, config.prediction_floor, config.output_dir / "cache"
+        )
         evaluate(pretrained, 0, 0)
     loop: ProductLoop | None = None
     if approach.retrains and approach.detector == "yolox":
@@ -360,6 +371,7 @@ def run_one(
             config.output_dir / "cache" / "loops" / RunId(prepared.name, approach, seed).slug,
             onnx_model=expand_path(config.pretrained.model),
             class_names=expand_path(config.pretrained.classes),
+            pretrained_input=config.pretrained.input,
             floor=config.prediction_floor,
             yolox=config.yolox,
             gate=config.gate,

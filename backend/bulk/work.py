@@ -96,6 +96,7 @@ class DetectorSpec:
     nms_threshold: float = 0.45
     max_detections: int = 100
     num_threads: int = 1
+    follow_aspect: bool = False  # the COCO model served with pretrained_input="aspect"
 
     @property
     def name(self) -> str:
@@ -120,6 +121,7 @@ class DetectorSpec:
             nms_threshold=float(detector.nms_threshold),
             max_detections=int(detector.max_detections),
             num_threads=num_threads,
+            follow_aspect=bool(getattr(detector, "follow_aspect", False)),
         )
 
     def load(self) -> BatchModel:
@@ -134,6 +136,7 @@ class DetectorSpec:
             nms_threshold=self.nms_threshold,
             max_detections=self.max_detections,
             class_map=None if self.class_map is None else dict(self.class_map),
+            follow_aspect=self.follow_aspect,
         )
         detector.version = self.version
         return _DetectorModel(detector)

@@ -26,6 +26,7 @@ from backend.detectors.fasterrcnn import (
 )
 from backend.detectors.label_names import canonical_name, map_class_names
 from backend.detectors.onnx_yolox import OnnxYoloxDetector
+from backend.detectors.pretrained import load_pretrained
 from backend.detectors.torch_detector import TorchDetector
 from backend.detectors.versions import (
     load_model_version,
@@ -79,16 +80,9 @@ def build_detector_for(
     """
     if model_version_dir is not None:
         return load_version_detector(Path(model_version_dir), settings)
-    if settings.resolved_onnx_model_path is None:
+    yolox = load_pretrained(settings, list(labels))
+    if yolox is None:
         return None
-    yolox = OnnxYoloxDetector.from_path(
-        Path(settings.resolved_onnx_model_path),
-        settings.onnx_class_names_path,
-        labels=labels,
-        num_threads=settings.num_threads,
-        score_threshold=settings.score_threshold,
-        max_detections=settings.max_detections,
-    )
     if not yolox.class_map:
         log.info(
             "no COCO class of %s matches the labels %s", settings.resolved_onnx_model_path, labels

@@ -21,6 +21,7 @@ Whether a model already decodes its boxes is detected once from its output on a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,10 +35,11 @@ from torchvision.ops import batched_nms
 from backend.boxes import Boxes
 from backend.detectors.label_names import map_class_names
 
-__all__ = ["OnnxYoloxDetector", "letterbox", "read_class_names", "resize_bgr"]
+__all__ = ["OnnxYoloxDetector", "aspect_input_shape", "letterbox", "read_class_names", "resize_bgr"]
 
 _STRIDES = (8, 16, 32)
 _PAD_VALUE = 114.0
+DEFAULT_INPUT = 416
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -57,12 +59,38 @@ def resize_bgr(image: Image.Image, new_w: int, new_h: int) -> np.ndarray:
 
     The channels are swapped after the resize, on the small image: bilinear resizing treats each
     channel alone, so the pixels are the same as swapping first, and the full-size copy is gone
-    (4.6x faster on VOC/KITTI/COCO photos, ``tests/test_onnx_yolox.py`` checks equality).
+    (4.6x faster on VOC/KITTI/COCO photos, ``tests/unit/test_yolox.py`` checks equality).
     """
-    rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    rgb: np.ndarray = np.asarray(
+        image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8
+    )
     if (new_h, new_w) != rgb.shape[:2]:
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     return np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def _round32(value: float) -> int:
+    return max(32, round(value / 32.0) * 32)
+
+
+def aspect_input_shape(
+    aspect: float, area: int, min_side: int = 224, max_side: int = 1024
+) -> tuple[int, int]:
+    """``(height, width)``, multiples of 32 within ``[min_side, max_side]``, with about ``area``
+    pixels and the width/height ratio ``aspect``.
+
+    Why: a square letterbox spends ``1 − 1/aspect`` of its input on padding, so KITTI's 3.3:1
+    frames reach a 416² model as a 416×126 strip; ``aspect_input_shape(3.3, 416 * 416)`` is
+    224×768, the same pixel budget spent on the image. Fine-tuned versions take their input
+    shape from this (via :func:`backend.training.yolox_train.input_shape_for`), and the COCO
+    model can serve this way too (``OnnxYoloxDetector(follow_aspect=True)``).
+    """
+    if aspect <= 0 or area <= 0:
+        raise ValueError(f"aspect and area must be positive, got {aspect}, {area}")
+    height = math.sqrt(area / aspect)
+    width = height * aspect
+    clamp = lambda v: min(max_side, max(min_side, _round32(v)))  # noqa: E731
+    return clamp(height), clamp(width)
 
 
 def letterbox(image: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, float]:
@@ -105,6 +133,7 @@ class OnnxYoloxDetector:
         max_detections: int = 100,
         decoded: bool | None = None,
         class_map: dict[int, int] | None = None,
+        follow_aspect: bool = False,
     ) -> None:
         self.session = session
         self.class_names = list(class_names)
@@ -115,8 +144,17 @@ class OnnxYoloxDetector:
         self.max_detections = int(max_detections)
         model_input = session.get_inputs()[0]
         self._input_name = model_input.name
-        self.input_size: tuple[int, int] = (int(model_input.shape[2]), int(model_input.shape[3]))
-        self._cells, self._strides = _grids(self.input_size)
+        fixed = [dim if isinstance(dim, int) and dim > 0 else None for dim in model_input.shape[2:]]
+        if follow_aspect and any(dim is not None for dim in fixed):
+            raise ValueError(
+                f"follow_aspect needs a model with dynamic height and width; its input is "
+                f"{model_input.shape} (export it with export_onnx(..., dynamic_hw=True))"
+            )
+        # A dynamic model letterboxes into 416² unless it follows each image's aspect ratio,
+        # at the same area.
+        self.input_size: tuple[int, int] = (fixed[0] or DEFAULT_INPUT, fixed[1] or DEFAULT_INPUT)
+        self.follow_aspect = bool(follow_aspect)
+        self._grid_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         # A fine-tuned version's classes *are* the project's labels (``class_map`` identity);
         # the COCO model's are matched by name and synonym.
         self._class_map = (
@@ -144,6 +182,7 @@ class OnnxYoloxDetector:
         nms_threshold: float = 0.45,
         max_detections: int = 100,
         class_map: dict[int, int] | None = None,
+        follow_aspect: bool = False,
     ) -> OnnxYoloxDetector:
         """Load ``model_path``; class names default to ``coco_classes.txt`` beside it."""
         model_path = Path(model_path)
@@ -167,6 +206,7 @@ class OnnxYoloxDetector:
             nms_threshold=nms_threshold,
             max_detections=max_detections,
             class_map=class_map,
+            follow_aspect=follow_aspect,
         )
         # where it came from: bulk inference on Ray rebuilds the detector from these files
         detector.model_path, detector.class_names_path = model_path, names_path
@@ -183,7 +223,9 @@ class OnnxYoloxDetector:
             nms_threshold=self.nms_threshold,
             max_detections=self.max_detections,
             decoded=self.decoded,
+            follow_aspect=self.follow_aspect,
         )
+        mapped.input_size = self.input_size
         mapped.model_path, mapped.class_names_path = self.model_path, self.class_names_path
         return mapped
 
@@ -192,30 +234,47 @@ class OnnxYoloxDetector:
         """``{model class index: label index}`` for the classes this detector reports."""
         return dict(self._class_map)
 
+    def _grids_for(self, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if size not in self._grid_cache:
+            self._grid_cache[size] = _grids(size)
+        return self._grid_cache[size]
+
+    def input_size_for(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """``(height, width)`` the model sees for an image of ``(width, height)`` pixels."""
+        if not self.follow_aspect:
+            return self.input_size
+        width, height = image_size
+        area = self.input_size[0] * self.input_size[1]
+        return aspect_input_shape(width / max(1, height), area)
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (raw,) = self.session.run(None, {self._input_name: batch})[:1]
         out = np.asarray(raw, dtype=np.float32)[0]
         expected = 5 + len(self.class_names)
-        if out.ndim != 2 or out.shape[1] != expected or out.shape[0] != len(self._cells):
+        size = (int(batch.shape[2]), int(batch.shape[3]))
+        rows = len(self._grids_for(size)[0])
+        if out.ndim != 2 or out.shape[1] != expected or out.shape[0] != rows:
             raise ValueError(
                 f"YOLOX output {out.shape} does not fit {len(self.class_names)} classes at "
-                f"input {self.input_size} (expected ({len(self._cells)}, {expected}))"
+                f"input {size} (expected ({rows}, {expected}))"
             )
         return out
 
     def _detect_decoded(self) -> bool:
         blank = np.full((1, 3, *self.input_size), _PAD_VALUE, dtype=np.float32)
         out = self._run(blank)
-        centres = (self._cells + 0.5) * self._strides
-        distance = np.abs(out[:, :2] - centres).mean(axis=1) / self._strides[:, 0]
+        cells, strides = self._grids_for(self.input_size)
+        centres = (cells + 0.5) * strides
+        distance = np.abs(out[:, :2] - centres).mean(axis=1) / strides[:, 0]
         return bool(np.median(distance) < 1.0)
 
-    def _decode(self, out: np.ndarray) -> np.ndarray:
+    def _decode(self, out: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         if self.decoded:
             xy, wh = out[:, :2], out[:, 2:4]
         else:
-            xy = (out[:, :2] + self._cells) * self._strides
-            wh = np.exp(np.clip(out[:, 2:4], None, 20.0)) * self._strides
+            cells, strides = self._grids_for(size)
+            xy = (out[:, :2] + cells) * strides
+            wh = np.exp(np.clip(out[:, 2:4], None, 20.0)) * strides
         return np.concatenate([xy - wh / 2, xy + wh / 2], axis=1)
 
     def predict(self, images: Sequence[Image.Image]) -> list[Boxes]:
@@ -223,7 +282,8 @@ class OnnxYoloxDetector:
         return [self._predict_one(image) for image in images]
 
     def _predict_one(self, image: Image.Image) -> Boxes:
-        batch, ratio = letterbox(image, self.input_size)
+        size = self.input_size_for(image.size)
+        batch, ratio = letterbox(image, size)
         out = self._run(batch)
         class_scores = out[:, 5:] * out[:, 4:5]
         classes = class_scores.argmax(axis=1)
@@ -231,7 +291,7 @@ class OnnxYoloxDetector:
         keep = (scores >= self.score_threshold) & (self._lookup[classes] >= 0)
         if not keep.any():
             return Boxes.empty(image.size, with_scores=True)
-        boxes = torch.from_numpy((self._decode(out)[keep] / ratio).astype(np.float32))
+        boxes = torch.from_numpy((self._decode(out, size)[keep] / ratio).astype(np.float32))
         score_t = torch.from_numpy(scores[keep].astype(np.float32))
         class_t = torch.from_numpy(classes[keep])
         order = batched_nms(boxes, score_t, class_t, self.nms_threshold)[: self.max_detections]

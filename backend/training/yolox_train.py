@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from backend.detectors.label_names import map_class_names
-from backend.detectors.onnx_yolox import resize_bgr
+from backend.detectors.onnx_yolox import aspect_input_shape, resize_bgr
 from backend.detectors.yolox import (
     YoloxNano,
     YoloxTarget,
@@ -144,28 +144,19 @@ def epochs_for(n_images: int, config: YoloxTrainConfig) -> int:
     return int(min(config.max_epochs, max(config.min_epochs, wanted)))
 
 
-def _round32(value: float) -> int:
-    return max(32, round(value / 32.0) * 32)
-
-
 def input_shape_for(
     sizes: Sequence[tuple[int, int]], config: YoloxTrainConfig | None = None
 ) -> tuple[int, int]:
     """``(height, width)``, multiples of 32, with the images' median aspect ratio and an area of
-    about ``config.input_area`` (each side within ``[min_side, max_side]``).
+    about ``config.input_area`` (each side within ``[min_side, max_side]``,
+    :func:`~backend.detectors.onnx_yolox.aspect_input_shape`).
 
     Square-ish photos (VOC, COCO) get 416×416-like inputs; KITTI's 3.3:1 frames get a wide one
     (e.g. 224×768) instead of a 416×126 strip inside a square.
     """
     config = config or YoloxTrainConfig()
-    if not sizes:
-        side = _round32(math.sqrt(config.input_area))
-        return side, side
-    aspect = float(np.median([w / max(1, h) for w, h in sizes]))
-    height = math.sqrt(config.input_area / aspect)
-    width = height * aspect
-    clamp = lambda v: min(config.max_side, max(config.min_side, _round32(v)))  # noqa: E731
-    return clamp(height), clamp(width)
+    aspect = float(np.median([w / max(1, h) for w, h in sizes])) if sizes else 1.0
+    return aspect_input_shape(aspect, config.input_area, config.min_side, config.max_side)
 
 
 def letterbox_tensor(

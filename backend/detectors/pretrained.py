@@ -1,0 +1,73 @@
+"""Load the COCO YOLOX-Nano that pre-annotates before the first training, as the settings say.
+
+``pretrained_input = "square"`` serves the ONNX file as it is (416×416, YOLOX's letterbox).
+``"aspect"`` serves the same weights with a dynamic input: each image is letterboxed into a
+shape that follows its own aspect ratio at the same pixel budget
+(:func:`~backend.detectors.onnx_yolox.aspect_input_shape`), as fine-tuned versions already are.
+Why: a 416² square spends two thirds of its input on padding for KITTI's 1224×370 frames
+(416×126 of content); ``benchmark/pretrained_input.py`` measures what that costs.
+
+The dynamic model is exported once from the PyTorch weights imported from the ONNX file
+(:func:`~backend.detectors.yolox.load_coco_yolox_nano`, parity with onnxruntime is tested) and
+cached under ``<data_dir>/models/pretrained/``, named by the source file's size and mtime so a
+replaced source file is exported again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from backend.detectors.onnx_yolox import OnnxYoloxDetector
+from backend.detectors.yolox import load_coco_yolox_nano
+from backend.detectors.yolox.onnx_import import export_onnx
+from backend.settings import Settings
+
+__all__ = ["PretrainedInput", "dynamic_model_path", "load_pretrained"]
+
+log = logging.getLogger(__name__)
+
+PretrainedInput = Literal["square", "aspect"]
+
+
+def dynamic_model_path(onnx_path: Path, cache_dir: Path) -> Path:
+    """``onnx_path``'s weights exported with dynamic height and width (cached in ``cache_dir``)."""
+    onnx_path = Path(onnx_path)
+    stat = onnx_path.stat()
+    target = Path(cache_dir) / f"{onnx_path.stem}-dynamic-{stat.st_size}-{int(stat.st_mtime)}.onnx"
+    if target.is_file():
+        return target
+    model, _ = load_coco_yolox_nano(onnx_path)
+    partial = target.with_suffix(f".{os.getpid()}.partial")
+    export_onnx(model, partial, (416, 416), dynamic_hw=True)
+    partial.replace(target)  # atomic: a concurrent loader sees the whole file or none
+    log.info("exported %s with dynamic input to %s", onnx_path, target)
+    return target
+
+
+def load_pretrained(
+    settings: Settings, labels: list[str] | None = None
+) -> OnnxYoloxDetector | None:
+    """The pretrained detector (all its classes, or mapped onto ``labels``), or None when the
+    settings name no model file. Raises ``OSError`` / ``ValueError`` on a broken file."""
+    path = settings.resolved_onnx_model_path
+    if path is None:
+        return None
+    path = Path(path)
+    class_names = settings.onnx_class_names_path or path.parent / "coco_classes.txt"
+    follow_aspect = settings.pretrained_input == "aspect"
+    served = dynamic_model_path(path, settings.models_dir / "pretrained") if follow_aspect else path
+    detector = OnnxYoloxDetector.from_path(
+        served,
+        class_names,
+        labels=labels,
+        num_threads=settings.num_threads,
+        score_threshold=settings.score_threshold,
+        max_detections=settings.max_detections,
+        follow_aspect=follow_aspect,
+    )
+    if follow_aspect:
+        detector.version = f"pretrained-{path.stem}-aspect"
+    return detector
