@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from google.protobuf.message import DecodeError
+
 from backend.detectors.onnx_yolox import OnnxYoloxDetector
 from backend.detectors.yolox import load_coco_yolox_nano
 from backend.detectors.yolox.onnx_import import export_onnx
@@ -39,7 +41,10 @@ def dynamic_model_path(onnx_path: Path, cache_dir: Path) -> Path:
     target = Path(cache_dir) / f"{onnx_path.stem}-dynamic-{stat.st_size}-{int(stat.st_mtime)}.onnx"
     if target.is_file():
         return target
-    model, _ = load_coco_yolox_nano(onnx_path)
+    try:
+        model, _ = load_coco_yolox_nano(onnx_path)
+    except DecodeError as exc:  # onnx.load of a file that is not a protobuf
+        raise ValueError(f"{onnx_path} is not an ONNX model: {exc}") from exc
     partial = target.with_suffix(f".{os.getpid()}.partial")
     export_onnx(model, partial, (416, 416), dynamic_hw=True)
     partial.replace(target)  # atomic: a concurrent loader sees the whole file or none

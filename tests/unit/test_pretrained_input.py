@@ -17,7 +17,9 @@ from backend.detectors.onnx_yolox import OnnxYoloxDetector, aspect_input_shape
 from backend.detectors.pretrained import dynamic_model_path, load_pretrained
 from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
 from backend.detectors.yolox.onnx_import import export_onnx
+from backend.registry import ModelRegistry
 from backend.settings import load_settings
+from backend.store import Store
 from backend.training.yolox_train import YoloxTrainConfig, input_shape_for
 
 
@@ -126,3 +128,29 @@ def test_dynamic_export_is_cached_and_redone_when_the_source_changes(
     os.utime(source, (source.stat().st_atime + 5, source.stat().st_mtime + 5))
     second = dynamic_model_path(source, cache)
     assert second != first and second.is_file()
+
+
+@pytest.mark.shared_data
+def test_the_registry_serves_the_aspect_model_and_survives_a_broken_file(
+    tmp_path: Path, onnx_path: Path, wide_frame: Image.Image
+) -> None:
+    settings = load_settings(
+        data_dir=tmp_path / "data", onnx_model_path=onnx_path, pretrained_input="aspect"
+    )
+    settings.data_dir.mkdir(parents=True)
+    registry = ModelRegistry(settings, Store(settings.resolved_database_url))
+    loaded = registry.current(None, ["car", "person"])
+    assert loaded.version == "pretrained-yolox_nano-aspect"
+    assert isinstance(loaded.detector, OnnxYoloxDetector) and loaded.detector.follow_aspect
+    assert len(loaded.detector.predict([wide_frame])[0]) >= 1
+
+    broken = tmp_path / "broken" / "yolox_nano.onnx"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an onnx file")
+    settings = load_settings(
+        data_dir=tmp_path / "data2", onnx_model_path=broken, pretrained_input="aspect"
+    )
+    settings.data_dir.mkdir(parents=True)
+    registry = ModelRegistry(settings, Store(settings.resolved_database_url))
+    assert registry.pretrained() is None  # logged; the server keeps serving, with no boxes
+    assert not list((settings.models_dir / "pretrained").glob("*"))
