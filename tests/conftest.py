@@ -34,6 +34,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_path(shared_data: Path) -> Path:
+    """The shared COCO YOLOX-Nano ONNX file (skips when absent)."""
+    path = shared_data / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
+    if not path.is_file():
+        pytest.skip(f"YOLOX ONNX model not found at {path} (set BOXLOOP_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """One real PostgreSQL server (``pgserver``) for the test session, started by the first test
     that asks for it; its SQLAlchemy admin URL.

@@ -116,16 +116,8 @@ class _Server:
 
 
 @pytest.fixture(scope="module")
-def shared_model(shared_data: Path) -> Path:
-    model = shared_data / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
-    if not model.is_file():
-        pytest.skip(f"shared YOLOX-Nano copy not found at {model}")
-    return model
-
-
-@pytest.fixture(scope="module")
-def server(shared_model: Path) -> Iterator[_Server]:
-    srv = _Server(shared_model.read_bytes())
+def server(onnx_path: Path) -> Iterator[_Server]:
+    srv = _Server(onnx_path.read_bytes())
     srv.thread.start()
     yield srv
     srv.httpd.shutdown()
@@ -170,10 +162,10 @@ def test_settings_resolve_fetched_model(tmp_path: Path) -> None:
     assert explicit.resolved_onnx_model_path == tmp_path / "mine.onnx"  # the setting wins
 
 
-def test_coco_class_names_match_shared_copy(shared_model: Path) -> None:
+def test_coco_class_names_match_shared_copy(onnx_path: Path) -> None:
     """The names written beside the fetched model mean the same classes, in the same order, as
     the shared copy's (which uses VOC spellings such as ``motorbike``/``tvmonitor``)."""
-    shared = [n.strip() for n in (shared_model.parent / "coco_classes.txt").read_text().split("\n")]
+    shared = [n.strip() for n in (onnx_path.parent / "coco_classes.txt").read_text().split("\n")]
     shared = [n for n in shared if n]
     assert len(COCO_CLASSES) == len(shared) == 80
     assert map_class_names(list(COCO_CLASSES), shared) == {i: i for i in range(80)}
@@ -271,9 +263,9 @@ def test_fetch_rejects_wrong_answers_and_leaves_nothing(
 
 
 def test_failed_forced_fetch_keeps_the_installed_model(
-    server: _Server, data_dir: Path, shared_model: Path, capsys: pytest.CaptureFixture[str]
+    server: _Server, data_dir: Path, onnx_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["models", "fetch", "--url", str(shared_model), "--quiet"]) == 0  # a local path
+    assert main(["models", "fetch", "--url", str(onnx_path), "--quiet"]) == 0  # a local path
     target = Settings(data_dir=data_dir).fetched_onnx_model_path
     before = _files(data_dir)
     assert main(["models", "fetch", "--force", "--url", server.url("/html"), "--quiet"]) == 1
@@ -312,7 +304,7 @@ def test_cli_subprocess_exit_code_on_404(server: _Server, tmp_path: Path) -> Non
 
 
 def test_a_sha256_pin_refuses_another_file_and_refetches_a_mismatched_install(
-    server: _Server, data_dir: Path, shared_model: Path, capsys: pytest.CaptureFixture[str]
+    server: _Server, data_dir: Path, onnx_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = server.url("/download/yolox_nano.onnx")
     digest = hashlib.sha256(server.model).hexdigest()

@@ -55,14 +55,6 @@ def test_follow_aspect_needs_a_dynamic_model(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def onnx_path(shared_data: Path) -> Path:
-    path = shared_data / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
-    if not path.is_file():
-        pytest.skip(f"YOLOX ONNX model not found at {path} (set BOXLOOP_SHARED_DATA)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def wide_frame(shared_data: Path) -> Image.Image:
     frames = sorted((shared_data / "kitti" / "tiny" / "training" / "image_2").glob("*"))
     if not frames:

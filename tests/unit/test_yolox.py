@@ -47,14 +47,6 @@ def _two_threads() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def onnx_path(shared_data: Path) -> Path:
-    path = shared_data / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
-    if not path.is_file():
-        pytest.skip(f"YOLOX ONNX model not found at {path} (set BOXLOOP_SHARED_DATA)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def coco(onnx_path: Path) -> tuple[YoloxNano, list[str]]:
     return load_coco_yolox_nano(onnx_path)
 
