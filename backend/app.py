@@ -263,6 +263,18 @@ class AnnotationEvent(BaseModel):
     task: WebhookTask | None = None
 
 
+_BULK_ITEMS = (
+    "Annotations as in ANNOTATION_CREATED. Each is checked alone: one that is not an annotation "
+    "is listed under `rejected` in the answer and the others are stored (400 only when none is)."
+)
+# The spec shows each item as a WebhookAnnotation, but the server takes any item here, so that
+# the webhook handler can store the good ones of a batch and name the bad ones.
+BulkAnnotations = Annotated[
+    list[Any],
+    WithJsonSchema({"type": "array", "items": {"$ref": "#/components/schemas/WebhookAnnotation"}}),
+]
+
+
 class AnnotationsCreatedEvent(BaseModel):
     """Label Studio sends the annotations as an ``annotation`` list and their tasks as a
     ``task`` list; ``annotations`` is accepted too."""
@@ -278,8 +290,8 @@ class AnnotationsCreatedEvent(BaseModel):
     )
     action: Literal["ANNOTATIONS_CREATED"]
     project: ProjectRef
-    annotation: list[WebhookAnnotation] | None = None
-    annotations: list[WebhookAnnotation] | None = None
+    annotation: BulkAnnotations | None = Field(None, description=_BULK_ITEMS)
+    annotations: BulkAnnotations | None = Field(None, description=_BULK_ITEMS)
     task: list[WebhookTask] | None = None
 
     @model_validator(mode="after")
@@ -352,6 +364,9 @@ class WebhookResponse(BaseModel):
     tasks: int | None = Field(None, description="tasks recorded")
     training_job: int | None = Field(None, description="the training job queued, if any")
     warnings: list[str] | None = None
+    rejected: list[str] | None = Field(
+        None, description="items of a bulk event not stored, each with why (the rest are)"
+    )
     ms: float = Field(..., description="time spent handling the event")
 
 

@@ -2,7 +2,8 @@
 
 Nothing a webhook carries is dropped: an annotation whose boxes cannot be parsed is stored with
 the reason (and skipped by training), and an envelope that is not what Label Studio sends gets a
-:class:`~backend.errors.ServiceError` naming what is wrong.
+:class:`~backend.errors.ServiceError` naming what is wrong. In a bulk event each item stands
+alone: one that is not an annotation is reported under ``rejected`` and the others are stored.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class WebhookOutcome:
     tasks: int = 0
     training_job: int | None = None
     warnings: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    """Items of a bulk event that could not be stored, each with why; the others are stored."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": "ok", "action": self.action}
@@ -37,6 +40,8 @@ class WebhookOutcome:
             out["training_job"] = self.training_job
         if self.warnings:
             out["warnings"] = self.warnings
+        if self.rejected:
+            out["rejected"] = self.rejected
         return out
 
 
@@ -104,11 +109,20 @@ class WebhookHandler:
             tasks = payload.get("task")
             listed = tasks if isinstance(tasks, list) else []
             by_id = {t.get("id"): t for t in listed if isinstance(t, dict)}
-            for item in items:
+            for index, item in enumerate(items):
                 ref = item.get("task") if isinstance(item, dict) else None
                 task_id = ref.get("id") if isinstance(ref, dict) else ref
                 task = by_id.get(task_id) if isinstance(task_id, int) else None
-                self._store_annotation(project, item, task, outcome)
+                try:
+                    self._store_annotation(project, item, task, outcome)
+                except ServiceError as exc:
+                    # one bad item must not cost the batch's good annotations
+                    outcome.rejected.append(f"item {index}: {exc.message}")
+            if items and not outcome.stored:
+                raise ServiceError(
+                    400,
+                    "no annotation of the batch could be stored: " + "; ".join(outcome.rejected),
+                )
         elif action == "ANNOTATIONS_DELETED":
             items = payload.get("annotations")
             if not isinstance(items, list):

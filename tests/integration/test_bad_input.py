@@ -389,6 +389,48 @@ def test_annotations_created_as_label_studio_sends_it(
         assert empty.status_code == 422 and "'annotation' list" in empty.json()["error"]
 
 
+def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """An ANNOTATIONS_CREATED batch with a malformed item stores every other item, names the
+    bad one under ``rejected``, and still answers 200; a batch of bad items only is a 400."""
+    region = {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": 320,
+        "original_height": 240,
+        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
+    }
+    good = [{"id": 20 + i, "task": 1 + i, "result": [region]} for i in range(3)]
+    bad = [{"id": 30, "task": "four", "result": [region]}, "not an object", {"id": 31, "task": 5}]
+    bad[2]["result"] = "boxes"
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+        event = {
+            "action": "ANNOTATIONS_CREATED",
+            "project": 7,
+            "annotation": [good[0], bad[0], good[1], bad[1], bad[2], good[2]],
+            "task": [{"id": 1 + i, "data": {"image": str(images[i])}} for i in range(3)],
+        }
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["stored"] == 3
+        assert [r.split(":")[0] for r in body["rejected"]] == ["item 1", "item 3", "item 4"]
+        assert "integer 'id' and 'task'" in body["rejected"][0]
+        assert "JSON object" in body["rejected"][1]
+        assert "'result' must be a list" in body["rejected"][2]
+        store = client.app.state.service.store  # type: ignore[attr-defined]
+        stored = {a.task_id for a in store.list_annotations(7)}
+        assert stored == {1, 2, 3}
+        only_bad = {"action": "ANNOTATIONS_CREATED", "project": 7, "annotation": bad}
+        refused = client.post("/webhook", json=only_bad)
+        assert refused.status_code == 400
+        assert "no annotation of the batch could be stored" in refused.json()["error"]
+        assert client.get("/health").status_code == 200
+
+
 def test_training_reads_images_from_the_same_hosts_as_serving(
     tmp_path: Path, foreign_host: tuple[str, list[tuple[str, str | None]]]
 ) -> None:
