@@ -225,7 +225,6 @@ class OnnxYoloxDetector:
             decoded=self.decoded,
             follow_aspect=self.follow_aspect,
         )
-        mapped.input_size = self.input_size
         mapped.model_path, mapped.class_names_path = self.model_path, self.class_names_path
         return mapped
 
