@@ -352,6 +352,18 @@ def test_other_allowed_hosts_never_get_the_token(
 
 
 # ---------------------------------------------------------------------------- Label Studio's shapes
+def _square_region(width: int, height: int) -> dict[str, Any]:
+    """One 'Square' rectangle as Label Studio submits it, on a ``width`` × ``height`` image."""
+    return {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": width,
+        "original_height": height,
+        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
+    }
+
+
 def test_annotations_created_as_label_studio_sends_it(
     tmp_path: Path, images: list[Path], store_url: str
 ) -> None:
@@ -360,14 +372,7 @@ def test_annotations_created_as_label_studio_sends_it(
     SQLite and on PostgreSQL)."""
     with TestClient(create_app(_settings(tmp_path, database_url=store_url))) as client:
         client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
-        region = {
-            "from_name": "label",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "original_width": 320,
-            "original_height": 240,
-            "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
-        }
+        region = _square_region(320, 240)
         event = {
             "action": "ANNOTATIONS_CREATED",
             "project": {"id": 7, "title": "p"},
@@ -394,14 +399,7 @@ def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
 ) -> None:
     """An ANNOTATIONS_CREATED batch with a malformed item stores every other item, names the
     bad one under ``rejected``, and still answers 200; a batch of bad items only is a 400."""
-    region = {
-        "from_name": "label",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": 320,
-        "original_height": 240,
-        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
-    }
+    region = _square_region(320, 240)
     good = [{"id": 20 + i, "task": 1 + i, "result": [region]} for i in range(3)]
     bad = [{"id": 30, "task": "four", "result": [region]}, "not an object", {"id": 31, "task": 5}]
     bad[2]["result"] = "boxes"
@@ -439,14 +437,7 @@ def test_training_reads_images_from_the_same_hosts_as_serving(
 
     url, hits = foreign_host
     settings = _settings(tmp_path, allowed_image_hosts=[url])
-    region = {
-        "from_name": "label",
-        "to_name": "image",
-        "type": "rectanglelabels",
-        "original_width": 32,
-        "original_height": 24,
-        "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Square"]},
-    }
+    region = _square_region(32, 24)
     event = {
         "action": "ANNOTATION_CREATED",
         "project": {"id": 7, "label_config": LABEL_CONFIG},
