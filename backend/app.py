@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend import __version__
 from backend.box_queries import BoxQueryRequest
 from backend.bulk.predict import BulkPredictRequest
+from backend.ingest import MAX_ID
 from backend.queueing import OrderRequest
 from backend.search_routes import add_search_routes
 from backend.service import BoxloopService, ServiceError
@@ -47,10 +48,8 @@ from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+
 #: Ids are positive, fit the store's 64-bit columns and are exact as JSON numbers (2**53 - 1).
-MAX_ID = 2**53 - 1
-
-
 def _json_integer(value: Any) -> Any:
     """JSON integers only (``20`` and ``20.0``): not ``true``, not ``"20"``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -267,12 +266,21 @@ _BULK_ITEMS = (
     "Annotations as in ANNOTATION_CREATED. Each is checked alone: one that is not an annotation "
     "is listed under `rejected` in the answer and the others are stored (400 only when none is)."
 )
-# The spec shows each item as a WebhookAnnotation, but the server takes any item here, so that
-# the webhook handler can store the good ones of a batch and name the bad ones.
-BulkAnnotations = Annotated[
-    list[Any],
-    WithJsonSchema({"type": "array", "items": {"$ref": "#/components/schemas/WebhookAnnotation"}}),
-]
+
+
+def _array_of(model: type[BaseModel]) -> WithJsonSchema:
+    """The spec shows a list of ``model``, while the server takes the items one by one: the
+    webhook handler keeps the good items of a batch and names the bad ones."""
+    items = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return WithJsonSchema({"type": "array", "items": items})
+
+
+BulkAnnotations = Annotated[list[Any], _array_of(WebhookAnnotation)]
+BulkTasks = Annotated[list[Any], _array_of(WebhookTask)]
+_BULK_TASKS = (
+    "Each task is checked alone: one without an integer id or with non-object data is listed "
+    "under `rejected` and the others are recorded (400 only when none is)."
+)
 
 
 class AnnotationsCreatedEvent(BaseModel):
@@ -292,7 +300,7 @@ class AnnotationsCreatedEvent(BaseModel):
     project: ProjectRef
     annotation: BulkAnnotations | None = Field(None, description=_BULK_ITEMS)
     annotations: BulkAnnotations | None = Field(None, description=_BULK_ITEMS)
-    task: list[WebhookTask] | None = None
+    task: BulkTasks | None = None
 
     @model_validator(mode="after")
     def _has_annotations(self) -> AnnotationsCreatedEvent:
@@ -318,7 +326,7 @@ class TasksCreatedEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
     action: Literal["TASKS_CREATED"]
     project: ProjectRef
-    tasks: list[WebhookTask]
+    tasks: BulkTasks = Field(..., description=_BULK_TASKS)
 
 
 _USED_ACTIONS: dict[str, str] = {

@@ -29,8 +29,23 @@ class IngestResult:
     parse_error: str | None
 
 
+#: The largest id boxloop takes: Label Studio's ids are positive JSON-safe integers, and a
+#: larger one would overflow the store's 64-bit columns (the HTTP spec's ``Id`` uses it too).
+MAX_ID = 2**53 - 1
+
+
 class AnnotationPayloadError(ValueError):
     """The annotation object itself is malformed (no id, no task, result not a list)."""
+
+
+def label_studio_id(value: Any) -> int | None:
+    """``value`` as an id (``7`` or ``7.0``, 1 to :data:`MAX_ID`), or None when it is not one.
+    ``True`` is not an id, although Python counts it as an int."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if 1 <= value <= MAX_ID else None
 
 
 def ingest_annotation(
@@ -45,18 +60,26 @@ def ingest_annotation(
     """Validate the envelope, parse boxes where possible, and commit to the store."""
     if not isinstance(annotation, dict):
         raise AnnotationPayloadError("annotation must be a JSON object")
-    annotation_id = annotation.get("id")
+    annotation_id = label_studio_id(annotation.get("id"))
     task_ref = annotation.get("task")
-    task_id = task_ref.get("id") if isinstance(task_ref, dict) else task_ref
-    if task_id is None and task is not None:
-        task_id = task.get("id")
-    if not isinstance(annotation_id, int) or not isinstance(task_id, int):
-        raise AnnotationPayloadError("annotation needs integer 'id' and 'task' fields")
+    task_value = task_ref.get("id") if isinstance(task_ref, dict) else task_ref
+    if task_value is None and task is not None:
+        task_value = task.get("id")
+    task_id = label_studio_id(task_value)
+    if annotation_id is None or task_id is None:
+        raise AnnotationPayloadError(
+            f"annotation needs integer 'id' and 'task' fields (1 to {MAX_ID})"
+        )
     result = annotation.get("result")
     if result is None:
         result = []
     if not isinstance(result, list):
         raise AnnotationPayloadError(f"annotation {annotation_id}: 'result' must be a list")
+    cancelled = annotation.get("was_cancelled")
+    if cancelled is not None and not isinstance(cancelled, bool):
+        raise AnnotationPayloadError(
+            f"annotation {annotation_id}: 'was_cancelled' must be a boolean"
+        )
     if task is not None and isinstance(task.get("data"), dict):
         store.upsert_tasks(project_id, [(task_id, task["data"])])
     parse_error: str | None = None
@@ -73,7 +96,7 @@ def ingest_annotation(
         result,
         boxes,
         parse_error=parse_error,
-        was_cancelled=bool(annotation.get("was_cancelled", False)),
+        was_cancelled=bool(cancelled),
         source=source,
     )
     return IngestResult(annotation_id, task_id, revision, changed, parse_error)

@@ -2,8 +2,9 @@
 
 Nothing a webhook carries is dropped: an annotation whose boxes cannot be parsed is stored with
 the reason (and skipped by training), and an envelope that is not what Label Studio sends gets a
-:class:`~backend.errors.ServiceError` naming what is wrong. In a bulk event each item stands
-alone: one that is not an annotation is reported under ``rejected`` and the others are stored.
+:class:`~backend.errors.ServiceError` naming what is wrong. In a bulk event (``ANNOTATIONS_CREATED``,
+``TASKS_CREATED``) each item stands alone: a malformed one is reported under ``rejected`` and
+the others are stored.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.errors import ServiceError
-from backend.ingest import AnnotationPayloadError, ingest_annotation
+from backend.ingest import MAX_ID, AnnotationPayloadError, ingest_annotation, label_studio_id
 from backend.labelstudio.convert import LabelConfigError, parse_label_config
 from backend.store import Project, Store
 
@@ -62,6 +63,19 @@ def parse_project_id(value: Any) -> int | None:
     return None
 
 
+def _task_row(task: Any) -> tuple[int, dict[str, Any]]:
+    """``(id, data)`` of a task as TASKS_CREATED lists it; ValueError saying what is wrong."""
+    if not isinstance(task, dict):
+        raise ValueError("a task must be a JSON object")
+    task_id = label_studio_id(task.get("id"))
+    if task_id is None:
+        raise ValueError(f"a task needs an integer 'id' (1 to {MAX_ID})")
+    data = task.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"task {task_id}: 'data' must be a JSON object")
+    return task_id, data or {}
+
+
 class WebhookHandler:
     """Applies webhook payloads to the store; the service passes in how to schedule work."""
 
@@ -108,11 +122,11 @@ class WebhookHandler:
                 raise ServiceError(400, "ANNOTATIONS_CREATED needs an 'annotation' list")
             tasks = payload.get("task")
             listed = tasks if isinstance(tasks, list) else []
-            by_id = {t.get("id"): t for t in listed if isinstance(t, dict)}
+            by_id = {label_studio_id(t.get("id")): t for t in listed if isinstance(t, dict)}
             for index, item in enumerate(items):
                 ref = item.get("task") if isinstance(item, dict) else None
-                task_id = ref.get("id") if isinstance(ref, dict) else ref
-                task = by_id.get(task_id) if isinstance(task_id, int) else None
+                task_id = label_studio_id(ref.get("id") if isinstance(ref, dict) else ref)
+                task = by_id.get(task_id) if task_id is not None else None
                 try:
                     self._store_annotation(project, item, task, outcome)
                 except ServiceError as exc:
@@ -136,11 +150,16 @@ class WebhookHandler:
             items = payload.get("tasks")
             if not isinstance(items, list):
                 raise ServiceError(400, "TASKS_CREATED needs a 'tasks' list")
-            rows = [
-                (t["id"], t.get("data") or {})
-                for t in items
-                if isinstance(t, dict) and isinstance(t.get("id"), int)
-            ]
+            rows = []
+            for index, item in enumerate(items):
+                try:
+                    rows.append(_task_row(item))
+                except ValueError as exc:  # one bad task must not cost the batch's others
+                    outcome.rejected.append(f"item {index}: {exc}")
+            if items and not rows:
+                raise ServiceError(
+                    400, "no task of the batch could be recorded: " + "; ".join(outcome.rejected)
+                )
             self.store.upsert_tasks(project.id, rows)
             outcome.tasks = len(rows)
             if rows:

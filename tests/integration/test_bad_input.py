@@ -401,24 +401,33 @@ def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
     bad one under ``rejected``, and still answers 200; a batch of bad items only is a 400."""
     region = _square_region(320, 240)
     good = [{"id": 20 + i, "task": 1 + i, "result": [region]} for i in range(3)]
-    bad = [{"id": 30, "task": "four", "result": [region]}, "not an object", {"id": 31, "task": 5}]
-    bad[2]["result"] = "boxes"
+    bad: list[Any] = [
+        {"id": 30, "task": "four", "result": [region]},
+        "not an object",
+        {"id": 31, "task": 5, "result": "boxes"},
+        {"id": 2**63, "task": 5, "result": []},  # past the store's 64-bit ids
+        {"id": True, "task": 5},
+        {"id": 32, "task": 5, "was_cancelled": "false"},
+    ]
     with TestClient(create_app(_settings(tmp_path))) as client:
         client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
         event = {
             "action": "ANNOTATIONS_CREATED",
             "project": 7,
-            "annotation": [good[0], bad[0], good[1], bad[1], bad[2], good[2]],
+            "annotation": [good[0], bad[0], good[1], bad[1], bad[2], good[2], *bad[3:]],
             "task": [{"id": 1 + i, "data": {"image": str(images[i])}} for i in range(3)],
         }
         answer = client.post("/webhook", json=event)
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["stored"] == 3
-        assert [r.split(":")[0] for r in body["rejected"]] == ["item 1", "item 3", "item 4"]
-        assert "integer 'id' and 'task'" in body["rejected"][0]
-        assert "JSON object" in body["rejected"][1]
-        assert "'result' must be a list" in body["rejected"][2]
+        rejected = body["rejected"]
+        assert [r.split(":")[0] for r in rejected] == [f"item {i}" for i in (1, 3, 4, 6, 7, 8)]
+        assert "integer 'id' and 'task'" in rejected[0]
+        assert "JSON object" in rejected[1]
+        assert "'result' must be a list" in rejected[2]
+        assert "integer 'id' and 'task'" in rejected[3] and "integer 'id' and 'task'" in rejected[4]
+        assert "'was_cancelled' must be a boolean" in rejected[5]
         store = client.app.state.service.store  # type: ignore[attr-defined]
         stored = {a.task_id for a in store.list_annotations(7)}
         assert stored == {1, 2, 3}
@@ -427,6 +436,47 @@ def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
         assert refused.status_code == 400
         assert "no annotation of the batch could be stored" in refused.json()["error"]
         assert client.get("/health").status_code == 200
+
+
+def test_one_bad_task_does_not_cost_a_tasks_created_event_its_good_tasks(tmp_path: Path) -> None:
+    """TASKS_CREATED records every task with an integer id and object data, names the others
+    under ``rejected`` (200), and is a 400 only when no task could be recorded."""
+    tasks: list[Any] = [
+        {"id": 1, "data": {"image": "a.png"}},
+        {"id": "2", "data": {}},
+        {"id": 3},
+        {"id": 4, "data": "a.png"},
+        [5],
+        {"id": 2**63, "data": {}},
+    ]
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+        answer = client.post(
+            "/webhook", json={"action": "TASKS_CREATED", "project": 7, "tasks": tasks}
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["tasks"] == 2
+        assert [r.split(":")[0] for r in body["rejected"]] == [
+            "item 1",
+            "item 3",
+            "item 4",
+            "item 5",
+        ]
+        assert "'data' must be a JSON object" in body["rejected"][1]
+        store = client.app.state.service.store  # type: ignore[attr-defined]
+        assert store.get_task_data(7, 1) == {"image": "a.png"}
+        assert store.get_task_data(7, 3) == {}
+        refused = client.post(
+            "/webhook",
+            json={
+                "action": "TASKS_CREATED",
+                "project": 7,
+                "tasks": [tasks[i] for i in (1, 3, 4, 5)],
+            },
+        )
+        assert refused.status_code == 400
+        assert "no task of the batch could be recorded" in refused.json()["error"]
 
 
 def test_training_reads_images_from_the_same_hosts_as_serving(
