@@ -49,7 +49,6 @@ from backend.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-#: Ids are positive, fit the store's 64-bit columns and are exact as JSON numbers (2**53 - 1).
 def _json_integer(value: Any) -> Any:
     """JSON integers only (``20`` and ``20.0``): not ``true``, not ``"20"``."""
     if isinstance(value, bool) or not isinstance(value, int | float):

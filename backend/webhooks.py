@@ -2,9 +2,9 @@
 
 Nothing a webhook carries is dropped: an annotation whose boxes cannot be parsed is stored with
 the reason (and skipped by training), and an envelope that is not what Label Studio sends gets a
-:class:`~backend.errors.ServiceError` naming what is wrong. In a bulk event (``ANNOTATIONS_CREATED``,
-``TASKS_CREATED``) each item stands alone: a malformed one is reported under ``rejected`` and
-the others are stored.
+:class:`~backend.errors.ServiceError` naming what is wrong. In a bulk event
+(``ANNOTATIONS_CREATED``, ``TASKS_CREATED``) each item stands alone: a malformed one is reported
+under ``rejected`` and the others are stored.
 """
 
 from __future__ import annotations
