@@ -276,6 +276,11 @@ def _array_of(model: type[BaseModel]) -> WithJsonSchema:
 
 BulkAnnotations = Annotated[list[Any], _array_of(WebhookAnnotation)]
 BulkTasks = Annotated[list[Any], _array_of(WebhookTask)]
+BulkAnnotationIds = Annotated[list[Any], _array_of(AnnotationId)]
+_BULK_DELETED = (
+    "Each item is checked alone: one without an integer id is listed under `rejected` and the "
+    "others are deleted (400 only when none is)."
+)
 _BULK_TASKS = (
     "Each task is checked alone: one without an integer id or with non-object data is listed "
     "under `rejected` and the others are recorded (400 only when none is)."
@@ -312,7 +317,7 @@ class AnnotationsDeletedEvent(BaseModel):
     model_config = ConfigDict(extra="allow")
     action: Literal["ANNOTATIONS_DELETED"]
     project: ProjectRef
-    annotations: list[AnnotationId]
+    annotations: BulkAnnotationIds = Field(..., description=_BULK_DELETED)
 
 
 class StartTrainingEvent(BaseModel):

@@ -3,8 +3,8 @@
 Nothing a webhook carries is dropped: an annotation whose boxes cannot be parsed is stored with
 the reason (and skipped by training), and an envelope that is not what Label Studio sends gets a
 :class:`~backend.errors.ServiceError` naming what is wrong. In a bulk event
-(``ANNOTATIONS_CREATED``, ``TASKS_CREATED``) each item stands alone: a malformed one is reported
-under ``rejected`` and the others are stored.
+(``ANNOTATIONS_CREATED``, ``ANNOTATIONS_DELETED``, ``TASKS_CREATED``) each item stands alone: a
+malformed one is reported under ``rejected`` and the others are applied.
 """
 
 from __future__ import annotations
@@ -141,11 +141,21 @@ class WebhookHandler:
             items = payload.get("annotations")
             if not isinstance(items, list):
                 raise ServiceError(400, "ANNOTATIONS_DELETED needs an 'annotations' list")
-            ids = [a.get("id") if isinstance(a, dict) else None for a in items]
-            int_ids = [i for i in ids if isinstance(i, int)]
-            if len(int_ids) != len(items):
-                raise ServiceError(400, "ANNOTATIONS_DELETED: every annotation needs an integer id")
-            outcome.deleted = self.store.delete_annotations(project.id, int_ids)
+            ids = []
+            for index, item in enumerate(items):
+                annotation_id = label_studio_id(item.get("id") if isinstance(item, dict) else None)
+                if annotation_id is None:  # one bad item must not keep the others in training
+                    outcome.rejected.append(
+                        f"item {index}: an annotation needs an integer 'id' (1 to {MAX_ID})"
+                    )
+                else:
+                    ids.append(annotation_id)
+            if items and not ids:
+                raise ServiceError(
+                    400,
+                    "no annotation of the batch could be deleted: " + "; ".join(outcome.rejected),
+                )
+            outcome.deleted = self.store.delete_annotations(project.id, ids)
         elif action == "TASKS_CREATED":
             items = payload.get("tasks")
             if not isinstance(items, list):

@@ -438,6 +438,42 @@ def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
         assert client.get("/health").status_code == 200
 
 
+def test_one_bad_id_does_not_keep_a_deleted_batch_in_training(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """ANNOTATIONS_DELETED deletes every item with an integer id, names the others under
+    ``rejected`` (200), and is a 400 only when no item had one: a deleted annotation that stayed
+    in the store would go on teaching the next version."""
+    region = _square_region(320, 240)
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+        client.post(
+            "/webhook",
+            json={
+                "action": "ANNOTATIONS_CREATED",
+                "project": 7,
+                "annotation": [{"id": 40 + i, "task": 1 + i, "result": [region]} for i in range(3)],
+                "task": [{"id": 1 + i, "data": {"image": str(images[i])}} for i in range(3)],
+            },
+        )
+        bad: list[Any] = [{"id": "x"}, 41.5, {"id": True}, {}]
+        event = {"action": "ANNOTATIONS_DELETED", "project": 7}
+        answer = client.post(
+            "/webhook", json={**event, "annotations": [bad[0], {"id": 40}, *bad[1:], {"id": 42.0}]}
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["deleted"] == 2
+        assert [r.split(":")[0] for r in body["rejected"]] == [f"item {i}" for i in (0, 2, 3, 4)]
+        assert all("integer 'id'" in r for r in body["rejected"])
+        store = client.app.state.service.store  # type: ignore[attr-defined]
+        assert [a.annotation_id for a in store.list_annotations(7)] == [41]
+        refused = client.post("/webhook", json={**event, "annotations": bad})
+        assert refused.status_code == 400
+        assert "no annotation of the batch could be deleted" in refused.json()["error"]
+        assert [a.annotation_id for a in store.list_annotations(7)] == [41]
+
+
 def test_one_bad_task_does_not_cost_a_tasks_created_event_its_good_tasks(tmp_path: Path) -> None:
     """TASKS_CREATED records every task with an integer id and object data, names the others
     under ``rejected`` (200), and is a 400 only when no task could be recorded."""
