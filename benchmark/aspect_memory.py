@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,10 @@ def run(onnx_model: Path) -> dict[str, Any]:
             if not cached:
                 for old in Path(cache).rglob("*.onnx"):
                     old.unlink()
-            with context.Pool(1) as pool:  # a fresh process: its RSS is this run's alone
-                rows[name] = pool.apply(_measure, (str(onnx_model), mode, cache))
+            # a fresh process: its RSS is this run's alone (not a Pool: its workers are
+            # daemons, and the first aspect start exports in a child process of its own)
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                rows[name] = pool.submit(_measure, str(onnx_model), mode, cache).result()
     return {
         "what": "resident memory of the pretrained detector vs distinct input shapes served",
         "ratios": [round(r, 3) for r in RATIOS],

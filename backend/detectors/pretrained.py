@@ -16,7 +16,9 @@ replaced source file is exported again.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -35,21 +37,35 @@ PretrainedInput = Literal["square", "aspect"]
 
 
 def dynamic_model_path(onnx_path: Path, cache_dir: Path) -> Path:
-    """``onnx_path``'s weights exported with dynamic height and width (cached in ``cache_dir``)."""
+    """``onnx_path``'s weights exported with dynamic height and width (cached in ``cache_dir``).
+
+    The export runs in a child process: loading the PyTorch model and tracing it leave about
+    180 MiB in a process's heap that it never hands back (``benchmark/aspect_memory.py``), and
+    the server would otherwise carry that for its whole life."""
     onnx_path = Path(onnx_path)
     stat = onnx_path.stat()
     target = Path(cache_dir) / f"{onnx_path.stem}-dynamic-{stat.st_size}-{int(stat.st_mtime)}.onnx"
     if target.is_file():
         return target
-    try:
-        model, _ = load_coco_yolox_nano(onnx_path)
-    except DecodeError as exc:  # onnx.load of a file that is not a protobuf
-        raise ValueError(f"{onnx_path} is not an ONNX model: {exc}") from exc
     partial = target.with_suffix(f".{os.getpid()}.partial")
-    export_onnx(model, partial, (416, 416), dynamic_hw=True)
-    partial.replace(target)  # atomic: a concurrent loader sees the whole file or none
+    spawn = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
+            child.submit(_export_dynamic, str(onnx_path), str(partial)).result()
+        partial.replace(target)  # atomic: a concurrent loader sees the whole file or none
+    finally:
+        partial.unlink(missing_ok=True)
     log.info("exported %s with dynamic input to %s", onnx_path, target)
     return target
+
+
+def _export_dynamic(onnx_path: str, out: str) -> None:
+    """In the child process: import the ONNX file's weights and export them, H and W dynamic."""
+    try:
+        model, _ = load_coco_yolox_nano(Path(onnx_path))
+    except DecodeError as exc:  # onnx.load of a file that is not a protobuf
+        raise ValueError(f"{onnx_path} is not an ONNX model: {exc}") from None
+    export_onnx(model, Path(out), (416, 416), dynamic_hw=True)
 
 
 def load_pretrained(
