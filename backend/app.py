@@ -594,10 +594,14 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        search = _app.state.search
         svc.start()
+        svc.on_tasks_created.append(search.tasks_created)
         try:
             yield
         finally:
+            svc.on_tasks_created.remove(search.tasks_created)
+            search.close()
             svc.close()
 
     description = (

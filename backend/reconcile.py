@@ -9,11 +9,12 @@ stores what it lacks, and tombstones what Label Studio no longer has.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from backend.ingest import AnnotationPayloadError, ingest_annotation
 from backend.labelstudio.client import StudioClient
-from backend.labelstudio.convert import LabelConfig
+from backend.labelstudio.convert import LabelConfig, parse_label_config
 from backend.store import Store
 
 log = logging.getLogger(__name__)
@@ -56,3 +57,22 @@ def reconcile_project(
     report = ReconcileReport(project_id, len(remote), changed, tombstoned, tasks_new, malformed)
     log.info("reconciled %s", report)
     return report
+
+
+def reconcile_all(
+    store: Store,
+    client_for: Callable[[int], StudioClient | None],
+    after_each: Callable[[int], object],
+) -> None:
+    """Reconcile every stored project Label Studio can be reached for (at server start), then
+    call ``after_each(project_id)`` (training, when enough new annotations were pulled). One
+    project's failure is logged and the others go on."""
+    for project in store.list_projects():
+        client = client_for(project.id)
+        if client is None:
+            continue
+        try:
+            reconcile_project(store, client, project.id, parse_label_config(project.label_config))
+            after_each(project.id)
+        except Exception as exc:
+            log.warning("start-up reconcile of project %s failed: %s", project.id, exc)

@@ -1,4 +1,5 @@
-"""HTTP face of search: ``POST /projects/{id}/search`` (parsing and status codes only).
+"""HTTP face of search: ``POST /projects/{id}/search`` and ``.../search/index`` (parsing and
+status codes only).
 
 Kept out of ``app.py`` so that the search routes are one call there; the work happens in
 :class:`backend.search_service.SearchService`. Errors are the app's JSON ``{"error": ...}``:
@@ -8,7 +9,7 @@ Kept out of ``app.py`` so that the search routes are one call there; the work ha
 from __future__ import annotations
 
 import io
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Body, FastAPI, Path
 from fastapi.responses import HTMLResponse, Response
@@ -20,7 +21,7 @@ from backend.search_page import PAGE
 from backend.search_service import SearchService
 from backend.service import BoxloopService
 
-__all__ = ["SearchRequest", "add_search_routes"]
+__all__ = ["IndexState", "SearchRequest", "add_search_routes"]
 
 MAX_ID = 2**31 - 1
 
@@ -49,6 +50,19 @@ class SearchResponse(BaseModel):
     index: dict[str, Any]
     without_features: list[int]
     moved_to_front: bool
+
+
+class IndexState(BaseModel):
+    """A project's last background indexing job."""
+
+    model_config = ConfigDict(extra="allow")
+    project: int
+    state: Literal["idle", "queued", "running", "done", "failed"]
+    done: int | None = Field(None, description="images processed (running)")
+    todo: int | None = Field(None, description="images lacking a vector when the job began")
+    indexed: int | None = Field(None, description="tasks in the index (done)")
+    failed: int | None = Field(None, description="tasks whose image could not be read (done)")
+    error: str | None = Field(None, description="why the job failed (failed)")
 
 
 def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
@@ -86,6 +100,35 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         """
         outcome = search.search(project_id, {"objects": body.objects}, k=body.k, front=body.front)
         return outcome.to_json()
+
+    @app.post(
+        "/projects/{project_id}/search/index",
+        tags=["admin"],
+        status_code=202,
+        response_model=IndexState,
+        response_model_exclude_none=True,
+        responses=_responses(
+            {
+                404: _err("The project is unknown to boxloop."),
+                409: _err("No search model."),
+            }
+        ),
+    )
+    def index_project(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
+        """Compute the search vectors of every task lacking one, and update the index, in the
+        background (a job already running is left to finish). Follow it with GET."""
+        return search.index_in_background(project_id)
+
+    @app.get(
+        "/projects/{project_id}/search/index",
+        tags=["admin"],
+        response_model=IndexState,
+        response_model_exclude_none=True,
+        responses={**_responses(body=False), **_INVALID},
+    )
+    def index_state(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
+        """The last indexing job of the project since the server started."""
+        return search.index_state(project_id)
 
     @app.get(
         "/search",

@@ -6,6 +6,11 @@ an extractor name carrying the model's digest, so a retrained model never mixes 
 vectors), keeps a :class:`~backend.search.CompactIndex` per project on disk and adds tasks to it
 as they arrive, answers queries, and can move the results to the front of the project's queue
 through the stored order and the Label Studio push the ``order`` command uses.
+
+Vectors are computed in a background job (:meth:`SearchService.index_in_background`), started
+by ``POST /projects/{id}/search/index`` and, with ``BOXLOOP_SEARCH_INDEX_NEW_TASKS``, by every
+``TASKS_CREATED`` webhook, so a large pool's first search does not wait for its backbone pass.
+A search still computes whatever no job has, so it never answers from a partial pool.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +106,11 @@ class SearchService:
         self._model_key: tuple[str, float] | None = None
         self._encoder: QueryEncoder | None = None
         self._extractor: SearchExtractor | None = None
+        # one indexing job at a time, off the request path; its state per project for GET
+        self._indexer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="boxloop-search")
+        self._index_jobs: dict[int, Future[None]] = {}
+        self._index_state: dict[int, dict[str, Any]] = {}
+        self._closing = threading.Event()
 
     # ------------------------------------------------------------------ parts
     @property
@@ -149,6 +160,14 @@ class SearchService:
     ) -> Callable[[Mapping[str, Any]], Image.Image]:
         return task_image_loader(self.image_source_for(project_id), image_key)
 
+    def has_model(self) -> bool:
+        return (self.model_dir / "search_model.pt").is_file()
+
+    def close(self) -> None:
+        """Stop a running indexing job after its current batch (stored vectors are kept)."""
+        self._closing.set()
+        self._indexer.shutdown(wait=False, cancel_futures=True)
+
     def index_dir(self, project_id: int, extractor: str) -> Path:
         return self.settings.data_dir / "search" / "index" / str(int(project_id)) / extractor
 
@@ -193,6 +212,68 @@ class SearchService:
         index.save(directory)
         return index, sorted(report.failed)
 
+    def index_in_background(self, project_id: int) -> dict[str, Any]:
+        """Start computing the vectors of ``project_id``'s tasks that lack one, then update its
+        index, in the background; a job already queued or running is left to finish. Returns
+        :meth:`index_state` (404 unknown project, 409 no search model)."""
+        if self.store.get_project(project_id) is None:
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        if not self.has_model():
+            with self._lock:
+                self._load()  # raises the 409 that says how to get a model
+        with self._lock:
+            job = self._index_jobs.get(project_id)
+            if job is None or job.done():
+                self._index_state[project_id] = {"state": "queued"}
+                self._index_jobs[project_id] = self._indexer.submit(self._index, project_id)
+        return self.index_state(project_id)
+
+    def tasks_created(self, project_id: int, _task_ids: list[int]) -> None:
+        """TASKS_CREATED recorded tasks: index them in the background, when that is on and a
+        search model exists (the server hooks this to the webhook while it runs)."""
+        if self.settings.search_index_new_tasks and self.has_model():
+            self.index_in_background(project_id)
+
+    def index_state(self, project_id: int) -> dict[str, Any]:
+        """The last indexing job's state: ``queued``, ``running`` (``done`` of ``todo`` images),
+        ``done`` (``indexed`` tasks, ``failed`` images) or ``failed`` (``error``); ``idle``
+        when none ran since the server started."""
+        return {"project": project_id, **self._index_state.get(project_id, {"state": "idle"})}
+
+    def _index(self, project_id: int) -> None:
+        state = self._index_state[project_id]
+
+        def on_batch(done: int, todo: int) -> None:
+            state.update(done=done, todo=todo)
+            if self._closing.is_set():
+                raise InterruptedError("the server is stopping")
+
+        try:
+            state["state"] = "running"
+            with self._lock:
+                _, _, extractor = self._load()
+            project = self.store.get_project(project_id)
+            if project is None:
+                raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+            compute_features(  # the slow part, outside the lock: searches of others go on
+                self.store,
+                project_id,
+                extractor,
+                self.store.list_tasks(project_id),
+                self._loader(project_id, project.image_key),
+                batch_size=self.settings.feature_batch_size,
+                progress=False,
+                on_batch=on_batch,
+            )
+            with self._lock:
+                index, failed = self.refresh_index(project_id)
+            state.update(state="done", indexed=len(index), failed=len(failed))
+        except ServiceError as exc:
+            state.update(state="failed", error=exc.message)
+        except Exception as exc:  # reported in the state; the server keeps serving
+            log.exception("indexing project %s for search failed", project_id)
+            state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+
     # ------------------------------------------------------------------ searching
     def search(
         self, project_id: int, query: Any, k: int | None = None, front: bool = False
@@ -201,6 +282,9 @@ class SearchService:
         :func:`backend.search.parse_query`); ``front`` moves them to the front of the queue."""
         if self.store.get_project(project_id) is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        running = self._index_jobs.get(project_id)
+        if running is not None:
+            running.exception()  # wait: the search would compute the same vectors beside it
         with self._lock:
             model, encoder, _ = self._load()
             try:

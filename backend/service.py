@@ -33,6 +33,7 @@ from backend.labelstudio.convert import (
     prediction_of,
 )
 from backend.queueing import OrderRequest, QueueManager
+from backend.reconcile import reconcile_all
 from backend.registry import LoadedModel, ModelRegistry
 from backend.settings import Settings
 from backend.store import Store
@@ -117,6 +118,8 @@ class BoxloopService:
             else TaskUtility(self.utility, self.store, self.studio.client, self._queue_pool)
         )
         self._queue_state: dict[int, dict[str, Any]] = {}
+        #: called with (project, task ids) after TASKS_CREATED recorded them (e.g. search)
+        self.on_tasks_created: list[Callable[[int, list[int]], None]] = []
         self._box_state: dict[int, dict[str, Any]] = {}
         torch.set_num_threads(max(1, settings.num_threads))
 
@@ -129,7 +132,10 @@ class BoxloopService:
         self.scheduler.start()
         if self.settings.reconcile_on_startup and self.studio.configured:
             threading.Thread(
-                target=self._reconcile_all, name="boxloop-reconcile", daemon=True
+                target=reconcile_all,
+                args=(self.store, self.studio.client, self.maybe_schedule_training),
+                name="boxloop-reconcile",
+                daemon=True,
             ).start()
 
     def close(self) -> None:
@@ -166,22 +172,6 @@ class BoxloopService:
     def _carry_over_then_retitle(self, project_id: int, version: str) -> None:
         self._refresh_queue(project_id, version)
         self.models.update_title(project_id, version)
-
-    # ------------------------------------------------------------------ Label Studio
-    def _reconcile_all(self) -> None:
-        from backend.reconcile import reconcile_project
-
-        for project in self.store.list_projects():
-            client = self.studio.client(project.id)
-            if client is None:
-                continue
-            try:
-                reconcile_project(
-                    self.store, client, project.id, parse_label_config(project.label_config)
-                )
-                self.maybe_schedule_training(project.id)
-            except Exception as exc:
-                log.warning("start-up reconcile of project %s failed: %s", project.id, exc)
 
     # ------------------------------------------------------------------ /setup
     def setup(
@@ -418,6 +408,11 @@ class BoxloopService:
     def _tasks_created(self, project_id: int, task_ids: list[int]) -> None:
         if self.store.get_order(project_id) is not None:
             self._queue_pool.submit(self._place_new, project_id, task_ids)
+        for listener in self.on_tasks_created:
+            try:
+                listener(project_id, task_ids)
+            except Exception:  # the tasks are recorded; a listener's failure is only logged
+                log.exception("after TASKS_CREATED of project %s", project_id)
 
     # ------------------------------------------------------------------ training
     def maybe_schedule_training(self, project_id: int) -> int | None:

@@ -241,6 +241,11 @@ class Settings(BaseSettings):
     search_flat_below: int = Field(
         50_000, ge=1, description="Pools smaller than this are searched exactly (Flat)."
     )
+    search_index_new_tasks: bool = Field(
+        True,
+        description="When a search model exists, compute new tasks' search vectors in the "
+        "background as TASKS_CREATED arrives, so the next search does not wait for them.",
+    )
 
     # --- misc --------------------------------------------------------------------------------
     log_level: str = "INFO"

@@ -48,18 +48,22 @@ def compute_features(
     *,
     batch_size: int = 32,
     progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> FeatureReport:
     """Store ``extractor`` vectors for every task in ``tasks`` (``(task_id, data)``) lacking one.
 
     ``image_loader(data)`` returns the task's image (e.g. ``backend.images.load_image`` on
     ``data[image_key]``); its exceptions are caught per task and reported in ``failed``.
     Vectors are written batch by batch, so an interruption loses at most one batch.
+    ``on_batch(done, total)`` follows the tasks still to do; an exception it raises stops the
+    work after the batch just stored.
     """
     report = FeatureReport(extractor.name)
     stored, _ = store.get_features(project_id, extractor.name, [t for t, _ in tasks])
     have = set(stored)
     todo = [(t, d) for t, d in tasks if t not in have]
     report.reused = [t for t, _ in tasks if t in have]
+    done = 0
     with tqdm(
         total=len(todo),
         disable=not progress,
@@ -81,6 +85,9 @@ def compute_features(
                 store.put_features(project_id, extractor.name, zip(ids, vectors, strict=True))
                 report.computed.extend(ids)
             bar.update(len(chunk))
+            done += len(chunk)
+            if on_batch is not None:
+                on_batch(done, len(todo))
     return report
 
 

@@ -8,6 +8,7 @@ by strokes. No shared data needed.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,40 @@ def test_search_over_http_finds_the_drawn_class_in_its_place(project) -> None:  
         assert client.get("/health").status_code == 200
 
 
+def test_new_tasks_are_indexed_in_the_background_and_the_search_finds_them(project) -> None:  # type: ignore[no-untyped-def]
+    """TASKS_CREATED starts a background job that computes the new tasks' vectors and adds them
+    to the index; its state is on GET .../search/index, an unreadable image is counted as
+    failed, and the search that follows answers from the whole pool."""
+    settings, service, _, root = project
+    images = root / "images"
+    tasks = [{"id": t, "data": {"image": str(images / f"{t}.png")}} for t in range(1, 17)]
+    tasks.append({"id": 17, "data": {"image": str(images / "missing.png")}})
+    with TestClient(create_app(settings, service)) as client:
+        assert client.get("/projects/2/search/index").json() == {"project": 2, "state": "idle"}
+        assert client.post("/setup", json={"project": 2, "schema": CONFIG}).status_code == 200
+        created = client.post(
+            "/webhook", json={"action": "TASKS_CREATED", "project": 2, "tasks": tasks}
+        )
+        assert created.status_code == 200 and created.json()["tasks"] == 17
+        state = client.get("/projects/2/search/index").json()
+        for _ in range(600):
+            if state["state"] in ("done", "failed"):
+                break
+            time.sleep(0.1)
+            state = client.get("/projects/2/search/index").json()
+        assert state["state"] == "done", state
+        assert (state["todo"], state["indexed"], state["failed"]) == (17, 16, 1)
+        extractor = client.app.state.search._load()[2]  # type: ignore[attr-defined]
+        ids, _ = service.store.get_features(2, extractor.name)
+        assert sorted(ids) == list(range(1, 17))
+        square = {"box": {"x": 5, "y": 25, "width": 40, "height": 50}, "label": "square"}
+        found = client.post("/projects/2/search", json={"objects": [square], "k": 4}).json()
+        assert found["index"]["count"] == 16 and found["without_features"] == [17]
+        again = client.post("/projects/2/search/index")
+        assert again.status_code == 202 and again.json()["state"] in ("queued", "running", "done")
+        assert client.post("/projects/99/search/index").status_code == 404
+
+
 def test_without_a_model_the_answer_says_how_to_train_one(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "d", reconcile_on_startup=False, num_threads=1)
     service = BoxloopService(settings)
@@ -173,7 +208,9 @@ def test_without_a_model_the_answer_says_how_to_train_one(tmp_path: Path) -> Non
                     "objects": [{"box": {"x": 1, "y": 1, "width": 5, "height": 5}, "label": "disc"}]
                 },
             )
-        assert r.status_code == 409 and "search-train" in r.json()["error"]
+            assert r.status_code == 409 and "search-train" in r.json()["error"]
+            indexing = client.post("/projects/1/search/index")
+            assert indexing.status_code == 409 and "search-train" in indexing.json()["error"]
     finally:
         service.close()
 

@@ -1,0 +1,63 @@
+"""Start-up reconcile against a real Label Studio: what no webhook delivered is pulled in.
+
+A server that was down, or a project connected after its team started labelling, has missed
+webhooks. At start the server pulls every task and annotation of each stored project it can
+reach (``backend.reconcile.reconcile_all``), tombstones the ones deleted in Label Studio, and
+lets training see them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backend.reconcile import reconcile_all
+from backend.service import BoxloopService
+from backend.settings import Settings
+from tests.e2e.conftest import (
+    ImageProject,
+    LabelStudioServer,
+    delete_annotation,
+    ground_truth_result,
+    submit_annotation,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def test_start_up_reconcile_pulls_what_no_webhook_delivered(
+    label_studio: LabelStudioServer, image_project: ImageProject, tmp_path: Path
+) -> None:
+    ids = image_project.task_ids
+    first, second = (
+        submit_annotation(label_studio, t, ground_truth_result(image_project, t)) for t in ids[:2]
+    )
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        label_studio_url=label_studio.url,
+        label_studio_token=label_studio.token,
+        allowed_local_roots=[label_studio.files_root],
+        reconcile_on_startup=False,
+        train_after_new_annotations=1000,
+    )
+    service = BoxloopService(settings)
+    try:
+        service.setup(image_project.id, image_project.label_config)
+        # a stored project Label Studio no longer has: logged, and the others still reconcile
+        service.setup(999_999, image_project.label_config)
+        reconciled: list[int] = []
+        reconcile_all(service.store, service.studio.client, reconciled.append)
+        assert reconciled == [image_project.id]
+        stored = service.store.list_annotations(image_project.id)
+        assert sorted(a.annotation_id for a in stored) == sorted([first["id"], second["id"]])
+        assert all(a.boxes is not None and len(a.boxes) > 0 for a in stored)
+        assert sorted(t for t, _ in service.store.list_tasks(image_project.id)) == sorted(ids)
+
+        delete_annotation(label_studio, second["id"])
+        reconcile_all(service.store, service.studio.client, reconciled.append)
+        kept = service.store.list_annotations(image_project.id)
+        assert [a.annotation_id for a in kept] == [first["id"]]
+        assert service.store.annotation_counts(image_project.id)["deleted"] == 1
+    finally:
+        service.close()
