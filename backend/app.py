@@ -595,8 +595,8 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         search = _app.state.search
+        svc.on_tasks_created.append(search.tasks_created)  # before start: reconcile calls it
         svc.start()
-        svc.on_tasks_created.append(search.tasks_created)
         try:
             yield
         finally:

@@ -26,17 +26,18 @@ class ReconcileReport:
     pulled: int
     changed: int
     tombstoned: int
-    tasks_new: int
+    new_tasks: tuple[int, ...]
+    """Tasks the store did not hold: created while no webhook reached boxloop."""
     malformed: int
 
 
 def reconcile_project(
     store: Store, client: StudioClient, project_id: int, config: LabelConfig
 ) -> ReconcileReport:
-    tasks = client.list_tasks(project_id)
-    tasks_new = store.upsert_tasks(
-        project_id, [(int(t["id"]), dict(t.get("data") or {})) for t in tasks]
-    )
+    rows = [(int(t["id"]), dict(t.get("data") or {})) for t in client.list_tasks(project_id)]
+    known = {task_id for task_id, _ in store.list_tasks(project_id)}
+    store.upsert_tasks(project_id, rows)
+    new_tasks = tuple(task_id for task_id, _ in rows if task_id not in known)
     remote = client.list_annotations(project_id)
     changed = malformed = 0
     remote_ids: set[int] = set()
@@ -54,7 +55,7 @@ def reconcile_project(
     local = store.list_annotations(project_id)
     gone = [a.annotation_id for a in local if a.annotation_id not in remote_ids]
     tombstoned = store.delete_annotations(project_id, gone) if gone else 0
-    report = ReconcileReport(project_id, len(remote), changed, tombstoned, tasks_new, malformed)
+    report = ReconcileReport(project_id, len(remote), changed, tombstoned, new_tasks, malformed)
     log.info("reconciled %s", report)
     return report
 
@@ -63,16 +64,21 @@ def reconcile_all(
     store: Store,
     client_for: Callable[[int], StudioClient | None],
     after_each: Callable[[int], object],
+    tasks_created: Callable[[int, list[int]], None] | None = None,
 ) -> None:
-    """Reconcile every stored project Label Studio can be reached for (at server start), then
-    call ``after_each(project_id)`` (training, when enough new annotations were pulled). One
-    project's failure is logged and the others go on."""
+    """Reconcile every stored project Label Studio can be reached for (at server start). Tasks
+    new to the store go to ``tasks_created(project_id, ids)``, as TASKS_CREATED would have sent
+    them (queue placement, search vectors); then ``after_each(project_id)`` (training, when
+    enough new annotations were pulled). One project's failure is logged, the others go on."""
     for project in store.list_projects():
         client = client_for(project.id)
         if client is None:
             continue
         try:
-            reconcile_project(store, client, project.id, parse_label_config(project.label_config))
+            config = parse_label_config(project.label_config)
+            report = reconcile_project(store, client, project.id, config)
+            if report.new_tasks and tasks_created is not None:
+                tasks_created(project.id, list(report.new_tasks))
             after_each(project.id)
         except Exception as exc:
             log.warning("start-up reconcile of project %s failed: %s", project.id, exc)

@@ -133,7 +133,12 @@ class BoxloopService:
         if self.settings.reconcile_on_startup and self.studio.configured:
             threading.Thread(
                 target=reconcile_all,
-                args=(self.store, self.studio.client, self.maybe_schedule_training),
+                args=(
+                    self.store,
+                    self.studio.client,
+                    self.maybe_schedule_training,
+                    self._tasks_created,
+                ),
                 name="boxloop-reconcile",
                 daemon=True,
             ).start()

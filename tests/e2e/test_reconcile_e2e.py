@@ -2,8 +2,9 @@
 
 A server that was down, or a project connected after its team started labelling, has missed
 webhooks. At start the server pulls every task and annotation of each stored project it can
-reach (``backend.reconcile.reconcile_all``), tombstones the ones deleted in Label Studio, and
-lets training see them.
+reach (``backend.reconcile.reconcile_all``), tombstones the ones deleted in Label Studio, hands
+the tasks it did not hold to what TASKS_CREATED feeds (queue placement, search vectors), and lets
+training see the annotations.
 """
 
 from __future__ import annotations
@@ -47,15 +48,29 @@ def test_start_up_reconcile_pulls_what_no_webhook_delivered(
         # a stored project Label Studio no longer has: logged, and the others still reconcile
         service.setup(999_999, image_project.label_config)
         reconciled: list[int] = []
-        reconcile_all(service.store, service.studio.client, reconciled.append)
+        created: list[tuple[int, list[int]]] = []
+
+        def reconcile() -> None:
+            reconcile_all(
+                service.store,
+                service.studio.client,
+                reconciled.append,
+                lambda project, tasks: created.append((project, tasks)),
+            )
+
+        reconcile()
         assert reconciled == [image_project.id]
+        assert created == [(image_project.id, ids)]  # as TASKS_CREATED would have sent them
         stored = service.store.list_annotations(image_project.id)
         assert sorted(a.annotation_id for a in stored) == sorted([first["id"], second["id"]])
         assert all(a.boxes is not None and len(a.boxes) > 0 for a in stored)
         assert sorted(t for t, _ in service.store.list_tasks(image_project.id)) == sorted(ids)
 
         delete_annotation(label_studio, second["id"])
-        reconcile_all(service.store, service.studio.client, reconciled.append)
+        image = image_project.tasks[0]["data"]
+        task = label_studio.client.tasks.create(project=image_project.id, data=dict(image))
+        reconcile()
+        assert created[1:] == [(image_project.id, [task.id])]  # only the task it did not hold
         kept = service.store.list_annotations(image_project.id)
         assert [a.annotation_id for a in kept] == [first["id"]]
         assert service.store.annotation_counts(image_project.id)["deleted"] == 1
