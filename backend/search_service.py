@@ -44,7 +44,7 @@ from backend.search import (
 )
 from backend.search.backbone import pooled_extractor, spatial_map_extractor
 from backend.settings import Settings
-from backend.store import Store
+from backend.store import Project, Store
 
 log = logging.getLogger(__name__)
 
@@ -176,20 +176,38 @@ class SearchService:
         """Vectors for every task lacking one, added to the project's index (built, or rebuilt
         when the collection outgrew its factory). Returns the index and the tasks whose image
         failed."""
+        project = self._project(project_id)
+        _, _, extractor = self._load()
+        failed = self._compute_vectors(project, extractor)
+        return self._update_index(project_id, extractor), failed
+
+    def _project(self, project_id: int) -> Project:
         project = self.store.get_project(project_id)
         if project is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
-        _, _, extractor = self._load()
-        tasks = self.store.list_tasks(project_id)
+        return project
+
+    def _compute_vectors(
+        self,
+        project: Project,
+        extractor: SearchExtractor,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> list[int]:
+        """Store a vector for each task lacking one; the tasks whose image failed."""
         report = compute_features(
             self.store,
-            project_id,
+            project.id,
             extractor,
-            tasks,
-            self._loader(project_id, project.image_key),
+            self.store.list_tasks(project.id),
+            self._loader(project.id, project.image_key),
             batch_size=self.settings.feature_batch_size,
             progress=False,
+            on_batch=on_batch,
         )
+        return sorted(report.failed)
+
+    def _update_index(self, project_id: int, extractor: SearchExtractor) -> CompactIndex:
+        """Add the stored vectors the index lacks (or rebuild it), save it and return it."""
         ids, vectors = self.store.get_features(project_id, extractor.name)
         directory = self.index_dir(project_id, extractor.name)
         config = self.index_config()
@@ -210,14 +228,13 @@ class SearchService:
                 409, f"project {project_id} has no task with a readable image to search"
             )
         index.save(directory)
-        return index, sorted(report.failed)
+        return index
 
     def index_in_background(self, project_id: int) -> dict[str, Any]:
         """Start computing the vectors of ``project_id``'s tasks that lack one, then update its
         index, in the background; a job already queued or running is left to finish. Returns
         :meth:`index_state` (404 unknown project, 409 no search model)."""
-        if self.store.get_project(project_id) is None:
-            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        self._project(project_id)
         if not self.has_model():
             with self._lock:
                 self._load()  # raises the 409 that says how to get a model
@@ -250,26 +267,18 @@ class SearchService:
 
         try:
             state["state"] = "running"
+            project = self._project(project_id)
             with self._lock:
                 _, _, extractor = self._load()
-            project = self.store.get_project(project_id)
-            if project is None:
-                raise ServiceError(404, f"project {project_id} is unknown to boxloop")
-            compute_features(  # the slow part, outside the lock: searches of others go on
-                self.store,
-                project_id,
-                extractor,
-                self.store.list_tasks(project_id),
-                self._loader(project_id, project.image_key),
-                batch_size=self.settings.feature_batch_size,
-                progress=False,
-                on_batch=on_batch,
-            )
+            # the slow part, outside the lock: searches of other projects go on
+            failed = self._compute_vectors(project, extractor, on_batch)
             with self._lock:
-                index, failed = self.refresh_index(project_id)
+                index = self._update_index(project_id, extractor)
             state.update(state="done", indexed=len(index), failed=len(failed))
         except ServiceError as exc:
             state.update(state="failed", error=exc.message)
+        except InterruptedError as exc:  # close(): the stored vectors stay for the next job
+            state.update(state="failed", error=str(exc))
         except Exception as exc:  # reported in the state; the server keeps serving
             log.exception("indexing project %s for search failed", project_id)
             state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
@@ -280,8 +289,7 @@ class SearchService:
     ) -> SearchOutcome:
         """Top ``k`` tasks of ``project_id`` for ``query`` (its JSON form, see
         :func:`backend.search.parse_query`); ``front`` moves them to the front of the queue."""
-        if self.store.get_project(project_id) is None:
-            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
+        self._project(project_id)
         running = self._index_jobs.get(project_id)
         if running is not None:
             running.exception()  # wait: the search would compute the same vectors beside it
