@@ -42,7 +42,7 @@ from backend.box_queries import BoxQueryRequest
 from backend.bulk.predict import BulkPredictRequest
 from backend.ingest import MAX_ID
 from backend.queueing import OrderRequest
-from backend.search_routes import add_search_routes
+from backend.search_routes import IndexState, add_search_routes
 from backend.service import BoxloopService, ServiceError
 from backend.settings import Settings, get_settings
 
@@ -449,6 +449,7 @@ class ProjectStatus(BaseModel):
     train_after_new_annotations: int
     training_jobs: list[JobRow]
     queue: QueueRow | None
+    search_index: IndexState = Field(..., description="the last background search index job")
 
 
 class StatusResponse(BaseModel):
@@ -773,7 +774,10 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
         responses={200: {"model": StatusResponse}, **_responses(body=False)},
     )
     def status() -> dict[str, Any]:
-        return svc.status()
+        out = svc.status()
+        for project in out["projects"]:  # the search routes' state, beside the service's
+            project["search_index"] = app.state.search.index_state(project["id"])
+        return out
 
     @app.post(
         "/train",

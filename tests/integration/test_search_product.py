@@ -185,6 +185,8 @@ def test_new_tasks_are_indexed_in_the_background_and_the_search_finds_them(proje
             state = client.get("/projects/2/search/index").json()
         assert state["state"] == "done", state
         assert (state["todo"], state["indexed"], state["failed"]) == (17, 16, 1)
+        listed = {p["id"]: p for p in client.get("/status").json()["projects"]}
+        assert listed[2]["search_index"] == state and listed[1]["search_index"]["state"] == "idle"
         extractor = client.app.state.search._load()[2]  # type: ignore[attr-defined]
         ids, _ = service.store.get_features(2, extractor.name)
         assert sorted(ids) == list(range(1, 17))
