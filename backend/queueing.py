@@ -29,7 +29,7 @@ from backend.features.registry import EXTRACTOR_NAMES, simnet_dir
 from backend.images import ImageSource, task_image_loader
 from backend.ordering import FEATURE_STRATEGIES, OrderPlan, Strategy, build_order, place_new_tasks
 from backend.ordering.plan import load_plan, set_view_id
-from backend.ordering.ranks import ranks_for
+from backend.ordering.ranks import ranks_for, rerank
 from backend.settings import Settings
 from backend.store import Store
 from backend.utility.scorer import UtilityScorer, stored_scores
@@ -269,17 +269,27 @@ class QueueManager:
         )
         plan.params["uncertainty_scores"] = bool(request.uncertainty_scores)
         plan.params["extractor_key"] = request.extractor if extractor else None
-        if self.utility is not None and self.utility.policy.action == "move_to_end":
+        if self._moves_low_utility():
             plan = self._low_utility_last(project_id, plan, project.image_key)
         self.store.set_order(project_id, plan.strategy, plan.params, plan.task_ids, plan.view_id)
         if request.push:
             plan = self.push(project_id, plan)
         return plan
 
-    def _low_utility_last(self, project_id: int, plan: OrderPlan, image_key: str) -> OrderPlan:
+    def _moves_low_utility(self) -> bool:
+        return self.utility is not None and self.utility.policy.action == "move_to_end"
+
+    def _low_utility_last(
+        self,
+        project_id: int,
+        plan: OrderPlan,
+        image_key: str,
+        old_ranks: Mapping[int, int] | None = None,
+    ) -> OrderPlan:
         """The plan with low-utility tasks after all others (``BOXLOOP_UTILITY_ACTION=
         move_to_end``). Tasks not scored yet are scored now and their score stored in the task
-        data; a task whose image cannot be loaded keeps its place."""
+        data; a task whose image cannot be loaded keeps its place. With ``old_ranks`` the tasks
+        keep those ranks where they still fit (fewer writes to Label Studio)."""
         assert self.utility is not None
         tasks = dict(self.store.list_tasks(project_id))
         scores = stored_scores(tasks.items(), self.utility.field)
@@ -301,7 +311,7 @@ class QueueManager:
         order = self.utility.policy.order(plan.task_ids, scores)
         moved = sum(1 for t in order if self.utility.policy.is_low(scores.get(t)))
         position = {t: i for i, t in enumerate(plan.task_ids)}
-        ranks = ranks_for(order)
+        ranks = ranks_for(order) if old_ranks is None else rerank(order, old_ranks)[0]
         params = dict(plan.params)
         params["ranks"] = [ranks[t] for t in order]
         params["utility_moved_to_end"] = moved
@@ -404,7 +414,8 @@ class QueueManager:
         return refresh
 
     def place_new(self, project_id: int, task_ids: Iterable[int]) -> list[int]:
-        """Give new tasks features and a place in the stored order; push changed ranks."""
+        """Give new tasks features and a place in the stored order (low-utility ones last under
+        ``move_to_end``); push changed ranks."""
         plan = load_plan(self.store, project_id)
         if plan is None:
             return []
@@ -418,6 +429,15 @@ class QueueManager:
         new_plan, changed = place_new_tasks(
             self.store, project_id, task_ids, labeled_task_ids=self._labeled(project_id)
         )
+        if changed and self._moves_low_utility():
+            # new low-utility tasks join the others at the end, as in a fresh order
+            new_plan = self._low_utility_last(
+                project_id, new_plan, project.image_key, old_ranks=plan.ranks
+            )
+            self.store.set_order(
+                project_id, new_plan.strategy, new_plan.params, new_plan.task_ids, new_plan.view_id
+            )
+            changed = [t for t in new_plan.task_ids if plan.ranks.get(t) != new_plan.ranks[t]]
         if changed:
             self.push(project_id, new_plan, changed)
         return changed

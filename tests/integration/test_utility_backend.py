@@ -102,6 +102,35 @@ def test_move_to_end_orders_low_utility_tasks_last(setup) -> None:  # type: igno
     assert all("boxloop_utility" in data[t] for t in range(1, 9))  # every task scored
 
 
+def test_new_tasks_under_move_to_end_are_scored_and_low_ones_placed_last(setup) -> None:  # type: ignore[no-untyped-def]
+    """TASKS_CREATED placement under ``move_to_end``: the new tasks are scored, stored, and a
+    low-utility one goes after every useful task, as in a fresh order; tasks whose rank did not
+    move are not written again."""
+    service, paths, _, threshold = setup
+    service.queue.order(1, OrderRequest(strategy="random", push=False, seed=3))
+    before = service.store.get_order(1)
+    assert before is not None
+    folder = paths[0].parent
+    new = list(range(9, 15))
+    for t in new:
+        _image(folder / f"{t}.png", t)
+    service.store.upsert_tasks(1, [(t, {"image": str(folder / f"{t}.png")}) for t in new])
+    changed = service.queue.place_new(1, new)
+    after = service.store.get_order(1)
+    assert after is not None and sorted(after.task_ids) == list(range(1, 15))
+    data = dict(service.store.list_tasks(1))
+    score = {t: data[t]["boxloop_utility"] for t in after.task_ids}  # every new task scored
+    low = [score[t] < threshold for t in after.task_ids]
+    assert any(low) and not all(low)
+    assert low == sorted(low)  # no useful task after a low-utility one
+    ranks = [after.params["ranks"][i] for i in range(len(after.task_ids))]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    assert set(new) <= set(changed)
+    old_rank = dict(zip(before.task_ids, before.params["ranks"], strict=True))
+    new_rank = dict(zip(after.task_ids, ranks, strict=True))
+    assert set(changed) == {t for t in after.task_ids if old_rank.get(t) != new_rank[t]}
+
+
 def test_a_missing_predictor_is_a_clear_error_at_start(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, utility_model=tmp_path / "nope.onnx")
     with pytest.raises(FileNotFoundError, match="utility predictor not found"):
