@@ -62,7 +62,8 @@ def _photo(path: Path, kind: int, rng: np.random.Generator) -> tuple[float, ...]
     return tuple(float(v) for v in box)
 
 
-def _sketches(directory: Path) -> None:
+def write_sketches(directory: Path) -> Path:
+    """One Quick-Draw-style file per label (``square``, ``disc``), four drawings each."""
     directory.mkdir(parents=True)
     square = [[[0, 255, 255, 0, 0], [0, 0, 255, 255, 0]]]
     circle = [
@@ -74,6 +75,34 @@ def _sketches(directory: Path) -> None:
     for name, drawing in zip(LABELS, (square, circle), strict=True):
         lines = [json.dumps({"word": name, "drawing": drawing})] * 4
         (directory / f"{name}.ndjson").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def train_small_model(
+    service: BoxloopService,
+    project_id: int,
+    sketches: Path,
+    *,
+    object_steps: int,
+    spatial_epochs: int,
+    threads: int,
+) -> Path:
+    """A small search model trained on ``project_id``'s boxes and ``sketches`` (16-d objects):
+    enough to search generated squares and discs, quick to train."""
+    return train_from_project(
+        service.settings,
+        service.store,
+        project_id,
+        service.studio.image_source_of(project_id),
+        sketches,
+        config=TrainConfig(
+            model=SearchModelConfig(object_dim=16, layout_channels=4, index_dim=16, hidden=16),
+            object_steps=object_steps,
+            spatial_epochs=spatial_epochs,
+            spatial_batch=8,
+            num_threads=threads,
+        ),
+    )
 
 
 def _tasks_created(client: TestClient, project: int, tasks: list[dict[str, Any]]) -> None:
@@ -117,21 +146,8 @@ def run(count: int, threads: int) -> dict[str, Any]:
             service.store.upsert_annotation(
                 1, t, t, [], Boxes(np.array([boxes[t - 1]]), np.array([t % 2]), (640, 480))
             )
-        _sketches(root / "sketches")
-        train_from_project(
-            settings,
-            service.store,
-            1,
-            service.studio.image_source_of(1),
-            root / "sketches",
-            config=TrainConfig(
-                model=SearchModelConfig(object_dim=16, layout_channels=4, index_dim=16, hidden=16),
-                object_steps=40,
-                spatial_epochs=5,
-                spatial_batch=8,
-                num_threads=threads,
-            ),
-        )
+        sketches = write_sketches(root / "sketches")
+        train_small_model(service, 1, sketches, object_steps=40, spatial_epochs=5, threads=threads)
         out: dict[str, Any] = {"images": count, "threads": threads}
         with TestClient(create_app(settings, service)) as client:
             # project 2: its tasks recorded with no job (as before the job existed)

@@ -19,10 +19,10 @@ from PIL import Image, ImageDraw
 from backend.app import create_app
 from backend.boxes import Boxes
 from backend.cli import main
-from backend.search import SearchModelConfig, TrainConfig
-from backend.search_service import SearchService, sketch_files, train_from_project
+from backend.search_service import SearchService, sketch_files
 from backend.service import BoxloopService
 from backend.settings import Settings
+from benchmark.search_first_query import train_small_model, write_sketches
 
 LABELS = ["square", "disc"]
 CONFIG = (
@@ -42,21 +42,6 @@ def _image(path: Path, kind: int, rng: np.random.Generator) -> tuple[float, floa
         draw.ellipse(box, fill=(20, 20, 200))
     image.save(path)
     return tuple(float(v) for v in box)  # type: ignore[return-value]
-
-
-def _sketches(directory: Path) -> None:
-    directory.mkdir(parents=True)
-    square = [[[0, 255, 255, 0, 0], [0, 0, 255, 255, 0]]]
-    circle = [
-        [
-            [int(128 + 120 * np.cos(t)) for t in np.linspace(0, 6.3, 20)],
-            [int(128 + 120 * np.sin(t)) for t in np.linspace(0, 6.3, 20)],
-        ]
-    ]
-    for name, drawing in (("square", square), ("disc", circle)):
-        with (directory / f"{name}.ndjson").open("w") as fh:
-            for _ in range(4):
-                fh.write(json.dumps({"word": name, "drawing": drawing}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -84,27 +69,16 @@ def project(tmp_path_factory: pytest.TempPathFactory):
                 1, 100 + t, t, [], Boxes(np.array([box]), np.array([t % 2]), (160, 120))
             )
     service.store.upsert_tasks(1, tasks)
-    _sketches(root / "sketches")
-    model_dir = train_from_project(
-        settings,
-        service.store,
-        1,
-        service.studio.image_source_of(1),
-        root / "sketches",
-        config=TrainConfig(
-            model=SearchModelConfig(object_dim=16, layout_channels=4, index_dim=16, hidden=16),
-            object_steps=80,
-            spatial_epochs=40,
-            spatial_batch=8,
-            num_threads=1,
-        ),
+    sketches = write_sketches(root / "sketches")
+    model_dir = train_small_model(
+        service, 1, sketches, object_steps=80, spatial_epochs=40, threads=1
     )
     yield settings, service, model_dir, root
     service.close()
 
 
 def test_sketch_files_match_labels_by_name_and_by_the_category_map(tmp_path: Path) -> None:
-    _sketches(tmp_path / "s")
+    write_sketches(tmp_path / "s")
     (tmp_path / "s" / "extra.ndjson").write_text("")
     (tmp_path / "s" / "category_map.tsv").write_text("file\tmine\nextra.ndjson\tdisc\n")
     found = sketch_files(tmp_path / "s", LABELS, column="mine")
