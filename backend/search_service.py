@@ -127,17 +127,25 @@ class SearchService:
             num_threads=s.num_threads,
         )
 
-    def _load(self) -> tuple[SearchModel, QueryEncoder, SearchExtractor]:
-        """The model (reloaded when its file changes) and the encoders built on it."""
-        path = self.model_dir / "search_model.pt"
+    @property
+    def model_path(self) -> Path:
+        return self.model_dir / "search_model.pt"
+
+    def _model_stamp(self) -> tuple[str, float]:
+        """The model file and its mtime (a new mtime reloads it), or the 409 that says how to
+        get a model."""
         try:
-            key = (str(path), path.stat().st_mtime)
+            return (str(self.model_path), self.model_path.stat().st_mtime)
         except FileNotFoundError:
             raise ServiceError(
                 409,
                 f"no search model in {self.model_dir}: train one with `boxloop search-train` "
                 "or set BOXLOOP_SEARCH_MODEL_DIR",
             ) from None
+
+    def _load(self) -> tuple[SearchModel, QueryEncoder, SearchExtractor]:
+        """The model (reloaded when its file changes) and the encoders built on it."""
+        key = self._model_stamp()
         if self._model is None or self._model_key != key:
             model = load_search_model(self.model_dir)
             cache = onnx_cache_dir(self.settings)
@@ -159,9 +167,6 @@ class SearchService:
         self, project_id: int, image_key: str
     ) -> Callable[[Mapping[str, Any]], Image.Image]:
         return task_image_loader(self.image_source_for(project_id), image_key)
-
-    def has_model(self) -> bool:
-        return (self.model_dir / "search_model.pt").is_file()
 
     def close(self) -> None:
         """Stop a running indexing job after its current batch (stored vectors are kept)."""
@@ -235,9 +240,7 @@ class SearchService:
         index, in the background; a job already queued or running is left to finish. Returns
         :meth:`index_state` (404 unknown project, 409 no search model)."""
         self._project(project_id)
-        if not self.has_model():
-            with self._lock:
-                self._load()  # raises the 409 that says how to get a model
+        self._model_stamp()  # 409 without a model
         with self._lock:
             job = self._index_jobs.get(project_id)
             if job is None or job.done():
@@ -248,7 +251,7 @@ class SearchService:
     def tasks_created(self, project_id: int, _task_ids: list[int]) -> None:
         """TASKS_CREATED recorded tasks: index them in the background, when that is on and a
         search model exists (the server hooks this to the webhook while it runs)."""
-        if self.settings.search_index_new_tasks and self.has_model():
+        if self.settings.search_index_new_tasks and self.model_path.is_file():
             self.index_in_background(project_id)
 
     def index_state(self, project_id: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from backend.errors import ServiceError
 from backend.ingest import MAX_ID, AnnotationPayloadError, ingest_annotation, label_studio_id
@@ -19,6 +19,8 @@ from backend.labelstudio.convert import LabelConfigError, parse_label_config
 from backend.store import Project, Store
 
 __all__ = ["WebhookHandler", "WebhookOutcome", "parse_project_id"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -74,6 +76,30 @@ def _task_row(task: Any) -> tuple[int, dict[str, Any]]:
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"task {task_id}: 'data' must be a JSON object")
     return task_id, data or {}
+
+
+def _annotation_id(item: Any) -> int:
+    """The id of an item of ANNOTATIONS_DELETED; ValueError saying what is wrong."""
+    annotation_id = label_studio_id(item.get("id") if isinstance(item, dict) else None)
+    if annotation_id is None:
+        raise ValueError(f"an annotation needs an integer 'id' (1 to {MAX_ID})")
+    return annotation_id
+
+
+def _good_items(
+    items: list[Any], parse: Callable[[Any], T], outcome: WebhookOutcome, none_done: str
+) -> list[T]:
+    """``parse`` of every item that parses; the others go to ``outcome.rejected`` with why (one
+    bad item must not cost the batch its good ones). A 400 when items came and none parsed."""
+    good: list[T] = []
+    for index, item in enumerate(items):
+        try:
+            good.append(parse(item))
+        except ValueError as exc:
+            outcome.rejected.append(f"item {index}: {exc}")
+    if items and not good:
+        raise ServiceError(400, f"{none_done}: " + "; ".join(outcome.rejected))
+    return good
 
 
 class WebhookHandler:
@@ -141,35 +167,15 @@ class WebhookHandler:
             items = payload.get("annotations")
             if not isinstance(items, list):
                 raise ServiceError(400, "ANNOTATIONS_DELETED needs an 'annotations' list")
-            ids = []
-            for index, item in enumerate(items):
-                annotation_id = label_studio_id(item.get("id") if isinstance(item, dict) else None)
-                if annotation_id is None:  # one bad item must not keep the others in training
-                    outcome.rejected.append(
-                        f"item {index}: an annotation needs an integer 'id' (1 to {MAX_ID})"
-                    )
-                else:
-                    ids.append(annotation_id)
-            if items and not ids:
-                raise ServiceError(
-                    400,
-                    "no annotation of the batch could be deleted: " + "; ".join(outcome.rejected),
-                )
+            ids = _good_items(
+                items, _annotation_id, outcome, "no annotation of the batch could be deleted"
+            )
             outcome.deleted = self.store.delete_annotations(project.id, ids)
         elif action == "TASKS_CREATED":
             items = payload.get("tasks")
             if not isinstance(items, list):
                 raise ServiceError(400, "TASKS_CREATED needs a 'tasks' list")
-            rows = []
-            for index, item in enumerate(items):
-                try:
-                    rows.append(_task_row(item))
-                except ValueError as exc:  # one bad task must not cost the batch's others
-                    outcome.rejected.append(f"item {index}: {exc}")
-            if items and not rows:
-                raise ServiceError(
-                    400, "no task of the batch could be recorded: " + "; ".join(outcome.rejected)
-                )
+            rows = _good_items(items, _task_row, outcome, "no task of the batch could be recorded")
             self.store.upsert_tasks(project.id, rows)
             outcome.tasks = len(rows)
             if rows:
