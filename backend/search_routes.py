@@ -9,19 +9,20 @@ Kept out of ``app.py`` so that the search routes are one call there; the work ha
 from __future__ import annotations
 
 import io
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Path
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from backend.api_models import INVALID_REQUEST, IndexState, error_doc, error_docs
 from backend.errors import ServiceError
 from backend.images import ImageError, load_image
 from backend.search_page import PAGE
 from backend.search_service import SearchService
 from backend.service import BoxloopService
 
-__all__ = ["IndexState", "SearchRequest", "add_search_routes"]
+__all__ = ["SearchRequest", "add_search_routes"]
 
 MAX_ID = 2**31 - 1
 
@@ -52,24 +53,8 @@ class SearchResponse(BaseModel):
     moved_to_front: bool
 
 
-class IndexState(BaseModel):
-    """A project's last background indexing job."""
-
-    model_config = ConfigDict(extra="allow")
-    project: int
-    state: Literal["idle", "queued", "running", "done", "failed"]
-    done: int | None = Field(None, description="images processed (running)")
-    todo: int | None = Field(None, description="images lacking a vector when the job began")
-    indexed: int | None = Field(None, description="tasks in the index (done)")
-    failed: int | None = Field(None, description="tasks whose image could not be read (done)")
-    error: str | None = Field(None, description="why the job failed (failed)")
-
-
 def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
     """Register the search routes on ``app``; returns the service behind them."""
-    # the app's documented error answers (imported here: app.py imports this module)
-    from backend.app import _INVALID, _err, _responses
-
     search = SearchService(
         svc.settings,
         svc.store,
@@ -82,11 +67,11 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         "/projects/{project_id}/search",
         tags=["admin"],
         response_model=SearchResponse,
-        responses=_responses(
+        responses=error_docs(
             {
-                404: _err("The project is unknown to boxloop."),
-                409: _err("No search model, or no task with a readable image to search."),
-                422: _err("Invalid query (the error names the field)."),
+                404: error_doc("The project is unknown to boxloop."),
+                409: error_doc("No search model, or no task with a readable image to search."),
+                422: error_doc("Invalid query (the error names the field)."),
             }
         ),
     )
@@ -107,10 +92,10 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         status_code=202,
         response_model=IndexState,
         response_model_exclude_none=True,
-        responses=_responses(
+        responses=error_docs(
             {
-                404: _err("The project is unknown to boxloop."),
-                409: _err("No search model."),
+                404: error_doc("The project is unknown to boxloop."),
+                409: error_doc("No search model."),
             }
         ),
     )
@@ -124,7 +109,7 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         tags=["admin"],
         response_model=IndexState,
         response_model_exclude_none=True,
-        responses={**_responses(body=False), **_INVALID},
+        responses={**error_docs(body=False), **INVALID_REQUEST},
     )
     def index_state(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
         """The last indexing job of the project since the server started."""
@@ -134,7 +119,7 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         "/search",
         tags=["admin"],
         response_class=HTMLResponse,
-        responses=_responses(body=False),
+        responses=error_docs(body=False),
     )
     def search_page() -> HTMLResponse:
         """The search canvas: draw boxes and strokes, see the thumbnails that come back."""
@@ -144,8 +129,8 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         "/projects/{project_id}/search/labels",
         tags=["admin"],
         responses={
-            **_responses({409: _err("No search model.")}, body=False),
-            **_INVALID,
+            **error_docs({409: error_doc("No search model.")}, body=False),
+            **INVALID_REQUEST,
         },
     )
     def search_labels(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
@@ -158,17 +143,17 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         response_class=Response,
         responses={
             200: {"content": {"image/jpeg": {}}},
-            **_responses(
+            **error_docs(
                 {
-                    404: _err("Unknown project or task, or the image is not found."),
-                    403: _err("The image is on a host or folder that is not allowed."),
-                    413: _err("The image is over BOXLOOP_MAX_IMAGE_PIXELS / _BYTES."),
-                    422: _err("The task's image cannot be decoded."),
-                    502: _err("The image host failed or answered something not an image."),
+                    404: error_doc("Unknown project or task, or the image is not found."),
+                    403: error_doc("The image is on a host or folder that is not allowed."),
+                    413: error_doc("The image is over BOXLOOP_MAX_IMAGE_PIXELS / _BYTES."),
+                    422: error_doc("The task's image cannot be decoded."),
+                    502: error_doc("The image host failed or answered something not an image."),
                 },
                 body=False,
             ),
-            **_INVALID,
+            **INVALID_REQUEST,
         },
     )
     def thumbnail(

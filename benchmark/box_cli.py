@@ -53,7 +53,7 @@ def register(modes: Any) -> argparse.ArgumentParser:
 def build_box_config(args: argparse.Namespace) -> Any:
     import yaml
 
-    from benchmark.box_al import QUICK, QUICK_DATASET, load_box_config
+    from benchmark.box_config import QUICK, QUICK_DATASET, load_box_config
 
     data: dict[str, Any] = {}
     if args.config is not None:

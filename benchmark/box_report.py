@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.box_al import BoxBenchConfig
+from benchmark.box_config import BoxBenchConfig
 
 __all__ = ["boxes_to_reach", "map_at", "write_box_report"]
 

@@ -12,7 +12,6 @@ of tasks. onnxruntime releases the GIL, so fetching and decoding go on while a b
 from __future__ import annotations
 
 import itertools
-import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Protocol
@@ -20,12 +19,11 @@ from typing import Protocol
 import httpx
 from PIL import Image
 
-from backend.bulk.work import BatchModel, ItemResult, ModelSpec, WorkItem
-from backend.images import ImageError, ImageSource, load_image
+from backend.bulk.batch import describe_error, run_batch
+from backend.bulk.work import ItemResult, ModelSpec, WorkItem
+from backend.images import ImageSource, load_image
 
-__all__ = ["Engine", "InProcessEngine", "describe_error", "make_engine", "run_batch"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Engine", "InProcessEngine", "make_engine"]
 
 
 class Engine(Protocol):
@@ -36,34 +34,6 @@ class Engine(Protocol):
     def run(
         self, items: Iterable[WorkItem], spec: ModelSpec, source: ImageSource
     ) -> Iterator[ItemResult]: ...
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason for a task's failure, the same on every engine."""
-    if isinstance(exc, ImageError):
-        return exc.message
-    return f"{type(exc).__name__}: {exc}"
-
-
-def run_batch(
-    model: BatchModel, items: list[WorkItem], images: list[Image.Image]
-) -> list[ItemResult]:
-    """``model`` over one batch; when the batch fails, item by item, so one image that breaks
-    the model fails alone."""
-    try:
-        outputs = model.run(images)
-        if len(outputs) != len(images):
-            raise RuntimeError(f"the model gave {len(outputs)} outputs for {len(images)} images")
-        return [ItemResult(i.task_id, v) for i, v in zip(items, outputs, strict=True)]
-    except Exception:
-        log.exception("a batch of %d failed; running its images one by one", len(items))
-    results: list[ItemResult] = []
-    for item, image in zip(items, images, strict=True):
-        try:
-            results.append(ItemResult(item.task_id, model.run([image])[0]))
-        except Exception as exc:
-            results.append(ItemResult(item.task_id, error=describe_error(exc)))
-    return results
 
 
 class InProcessEngine:

@@ -8,8 +8,8 @@ item, any order), on a cluster:
 * ``map_batches`` runs a pool of actors; each loads ``spec.load()`` once (one onnxruntime
   session, one intra-op thread, one CPU reserved) and, per batch, fetches the images on a
   bounded thread pool with the very same :func:`~backend.images.load_image` and
-  :func:`~backend.bulk.engine.describe_error` as the in-process engine, then runs
-  :func:`~backend.bulk.engine.run_batch` (one-by-one fallback included);
+  :func:`~backend.bulk.batch.describe_error` as the in-process engine, then runs
+  :func:`~backend.bulk.batch.run_batch` (one-by-one fallback included);
 * outputs are Arrow-friendly (``task_id`` int64, ``payload`` pickled bytes, ``error``
   string) and stream back to the driver with ``iter_batches``, which unpickles them into
   :class:`ItemResult` as they come; nothing is ever collected with ``take_all``.
@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import pyarrow as pa
 
-from backend.bulk.engine import describe_error, run_batch
+from backend.bulk.batch import describe_error, run_batch
 from backend.bulk.work import ItemResult, ModelSpec, WorkItem
 from backend.images import ImageSource, load_image
 

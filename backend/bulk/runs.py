@@ -1,6 +1,6 @@
 """The server's bulk runs: one per project at a time, each in a niced child process.
 
-Why a child (:mod:`backend.bulk.worker`): a run fetches and decodes thousands of images and
+Why a child (:mod:`backend.bulk_worker`): a run fetches and decodes thousands of images and
 keeps onnxruntime busy for minutes to hours; inside the server it would compete with
 ``/predict`` and webhooks for the GIL and the cores. Like a training job the child is niced,
 dies with the server, gets the server's settings through a private file and writes its progress
@@ -101,7 +101,7 @@ class BulkRuns:
         }
         write_private(settings_path, settings_to_json(self.settings, **overrides))
         command = [
-            *(sys.executable, "-m", "backend.bulk.worker", "--project", str(project_id)),
+            *(sys.executable, "-m", "backend.bulk_worker", "--project", str(project_id)),
             *("--request-json", request.model_dump_json(), "--settings-json", str(settings_path)),
         ]
         try:

@@ -4,7 +4,7 @@ An upgraded boxloop must open the database an older boxloop wrote: ``Store.__ini
 :func:`upgrade`, which brings any database to the newest revision on the store's own engine (no
 ``alembic.ini`` at run time). A database made before boxloop used Alembic (tables from
 ``metadata.create_all``, no ``alembic_version``) is first stamped at the revision whose tables
-it has. ``backend.store.metadata`` stays the code's description of the schema; a unit test
+it has. ``backend.tables.metadata`` stays the code's description of the schema; a unit test
 checks that the migrations at head produce exactly it.
 """
 
@@ -101,7 +101,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     every revision; a pre-Alembic one is stamped first so its tables are not created again.
     This is what ``alembic upgrade`` does through ``env.py``, run here on the cached scripts.
     """
-    from backend.store import metadata
+    from backend.tables import metadata
 
     script = _script()
     with engine.begin() as conn:

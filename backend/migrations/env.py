@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from backend.store import metadata
+from backend.tables import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only the programmatic entry point is supported

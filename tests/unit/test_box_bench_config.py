@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from benchmark.box_al import load_box_yaml
+from benchmark.box_config import load_box_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 

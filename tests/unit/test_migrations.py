@@ -11,7 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, create_engine, inspect
 
 from backend import migrations
-from backend.store import Store, annotations_table, metadata, model_versions, projects
+from backend.store import Store
+from backend.tables import annotations_table, metadata, model_versions, projects
 
 BULK_TABLES = {"bulk_runs", "bulk_predictions"}
 OLD_RESULT = [{"type": "rectanglelabels", "value": {"x": 1.5, "rectanglelabels": ["a"]}}]

@@ -1,4 +1,4 @@
-"""One bulk pre-annotation run in a child process (``python -m backend.bulk.worker``).
+"""One bulk pre-annotation run in a child process (``python -m backend.bulk_worker``).
 
 Why a child: a run fetches and decodes thousands of images and keeps onnxruntime busy for
 minutes to hours; inside the server it would compete with ``/predict`` and webhooks for the GIL
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from backend.bulk.predict import BulkPredictRequest
 from backend.errors import ServiceError
+from backend.service import BoxloopService
 from backend.settings import settings_from_json
 
 
@@ -31,8 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = settings_from_json(args.settings_json.read_text())
     request = BulkPredictRequest.model_validate_json(args.request_json)
-    from backend.service import BoxloopService
-
     service = BoxloopService(settings)
     try:
         report = service.bulk.run(args.project, request, progress=False)
