@@ -29,7 +29,14 @@ from backend.settings import Settings
 from backend.store import ModelVersion, Store
 from backend.training.yolox_train import initial_yolox
 
-__all__ = ["UNTRAINED_VERSION", "LoadedModel", "ModelRegistry", "WarmStart", "is_promoted"]
+__all__ = [
+    "UNTRAINED_VERSION",
+    "LoadedModel",
+    "ModelRegistry",
+    "RoundBase",
+    "WarmStart",
+    "is_promoted",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,23 @@ class WarmStart:
     version: str
     model: YoloxNano
     trained_on: frozenset[int | str]
+
+
+@dataclass(frozen=True)
+class RoundBase:
+    """What one training round is judged against and may start from, all taken from one serving
+    record: a promotion landing between three separate look-ups cannot pair one version's
+    predictions with another's training tasks. The registry reads that version's metadata once
+    for both ``trained_on`` and the warm start.
+
+    ``predict``: the serving model down to the gate's score floor (None: nothing serves, i.e.
+    drawing by hand); ``trained_on``: the task ids it trained on; ``warm``: the warm start, when
+    asked for and possible (see :meth:`ModelRegistry.warm_start`).
+    """
+
+    predict: Callable[[Sequence[Any]], list[Boxes]] | None
+    trained_on: frozenset[int | str]
+    warm: WarmStart | None
 
 
 def is_promoted(record: ModelVersion) -> bool:
@@ -155,7 +179,42 @@ class ModelRegistry:
         self, project_id: int, labels: Sequence[str], score_floor: float
     ) -> Callable[[Sequence[Any]], list[Boxes]] | None:
         """What the gate compares a candidate with: the serving model down to ``score_floor``."""
+        return self._predictor(self.serving_record(project_id), labels, score_floor)
+
+    def serving_trained_on(self, project_id: int) -> frozenset[int | str]:
+        """Task ids the serving version trained on (its metadata's ``trained_on``), which the
+        gate keeps out of the slice it scores the serving version on. Empty for the pretrained
+        model, and for a version saved before versions recorded them (logged)."""
         record = self.serving_record(project_id)
+        if record is None:
+            return frozenset()
+        return self._trained_on(record, read_metadata(Path(record.path)))
+
+    def warm_start(self, project_id: int, labels: Sequence[str]) -> WarmStart | None:
+        """The serving version as a candidate's starting point; None when nothing trained
+        serves, or it is no YOLOX version of ``labels``, or it does not record the tasks it
+        trained on (the gate could not keep them out of its slice)."""
+        record = self.serving_record(project_id)
+        return None if record is None else self._warm(record, labels)[0]
+
+    def round_base(
+        self, project_id: int, labels: Sequence[str], *, score_floor: float, warm_start: bool
+    ) -> RoundBase:
+        """:meth:`serving_predictor`, :meth:`serving_trained_on` and (with ``warm_start``)
+        :meth:`warm_start`, all of the one version serving now (:class:`RoundBase`)."""
+        record = self.serving_record(project_id)
+        predict = self._predictor(record, labels, score_floor)
+        if record is None:
+            return RoundBase(predict, frozenset(), None)
+        if warm_start:
+            warm, metadata = self._warm(record, labels)
+        else:
+            warm, metadata = None, read_metadata(Path(record.path))
+        return RoundBase(predict, self._trained_on(record, metadata), warm)
+
+    def _predictor(
+        self, record: ModelVersion | None, labels: Sequence[str], score_floor: float
+    ) -> Callable[[Sequence[Any]], list[Boxes]] | None:
         if record is not None:
             detector: Detector = load_version_detector(
                 Path(record.path), self.settings, score_floor=score_floor
@@ -166,14 +225,9 @@ class ModelRegistry:
             return None
         return lambda images: mapped.predict(list(images))
 
-    def serving_trained_on(self, project_id: int) -> frozenset[int | str]:
-        """Task ids the serving version trained on (its metadata's ``trained_on``), which the
-        gate keeps out of the slice it scores the serving version on. Empty for the pretrained
-        model, and for a version saved before versions recorded them (logged)."""
-        record = self.serving_record(project_id)
-        if record is None:
-            return frozenset()
-        trained_on = read_metadata(Path(record.path)).get("trained_on")
+    @staticmethod
+    def _trained_on(record: ModelVersion, metadata: dict[str, Any]) -> frozenset[int | str]:
+        trained_on = metadata.get("trained_on")
         if trained_on is None:
             log.warning(
                 "%s does not record its training tasks: the gate may score it on some of them",
@@ -182,18 +236,19 @@ class ModelRegistry:
             return frozenset()
         return frozenset(trained_on)
 
-    def warm_start(self, project_id: int, labels: Sequence[str]) -> WarmStart | None:
-        """The serving version as a candidate's starting point; None when nothing trained
-        serves, or it is no YOLOX version of ``labels``, or it does not record the tasks it
-        trained on (the gate could not keep them out of its slice)."""
-        record = self.serving_record(project_id)
-        if record is None or list(record.labels) != list(labels):
-            return None
+    @staticmethod
+    def _warm(
+        record: ModelVersion, labels: Sequence[str]
+    ) -> tuple[WarmStart | None, dict[str, Any]]:
+        """``(warm start or None, the record's metadata)``; the model is loaded only when the
+        labels match."""
+        if list(record.labels) != list(labels):
+            return None, read_metadata(Path(record.path))
         model, metadata = load_model_version(Path(record.path))
         trained_on = metadata.get("trained_on")
         if not isinstance(model, YoloxNano) or trained_on is None:
-            return None
-        return WarmStart(record.version, model, frozenset(trained_on))
+            return None, metadata
+        return WarmStart(record.version, model, frozenset(trained_on)), metadata
 
     def swap_in(self, project_id: int, version: str) -> bool:
         """Serve ``version`` if it was promoted; False (nothing changes) for a rejected one."""

@@ -285,11 +285,16 @@ def _train_yolox_round(
     coco_model, coco_names = load_coco_yolox_nano(Path(onnx_path))
     init = initial_yolox(coco_model, coco_names, config.labels)
     init_trained_on: frozenset[int | str] = frozenset()
-    warm = registry.warm_start(project_id, config.labels) if settings.yolox_warm_start else None
-    if warm is not None:
-        init, init_trained_on = warm.model, warm.trained_on
-        metadata = {**metadata, "warm_start": warm.version}
     gate = GateConfig.from_settings(settings)
+    base = registry.round_base(
+        project_id,
+        config.labels,
+        score_floor=gate.score_floor,
+        warm_start=settings.yolox_warm_start,
+    )
+    if base.warm is not None:
+        init, init_trained_on = base.warm.model, base.warm.trained_on
+        metadata = {**metadata, "warm_start": base.warm.version}
     unlabeled: list[Image.Image] = []
     # only a cross-validation round matches box counts, and only when the option is on
     if gate.calibration_images > 0 and len(gathered.samples) < gate.cv_below:
@@ -305,14 +310,14 @@ def _train_yolox_round(
         ],
         config.labels,
         init=init,
-        serving_predict=registry.serving_predictor(project_id, config.labels, gate.score_floor),
+        serving_predict=base.predict,
         directory=directory,
         metadata=metadata,
         settings=settings,
         train_config=YoloxTrainConfig.from_settings(settings),
         gate=gate,
         unlabeled=unlabeled,
-        serving_trained_on=registry.serving_trained_on(project_id),
+        serving_trained_on=base.trained_on,
         init_trained_on=init_trained_on,
         progress=progress,
     )

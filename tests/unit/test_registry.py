@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from PIL import Image
+
+from backend import registry as registry_module
 from backend.detectors.versions import save_model_version, update_metadata
 from backend.detectors.yolox import YoloxNano
 from backend.registry import ModelRegistry, is_promoted
@@ -94,3 +98,36 @@ def test_a_candidate_warm_starts_only_from_a_yolox_version_that_records_its_task
     assert registry.warm_start(1, ["a", "b"]) is None  # the labels changed: start from COCO
     update_metadata(directory, trained_on=None)
     assert registry.warm_start(1, ["a"]) is None  # its tasks unknown: the gate could not judge
+
+
+def test_a_round_takes_predictor_tasks_and_warm_start_from_one_serving_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = _registry(tmp_path, keep=5)
+    nothing = registry.round_base(1, ["a"], score_floor=0.05, warm_start=True)
+    # no COCO model configured and nothing trained: drawing by hand, from the COCO weights
+    assert nothing.predict is None and nothing.trained_on == frozenset() and nothing.warm is None
+    directory = registry.settings.models_dir / "project-1" / "v1"
+    metadata = {"labels": ["a"], "input_hw": [64, 64], "trained_on": [4, 7]}
+    save_model_version(YoloxNano(num_classes=1).eval(), directory, metadata)
+    registry.store.add_model_version(
+        1, "v1", str(directory), ["a"], n_annotations=2, n_images=2, annotations_revision=1,
+        metrics={"status": "promoted", "reason": "test"},
+    )  # fmt: skip
+    reads: list[str] = []
+    for name in ("read_metadata", "load_model_version"):
+        real = getattr(registry_module, name)
+        monkeypatch.setattr(
+            registry_module, name, lambda d, _real=real, _name=name: reads.append(_name) or _real(d)
+        )
+    base = registry.round_base(1, ["a"], score_floor=0.05, warm_start=True)
+    assert reads == ["load_model_version"]  # one read gives both the model and trained_on
+    assert base.warm is not None and base.warm.version == "v1"
+    assert base.trained_on == base.warm.trained_on == frozenset({4, 7})
+    assert base.predict is not None
+    (boxes,) = base.predict([Image.new("RGB", (64, 64))])
+    assert boxes.image_size == (64, 64)  # the v1 ONNX export answered, not the COCO model
+    reads.clear()
+    cold = registry.round_base(1, ["a"], score_floor=0.05, warm_start=False)
+    assert reads == ["read_metadata"] and cold.warm is None
+    assert cold.trained_on == frozenset({4, 7})  # still kept out of the slice
