@@ -1,9 +1,12 @@
-"""Memory of the pretrained model's ``aspect`` input: does each new input shape cost RAM?
+"""Memory and start time of the pretrained model's ``aspect`` input: does each new input shape
+cost RAM or time?
 
 Under ``BOXLOOP_PRETRAINED_INPUT=aspect`` onnxruntime sees one input shape per aspect ratio
 (a mixed photo set gave 10–11 shapes, ``pretrained_input.md``). This measures the process's
 resident memory after serving images of 1, then more and more distinct shapes, for ``aspect``
-against ``square`` (always one shape). Each mode runs in its own fresh process, built as the
+against ``square`` (always one shape), the seconds the detector takes to load (the first
+``aspect`` start exports the dynamic model in a child process), and the latency of the first
+call on a new input shape against a repeat call. Each mode runs in its own fresh process, built as the
 backend builds it (:func:`backend.detectors.pretrained.load_pretrained`). The images are
 synthetic noise at aspect ratios 0.25–4 (640 px wide), since only their shapes matter here.
 
@@ -41,7 +44,11 @@ CHECKPOINTS = (1, 5, 10, 25)  # report RSS after this many distinct ratios
 
 
 def _measure(onnx_model: str, mode: str, cache: str) -> dict[str, Any]:
-    """RSS (MiB) after loading, then after each checkpoint's number of distinct ratios."""
+    """RSS (MiB) after loading, then after each checkpoint's number of distinct ratios; load
+    seconds; median seconds of the first call per ratio (a new shape under ``aspect``) and of
+    the repeat call."""
+    import time
+
     import psutil
     from PIL import Image
 
@@ -57,18 +64,26 @@ def _measure(onnx_model: str, mode: str, cache: str) -> dict[str, Any]:
     settings = load_settings(
         data_dir=Path(cache), onnx_model_path=Path(onnx_model), pretrained_input=mode
     )
+    started = time.perf_counter()
     detector = load_pretrained(settings)
+    load_seconds = time.perf_counter() - started
     assert detector is not None
-    out: dict[str, Any] = {"loaded_mib": rss(), "after": []}
+    out: dict[str, Any] = {"loaded_mib": rss(), "load_seconds": round(load_seconds, 2)}
+    out["after"] = []
     shapes: set[tuple[int, int]] = set()
+    calls: list[list[float]] = [[], []]  # seconds of the first and the repeat call per ratio
     for count, ratio in enumerate(RATIOS, start=1):
         height = max(32, round(WIDTH / ratio))
-        pixels = rng.integers(0, 256, (height, WIDTH, 3), dtype=np.uint8)
-        for _ in range(2):  # a second call: anything built lazily on the first is built
-            detector.predict([Image.fromarray(pixels)])
+        image = Image.fromarray(rng.integers(0, 256, (height, WIDTH, 3), dtype=np.uint8))
+        for call in calls:  # a second call: anything built lazily on the first is built
+            started = time.perf_counter()
+            detector.predict([image])
+            call.append(time.perf_counter() - started)
         shapes.add(detector.input_size_for((WIDTH, height)))
         if count in CHECKPOINTS:
             out["after"].append({"ratios": count, "input_shapes": len(shapes), "mib": rss()})
+    out["first_call_ms"] = round(1000 * float(np.median(calls[0])), 1)
+    out["repeat_call_ms"] = round(1000 * float(np.median(calls[1])), 1)
     return out
 
 
@@ -109,6 +124,21 @@ def markdown(results: dict[str, Any]) -> str:
     for name, row in results["modes"].items():
         cells = [f"{a['mib']:.0f} ({a['input_shapes']} shapes)" for a in row["after"]]
         lines.append(f"| {name} | {row['loaded_mib']:.0f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Time: loading the detector, and one image's call (median over the ratios)",
+        "",
+        "The first call on each ratio is the first on a new input shape under `aspect` "
+        "(onnxruntime plans each shape once); the repeat call is the same image again.",
+        "",
+        "| run | load (s) | first call (ms) | repeat call (ms) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in results["modes"].items():
+        lines.append(
+            f"| {name} | {row['load_seconds']:.2f} | {row['first_call_ms']:.0f} | "
+            f"{row['repeat_call_ms']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
