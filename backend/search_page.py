@@ -4,6 +4,11 @@ Drag on the canvas to place a box with the chosen label; switch to *draw* to ske
 (each stroke joins the box its first point falls in, and a box with strokes is searched by its
 sketch, one without by its label). *Search* posts the canvas to ``POST /projects/{id}/search``
 and shows the results' thumbnails (``GET /projects/{id}/tasks/{task}/thumbnail``).
+
+The line above the canvas shows the project's background indexing job
+(``GET /projects/{id}/search/index``), polled each second while it is queued or running, so a
+user sees why a first search would wait; *Index new tasks* starts one
+(``POST /projects/{id}/search/index``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ PAGE = """<!doctype html>
 <label>k <input id="k" type="number" min="1" max="200" value="20" size="4"></label>
 <label><input type="checkbox" id="front"> move to the front of the queue</label>
 <button id="search">Search</button> <button id="clear">Clear</button>
+<button id="index">Index new tasks</button> <span id="index-state"></span>
 <div><canvas id="canvas" width="512" height="384"></canvas></div>
 <div id="status"></div>
 <div id="results"></div>
@@ -75,6 +81,8 @@ window.addEventListener('mouseup', (e) => {
   drag = null; stroke = null; redraw();
 });
 $('clear').onclick = () => { objects.length = 0; redraw(); $('results').innerHTML = ''; };
+// server text goes in as text, never as HTML (a label or an error may hold '<')
+function say(id, text, isError) { $(id).textContent = text; $(id).className = isError ? 'error' : ''; }
 const pct = (v, size) => Math.min(100, Math.max(0, 100 * v / size));
 function query() {
   return objects.map(o => {
@@ -88,24 +96,44 @@ function query() {
 async function loadLabels() {
   const r = await fetch(`/projects/${$('project').value}/search/labels`);
   const body = await r.json();
-  if (!r.ok) { $('status').innerHTML = `<span class="error">${body.error}</span>`; return; }
-  $('label').innerHTML = body.labels.map(l => `<option>${l}</option>`).join('');
+  if (!r.ok) { say('status', body.error, true); return; }
+  $('label').replaceChildren(...body.labels.map(l => new Option(l)));
 }
-$('project').onchange = loadLabels;
+let indexTimer = null;
+function describeIndex(s) {
+  if (s.state === 'queued') return 'index: job queued';
+  if (s.state === 'running') return `index: computing vectors, ${s.done ?? 0} of ${s.todo ?? '?'} images`;
+  if (s.state === 'done') return `index: ${s.indexed} tasks` + (s.failed ? ` (${s.failed} unreadable images left out)` : '');
+  if (s.state === 'failed') return `index: the job failed: ${s.error}`;
+  return 'index: no job since the server started (a search computes what is missing)';
+}
+async function showIndex(r) {
+  const body = await r.json();
+  clearTimeout(indexTimer);
+  if (!r.ok) { say('index-state', body.error, true); return; }
+  say('index-state', describeIndex(body), false);
+  $('index-state').dataset.state = body.state;
+  if (body.state === 'queued' || body.state === 'running') indexTimer = setTimeout(refreshIndex, 1000);
+}
+async function refreshIndex() { await showIndex(await fetch(`/projects/${$('project').value}/search/index`)); }
+$('index').onclick = async () => { await showIndex(await fetch(`/projects/${$('project').value}/search/index`, {method: 'POST'})); };
+$('project').onchange = () => { loadLabels(); refreshIndex(); };
 $('search').onclick = async () => {
   const project = $('project').value;
   $('status').textContent = 'searching...';
   const r = await fetch(`/projects/${project}/search`, {method: 'POST', headers: {'Content-Type': 'application/json'},
     body: JSON.stringify({objects: query(), k: Number($('k').value), front: $('front').checked})});
   const body = await r.json();
-  if (!r.ok) { $('status').innerHTML = `<span class="error">${body.error}</span>`; return; }
-  $('status').textContent = `${body.results.length} results (${body.index.factory}, ${body.index.count} tasks)` +
-    (body.moved_to_front ? ', moved to the front of the queue' : '');
+  if (!r.ok) { say('status', body.error, true); return; }
+  say('status', `${body.results.length} results (${body.index.factory}, ${body.index.count} tasks)` +
+    (body.moved_to_front ? ', moved to the front of the queue' : ''), false);
   $('results').innerHTML = body.results.map(h =>
     `<figure><img class="result" alt="task ${h.task}" src="/projects/${project}/tasks/${h.task}/thumbnail">` +
     `<figcaption>task ${h.task} · ${h.score.toFixed(3)}</figcaption></figure>`).join('');
+  refreshIndex();
 };
 loadLabels();
+refreshIndex();
 </script>
 </body></html>
 """

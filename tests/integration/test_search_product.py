@@ -251,11 +251,8 @@ def test_canvas_page_in_a_headless_browser(project) -> None:  # type: ignore[no-
 
     settings, service, _, _ = project
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, service), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
+    app = create_app(settings, service)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -266,6 +263,19 @@ def test_canvas_page_in_a_headless_browser(project) -> None:  # type: ignore[no-
         browser.get(f"http://127.0.0.1:{port}/search")
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: len(Select(b.find_element(By.ID, "label")).options) == 2)
+
+        # the indexing line: no job since this server started; the button starts one and the
+        # page follows it until it is done, then shows what the job reports
+        def state(b) -> str | None:  # type: ignore[no-untyped-def]
+            return b.find_element(By.ID, "index-state").get_attribute("data-state")
+
+        wait.until(lambda b: state(b) == "idle")
+        assert "no job since the server started" in browser.find_element(By.ID, "index-state").text
+        browser.find_element(By.ID, "index").click()
+        wait.until(lambda b: state(b) == "done")
+        job = app.state.search.index_state(1)
+        assert job["state"] == "done" and job["indexed"] >= 16
+        assert browser.find_element(By.ID, "index-state").text == f"index: {job['indexed']} tasks"
         Select(browser.find_element(By.ID, "label")).select_by_visible_text("square")
         canvas = browser.find_element(By.ID, "canvas")
         # a box on the left half (offsets from the canvas centre, 512 × 384)
@@ -301,6 +311,7 @@ def test_canvas_page_in_a_headless_browser(project) -> None:  # type: ignore[no-
         browser.find_element(By.ID, "clear").click()
         browser.find_element(By.ID, "search").click()
         wait.until(lambda b: "objects" in b.find_element(By.ID, "status").text)
+        assert browser.find_element(By.ID, "status").get_attribute("class") == "error"
     finally:
         browser.quit()
         server.should_exit = True
