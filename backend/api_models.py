@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,13 +35,22 @@ def _json_integer(value: Any) -> Any:
 
 
 Id = Annotated[int, Field(ge=1, le=MAX_ID), BeforeValidator(_json_integer)]
+
+
+def _project_key_in_range(value: str) -> str:
+    if int(value.split(".", 1)[0]) > MAX_ID:
+        raise ValueError(f"the project id must be at most {MAX_ID}")
+    return value
+
+
 #: A project as Label Studio names it in /setup and /predict: ``"7"`` or ``"7.1795390608"``.
 ProjectKey = Annotated[
     str,
     Field(
-        pattern=r"^[1-9][0-9]{0,14}(\.[0-9]{1,20})?$",
-        description="project id, or Label Studio's 'id.timestamp'",
+        pattern=r"^[1-9][0-9]{0,9}(\.[0-9]{1,20})?$",
+        description=f"project id (at most {MAX_ID}), or Label Studio's 'id.timestamp'",
     ),
+    AfterValidator(_project_key_in_range),
 ]
 #: A label config: XML with a <RectangleLabels> control on an <Image>.
 LabelConfigXml = Annotated[

@@ -29,9 +29,11 @@ class IngestResult:
     parse_error: str | None
 
 
-#: The largest id boxloop takes: Label Studio's ids are positive JSON-safe integers, and a
-#: larger one would overflow the store's 64-bit columns (the HTTP spec's ``Id`` uses it too).
-MAX_ID = 2**53 - 1
+#: The largest id boxloop takes, for projects, tasks and annotations alike: Label Studio's ids are
+#: Django ``AutoField``s (32-bit signed), and so are the store's id columns on PostgreSQL
+#: (``INTEGER``). A larger id could not come from Label Studio, and PostgreSQL would refuse it
+#: with a 500 instead of the 4xx that names it. The HTTP spec's ``Id`` and path ids use it too.
+MAX_ID = 2**31 - 1
 
 
 class AnnotationPayloadError(ValueError):

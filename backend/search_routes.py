@@ -18,13 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from backend.api_models import INVALID_REQUEST, IndexState, error_doc, error_docs
 from backend.errors import ServiceError
 from backend.images import ImageError, load_image
+from backend.ingest import MAX_ID
 from backend.search_page import PAGE
 from backend.search_service import SearchService
 from backend.service import BoxloopService
 
 __all__ = ["SearchRequest", "add_search_routes"]
-
-MAX_ID = 2**31 - 1
 
 
 class SearchRequest(BaseModel):

@@ -49,20 +49,14 @@ class WebhookOutcome:
 
 
 def parse_project_id(value: Any) -> int | None:
-    """Label Studio sends the project as ``7`` or ``"7.1795390608"`` (id.timestamp)."""
-    if value is None:
-        return None
+    """Label Studio sends the project as ``7`` or ``"7.1795390608"`` (id.timestamp); None when
+    it is neither, or its id is out of range (1 to :data:`~backend.ingest.MAX_ID`)."""
     if isinstance(value, dict):
         value = value.get("id")
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, str):
         head = value.split(".", 1)[0].strip()
-        if head.isdigit():
-            return int(head)
-    return None
+        value = int(head) if head.isdigit() and len(head) <= 10 else None
+    return label_studio_id(value) if isinstance(value, int) else None
 
 
 def _task_row(task: Any) -> tuple[int, dict[str, Any]]:

@@ -280,3 +280,52 @@ def test_annotation_writers_in_two_processes_keep_revisions_a_strict_sequence(
         assert revisions == list(range(1, writes + 1)), "revisions shared or skipped"
     finally:
         store.close()
+
+
+def test_ids_at_label_studios_limit_are_stored_and_one_past_it_is_a_4xx(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Label Studio's ids are 32-bit (Django AutoField), as are the store's id columns on
+    PostgreSQL. The largest is stored on both databases; one past it is refused by the HTTP
+    layer with a message, where PostgreSQL would have answered it with a 500."""
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+    from backend.ingest import MAX_ID
+
+    (image,) = (str(p) for p, _ in write_dataset(tmp_path / "images", 1))
+    settings = _settings(tmp_path, store_url)
+    with TestClient(create_app(settings)) as client:
+        key = f"{MAX_ID}.1795390608"  # Label Studio's "id.timestamp" form
+        assert (
+            client.post("/setup", json={"project": key, "schema": LABEL_CONFIG}).status_code == 200
+        )
+        event = _annotation_event("ANNOTATION_CREATED", MAX_ID, MAX_ID, image, [])
+        event["project"] = {"id": MAX_ID, "label_config": LABEL_CONFIG}
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200, answer.text
+        store = Store(store_url)
+        try:
+            (stored,) = store.list_annotations(MAX_ID)
+            assert (stored.annotation_id, stored.task_id) == (MAX_ID, MAX_ID)
+        finally:
+            store.close()
+        past = MAX_ID + 1
+        setup = client.post(
+            "/setup", json={"project": f"{past}.1795390608", "schema": LABEL_CONFIG}
+        )
+        assert setup.status_code == 422 and str(MAX_ID) in setup.json()["error"]
+        assert client.post("/train", json={"project": past}).status_code == 422
+        for annotation_id, task_id in ((past, 5), (5, past)):
+            event = _annotation_event("ANNOTATION_CREATED", annotation_id, task_id, image, [])
+            answer = client.post("/webhook", json=event)
+            assert 400 <= answer.status_code < 500, answer.text
+        bulk = {
+            "action": "ANNOTATIONS_DELETED",
+            "project": {"id": MAX_ID},
+            "annotations": [{"id": past}, {"id": MAX_ID}],
+        }
+        answer = client.post("/webhook", json=bulk)
+        assert answer.status_code == 200 and "item 0" in answer.json()["rejected"][0]
+        assert client.get(f"/projects/{past}/search/index").status_code == 422
+        assert client.get("/health").status_code == 200  # and the server goes on serving
