@@ -116,7 +116,7 @@ def _open_and_check(url: str) -> None:
 def test_a_new_database_is_migrated_to_exactly_the_code_schema(store_url: str) -> None:
     store = Store(store_url)
     try:
-        assert _revision(store.engine) == migrations.head() == "0002"
+        assert _revision(store.engine) == migrations.head() == "0003"
         assert _schema_differences(store.engine) == []
         names = set(inspect(store.engine).get_table_names())
         assert names == set(metadata.tables) | {"alembic_version"}
@@ -179,5 +179,43 @@ def test_alembic_commands_run_on_the_packaged_scripts(store_url: str) -> None:
     try:
         assert _revision(store.engine) == migrations.head()
         assert store.create_bulk_run(1, "v", "local") == 1
+    finally:
+        store.close()
+
+
+def test_label_config_names_of_any_length_are_stored_after_0003(store_url: str) -> None:
+    """Label Studio puts no limit on a control's name or an image key. Before 0003 PostgreSQL
+    refused one over 255 characters (a 500 from /setup); a database at 0002 with a project
+    in it is upgraded in place, and the project survives."""
+    from alembic import command
+
+    store = Store(store_url)
+    try:
+        store.upsert_project(
+            7, label_config="<View/>", from_name="label", to_name="image", image_key="image",
+            labels=["a"], hostname="http://ls",
+        )  # fmt: skip
+    finally:
+        store.close()
+    engine = create_engine(store_url)
+    try:
+        with engine.begin() as conn:
+            command.downgrade(migrations.alembic_config(conn), "0002")
+        assert _revision(engine) == "0002"
+    finally:
+        engine.dispose()
+    store = Store(store_url)  # upgrades to head
+    try:
+        assert _revision(store.engine) == migrations.head()
+        kept = store.get_project(7)
+        assert kept is not None and (kept.from_name, kept.hostname) == ("label", "http://ls")
+        long_name, long_host = "n" * 300, "http://" + "h" * 2000
+        store.upsert_project(
+            8, label_config="<View/>", from_name=long_name, to_name=long_name + "i",
+            image_key="k" * 300, labels=["a"], hostname=long_host,
+        )  # fmt: skip
+        stored = store.get_project(8)
+        assert stored is not None and stored.from_name == long_name
+        assert stored.image_key == "k" * 300 and stored.hostname == long_host
     finally:
         store.close()
