@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -37,21 +36,46 @@ def _json_integer(value: Any) -> Any:
 Id = Annotated[int, Field(ge=1, le=MAX_ID), BeforeValidator(_json_integer)]
 
 
-def _project_key_in_range(value: str) -> str:
-    if int(value.split(".", 1)[0]) > MAX_ID:
-        raise ValueError(f"the project id must be at most {MAX_ID}")
-    return value
+def _digits_at_most(limit: int) -> str:
+    """A regex of the decimal numbers 1 to ``limit`` (no leading zero), so that the spec's
+    pattern states the id range exactly: shorter numbers, then one branch per digit of
+    ``limit`` where a number may first fall below it."""
+    text = str(limit)
+    branches = [f"[1-9][0-9]{{0,{len(text) - 2}}}"] if len(text) > 1 else []
+    for i, digit in enumerate(text):
+        low = "1" if i == 0 else "0"
+        if digit > low or (i == len(text) - 1 and digit >= low):
+            top = str(int(digit) - (0 if i == len(text) - 1 else 1))
+            if top >= low:
+                rest = len(text) - i - 1
+                branch = text[:i] + (f"[{low}-{top}]" if top != low else low)
+                branches.append(branch + (f"[0-9]{{{rest}}}" if rest else ""))
+    return "(?:" + "|".join(branches) + ")"
 
 
-#: A project as Label Studio names it in /setup and /predict: ``"7"`` or ``"7.1795390608"``.
+PROJECT_KEY_PATTERN = rf"^{_digits_at_most(MAX_ID)}(\.[0-9]{{1,20}})?$"
+#: A project as Label Studio names it in /setup and /predict: ``"7"`` or ``"7.1795390608"``;
+#: the id part 1 to :data:`~backend.ingest.MAX_ID`, stated by the pattern itself.
 ProjectKey = Annotated[
     str,
     Field(
-        pattern=r"^[1-9][0-9]{0,9}(\.[0-9]{1,20})?$",
-        description=f"project id (at most {MAX_ID}), or Label Studio's 'id.timestamp'",
+        pattern=PROJECT_KEY_PATTERN,
+        description=f"project id (1 to {MAX_ID}), or Label Studio's 'id.timestamp'",
     ),
-    AfterValidator(_project_key_in_range),
 ]
+
+
+#: A URL or a token: no control characters (no URL or HTTP header holds one, and PostgreSQL's
+#: text columns refuse NUL, which was a 500 from /setup).
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
+
+#: What each pattern above means, for a 422 a user can read (pydantic would quote the regex).
+PATTERN_MEANINGS: dict[str, str] = {
+    PROJECT_KEY_PATTERN: f"must be a project id from 1 to {MAX_ID}, or Label Studio's "
+    "'id.timestamp' form",
+    NO_CONTROL_CHARACTERS: "must not contain control characters (NUL, newline, ...)",
+}
+
 #: A label config: XML with a <RectangleLabels> control on an <Image>.
 LabelConfigXml = Annotated[
     str,
@@ -121,11 +145,14 @@ class SetupRequest(BaseModel):
     schema_: LabelConfigXml = Field(..., alias="schema")
     hostname: str | None = Field(
         None,
+        pattern=NO_CONTROL_CHARACTERS,
         description="Label Studio's URL as it knows itself. Used for images and API calls only "
         "when BOXLOOP_LABEL_STUDIO_URL is unset and this host is on BOXLOOP_ALLOWED_IMAGE_HOSTS.",
     )
     access_token: str | None = Field(
-        None, description="Label Studio token, used when BOXLOOP_LABEL_STUDIO_TOKEN is unset."
+        None,
+        pattern=NO_CONTROL_CHARACTERS,
+        description="Label Studio token, used when BOXLOOP_LABEL_STUDIO_TOKEN is unset.",
     )
 
 

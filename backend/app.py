@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from backend import __version__
 from backend.api_models import (
     INVALID_REQUEST,
+    PATTERN_MEANINGS,
     WEBHOOK_TAGS,
     HealthResponse,
     JobResponse,
@@ -56,6 +58,10 @@ from backend.service import BoxloopService, ServiceError
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+#: How pydantic names a union member in an error's location: ``constrained-str``, ``int``,
+#: ``function-before[_json_integer(), constrained-int]``.
+_UNION_MEMBER = re.compile(r"^((constrained-)?(str|int|float|bool)|[\w-]+\[.*\])$")
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -247,7 +253,12 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
                 loc = loc[1:]
                 if loc and loc[0] in WEBHOOK_TAGS:  # the union member's tag names no field
                     loc = loc[1:]
-            parts.append(f"{'.'.join(str(p) for p in loc) or 'body'}: {e.get('msg')}")
+            # nor does a union member's type or validator chain (``constrained-str``, ``...[...]``)
+            loc = [p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.match(p))]
+            message = e.get("msg")
+            if e.get("type") == "string_pattern_mismatch":
+                message = PATTERN_MEANINGS.get(e.get("ctx", {}).get("pattern"), message)
+            parts.append(f"{'.'.join(str(p) for p in loc) or 'body'}: {message}")
         return _error(422, "invalid request: " + "; ".join(dict.fromkeys(parts)))
 
     @app.exception_handler(Exception)

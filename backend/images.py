@@ -119,7 +119,14 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
         ) from exc
 
 
+def _refuse_nul(reference: str, name: str) -> None:
+    """No file or URL has a NUL character in its name; the OS would raise a bare ValueError."""
+    if "\x00" in reference:
+        raise ImageError(f"{name!r}: the image reference contains a NUL character")
+
+
 def _read_local(path: Path, source: ImageSource, name: str) -> bytes:
+    _refuse_nul(str(path), name)  # a file:// URL may spell it %00
     resolved = path.expanduser().resolve()
     roots = [root.expanduser().resolve() for root in source.allowed_local_roots]
     if not any(resolved.is_relative_to(root) for root in roots):
@@ -247,6 +254,7 @@ def read_image_bytes(
     if not isinstance(reference, str) or not reference.strip():
         raise ImageDecodeError("task has no image reference")
     name = reference if len(reference) < 120 else reference[:117] + "..."
+    _refuse_nul(reference, name)
     parsed = urlparse(reference)
     if parsed.scheme in ("http", "https"):
         return _fetch_http(reference, source, name, client)

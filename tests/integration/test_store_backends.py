@@ -329,3 +329,30 @@ def test_ids_at_label_studios_limit_are_stored_and_one_past_it_is_a_4xx(
         assert answer.status_code == 200 and "item 0" in answer.json()["rejected"][0]
         assert client.get(f"/projects/{past}/search/index").status_code == 422
         assert client.get("/health").status_code == 200  # and the server goes on serving
+
+
+def test_nul_characters_get_a_4xx_or_are_stored_never_a_500(tmp_path: Path, store_url: str) -> None:
+    """PostgreSQL's text columns refuse NUL (SQLite takes it): a /setup hostname holding one was
+    a 500 there, and so was an image path holding one on any database (the OS refuses it). Now
+    each is a 4xx naming it, and an annotation whose label holds one is stored on both."""
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+
+    (image,) = (str(p) for p, _ in write_dataset(tmp_path / "images", 1))
+    with TestClient(create_app(_settings(tmp_path, store_url))) as client:
+        setup = {"project": PROJECT, "schema": LABEL_CONFIG}
+        refused = client.post("/setup", json={**setup, "hostname": "http://ls\u0000.example"})
+        assert refused.status_code == 422 and "hostname" in refused.json()["error"]
+        assert client.post("/setup", json={**setup, "access_token": "a\u0000b"}).status_code == 422
+        assert client.post("/setup", json=setup).status_code == 200
+        for reference in (f"{image}\u0000.png", "file:///tmp/a%00.png"):
+            task = {"id": 3, "data": {"image": reference}}
+            answer = client.post("/predict", json={"tasks": [task], "project": str(PROJECT)})
+            assert answer.status_code == 422, answer.text
+            assert "NUL character" in answer.json()["errors"][0]["error"]
+        objects = [("Square\u0000", (10.0, 10.0, 40.0, 40.0))]
+        event = _annotation_event("ANNOTATION_CREATED", 11, 3, image, objects)
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200 and answer.json()["stored"] == 1, answer.text
+        assert client.get("/health").status_code == 200
