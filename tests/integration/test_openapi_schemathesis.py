@@ -47,6 +47,7 @@ from backend.app import create_app
 from backend.labelstudio.convert import LabelConfigError, parse_label_config
 from backend.service import BoxloopService
 from backend.settings import Settings
+from tests.conftest import fresh_postgres_database
 
 MAX_EXAMPLES = int(os.environ.get("BOXLOOP_SCHEMATHESIS_EXAMPLES", "25"))
 
@@ -83,9 +84,10 @@ class _Plan:
         return {"strategy": "random", "n_tasks": 0}
 
 
-def _service(root: Path) -> BoxloopService:
+def _service(root: Path, database_url: str | None = None) -> BoxloopService:
     settings = Settings(
         data_dir=root / "data",
+        database_url=database_url,
         allowed_local_roots=[root / "images"],
         reconcile_on_startup=False,
         train_after_new_annotations=1000,
@@ -102,12 +104,30 @@ def _service(root: Path) -> BoxloopService:
     return service
 
 
-# Built at import: schemathesis parametrizes the test from the spec at collection time.
+# Built at import: schemathesis parametrizes the test from the spec at collection time. The
+# spec does not depend on the database; the requests go to the app of ``backend_app``.
 ROOT = Path(tempfile.mkdtemp(prefix="boxloop-schemathesis-"))
 SERVICE = _service(ROOT)
-schema = schemathesis.openapi.from_asgi(
-    "/openapi.json", create_app(SERVICE.settings, SERVICE), config=CONFIG
-)
+SQLITE_APP = create_app(SERVICE.settings, SERVICE)
+schema = schemathesis.openapi.from_asgi("/openapi.json", SQLITE_APP, config=CONFIG)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend_app(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The server on SQLite, then on a fresh PostgreSQL database: one request can pass on one
+    and be a 500 on the other (PostgreSQL's text refuses NUL and its INTEGER is 32-bit, and
+    SQLite enforces neither)."""
+    if request.param == "sqlite":
+        yield SQLITE_APP
+        return
+    root = Path(tempfile.mkdtemp(prefix="boxloop-schemathesis-pg-"))
+    with fresh_postgres_database(request.getfixturevalue("postgres_server")) as url:
+        service = _service(root, url)
+        try:
+            yield create_app(service.settings, service)
+        finally:
+            BoxloopService.close(service)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -185,8 +205,8 @@ CHECKS = [
 
 
 @schema.parametrize()
-def test_the_server_keeps_its_openapi_spec(case: Any) -> None:
-    response = case.call()
+def test_the_server_keeps_its_openapi_spec(case: Any, backend_app: Any) -> None:
+    response = case.call(app=backend_app)
     CASES[case.operation.label] += 1
     STATUSES[str(response.status_code)] += 1
     case.validate_response(response, checks=CHECKS)
