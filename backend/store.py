@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-from backend import migrations
+from backend import jsonsafe, migrations
 from backend.boxes import Boxes
 from backend.tables import (
     annotations_table,
@@ -135,7 +135,9 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        kwargs: dict[str, Any] = {"future": True}
+        # standard JSON on every database: PostgreSQL's json type refuses NaN / Infinity, and
+        # with them the annotation they came in (backend.jsonsafe)
+        kwargs: dict[str, Any] = {"future": True, "json_serializer": jsonsafe.dumps}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         self.engine: Engine = create_engine(url, **kwargs)

@@ -89,6 +89,10 @@ def _region_xyxy(value: dict[str, Any], width: float, height: float) -> tuple[fl
     w = float(value["width"]) * width / 100.0
     h = float(value["height"]) * height / 100.0
     angle = math.radians(float(value.get("rotation") or 0.0))
+    if not all(math.isfinite(v) for v in (x, y, w, h, angle)):
+        # NaN or an infinity (a number past 1e308 parses as one): clipping would drop the box
+        # without a word, and the object would teach the detector "background"
+        raise ValueError("x, y, width, height and rotation must be finite numbers")
     if abs(angle) < 1e-9:
         return x, y, x + w, y + h
     # Rotation is about the top-left corner; the detector is axis-aligned, so use the hull.

@@ -76,6 +76,7 @@ from backend.detectors.versions import (
     update_metadata,
 )
 from backend.detectors.yolox import YoloxNano
+from backend.jsonsafe import finite
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import FoldEpochRule, Settings
 from backend.training.calibration import CountMatch, count_matched_threshold
@@ -252,19 +253,9 @@ def fold_epochs(rule: FoldEpochRule, n_all: int, n_fold: int, config: YoloxTrain
     return candidate
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def score_dict(score: ValidationScore) -> dict[str, Any]:
     """JSON-ready (NaN → null, e.g. mAP on a slice with no boxes), without per-image costs."""
-    out = dict(_finite(asdict(score)))
+    out = dict(finite(asdict(score)))
     for entry in out["thresholds"]:
         entry.pop("image_w_t", None)
     return out

@@ -4,6 +4,7 @@ webhook writers, a training reader and a queue writer at once."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -356,3 +357,51 @@ def test_nul_characters_get_a_4xx_or_are_stored_never_a_500(tmp_path: Path, stor
         answer = client.post("/webhook", json=event)
         assert answer.status_code == 200 and answer.json()["stored"] == 1, answer.text
         assert client.get("/health").status_code == 200
+
+
+def test_nan_and_infinite_numbers_in_a_payload_are_stored_never_a_500(
+    tmp_path: Path, store_url: str
+) -> None:
+    """Python's JSON reads ``NaN``, ``Infinity`` and 1e400 (as inf); PostgreSQL's json type
+    refuses them, and with them the row: such an annotation was a 500 and was not stored. Now it
+    is stored on both databases (the number as null) and flagged as not usable for training,
+    since its box has no finite coordinates."""
+    from fastapi.testclient import TestClient
+
+    from backend.app import create_app
+
+    (image,) = (str(p) for p, _ in write_dataset(tmp_path / "images", 1))
+    with TestClient(create_app(_settings(tmp_path, store_url))) as client:
+        assert client.post("/setup", json={"project": PROJECT, "schema": LABEL_CONFIG}).is_success
+        for annotation_id, number in ((21, "NaN"), (22, "1e400"), (23, "-Infinity")):
+            event = _annotation_event("ANNOTATION_CREATED", annotation_id, 5, image, [])
+            event["annotation"]["result"] = [
+                {
+                    "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+                    "original_width": 64, "original_height": 64,
+                    "value": {"x": "X", "y": 1, "width": 5, "height": 5,
+                              "rectanglelabels": ["Square"]},
+                }
+            ]  # fmt: skip
+            body = json.dumps(event).replace('"X"', number)
+            answer = client.post(
+                "/webhook", content=body, headers={"content-type": "application/json"}
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["stored"] == 1 and "finite" in answer.json()["warnings"][0]
+        tasks = '{"action": "TASKS_CREATED", "project": {"id": %d}, "tasks": [{"id": 6, "data":'
+        tasks += ' {"image": "%s", "score": 1e999}}]}'
+        answer = client.post(
+            "/webhook",
+            content=tasks % (PROJECT, image),
+            headers={"content-type": "application/json"},
+        )
+        assert answer.status_code == 200 and answer.json()["tasks"] == 1, answer.text
+    store = Store(store_url)
+    try:
+        stored = {a.annotation_id: a for a in store.list_annotations(PROJECT)}
+        assert set(stored) == {21, 22, 23} and all(a.parse_error for a in stored.values())
+        assert stored[22].result[0]["value"]["x"] is None  # standard JSON on both databases
+        assert store.get_task_data(PROJECT, 6) == {"image": image, "score": None}
+    finally:
+        store.close()

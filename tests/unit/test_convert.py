@@ -96,6 +96,20 @@ def test_unknown_label_and_missing_size_are_errors() -> None:
         regions_to_boxes([region], config)
 
 
+@pytest.mark.parametrize("key", ["x", "y", "width", "height", "rotation"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_coordinate_is_an_error_not_a_silently_dropped_box(
+    key: str, bad: float
+) -> None:
+    """A number past 1e308 parses as infinity, and Python's JSON reads NaN: clipping would drop
+    such a box without a word, and its object would teach the detector "background"."""
+    config = parse_label_config(LABEL_CONFIG)
+    value = {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Square"], key: bad}
+    region = {"from_name": "label", "type": "rectanglelabels", "value": value}
+    with pytest.raises(AnnotationParseError, match="finite"):
+        regions_to_boxes([region], config, (10, 10))
+
+
 def test_other_controls_are_ignored_and_labels_outside_the_config_dropped() -> None:
     config = parse_label_config(LABEL_CONFIG)
     assert (
