@@ -69,7 +69,7 @@ class BoxQueryRequest(BaseModel):
     noisy_weight: float = Field(
         default=0.5, ge=0.0, le=1.0, description="λ_d: loss weight of unqueried predicted boxes"
     )
-    seed: int = Field(default=0, ge=0, description="seeds the random measure")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="seeds the random measure")
     push: bool = Field(
         default=True, description="write predictions and the order into Label Studio"
     )
