@@ -42,6 +42,18 @@ def _add(registry: ModelRegistry, version: str, status: str, metadata: str = "{}
     return directory
 
 
+def _promote_yolox_v1(registry: ModelRegistry) -> Path:
+    """A one-class YOLOX version ``v1``, promoted, that records its training tasks 4 and 7."""
+    directory = registry.settings.models_dir / "project-1" / "v1"
+    metadata = {"labels": ["a"], "input_hw": [64, 64], "trained_on": [4, 7]}
+    save_model_version(YoloxNano(num_classes=1).eval(), directory, metadata)
+    registry.store.add_model_version(
+        1, "v1", str(directory), ["a"], n_annotations=2, n_images=2, annotations_revision=1,
+        metrics={"status": "promoted", "reason": "test"},
+    )  # fmt: skip
+    return directory
+
+
 def test_the_newest_promoted_version_serves_and_rejected_ones_never_do(tmp_path: Path) -> None:
     registry = _registry(tmp_path, keep=5)
     _add(registry, "v1", "promoted")
@@ -85,13 +97,7 @@ def test_a_candidate_warm_starts_only_from_a_yolox_version_that_records_its_task
 ) -> None:
     registry = _registry(tmp_path, keep=5)
     assert registry.warm_start(1, ["a"]) is None  # nothing trained serves
-    directory = registry.settings.models_dir / "project-1" / "v1"
-    metadata = {"labels": ["a"], "input_hw": [64, 64], "trained_on": [4, 7]}
-    save_model_version(YoloxNano(num_classes=1).eval(), directory, metadata)
-    registry.store.add_model_version(
-        1, "v1", str(directory), ["a"], n_annotations=2, n_images=2, annotations_revision=1,
-        metrics={"status": "promoted", "reason": "test"},
-    )  # fmt: skip
+    directory = _promote_yolox_v1(registry)
     warm = registry.warm_start(1, ["a"])
     assert warm is not None and warm.version == "v1" and warm.trained_on == frozenset({4, 7})
     assert isinstance(warm.model, YoloxNano) and warm.model.num_classes == 1
@@ -107,13 +113,7 @@ def test_a_round_takes_predictor_tasks_and_warm_start_from_one_serving_version(
     nothing = registry.round_base(1, ["a"], score_floor=0.05, warm_start=True)
     # no COCO model configured and nothing trained: drawing by hand, from the COCO weights
     assert nothing.predict is None and nothing.trained_on == frozenset() and nothing.warm is None
-    directory = registry.settings.models_dir / "project-1" / "v1"
-    metadata = {"labels": ["a"], "input_hw": [64, 64], "trained_on": [4, 7]}
-    save_model_version(YoloxNano(num_classes=1).eval(), directory, metadata)
-    registry.store.add_model_version(
-        1, "v1", str(directory), ["a"], n_annotations=2, n_images=2, annotations_revision=1,
-        metrics={"status": "promoted", "reason": "test"},
-    )  # fmt: skip
+    _promote_yolox_v1(registry)
     reads: list[str] = []
     for name in ("read_metadata", "load_model_version"):
         real = getattr(registry_module, name)
