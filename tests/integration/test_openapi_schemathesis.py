@@ -1,4 +1,5 @@
-"""The OpenAPI spec describes the server: a schemathesis run over every operation, in process.
+"""The OpenAPI spec describes the server: a schemathesis run over every operation, in process,
+against the server on SQLite and again on PostgreSQL (``backend_app``).
 
 Passing means, for every generated request (schema-valid ones and schema-breaking ones):
 no 5xx (``not_a_server_error``), no status the spec does not list for the route
