@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from backend.settings import load_settings
+from backend.errors import ServiceError
+from backend.settings import SettingsError, load_settings
 
 # Busy-waiting OpenMP threads steal the cores from a training child running beside the server
 # (measured: one 640 px /predict 473–1293 ms busy vs 288 ms passive under load); set before torch.
@@ -378,9 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Settings that cannot be used and a refusal of the service (an
+    unknown project, no model yet) end it with a one-line error and exit code 2, as argparse
+    does for bad arguments, never with a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (SettingsError, ServiceError) as exc:
+        command = " ".join(filter(None, ("boxloop", getattr(args, "command", None))))
+        message = exc.message if isinstance(exc, ServiceError) else str(exc)
+        print(f"{command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from backend.bulk.engine import InProcessEngine, make_engine
 from backend.bulk.features import extract_features
@@ -30,7 +30,7 @@ from backend.images import ImageSource, task_image_loader
 from backend.ordering import FEATURE_STRATEGIES, OrderPlan, Strategy, build_order, place_new_tasks
 from backend.ordering.plan import load_plan, set_view_id
 from backend.ordering.ranks import ranks_for, rerank
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from backend.store import Store
 from backend.utility.scorer import UtilityScorer, stored_scores
 
@@ -101,7 +101,23 @@ class OrderRequest(BaseModel):
             "batch_size": settings.order_batch_size,
             "seed": settings.order_seed,
         }
-        checked = cls.model_validate(defaults)
+        variables = {
+            "strategy": "BOXLOOP_ORDER_STRATEGY",
+            "extractor": "BOXLOOP_FEATURE_EXTRACTOR",
+            "batch_size": "BOXLOOP_ORDER_BATCH_SIZE",
+            "seed": "BOXLOOP_ORDER_SEED",
+        }
+        try:
+            checked = cls.model_validate(defaults)
+        except ValidationError as exc:
+            raise SettingsError(
+                "invalid settings: "
+                + "; ".join(
+                    f"{variables.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'order'}: "
+                    f"{e['msg']}"
+                    for e in exc.errors()
+                )
+            ) from exc
         fields: dict[str, Any] = {}
         for name in defaults:
             info = copy.copy(cls.model_fields[name])

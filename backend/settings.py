@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Official YOLOX-Nano COCO ONNX release asset (Megvii-BaseDetection/YOLOX, release 0.1.1rc0).
@@ -28,6 +28,8 @@ DetectorName = Literal[
 ]
 #: How many epochs the gate's cross-validation fold models train (``GateConfig.cv_fold_epochs``).
 FoldEpochRule = Literal["visits", "candidate", "by_size"]
+#: The image-level orders (:mod:`backend.ordering.strategies`).
+OrderStrategy = Literal["random", "similar", "dissimilar", "temporal"]
 
 
 def _default_shared_data() -> Path:
@@ -48,7 +50,7 @@ class Settings(BaseSettings):
 
     # --- HTTP ---------------------------------------------------------------------------------
     host: str = "127.0.0.1"
-    port: int = 9090
+    port: int = Field(9090, ge=1, le=65535)
     auth_token: SecretStr | None = Field(
         None, description="If set, every request needs Bearer <token>."
     )
@@ -79,9 +81,9 @@ class Settings(BaseSettings):
     reconcile_on_startup: bool = True
 
     # --- images --------------------------------------------------------------------------------
-    max_image_pixels: int = Field(40_000_000, description="Larger images get a 413.")
-    max_image_bytes: int = 50 * 1024 * 1024
-    image_fetch_timeout_s: float = 20.0
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images get a 413.")
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    image_fetch_timeout_s: float = Field(20.0, gt=0)
 
     # --- detector ------------------------------------------------------------------------------
     detector: DetectorName = Field(
@@ -105,11 +107,11 @@ class Settings(BaseSettings):
         "each image gets a shape following its aspect ratio at the same pixel budget, as "
         "fine-tuned versions do). Wide frames (dashcams) gain most: docs/backend.md.",
     )
-    detector_min_size: int = 512
-    detector_max_size: int = 853
-    score_threshold: float = 0.3
-    max_detections: int = 100
-    num_threads: int = Field(2, description="torch / onnxruntime intra-op threads.")
+    detector_min_size: int = Field(512, ge=32)
+    detector_max_size: int = Field(853, ge=32)
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    max_detections: int = Field(100, ge=1)
+    num_threads: int = Field(2, ge=1, description="torch / onnxruntime intra-op threads.")
     model_url: str = Field(
         DEFAULT_MODEL_URL,
         description="Where `boxloop models fetch` gets the COCO YOLOX-Nano ONNX model (URL or file).",
@@ -124,25 +126,25 @@ class Settings(BaseSettings):
 
     # --- training ------------------------------------------------------------------------------
     train_after_new_annotations: int = Field(
-        10, description="Start a background training job after this many new annotations."
+        10, ge=1, description="Start a background training job after this many new annotations."
     )
-    train_epochs: int = 8
-    train_batch_size: int = 4
-    train_lr: float = 0.01
-    train_box_batch_size_per_image: int = 128
+    train_epochs: int = Field(8, ge=1)
+    train_batch_size: int = Field(4, ge=1)
+    train_lr: float = Field(0.01, gt=0)
+    train_box_batch_size_per_image: int = Field(128, ge=1)
     train_freeze_backbone_body: bool = True
     train_seed: int = 0
     keep_model_versions: int = Field(
-        5, description="Version directories kept per project (the serving one always is)."
+        5, ge=1, description="Version directories kept per project (the serving one always is)."
     )
-    yolox_lr: float = Field(1e-3, description="YOLOX head learning rate (AdamW).")
-    yolox_backbone_lr_mult: float = 0.1
-    yolox_neck_lr_mult: float = 0.3
+    yolox_lr: float = Field(1e-3, gt=0, description="YOLOX head learning rate (AdamW).")
+    yolox_backbone_lr_mult: float = Field(0.1, ge=0)
+    yolox_neck_lr_mult: float = Field(0.3, ge=0)
     yolox_image_visits: int = Field(
         600, description="Images a round sees in all; epochs = visits / images, clamped."
     )
-    yolox_min_epochs: int = 8
-    yolox_max_epochs: int = 30
+    yolox_min_epochs: int = Field(8, ge=1)
+    yolox_max_epochs: int = Field(30, ge=1)
     yolox_freeze: Literal["none", "stem", "backbone", "backbone+neck"] = "stem"
     yolox_warm_start: bool = Field(
         True,
@@ -188,10 +190,10 @@ class Settings(BaseSettings):
 
     # --- features & ordering -------------------------------------------------------------------
     feature_extractor: str = "imgnet_effnet_lite0"
-    feature_batch_size: int = 32
-    order_batch_size: int = 10
-    order_strategy: str = "random"
-    order_seed: int = 0
+    feature_batch_size: int = Field(32, ge=1)
+    order_batch_size: int = Field(10, ge=1, le=100_000)
+    order_strategy: OrderStrategy = "random"
+    order_seed: int = Field(0, ge=0, le=2**32 - 1)
 
     # --- bulk pre-annotation and scale (docs/scale.md) -------------------------------------------
     bulk_batch_size: int = Field(16, ge=1, le=1024, description="Images per inference batch.")
@@ -299,17 +301,47 @@ class Settings(BaseSettings):
         return fetched if fetched.is_file() else None
 
 
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names the file, key or variable, and why."""
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings: config file values < environment variables < explicit overrides."""
+    """Build settings: config file values < environment variables < explicit overrides.
+
+    Raises :class:`SettingsError` for a file that cannot be read, is not a YAML mapping or holds
+    a key that is no setting (a typo would otherwise be ignored without a word), and for a value
+    of the wrong type, from the file or from a ``BOXLOOP_*`` variable.
+    """
     file_values: dict[str, Any] = {}
     path = config_file or os.environ.get("BOXLOOP_CONFIG")
     if path:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise SettingsError(f"cannot read the settings file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"settings file {path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+            raise SettingsError(
+                f"settings file {path} must hold a mapping, got {type(loaded).__name__}"
+            )
+        unknown = sorted(str(k) for k in set(loaded) - set(Settings.model_fields))
+        if unknown:
+            raise SettingsError(
+                f"settings file {path}: no such setting: {', '.join(unknown)} "
+                "(the keys are the BOXLOOP_* names in lower case, without the prefix)"
+            )
         file_values = {k: v for k, v in loaded.items() if f"BOXLOOP_{k.upper()}" not in os.environ}
-    return Settings(**{**file_values, **overrides})
+    try:
+        return Settings(**{**file_values, **overrides})
+    except ValidationError as exc:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc'])} (BOXLOOP_{str(e['loc'][0]).upper()}): {e['msg']}"
+            if e["loc"]
+            else e["msg"]
+            for e in exc.errors()
+        ]
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from exc
 
 
 def settings_to_json(settings: Settings, **overrides: Any) -> str:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast, get_args
 
 import numpy as np
 
 from backend.ordering.greedy import greedy_order
+from backend.settings import OrderStrategy
 
-Strategy = Literal["random", "similar", "dissimilar", "temporal"]
+Strategy = OrderStrategy  # defined with the settings, whose BOXLOOP_ORDER_STRATEGY it types
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: Strategies that need feature vectors.
 FEATURE_STRATEGIES: tuple[str, ...] = ("similar", "dissimilar")

@@ -1,0 +1,57 @@
+"""Settings that cannot be used say which file, key or variable is wrong; the CLI shows that
+in one line and exits 2, never with a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from backend.cli import main
+from backend.settings import SettingsError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: [\n", "not valid YAML"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("num_threds: 4\n", "no such setting: num_threds"),
+        ("num_threads: many\n", "num_threads (BOXLOOP_NUM_THREADS)"),
+        ("score_threshold: 1.5\n", "score_threshold (BOXLOOP_SCORE_THRESHOLD)"),
+        ("order_strategy: fastest\n", "order_strategy (BOXLOOP_ORDER_STRATEGY)"),
+    ],
+)
+def test_a_bad_settings_file_names_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "boxloop.yaml"
+    path.write_text(text)
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(path)
+
+
+def test_a_missing_file_and_a_bad_variable_are_settings_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SettingsError, match="cannot read the settings file"):
+        load_settings(tmp_path / "absent.yaml")
+    monkeypatch.setenv("BOXLOOP_PORT", "0")
+    with pytest.raises(SettingsError, match=r"port \(BOXLOOP_PORT\)"):
+        load_settings()
+
+
+def test_the_cli_reports_bad_settings_and_refusals_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BOXLOOP_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BOXLOOP_RECONCILE_ON_STARTUP", "false")
+    assert main(["--settings", str(tmp_path / "absent.yaml"), "status"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("boxloop status: error: cannot read the settings file") and err[-1] == "\n"
+    )
+    assert err.count("\n") == 1  # one line, no traceback
+    assert main(["train", "--project", "5"]) == 2
+    assert capsys.readouterr().err == "boxloop train: error: project 5 is unknown to boxloop\n"
+    monkeypatch.setenv("BOXLOOP_FEATURE_EXTRACTOR", "imgnet_vgg99")
+    assert main(["openapi"]) == 2
+    assert "BOXLOOP_FEATURE_EXTRACTOR" in capsys.readouterr().err
