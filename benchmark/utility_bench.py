@@ -19,8 +19,9 @@ leak closed):
    calls non-useful, and after dropping as many at random.
 4. **BRISQUE overlap** of useful and non-useful images (Fig. 1).
 
-Stage 1 (distort, detect, label, score baselines, cache the predictor's trunk maps) runs once and
-is cached in ``OUT/cache/items.pkl``; the seeds reuse it.
+Stage 1 (:mod:`benchmark.utility_labels`: distort, detect, label, score baselines, cache the
+predictor's trunk maps) runs once and is cached in ``OUT/cache/items.pkl``; the seeds reuse it.
+The configuration is :mod:`benchmark.utility_config`.
 """
 
 from __future__ import annotations
@@ -31,422 +32,35 @@ import pickle
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from backend.boxes import Boxes, IgnoreOverlap
-from backend.detectors.onnx_yolox import OnnxYoloxDetector
 from backend.scoring import evaluate_map
 from backend.utility.baselines import (
     RandomFilter,
     ThresholdRule,
-    brisque_score,
-    jpeg_quality,
-    laplacian_variance,
 )
-from backend.utility.distortions import (
-    DEFAULT_JPEG_QUALITIES,
-    Distortion,
-    decode,
-    encode_jpeg,
-    encode_png,
-)
-from backend.utility.labelers import coco_yolox_at
-from backend.utility.labels import detector_utility, vote
 from backend.utility.predictor import (
-    PredictorConfig,
-    TrunkEncoder,
     UtilityNet,
     export_predictor,
     train_top,
 )
-from benchmark.config import ConfigError
-from benchmark.datasets import Dataset, load_dataset
-from benchmark.datasets.common import default_shared_data, expand_path
+from benchmark.utility_config import BASELINES, COMBINED, UtilityBenchConfig
+from benchmark.utility_labels import Item, build_items, labeler_name, load_datasets
 
 __all__ = [
-    "QUICK",
-    "Item",
-    "UtilityBenchConfig",
-    "build_items",
-    "load_utility_config",
+    "SplitPredictions",
+    "cluster_bootstrap",
     "run_utility_bench",
+    "source_folds",
+    "split_sources",
+    "summarize_labeling",
 ]
-
-BASELINES = ("jpeg_quality", "laplacian_var", "brisque")
-COMBINED = "vote"
-
-
-@dataclass(frozen=True)
-class UtilityBenchConfig:
-    """One ``bench utility`` run.
-
-    Attributes:
-        datasets: dataset specs (``voc:PATH`` ...); ``max_images`` caps each (first N, sorted).
-        qualities: JPEG qualities the predictor trains on (and is tested on).
-        heldout_qualities: JPEG qualities used only for the filtering test (never trained on).
-        unseen: the second distortion, never trained on (``blur:2`` ...).
-        labelers: input sizes of the labeling YOLOX-Nanos (416 = the shared ONNX file).
-        unused_size: input size of the detector that labels nothing and is filtered for.
-        seeds: each a different split and initialisation.
-        test_fraction: share of each dataset's source images held out (``folds`` 0).
-        folds: 0, one split per seed (``test_fraction`` held out); k ≥ 2, k-fold
-            cross-validation over source images per seed: every source is tested once, by the
-            fold model that did not train on it, and the k folds' predictions are pooled before
-            accuracy and the interval are computed (k times the test images of one split).
-        brisque_max_side: BRISQUE on images shrunk to this longest side (cost).
-        bootstrap: cluster-bootstrap resamples for the 95 % intervals.
-        random_repeats: random-filter draws averaged for the mAP comparison.
-        predictor: the predictor's training settings.
-    """
-
-    datasets: list[str] = field(
-        default_factory=lambda: [
-            "coco:$BOXLOOP_SHARED_DATA/coco/mini",
-            "voc:$BOXLOOP_SHARED_DATA/voc/VOCdevkit/VOC2012",
-            "kitti:$BOXLOOP_SHARED_DATA/kitti/tiny",
-        ]
-    )
-    max_images: int | None = None
-    qualities: tuple[int, ...] = DEFAULT_JPEG_QUALITIES
-    heldout_qualities: tuple[int, ...] = (3, 7, 12)
-    unseen: tuple[str, ...] = ("blur:1.5", "blur:3", "blur:5")
-    labelers: tuple[int, ...] = (416, 640)
-    unused_size: int = 320
-    seeds: tuple[int, ...] = (0, 1, 2)
-    test_fraction: float = 0.2
-    folds: int = 0
-    brisque_max_side: int = 320
-    bootstrap: int = 2000
-    random_repeats: int = 20
-    predictor: PredictorConfig = field(default_factory=PredictorConfig)
-    output: str = "benchmark/results/utility"
-    threads: int = 2
-
-    def __post_init__(self) -> None:
-        if not self.datasets:
-            raise ConfigError("bench utility needs at least one dataset")
-        if not self.labelers:
-            raise ConfigError("bench utility needs at least one labeler size")
-        if self.unused_size in self.labelers:
-            raise ConfigError(f"unused_size {self.unused_size} is also a labeler")
-        if not 0 < self.test_fraction < 1:
-            raise ConfigError(f"test_fraction must be within (0, 1), got {self.test_fraction}")
-        if self.folds == 1 or self.folds < 0:
-            raise ConfigError(f"folds must be 0 (one split) or at least 2, got {self.folds}")
-        overlap = set(self.qualities) & set(self.heldout_qualities)
-        if overlap:
-            raise ConfigError(f"qualities {sorted(overlap)} are both trained on and held out")
-        for text in self.unseen:
-            try:
-                if Distortion.parse(text).kind == "jpeg":
-                    raise ConfigError("the unseen distortion must not be JPEG")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-#: ``--quick``: one small dataset slice, fewer levels, one seed, two epochs (CI).
-QUICK: dict[str, Any] = {
-    "max_images": 10,
-    "qualities": [4, 10, 30, 50],
-    "heldout_qualities": [7],
-    "unseen": ["blur:3"],
-    "seeds": [0],
-    "bootstrap": 200,
-    "random_repeats": 5,
-    "brisque_max_side": 256,
-    "predictor": {"epochs": 2},
-}
-
-
-def load_utility_config(data: dict[str, Any]) -> UtilityBenchConfig:
-    """A config from a YAML/CLI dict (unknown keys are an error)."""
-    known = set(UtilityBenchConfig.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown bench utility keys: {', '.join(sorted(unknown))}")
-    values = dict(data)
-    predictor = values.pop("predictor", {}) or {}
-    try:
-        pconfig = PredictorConfig(**predictor)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"predictor: {exc}") from exc
-    for key in ("qualities", "heldout_qualities", "labelers", "seeds"):
-        if key in values:
-            values[key] = tuple(int(v) for v in values[key])
-    if "unseen" in values:
-        values["unseen"] = tuple(str(v) for v in values["unseen"])
-    if "datasets" in values:
-        values["datasets"] = [
-            d if isinstance(d, str) else str(d["spec"]) for d in values["datasets"]
-        ]
-    return UtilityBenchConfig(predictor=pconfig, **values)
-
-
-# ---------------------------------------------------------------------------------- stage 1
-@dataclass
-class Item:
-    """One distorted image: its labels, baseline scores and cached predictor input."""
-
-    dataset: str
-    source: str
-    distortion: str
-    group: str  # "train" (JPEG qualities), "heldout" (JPEG, filtering only), "unseen"
-    labels: dict[str, int | None]
-    graded: dict[str, float]
-    clipped: dict[str, float]
-    scores: dict[str, float]  # baseline scores on the distorted file (JPEG bytes or PNG)
-    png_scores: dict[str, float]  # the same pixels saved as PNG
-    maps: np.ndarray
-    png_maps: np.ndarray | None
-    unused: Boxes | None  # the unused detector's detections (held-out group only)
-    gt: Boxes
-
-
-def _labeler_name(size: int) -> str:
-    return f"yolox_nano@{size}"
-
-
-def _load(config: UtilityBenchConfig) -> list[Dataset]:
-    datasets = []
-    for spec in config.datasets:
-        dataset = load_dataset(str(expand_path(spec)) if "$" in spec else spec)
-        if config.max_images is not None:
-            dataset = dataset.subset(list(range(min(config.max_images, len(dataset)))))
-        datasets.append(dataset)
-    return datasets
-
-
-#: Pristine images per dataset on which the ONNX@416 / PyTorch@416 twin check runs.
-TWIN_CHECK_IMAGES = 10
-
-
-def build_items(
-    config: UtilityBenchConfig, cache_dir: Path, progress: bool = True
-) -> tuple[list[Item], dict[str, Any]]:
-    """Stage 1: distort, detect, label, score, encode; returns the items and run facts.
-
-    With ``threads`` ≥ 2, source images are split into chunks labelled by that many worker
-    processes of one thread each (BRISQUE and the Python around the detectors are single-threaded).
-    """
-    onnx_path = default_shared_data() / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"COCO YOLOX-Nano not found: {onnx_path}")
-    datasets = _load(config)
-    # export every ONNX file once here, so workers only read them
-    TrunkEncoder(cache_dir, replace(config.predictor, threads=1))
-    for size in (*config.labelers, config.unused_size):
-        coco_yolox_at(size, onnx_path, cache_dir, num_threads=1)
-    coco_yolox_at(416, onnx_path, cache_dir, num_threads=1, from_pytorch=True)
-    chunk = 8
-    jobs = [
-        (d_index, begin, min(begin + chunk, len(dataset)))
-        for d_index, dataset in enumerate(datasets)
-        for begin in range(0, len(dataset), chunk)
-    ]
-    workers = max(1, config.threads)
-    items: list[Item] = []
-    twin_diff: list[float] = []
-    pristine_defined = 0
-    timings = dict.fromkeys(("detect", "brisque", "encode", "trunk"), 0.0)
-    total = sum(len(d) for d in datasets)
-    bar = tqdm(total=total, desc="utility labels", unit="src", disable=not progress)
-    results: list[Any] = []
-    if workers == 1:
-        for job in jobs:
-            results.append(_label_chunk(config, cache_dir, *job))
-            bar.update(job[2] - job[1])
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            futures = [pool.submit(_label_chunk, config, cache_dir, *job) for job in jobs]
-            for job, future in zip(jobs, futures, strict=True):
-                results.append(future.result())
-                bar.update(job[2] - job[1])
-    bar.close()
-    for chunk_items, chunk_twin, chunk_defined, chunk_timings in results:
-        items += chunk_items
-        twin_diff += chunk_twin
-        pristine_defined += chunk_defined
-        for key, value in chunk_timings.items():
-            timings[key] += value
-    facts = {
-        "sources": total,
-        "sources_with_a_found_box": pristine_defined,
-        "items": len(items),
-        "onnx416_vs_pytorch416_max_score_diff": float(max(twin_diff) if twin_diff else 0.0),
-        "twin_check_images": len(twin_diff),
-        "stage1_seconds_summed_over_workers": {k: round(v, 1) for k, v in timings.items()},
-        "workers": workers,
-        "datasets": {d.name: len(d) for d in datasets},
-    }
-    return items, facts
-
-
-def _label_chunk(
-    config: UtilityBenchConfig, cache_dir: Path, d_index: int, begin: int, end: int
-) -> tuple[list[Item], list[float], int, dict[str, float]]:
-    """Label the samples ``begin:end`` of dataset ``d_index`` (one thread; a worker's job)."""
-    torch.set_num_threads(1)
-    onnx_path = default_shared_data() / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
-    dataset = _load(config)[d_index]
-    trunk = TrunkEncoder(cache_dir, replace(config.predictor, threads=1))
-    labelers = {
-        s: coco_yolox_at(s, onnx_path, cache_dir, dataset.labels, num_threads=1)
-        for s in config.labelers
-    }
-    unused = coco_yolox_at(config.unused_size, onnx_path, cache_dir, dataset.labels, num_threads=1)
-    shared = coco_yolox_at(416, onnx_path, cache_dir, num_threads=1)
-    twin = coco_yolox_at(416, onnx_path, cache_dir, num_threads=1, from_pytorch=True)
-    distortions = (
-        [("train", Distortion("jpeg", q)) for q in config.qualities]
-        + [("heldout", Distortion("jpeg", q)) for q in config.heldout_qualities]
-        + [("unseen", Distortion.parse(t)) for t in config.unseen]
-    )
-    items: list[Item] = []
-    twin_diff: list[float] = []
-    defined = 0
-    timings = dict.fromkeys(("detect", "brisque", "encode", "trunk"), 0.0)
-    for index in range(begin, end):
-        sample = dataset.samples[index]
-        image = sample.load_image()
-        gt = sample.boxes
-        start = time.perf_counter()
-        pristine = {s: d.predict([image])[0] for s, d in labelers.items()}
-        if index < TWIN_CHECK_IMAGES:
-            twin_diff.append(_max_score_difference(shared, twin, image))
-        timings["detect"] += time.perf_counter() - start
-        if any(detector_utility(gt, p, p).binary is not None for p in pristine.values()):
-            defined += 1
-        pending: list[Any] = []
-        made = [
-            _make_item(
-                dataset.name,
-                sample.image_id,
-                image,
-                gt,
-                group,
-                distortion,
-                labelers,
-                pristine,
-                unused,
-                config,
-                timings,
-                pending,
-            )
-            for group, distortion in distortions
-        ]
-        start = time.perf_counter()
-        maps = iter(trunk.encode(pending))  # one batch per source, in append order
-        for item in made:
-            item.maps = next(maps)
-            if item.group == "train":
-                item.png_maps = next(maps)
-        timings["trunk"] += time.perf_counter() - start
-        items += made
-    return items, twin_diff, defined, timings
-
-
-def _max_score_difference(a: OnnxYoloxDetector, b: OnnxYoloxDetector, image: Any) -> float:
-    """Largest |score difference| of matched boxes (same label, IoU ≥ 0.9) between two detectors;
-    1.0 when their box counts differ (they are then not the same network)."""
-    pa, pb = a.predict([image])[0], b.predict([image])[0]
-    if len(pa) != len(pb):
-        return 1.0
-    if not len(pa):
-        return 0.0
-    iou = pa.iou(pb)
-    j = iou.argmax(axis=1)
-    if (iou[np.arange(len(pa)), j] < 0.9).any() or (pa.labels != pb.labels[j]).any():
-        return 1.0
-    assert pa.scores is not None and pb.scores is not None
-    return float(np.abs(pa.scores - pb.scores[j]).max())
-
-
-def _make_item(
-    dataset: str,
-    source: str,
-    image: Any,
-    gt: Boxes,
-    group: str,
-    distortion: Distortion,
-    labelers: dict[int, OnnxYoloxDetector],
-    pristine: dict[int, Boxes],
-    unused: OnnxYoloxDetector,
-    config: UtilityBenchConfig,
-    timings: dict[str, float],
-    pending: list[Any],
-) -> Item:
-    """One labelled item; its distorted image (and, for the training group, the PNG round trip)
-    is appended to ``pending`` for the caller's trunk batch."""
-    start = time.perf_counter()
-    if distortion.kind == "jpeg":
-        file_bytes = encode_jpeg(image, int(distortion.level))
-        distorted = decode(file_bytes)
-    else:  # the unseen distortion is stored losslessly: no JPEG header anywhere
-        distorted = distortion.apply(image, seed=hash(source) % (2**31))
-        file_bytes = encode_png(distorted)
-    png_bytes = encode_png(distorted) if group == "train" else file_bytes
-    timings["encode"] += time.perf_counter() - start
-    start = time.perf_counter()
-    utilities = {
-        _labeler_name(s): detector_utility(gt, pristine[s], d.predict([distorted])[0])
-        for s, d in labelers.items()
-    }
-    unused_boxes = unused.predict([distorted])[0] if group == "heldout" else None
-    timings["detect"] += time.perf_counter() - start
-    combined = vote(list(utilities.values()))
-    labels: dict[str, int | None] = {k: u.binary for k, u in utilities.items()}
-    labels[COMBINED] = combined.binary
-    graded = {k: u.graded for k, u in utilities.items()}
-    graded[COMBINED] = combined.graded_mean
-    clipped = {k: u.clipped for k, u in utilities.items()}
-    clipped[COMBINED] = combined.clipped_mean
-    lap = laplacian_variance(distorted)
-    scores = {"jpeg_quality": jpeg_quality(file_bytes), "laplacian_var": lap}
-    if group != "heldout":
-        start = time.perf_counter()
-        scores["brisque"] = brisque_score(distorted, config.brisque_max_side)
-        timings["brisque"] += time.perf_counter() - start
-    pending.append(distorted)
-    png_scores: dict[str, float] = {}
-    if group == "train":
-        from_png = decode(png_bytes)
-        pending.append(from_png)
-        png_scores = {
-            "jpeg_quality": jpeg_quality(png_bytes),
-            "laplacian_var": laplacian_variance(from_png),
-            # BRISQUE reads pixels only and the PNG holds the same pixels (checked below)
-            "brisque": scores["brisque"]
-            if np.array_equal(np.asarray(from_png), np.asarray(distorted))
-            else brisque_score(from_png, config.brisque_max_side),
-        }
-    return Item(
-        dataset,
-        source,
-        distortion.name,
-        group,
-        labels,
-        graded,
-        clipped,
-        scores,
-        png_scores,
-        np.zeros(0, np.float16),  # filled by the caller from one trunk batch per source
-        None,
-        unused_boxes,
-        gt,
-    )
 
 
 # ---------------------------------------------------------------------------------- stage 2
@@ -785,8 +399,13 @@ def run_utility_bench(
     items: list[Item] | None = None
     facts: dict[str, Any] = {}
     if cache.is_file() and not force:
-        with cache.open("rb") as fh:
-            stored = pickle.load(fh)
+        try:
+            with cache.open("rb") as fh:
+                stored = pickle.load(fh)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+            # cut short, or written by older code (its classes lived elsewhere): build anew
+            print(f"stage 1 cache {cache} is unreadable ({type(exc).__name__}): rebuilding it")
+            stored = {}
         if stored.get("key") == key:
             items, facts = stored["items"], stored["facts"]
     if items is None:
@@ -794,8 +413,8 @@ def run_utility_bench(
         with cache.open("wb") as fh:
             pickle.dump({"key": key, "items": items, "facts": facts}, fh)
     facts["stage1_total_seconds"] = round(time.perf_counter() - start, 1)
-    labelings = [_labeler_name(s) for s in config.labelers] + [COMBINED]
-    dataset_labels = {d.name: (list(d.labels), d.ignore_overlap) for d in _load(config)}
+    labelings = [labeler_name(s) for s in config.labelers] + [COMBINED]
+    dataset_labels = {d.name: (list(d.labels), d.ignore_overlap) for d in load_datasets(config)}
     runs: list[dict[str, Any]] = []
     model_dir = out / "models"
     model_dir.mkdir(parents=True, exist_ok=True)

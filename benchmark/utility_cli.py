@@ -49,7 +49,7 @@ def register(modes: Any) -> argparse.ArgumentParser:
 def build_utility_config(args: argparse.Namespace) -> Any:
     import yaml
 
-    from benchmark.utility_bench import QUICK, load_utility_config
+    from benchmark.utility_config import QUICK, load_utility_config
 
     data: dict[str, Any] = {}
     if args.config is not None:
