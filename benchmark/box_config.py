@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from backend.active import check_measure
-from benchmark.config import ConfigError, DatasetConfig
+from benchmark.config import ConfigError, DatasetConfig, reject_unknown_keys
 
 __all__ = ["QUICK", "QUICK_DATASET", "BoxBenchConfig", "load_box_config", "load_box_yaml"]
 
@@ -90,10 +90,7 @@ class BoxBenchConfig:
 
 def load_box_config(data: dict[str, Any]) -> BoxBenchConfig:
     """A :class:`BoxBenchConfig` from a YAML mapping (unknown keys are an error)."""
-    known = set(BoxBenchConfig.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown box bench keys: {', '.join(sorted(unknown))}")
+    reject_unknown_keys(data, BoxBenchConfig, "box bench")
     values = dict(data)
     datasets = values.pop("datasets", [])
     if not datasets:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,15 @@ DETECTORS = ("yolox", "fasterrcnn")
 
 class ConfigError(ValueError):
     """The experiment configuration is inconsistent; the message names the key."""
+
+
+def reject_unknown_keys(data: Mapping[str, Any], config_class: type, what: str) -> None:
+    """A :class:`ConfigError` naming every key of ``data`` that is no field of the dataclass
+    ``config_class`` (a typo in a YAML grid would otherwise be ignored without a word)."""
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise ConfigError(f"{what}: unknown keys {unknown}; known: {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -298,9 +308,7 @@ def _dataset(value: Any) -> DatasetConfig:
     if isinstance(value, str):
         return DatasetConfig(spec=value)
     if isinstance(value, dict):
-        unknown = set(value) - {f.name for f in fields(DatasetConfig)}
-        if unknown:
-            raise ConfigError(f"dataset {value.get('spec')!r}: unknown keys {sorted(unknown)}")
+        reject_unknown_keys(value, DatasetConfig, f"dataset {value.get('spec')!r}")
         if "spec" not in value:
             raise ConfigError(f"dataset entry {value!r} needs a 'spec'")
         return DatasetConfig(**value)
@@ -311,10 +319,7 @@ def config_from_dict(data: dict[str, Any], default_name: str = "experiment") -> 
     """Build and validate a config from a mapping (a parsed YAML file)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(ExperimentConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+    reject_unknown_keys(data, ExperimentConfig, "config")
     values = dict(data)
     values.setdefault("name", default_name)
     values["datasets"] = [_dataset(d) for d in _as_list(values.get("datasets"), "datasets")]

@@ -14,7 +14,7 @@ from backend.utility.distortions import (
 from backend.utility.predictor import (
     PredictorConfig,
 )
-from benchmark.config import ConfigError
+from benchmark.config import ConfigError, reject_unknown_keys
 
 __all__ = ["BASELINES", "COMBINED", "QUICK", "UtilityBenchConfig", "load_utility_config"]
 
@@ -109,10 +109,7 @@ QUICK: dict[str, Any] = {
 
 def load_utility_config(data: dict[str, Any]) -> UtilityBenchConfig:
     """A config from a YAML/CLI dict (unknown keys are an error)."""
-    known = set(UtilityBenchConfig.__dataclass_fields__)
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown bench utility keys: {', '.join(sorted(unknown))}")
+    reject_unknown_keys(data, UtilityBenchConfig, "bench utility")
     values = dict(data)
     predictor = values.pop("predictor", {}) or {}
     try:

@@ -268,7 +268,7 @@ def test_config_parsing_and_errors(tmp_path: Path) -> None:
         ({"datasets": ["kitti:/x"], "approaches": ["fancy"]}, "unknown strategy"),
         ({"datasets": ["kitti:/x"], "score_thresholds": [0.01]}, "below prediction_floor"),
         ({"datasets": ["kitti:/x"], "iou_thresholds": [1.5]}, "outside"),
-        ({"datasets": ["kitti:/x"], "colour": "red"}, "unknown config keys"),
+        ({"datasets": ["kitti:/x"], "colour": "red"}, "config: unknown keys"),
         ({"datasets": [{"spec": "kitti:/x", "holdout_fraction": 0.1}]}, "unknown keys"),
     ]:
         with pytest.raises(ConfigError, match=message):

@@ -39,7 +39,7 @@ def test_config_rejects_overlapping_qualities_and_jpeg_as_unseen() -> None:
         load_utility_config({"unseen": ["jpeg:7"]})
     with pytest.raises(ConfigError, match="also a labeler"):
         load_utility_config({"labelers": [416, 320], "unused_size": 320})
-    with pytest.raises(ConfigError, match="unknown bench utility keys"):
+    with pytest.raises(ConfigError, match="bench utility: unknown keys"):
         load_utility_config({"qualitie": [5]})
     with pytest.raises(ConfigError, match="predictor"):
         load_utility_config({"predictor": {"train_from": 9}})
