@@ -5,9 +5,10 @@ algorithm lives here. Every error is JSON ``{"error": ...}`` naming the problem,
 and a bad request never takes the server down.
 
 The OpenAPI spec (``GET /openapi.json``, ``boxloop openapi``) is exact: request
-models carry their required fields, types and bounds, and every route lists each
-status it can answer. ``tests/integration/test_openapi_schemathesis.py`` holds the
-server to it.
+models (:mod:`backend.api_models`) carry their required fields, types and bounds,
+and every route lists each status it can answer.
+``tests/integration/test_openapi_schemathesis.py`` holds the server to it, on SQLite
+and on PostgreSQL.
 """
 
 from __future__ import annotations
