@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from backend.errors import ServiceError
+from backend.ingest import cli_project_id
 from backend.settings import SettingsError, load_settings
 
 # Busy-waiting OpenMP threads steal the cores from a training child running beside the server
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_status)
 
     train = sub.add_parser("train", help="train a new model version for a project now")
-    train.add_argument("--project", type=int, required=True)
+    train.add_argument("--project", type=cli_project_id, required=True)
     train.set_defaults(func=_train)
 
     order = sub.add_parser(
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="order a project's queue and push it to Label Studio",
         description="Options left out take the settings, as POST /projects/{id}/order does.",
     )
-    order.add_argument("--project", type=int, required=True)
+    order.add_argument("--project", type=cli_project_id, required=True)
     order.add_argument(
         "--strategy",
         choices=["random", "similar", "dissimilar", "temporal"],
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="box-level active learning: query the most informative predicted boxes",
         description="One episode, as POST /projects/{id}/box-queries runs it (docs/active-learning.md).",
     )
-    boxes.add_argument("--project", type=int, required=True)
+    boxes.add_argument("--project", type=cli_project_id, required=True)
     boxes.add_argument(
         "--measure", choices=["random", "uncertainty", "entropy", "margin", "coreset"]
     )
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predicts those lacking the serving version's prediction and imports them in batches "
         "(docs/scale.md). Ctrl-C and run again to resume.",
     )
-    predict.add_argument("--project", type=int, required=True)
+    predict.add_argument("--project", type=cli_project_id, required=True)
     predict.add_argument(
         "--ray",
         action="store_const",

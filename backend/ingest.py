@@ -8,6 +8,7 @@ label, missing sizes) is stored raw with its ``parse_error``.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,14 @@ class IngestResult:
 #: (``INTEGER``). A larger id could not come from Label Studio, and PostgreSQL would refuse it
 #: with a 500 instead of the 4xx that names it. The HTTP spec's ``Id`` and path ids use it too.
 MAX_ID = 2**31 - 1
+
+
+def cli_project_id(text: str) -> int:
+    """An argparse ``type``: a project id as Label Studio has them (1 to :data:`MAX_ID`)."""
+    value = label_studio_id(int(text)) if text.strip().lstrip("-").isdigit() else None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a project id (1 to {MAX_ID})")
+    return value
 
 
 class AnnotationPayloadError(ValueError):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from backend.ingest import cli_project_id
 from backend.settings import load_settings
 
 __all__ = ["register"]
@@ -78,7 +79,7 @@ def register(sub: Any) -> None:
         description='Query JSON: {"objects": [{"box": {"x", "y", "width", "height"} '
         'in percent, "label": NAME or "strokes": [[[x, y], ...], ...]}]}',
     )
-    search.add_argument("--project", type=int, required=True)
+    search.add_argument("--project", type=cli_project_id, required=True)
     search.add_argument("--query", required=True, help="query JSON file")
     search.add_argument("--k", type=int, help="results (default BOXLOOP_SEARCH_TOP_K: 50)")
     search.add_argument(
@@ -89,7 +90,7 @@ def register(sub: Any) -> None:
         "search-train",
         help="train the search model on a project's annotated tasks and a sketch folder",
     )
-    train.add_argument("--project", type=int, required=True)
+    train.add_argument("--project", type=cli_project_id, required=True)
     train.add_argument(
         "--sketches", required=True, help="Quick, Draw! ndjson files named by the labels"
     )

@@ -55,3 +55,14 @@ def test_the_cli_reports_bad_settings_and_refusals_in_one_line(
     monkeypatch.setenv("BOXLOOP_FEATURE_EXTRACTOR", "imgnet_vgg99")
     assert main(["openapi"]) == 2
     assert "BOXLOOP_FEATURE_EXTRACTOR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2147483648", "seven"])
+def test_cli_project_ids_are_label_studio_ids(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id past Label Studio's 32-bit range would reach PostgreSQL as a DataError."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--project", value])
+    assert exit_.value.code == 2
+    assert "is not a project id (1 to 2147483647)" in capsys.readouterr().err
