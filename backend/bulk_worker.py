@@ -17,13 +17,14 @@ from pathlib import Path
 
 from backend.bulk.predict import BulkPredictRequest
 from backend.errors import ServiceError
+from backend.ingest import cli_project_id
 from backend.service import BoxloopService
 from backend.settings import settings_from_json
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one bulk pre-annotation (used internally).")
-    parser.add_argument("--project", type=int, required=True)
+    parser.add_argument("--project", type=cli_project_id, required=True)
     parser.add_argument("--request-json", required=True, help="a BulkPredictRequest as JSON")
     parser.add_argument("--settings-json", type=Path, required=True)
     args = parser.parse_args(argv)
