@@ -145,10 +145,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
-    parsed = urlparse(url if "://" in url else f"//{url}")
+    """``(scheme, host, port)``; all empty for a URL that cannot be parsed (a port that is not
+    a number, brackets that hold no IPv6 address), which no allow-list entry matches."""
     try:
+        parsed = urlparse(url if "://" in url else f"//{url}")
         port = parsed.port
-    except ValueError:  # a port that is not a number
+    except ValueError:
         return ("", "", None)
     scheme = parsed.scheme.lower()
     return scheme, (parsed.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
@@ -170,8 +172,8 @@ def host_allowed(url: str, allowed_hosts: Sequence[str]) -> bool:
             if _same_origin(url, entry):
                 return True
             continue
-        bare = urlparse(f"//{entry}")
         try:
+            bare = urlparse(f"//{entry}")
             entry_port = bare.port
         except ValueError:
             continue
@@ -255,7 +257,10 @@ def read_image_bytes(
         raise ImageDecodeError("task has no image reference")
     name = reference if len(reference) < 120 else reference[:117] + "..."
     _refuse_nul(reference, name)
-    parsed = urlparse(reference)
+    try:
+        parsed = urlparse(reference)
+    except ValueError as exc:  # e.g. brackets that hold no IPv6 address: http://[bad]/x.png
+        raise ImageError(f"{name!r}: not a URL or path that can be read ({exc})") from exc
     if parsed.scheme in ("http", "https"):
         return _fetch_http(reference, source, name, client)
     if parsed.scheme == "file":

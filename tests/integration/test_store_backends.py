@@ -346,12 +346,24 @@ def test_nul_characters_get_a_4xx_or_are_stored_never_a_500(tmp_path: Path, stor
         refused = client.post("/setup", json={**setup, "hostname": "http://ls\u0000.example"})
         assert refused.status_code == 422 and "hostname" in refused.json()["error"]
         assert client.post("/setup", json={**setup, "access_token": "a\u0000b"}).status_code == 422
+        # a hostname urlparse cannot read (brackets holding no IPv6 address) is stored but never
+        # trusted; /predict of the project goes on answering (it was a 500)
+        bad_host = {**setup, "hostname": "http://[bad]:8080"}
+        assert client.post("/setup", json=bad_host).status_code == 200
+        task = {"id": 4, "data": {"image": image}}
+        answer = client.post("/predict", json={"tasks": [task], "project": str(PROJECT)})
+        assert answer.status_code == 200, answer.text
         assert client.post("/setup", json=setup).status_code == 200
-        for reference in (f"{image}\u0000.png", "file:///tmp/a%00.png"):
+        refused = {
+            f"{image}\u0000.png": "NUL character",
+            "file:///tmp/a%00.png": "NUL character",
+            "http://[bad]/x.png": "not a URL or path that can be read",
+        }
+        for reference, reason in refused.items():
             task = {"id": 3, "data": {"image": reference}}
             answer = client.post("/predict", json={"tasks": [task], "project": str(PROJECT)})
             assert answer.status_code == 422, answer.text
-            assert "NUL character" in answer.json()["errors"][0]["error"]
+            assert reason in answer.json()["errors"][0]["error"]
         objects = [("Square\u0000", (10.0, 10.0, 40.0, 40.0))]
         event = _annotation_event("ANNOTATION_CREATED", 11, 3, image, objects)
         answer = client.post("/webhook", json=event)

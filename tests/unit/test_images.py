@@ -10,6 +10,7 @@ from PIL import Image
 
 from backend.images import (
     ImageDecodeError,
+    ImageError,
     ImageForbidden,
     ImageNotFound,
     ImageSource,
@@ -101,6 +102,17 @@ def test_any_decoding_failure_is_a_named_decode_error(
     monkeypatch.setattr(Image, "open", fail)
     with pytest.raises(ImageDecodeError, match=type(error).__name__):
         decode_image(data, max_pixels=10**6)
+
+
+@pytest.mark.parametrize("url", ["http://[bad]/x.png", "//[::1", "http://a]b/x.png", "[^x]"])
+def test_urls_python_cannot_parse_are_refused_not_raised(url: str) -> None:
+    """``urlparse`` raises ValueError for brackets that hold no IPv6 address. As a /setup
+    hostname such a URL made every later /predict of the project a 500; as an image, its task."""
+    assert not host_allowed(url, ["bad", "a", "::1"])
+    assert not host_allowed("http://ls/x.png", [url, "[::1"])
+    assert trusted_studio_url(None, url, [url]) is None
+    with pytest.raises(ImageError):  # its task's own 4xx, never a bare ValueError (a 500)
+        load_image(url, ImageSource(None, None))
 
 
 def test_image_hosts_allow_list() -> None:
