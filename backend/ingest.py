@@ -39,7 +39,10 @@ MAX_ID = 2**31 - 1
 
 def cli_project_id(text: str) -> int:
     """An argparse ``type``: a project id as Label Studio has them (1 to :data:`MAX_ID`)."""
-    value = label_studio_id(int(text)) if text.strip().lstrip("-").isdigit() else None
+    try:
+        value = label_studio_id(int(text))
+    except ValueError:  # not a number at all
+        value = None
     if value is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a project id (1 to {MAX_ID})")
     return value

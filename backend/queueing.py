@@ -95,29 +95,17 @@ class OrderRequest(BaseModel):
     def for_settings(cls, settings: Settings) -> type[OrderRequest]:
         """The request class whose defaults are ``settings`` (validated: a bad setting fails
         here, at start-up, not on the first order)."""
-        defaults = {
-            "strategy": settings.order_strategy,
-            "extractor": settings.feature_extractor,
-            "batch_size": settings.order_batch_size,
-            "seed": settings.order_seed,
+        setting_of = {  # request field: the setting that gives its default
+            "strategy": "order_strategy",
+            "extractor": "feature_extractor",
+            "batch_size": "order_batch_size",
+            "seed": "order_seed",
         }
-        variables = {
-            "strategy": "BOXLOOP_ORDER_STRATEGY",
-            "extractor": "BOXLOOP_FEATURE_EXTRACTOR",
-            "batch_size": "BOXLOOP_ORDER_BATCH_SIZE",
-            "seed": "BOXLOOP_ORDER_SEED",
-        }
+        defaults = {name: getattr(settings, setting) for name, setting in setting_of.items()}
         try:
             checked = cls.model_validate(defaults)
         except ValidationError as exc:
-            raise SettingsError(
-                "invalid settings: "
-                + "; ".join(
-                    f"{variables.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'order'}: "
-                    f"{e['msg']}"
-                    for e in exc.errors()
-                )
-            ) from exc
+            raise SettingsError.from_validation(exc, setting_of) from exc
         fields: dict[str, Any] = {}
         for name in defaults:
             info = copy.copy(cls.model_fields[name])

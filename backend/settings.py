@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -304,6 +305,22 @@ class Settings(BaseSettings):
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names the file, key or variable, and why."""
 
+    @classmethod
+    def from_validation(
+        cls, exc: ValidationError, settings_of: Mapping[str, str] | None = None
+    ) -> SettingsError:
+        """One line naming each failing setting and its variable. ``settings_of`` maps a field
+        of the validated model to the setting it came from (default: the same name)."""
+        problems = []
+        for error in exc.errors():
+            loc = [str(p) for p in error["loc"]]
+            if not loc:
+                problems.append(error["msg"])
+                continue
+            loc[0] = (settings_of or {}).get(loc[0], loc[0])
+            problems.append(f"{'.'.join(loc)} (BOXLOOP_{loc[0].upper()}): {error['msg']}")
+        return cls("invalid settings: " + "; ".join(problems))
+
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
     """Build settings: config file values < environment variables < explicit overrides.
@@ -335,13 +352,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     try:
         return Settings(**{**file_values, **overrides})
     except ValidationError as exc:
-        problems = [
-            f"{'.'.join(str(p) for p in e['loc'])} (BOXLOOP_{str(e['loc'][0]).upper()}): {e['msg']}"
-            if e["loc"]
-            else e["msg"]
-            for e in exc.errors()
-        ]
-        raise SettingsError("invalid settings: " + "; ".join(problems)) from exc
+        raise SettingsError.from_validation(exc) from exc
 
 
 def settings_to_json(settings: Settings, **overrides: Any) -> str:
