@@ -9,6 +9,7 @@ algorithms only ever see this type.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -115,6 +116,20 @@ class Boxes:
         if self.scores is None:
             return self
         return self[self.scores >= score_threshold]
+
+    def relabeled(self, new_index: Mapping[int, int]) -> Boxes:
+        """These boxes with label ``i`` turned into ``new_index[i]``; a box whose label is not a
+        key is dropped (an :data:`ANY_CLASS` region stays). Why: a model version speaks the label
+        list it was trained on, which the project may since have reordered or cut."""
+        labels = self.labels.tolist()
+        keep = [i for i, label in enumerate(labels) if label == ANY_CLASS or label in new_index]
+        kept = self[keep]
+        mapped = [
+            ANY_CLASS if label == ANY_CLASS else new_index[label] for label in kept.labels.tolist()
+        ]
+        return Boxes(
+            kept.xyxy, np.asarray(mapped, np.int64), kept.image_size, kept.scores, kept.ignore
+        )
 
     def clipped(self) -> Boxes:
         """Boxes clipped to the image, with degenerate (zero-area) ones removed."""

@@ -9,16 +9,20 @@ label, missing sizes) is stored raw with its ``parse_error``.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from backend.boxes import Boxes
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfig,
     regions_to_boxes,
 )
-from backend.store import Store
+from backend.store import Project, Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,67 @@ def label_studio_id(value: Any) -> int | None:
     return int(value) if 1 <= value <= MAX_ID else None
 
 
+def parse_boxes(
+    result: list[dict[str, Any]], config: LabelConfig
+) -> tuple[Boxes | None, str | None]:
+    """``(boxes, None)`` of an annotation's result under ``config``, or ``(None, why not)``.
+    Boxes are None too when no region tells the image size (an empty annotation)."""
+    try:
+        parsed = regions_to_boxes(result, config)
+    except AnnotationParseError as exc:
+        return None, str(exc)
+    return (parsed if parsed.image_size != (0, 0) else None), None
+
+
+def reads_differently(before: Project | None, config: LabelConfig) -> bool:
+    """Whether stored annotations of ``before`` would parse otherwise under ``config``: another
+    rectangle control, image, or label list (stored boxes index the label list they were read
+    with, so a reordered list would silently swap their classes)."""
+    return before is not None and (
+        (before.from_name, before.to_name, list(before.labels))
+        != (config.from_name, config.to_name, list(config.labels))
+    )
+
+
+def reparse_annotations(store: Store, project_id: int, config: LabelConfig) -> int:
+    """Read every stored annotation of the project again from its raw result, after its label
+    config changed; returns how many now read differently.
+
+    Why: the store keeps each annotation's boxes as label indices of the config it arrived
+    under, and training takes them from there. After an admin reorders, adds or removes labels
+    they would train the wrong classes; an annotation that named a label the config lacked
+    becomes usable once the label is added, and one naming a removed label is kept, raw, but no
+    longer trained on (its ``parse_error`` says why).
+    """
+    changed: dict[int, tuple[int, Boxes | None, str | None]] = {}
+    for annotation in store.list_annotations(project_id):
+        boxes, parse_error = parse_boxes(annotation.result, config)
+        if boxes != annotation.boxes or parse_error != annotation.parse_error:
+            changed[annotation.annotation_id] = (annotation.revision, boxes, parse_error)
+    return store.replace_parsed_boxes(project_id, changed) if changed else 0
+
+
+def save_label_config(
+    store: Store, project_id: int, label_config: str, config: LabelConfig, hostname: str | None
+) -> Project:
+    """Store a project's label config (``/setup``); when stored annotations read differently
+    under it, read them all again (:func:`reparse_annotations`)."""
+    before = store.get_project(project_id)
+    project = store.upsert_project(
+        project_id,
+        label_config=label_config,
+        from_name=config.from_name,
+        to_name=config.to_name,
+        image_key=config.image_key,
+        labels=config.labels,
+        hostname=hostname,
+    )
+    if reads_differently(before, config):
+        changed = reparse_annotations(store, project_id, config)
+        log.info("project %s: label config changed, %d annotations read anew", project_id, changed)
+    return project
+
+
 def ingest_annotation(
     store: Store,
     project_id: int,
@@ -96,13 +161,7 @@ def ingest_annotation(
         )
     if task is not None and isinstance(task.get("data"), dict):
         store.upsert_tasks(project_id, [(task_id, task["data"])])
-    parse_error: str | None = None
-    boxes = None
-    try:
-        parsed = regions_to_boxes(result, config)
-        boxes = parsed if parsed.image_size != (0, 0) else None
-    except AnnotationParseError as exc:
-        parse_error = str(exc)
+    boxes, parse_error = parse_boxes(result, config)
     revision, changed = store.upsert_annotation(
         project_id,
         annotation_id,

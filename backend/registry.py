@@ -22,9 +22,10 @@ from typing import Any
 
 from backend.boxes import Boxes
 from backend.detectors import Detector, OnnxYoloxDetector
+from backend.detectors.label_names import same_name_index
 from backend.detectors.pretrained import load_pretrained
 from backend.detectors.versions import load_model_version, load_version_detector, read_metadata
-from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
+from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano, remap_classes
 from backend.settings import Settings
 from backend.store import ModelVersion, Store
 from backend.training.yolox_train import initial_yolox
@@ -159,13 +160,17 @@ class ModelRegistry:
     ) -> tuple[str, YoloxNano, tuple[int, int] | None] | None:
         """``(version, PyTorch model, input shape or None)`` of what serves the project, for work
         the ONNX export cannot do (box-level queries need class distributions and features):
-        the newest promoted YOLOX version, else the COCO model with its head re-cut to
-        ``labels``. None when neither exists (or the serving version is not a YOLOX one)."""
+        the newest promoted YOLOX version, else the COCO model, either with its head re-cut to
+        ``labels`` (a label the version never learnt starts fresh). None when neither exists (or
+        the serving version is not a YOLOX one)."""
         record = self.serving_record(project_id)
         if record is not None:
             model, metadata = load_model_version(Path(record.path))
             if not isinstance(model, YoloxNano):
                 return None
+            if list(record.labels) != list(labels):  # the label config changed since it trained
+                rows = {t: s for s, t in same_name_index(record.labels, labels).items()}
+                model = remap_classes(model, [rows.get(i) for i in range(len(labels))])
             hw = metadata.get("input_hw")
             return record.version, model, (int(hw[0]), int(hw[1])) if hw else None
         path = self.settings.resolved_onnx_model_path
@@ -219,7 +224,12 @@ class ModelRegistry:
             detector: Detector = load_version_detector(
                 Path(record.path), self.settings, score_floor=score_floor
             )
-            return lambda images: detector.predict(list(images))
+            if list(record.labels) == list(labels):
+                return lambda images: detector.predict(list(images))
+            # the label config changed since it trained: its boxes in the project's label indices
+            # (a removed label's boxes drop), or the gate would score them as other labels
+            index = same_name_index(record.labels, labels)
+            return lambda images: [b.relabeled(index) for b in detector.predict(list(images))]
         mapped = self.pretrained_for(labels, score_threshold=score_floor)
         if mapped is None:
             return None

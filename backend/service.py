@@ -25,6 +25,7 @@ from backend.bulk.predict import BulkPredictor, BulkPredictRequest
 from backend.bulk.runs import BulkRuns
 from backend.errors import ServiceError
 from backend.images import ImageError, load_image, task_image_loader
+from backend.ingest import save_label_config
 from backend.jobs import TrainingScheduler
 from backend.labelstudio.convert import (
     LabelConfig,
@@ -190,15 +191,7 @@ class BoxloopService:
         if project_id is None:
             raise ServiceError(400, f"'project' must be a project id, got {project!r:.60}")
         config = self._parse_config(label_config)
-        self.store.upsert_project(
-            project_id,
-            label_config=label_config,
-            from_name=config.from_name,
-            to_name=config.to_name,
-            image_key=config.image_key,
-            labels=config.labels,
-            hostname=hostname,
-        )
+        save_label_config(self.store, project_id, label_config, config, hostname)
         if access_token:
             self.studio.remember_setup_token(project_id, access_token)
         return self.current_model(project_id, config.labels).version

@@ -365,6 +365,35 @@ class Store:
                 conn.execute(update(annotations_table).where(key).values(**values))
         return revision, True
 
+    def replace_parsed_boxes(
+        self, project_id: int, parsed: Mapping[int, tuple[int, Boxes | None, str | None]]
+    ) -> int:
+        """Store annotations' boxes and parse errors read anew (``{annotation id: (revision it
+        was read at, boxes, parse error)}``) in one transaction; returns how many were written.
+
+        The revision stays: the annotation is the same, only how it reads under the project's
+        label config changed, so it is no new work for the training trigger. A row whose
+        revision moved meanwhile (a webhook replaced it) is left as that write stored it.
+        """
+        written = 0
+        with self._tx() as conn:
+            for annotation_id, (revision, boxes, parse_error) in parsed.items():
+                key = (
+                    (annotations_table.c.project_id == project_id)
+                    & (annotations_table.c.annotation_id == annotation_id)
+                    & (annotations_table.c.revision == revision)
+                )
+                res = conn.execute(
+                    update(annotations_table)
+                    .where(key)
+                    .values(
+                        boxes=None if boxes is None else boxes.to_dict(),
+                        parse_error=_text(parse_error),
+                    )
+                )
+                written += res.rowcount or 0
+        return written
+
     def delete_annotations(self, project_id: int, annotation_ids: Iterable[int]) -> int:
         """Mark annotations deleted (kept as tombstones); returns how many changed."""
         changed = 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["CONCEPTS", "canonical_name", "map_class_names"]
+__all__ = ["CONCEPTS", "canonical_name", "map_class_names", "same_name_index"]
 
 #: concept → accepted spellings (canonical form), best first. Names not listed are their own concept.
 CONCEPTS: dict[str, tuple[str, ...]] = {
@@ -74,3 +74,15 @@ def map_class_names(source: Sequence[str], targets: Sequence[str]) -> dict[int, 
         if concept in best:
             mapping[index] = best[concept][1]
     return mapping
+
+
+def same_name_index(source: Sequence[str], targets: Sequence[str]) -> dict[int, int]:
+    """``{source index: target index}`` for the labels spelled exactly alike in both.
+
+    How a trained version's labels meet the project's after an admin edits the label config
+    (adds, removes, reorders or renames a label): a version's labels *are* the project's label
+    values, which Label Studio compares as exact strings, so no synonyms here. A renamed label is
+    a new one; its old boxes drop.
+    """
+    where = {name: index for index, name in enumerate(targets)}
+    return {i: where[name] for i, name in enumerate(source) if name in where}

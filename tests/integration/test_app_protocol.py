@@ -169,6 +169,49 @@ def test_webhooks_store_every_annotation(stored_client: TestClient, images: list
     assert kept[0].result[0]["value"]["x"] == 20
 
 
+def test_a_label_config_edit_reads_stored_annotations_again(
+    stored_client: TestClient, images: list[Path]
+) -> None:
+    """Stored boxes hold label indices of the config they arrived under, and training takes
+    them from the store: after an admin reorders or edits the labels, they must be read again,
+    or a ``Square`` trains as whatever label now stands first."""
+    client = stored_client
+    client.post("/setup", json=SETUP)  # Square, Disc
+    client.post("/webhook", json=_created(1, 1, str(images[0])))  # a Square
+    client.post("/webhook", json=_created(2, 2, str(images[1]), labels=["Cat"]))  # not a label yet
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+
+    def read() -> dict[int, tuple[list[int] | None, str | None, int]]:
+        return {
+            a.annotation_id: (
+                None if a.boxes is None else a.boxes.labels.tolist(),
+                a.parse_error,
+                a.revision,
+            )
+            for a in store.list_annotations(7)
+        }
+
+    before = read()
+    assert before[1][:2] == ([0], None) and before[2][0] is None and "'Cat'" in str(before[2][1])
+    edited = LABEL_CONFIG.replace(
+        '<Label value="Square"/><Label value="Disc"/>',
+        '<Label value="Cat"/><Label value="Disc"/><Label value="Square"/>',
+    )
+    assert client.post("/setup", json=dict(SETUP, schema=edited)).status_code == 200
+    after = read()
+    assert after[1][:2] == ([2], None)  # Square is the third label now
+    assert after[2][:2] == ([0], None)  # Cat is a label now: usable for training
+    # the same annotations, no new work: the training trigger's revisions stay
+    assert [r[2] for r in after.values()] == [r[2] for r in before.values()]
+    removed = LABEL_CONFIG.replace('<Label value="Square"/>', "")  # Disc only
+    client.post("/setup", json=dict(SETUP, schema=removed))
+    gone = read()
+    assert gone[1][0] is None and "'Square'" in str(gone[1][1])  # kept raw, not trained on
+    assert store.list_annotations(7)[0].result[0]["value"]["rectanglelabels"] == ["Square"]
+    status = client.get("/status").json()["projects"][0]
+    assert status["annotations"]["unparsable"] == 2
+
+
 def test_webhook_for_an_unknown_project_is_a_404(client: TestClient) -> None:
     answer = client.post(
         "/webhook",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from backend import registry as registry_module
@@ -131,3 +133,61 @@ def test_a_round_takes_predictor_tasks_and_warm_start_from_one_serving_version(
     cold = registry.round_base(1, ["a"], score_floor=0.05, warm_start=False)
     assert reads == ["read_metadata"] and cold.warm is None
     assert cold.trained_on == frozenset({4, 7})  # still kept out of the slice
+
+
+def _promote_two_label_v1(registry: ModelRegistry) -> YoloxNano:
+    """A promoted YOLOX version ``v1`` of labels ``a, b`` that finds objects of both everywhere."""
+    model = YoloxNano(num_classes=2).eval()
+    with torch.no_grad():  # every anchor a sure object; ``a`` and ``b`` both above the floor
+        for level in model.head.per_level():
+            assert level.obj_pred.bias is not None and level.cls_pred.bias is not None
+            level.obj_pred.bias.fill_(6.0)
+            level.cls_pred.bias.fill_(2.0)  # which wins is up to the weights
+    directory = registry.settings.models_dir / "project-1" / "v1"
+    metadata = {"labels": ["a", "b"], "input_hw": [64, 64], "trained_on": [4, 7]}
+    save_model_version(model, directory, metadata)
+    registry.store.add_model_version(
+        1, "v1", str(directory), ["a", "b"], n_annotations=2, n_images=2, annotations_revision=1,
+        metrics={"status": "promoted", "reason": "test"},
+    )  # fmt: skip
+    return model
+
+
+def test_after_a_label_config_edit_the_serving_version_speaks_the_new_labels(
+    tmp_path: Path,
+) -> None:
+    """An admin removed ``a`` and added ``c`` in front of ``b``: the gate must score v1's ``b``
+    boxes as ``b`` (index 1 now) and drop its ``a`` boxes. Before, they kept v1's indices: the
+    gate scored ``b`` as ``c``, and a box of a removed label made every training job fail
+    (``prediction label outside 0..n``)."""
+    registry = _registry(tmp_path, keep=5)
+    _promote_two_label_v1(registry)
+    image = Image.new("RGB", (64, 64), (90, 120, 60))
+    as_trained = registry.round_base(1, ["a", "b"], score_floor=0.05, warm_start=False).predict
+    edited = registry.round_base(1, ["c", "b"], score_floor=0.05, warm_start=False).predict
+    assert as_trained is not None and edited is not None
+    (before,) = as_trained([image])
+    (after,) = edited([image])
+    assert set(before.labels.tolist()) == {0, 1}  # both labels predicted, as v1 learnt them
+    b_boxes = before[before.labels == 1]
+    assert len(b_boxes) > 0
+    assert after.labels.tolist() == [1] * len(b_boxes)  # ``b`` is index 1 of the new list
+    np.testing.assert_allclose(after.xyxy, b_boxes.xyxy)
+    np.testing.assert_allclose(after.scores, b_boxes.scores)
+    gone = registry.round_base(1, ["c"], score_floor=0.05, warm_start=False).predict
+    assert gone is not None and len(gone([image])[0]) == 0  # no label left in common
+
+
+def test_box_queries_get_the_serving_version_recut_to_the_new_labels(tmp_path: Path) -> None:
+    registry = _registry(tmp_path, keep=5)
+    v1 = _promote_two_label_v1(registry)
+    served = registry.serving_torch_model(1, ["c", "b"])
+    assert served is not None
+    version, model, hw = served
+    assert version == "v1" and hw == (64, 64) and model.num_classes == 2
+    for old, new in zip(v1.head.per_level(), model.head.per_level(), strict=True):
+        torch.testing.assert_close(new.cls_pred.weight[1], old.cls_pred.weight[1])  # b kept
+        assert not torch.equal(new.cls_pred.weight[0], old.cls_pred.weight[0])  # c is new
+        torch.testing.assert_close(new.obj_pred.weight, old.obj_pred.weight)
+    same = registry.serving_torch_model(1, ["a", "b"])
+    assert same is not None and same[1].num_classes == 2
