@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from backend.errors import ServiceError
-from backend.ingest import MAX_ID, AnnotationPayloadError, ingest_annotation, label_studio_id
+from backend.ingest import (
+    MAX_ID,
+    AnnotationPayloadError,
+    ingest_annotation,
+    label_studio_id,
+    save_label_config,
+)
 from backend.labelstudio.convert import LabelConfigError, parse_label_config
 from backend.store import Project, Store
 
@@ -199,14 +205,7 @@ class WebhookHandler:
                     raise ServiceError(422, f"project {project_id}: {exc}") from exc
             else:
                 if stored is None or stored.label_config != label_config:
-                    stored = self.store.upsert_project(
-                        project_id,
-                        label_config=label_config,
-                        from_name=config.from_name,
-                        to_name=config.to_name,
-                        image_key=config.image_key,
-                        labels=config.labels,
-                    )
+                    stored = save_label_config(self.store, project_id, label_config, config, None)
         if stored is None:
             raise ServiceError(
                 404,

@@ -210,6 +210,11 @@ def test_a_label_config_edit_reads_stored_annotations_again(
     assert store.list_annotations(7)[0].result[0]["value"]["rectanglelabels"] == ["Square"]
     status = client.get("/status").json()["projects"][0]
     assert status["annotations"]["unparsable"] == 2
+    # a webhook carries the project's config too (Square, Disc again): the same re-reading
+    assert client.post("/webhook", json=_created(3, 3, str(images[2]))).json()["stored"] == 1
+    restored = read()
+    assert restored[1][:2] == ([0], None) and restored[3][:2] == ([0], None)
+    assert "'Cat'" in str(restored[2][1])
 
 
 def test_webhook_for_an_unknown_project_is_a_404(client: TestClient) -> None:
