@@ -24,7 +24,7 @@ each episode and its counts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +40,7 @@ from backend.active import (
     select_boxes,
 )
 from backend.boxes import Boxes
+from backend.detectors.label_names import same_name_index
 from backend.errors import ServiceError
 from backend.labelstudio.convert import boxes_to_regions, parse_label_config
 from backend.ordering.ranks import ranks_for
@@ -170,6 +171,7 @@ class BoxQueryManager:
         params = {
             **request.model_dump(),
             "version": version,
+            "labels": list(project.labels),  # what the queries' label indices index
             "input_hw": list(hw),
             # shown to the annotator unasked: in the submitted annotation they are noisy labels
             "unqueried": unqueried,
@@ -291,15 +293,17 @@ class BoxQueryManager:
         for a in self.store.list_annotations(project_id):
             if a.task_id == task_id and not a.was_cancelled and a.boxes is not None:
                 answer = a.boxes
-        if answer is None:
+        project = self.store.get_project(project_id)
+        if answer is None or project is None:
             return None
-        for number, _params, queries in reversed(episodes):
+        for number, params, queries in reversed(episodes):
             mine = [i for i, q in enumerate(queries) if q["task"] == task_id and q["kind"] is None]
             if not mine:
                 continue
+            label_now = episode_label_map(params, project.labels)
             asked = Boxes(
                 np.array([queries[i]["xyxy"] for i in mine], np.float32).reshape(-1, 4),
-                np.array([queries[i]["label"] for i in mine], np.int64),
+                np.array([label_now(queries[i]["label"]) for i in mine], np.int64),
                 answer.image_size,
             )
             answers = resolve_queries(asked, answer)
@@ -348,12 +352,27 @@ def _values(pool: Any, measure: str, rows: np.ndarray, seed: int) -> list[float]
     return [float(scores[r]) for r in rows.tolist()]
 
 
+def episode_label_map(params: Mapping[str, Any], labels: Sequence[str]) -> Callable[[int], int]:
+    """An episode's stored label index → the project's label index now (``-1``, which matches
+    no box, for a label since removed). Why: an admin may edit the label config between the
+    episode and the answers, and the answers are read under the new one. An episode stored
+    before episodes recorded their labels is taken to use today's."""
+    then = params.get("labels")
+    if not isinstance(then, list) or list(then) == list(labels):
+        return int
+    index = same_name_index([str(name) for name in then], labels)
+    return lambda label: index.get(int(label), -1)
+
+
 def unverified_boxes(store: Store, project_id: int) -> dict[int, tuple[Boxes, float]]:
     """Per task of a box-query episode: the predicted boxes it showed without asking about them,
     and the episode's λ_d (the newest episode of a task wins). Training weighs a submitted box
     that still equals one of them at λ_d (:func:`backend.active.noisy_box_weights`)."""
     out: dict[int, tuple[Boxes, float]] = {}
+    project = store.get_project(project_id)
+    labels = project.labels if project is not None else []
     for _number, params, queries in store.list_box_episodes(project_id):
+        label_now = episode_label_map(params, labels)
         weight = float(params.get("noisy_weight", 0.5))
         shown: dict[int, list[dict[str, Any]]] = {}
         for item in params.get("unqueried", []):
@@ -363,7 +382,7 @@ def unverified_boxes(store: Store, project_id: int) -> dict[int, tuple[Boxes, fl
             size = tuple(items[0]["size"]) if items else (1, 1)
             boxes = Boxes(
                 np.array([i["xyxy"] for i in items], np.float32).reshape(-1, 4),
-                np.array([i["label"] for i in items], np.int64),
+                np.array([label_now(i["label"]) for i in items], np.int64),
                 (int(size[0]), int(size[1])),
             )
             out[task] = (boxes, weight)

@@ -97,8 +97,11 @@ def test_an_episode_queries_the_most_uncertain_boxes_and_maps_the_answer_back(
     assert answered == on_task
     assert row["confirmed"] + row["adjusted"] + row["drawn"] == len(truth)
 
+    # the admin reverses the label order (20 VOC labels: every index the episode stored changes);
     # another task is submitted as shown (every predicted box kept): training weighs the boxes
     # it never asked about at λ_d and the queried ones at 1
+    assert params["labels"] == labels
+    service.setup(3, _config(labels[::-1]))
     other = next(q["task"] for q in queries if q["task"] != task)
     asked = [q for q in queries if q["task"] == other]
     shown = [u for u in params["unqueried"] if u["task"] == other]
@@ -109,7 +112,7 @@ def test_an_episode_queries_the_most_uncertain_boxes_and_maps_the_answer_back(
             "action": "ANNOTATION_CREATED",
             "annotation": {"id": 502, "task": other, "result": ls_result(kept, size)},
             "task": {"id": other, "data": {"image": str(samples[other - 1].image_path)}},
-            "project": {"id": 3, "label_config": _config(labels)},
+            "project": {"id": 3, "label_config": _config(labels[::-1])},
         }
     )
     project = service.store.get_project(3)
