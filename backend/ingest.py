@@ -172,6 +172,15 @@ def ingest_annotation(
         was_cancelled=bool(cancelled),
         source=source,
     )
+    now = store.get_project(project_id)
+    if now is not None and reads_differently(now, config):
+        # A /setup stored another label config while this annotation was parsed under the one
+        # read before: its re-read of the stored annotations may have run before this write, so
+        # this one is read again here. (Either this check sees the new config, or the /setup
+        # stored it after this write and re-reads this annotation itself.)
+        current = LabelConfig(now.from_name, now.to_name, now.image_key, tuple(now.labels))
+        boxes, parse_error = parse_boxes(result, current)
+        store.replace_parsed_boxes(project_id, {annotation_id: (revision, boxes, parse_error)})
     return IngestResult(annotation_id, task_id, revision, changed, parse_error)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (
     Engine,
+    bindparam,
     create_engine,
     event,
     func,
@@ -375,24 +376,31 @@ class Store:
         label config changed, so it is no new work for the training trigger. A row whose
         revision moved meanwhile (a webhook replaced it) is left as that write stored it.
         """
-        written = 0
-        with self._tx() as conn:
-            for annotation_id, (revision, boxes, parse_error) in parsed.items():
-                key = (
-                    (annotations_table.c.project_id == project_id)
-                    & (annotations_table.c.annotation_id == annotation_id)
-                    & (annotations_table.c.revision == revision)
-                )
-                res = conn.execute(
-                    update(annotations_table)
-                    .where(key)
-                    .values(
-                        boxes=None if boxes is None else boxes.to_dict(),
-                        parse_error=_text(parse_error),
-                    )
-                )
-                written += res.rowcount or 0
-        return written
+        table = annotations_table
+        statement = (
+            update(table)
+            .where(
+                (table.c.project_id == bindparam("b_project"))
+                & (table.c.annotation_id == bindparam("b_annotation"))
+                & (table.c.revision == bindparam("b_revision"))
+            )
+            .values(boxes=bindparam("b_boxes"), parse_error=bindparam("b_error"))
+        )
+        rows = [
+            {
+                "b_project": project_id,
+                "b_annotation": annotation_id,
+                "b_revision": revision,
+                "b_boxes": None if boxes is None else boxes.to_dict(),
+                "b_error": _text(parse_error),
+            }
+            for annotation_id, (revision, boxes, parse_error) in parsed.items()
+        ]
+        if not rows:
+            return 0
+        with self._tx() as conn:  # one statement, executed for every row (executemany)
+            result = conn.execute(statement, rows)
+        return result.rowcount if result.rowcount >= 0 else len(rows)
 
     def delete_annotations(self, project_id: int, annotation_ids: Iterable[int]) -> int:
         """Mark annotations deleted (kept as tombstones); returns how many changed."""

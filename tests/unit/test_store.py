@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from backend.boxes import Boxes
+from backend.ingest import ingest_annotation, save_label_config
+from backend.labelstudio.convert import LabelConfig
 from backend.store import Store
 
 
@@ -146,3 +148,48 @@ def test_text_with_nul_characters_is_stored(store: Store) -> None:
     store.update_job(job, status="failed", error="bad \x00 byte")
     record = store.get_job(job)
     assert record is not None and record.error == "bad \ufffd byte"
+
+
+def test_reparsed_boxes_skip_rows_a_newer_write_replaced(store: Store) -> None:
+    """``replace_parsed_boxes`` (a label config edit) keeps revisions, and leaves a row alone
+    when a webhook stored a newer revision since it was read."""
+    _project(store)
+    old = Boxes(np.array([[1, 2, 30, 40]]), np.array([0]), (100, 80))
+    new = old.relabeled({0: 1, 1: 0})
+    rev_a, _ = store.upsert_annotation(1, 10, 5, [{"r": 1}], old)
+    rev_b, _ = store.upsert_annotation(1, 11, 6, [{"r": 1}], old)
+    rev_b2, _ = store.upsert_annotation(1, 11, 6, [{"r": 2}], old)  # read at rev_b, then replaced
+    written = store.replace_parsed_boxes(1, {10: (rev_a, new, None), 11: (rev_b, None, "gone")})
+    assert written == 1
+    by_id = {a.annotation_id: a for a in store.list_annotations(1)}
+    assert by_id[10].boxes == new and by_id[10].revision == rev_a
+    assert by_id[11].boxes == old and by_id[11].parse_error is None
+    assert by_id[11].revision == rev_b2
+    assert store.count_annotations_since(1, rev_b2) == 0  # no new work for the trigger
+
+
+def _region(label: str) -> dict[str, object]:
+    return {
+        "from_name": "label",
+        "to_name": "image",
+        "type": "rectanglelabels",
+        "original_width": 100,
+        "original_height": 80,
+        "value": {"x": 10, "y": 10, "width": 20, "height": 25, "rectanglelabels": [label]},
+    }
+
+
+def test_an_annotation_parsed_under_a_config_replaced_meanwhile_is_read_again(
+    store: Store,
+) -> None:
+    """A webhook parses under the config it read; a /setup that stores another one (and re-reads
+    the stored annotations) before the webhook's write must not leave it under the old labels."""
+    _project(store)  # labels a, b
+    stale = LabelConfig("label", "image", "image", ("a", "b"))
+    edited = LabelConfig("label", "image", "image", ("b", "a"))
+    save_label_config(store, 1, "<View/>", edited, None)  # the /setup wins the race
+    ingest_annotation(store, 1, stale, {"id": 10, "task": 5, "result": [_region("b")]})
+    ingest_annotation(store, 1, stale, {"id": 11, "task": 6, "result": [_region("c")]})
+    (a10, a11) = sorted(store.list_annotations(1), key=lambda a: a.annotation_id)
+    assert a10.boxes is not None and a10.boxes.labels.tolist() == [0]  # "b" is first now
+    assert a11.boxes is None and "c" in (a11.parse_error or "")
