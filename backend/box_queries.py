@@ -46,7 +46,7 @@ from backend.labelstudio.convert import boxes_to_regions, parse_label_config
 from backend.ordering.ranks import ranks_for
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from backend.store import Store
+from backend.store import Store, latest_per_task
 from backend.training.yolox_train import YoloxTrainConfig, input_shape_for
 
 __all__ = ["BoxQueryManager", "BoxQueryRequest", "unverified_boxes"]
@@ -285,36 +285,51 @@ class BoxQueryManager:
 
     # ------------------------------------------------------------------ answers
     def record_answer(self, project_id: int, task_id: int) -> dict[str, int] | None:
-        """Resolve the task's open queries against its newest stored annotation."""
+        """Resolve the task's open queries, in every episode that asked them, against the task's
+        newest annotation (the one training takes); returns the counts of this answer, or None
+        when no query was open.
+
+        An empty annotation (the annotator deleted every box shown) answers too: each query is
+        background. Label Studio sends no image size without a region, so such an answer is
+        matched in the queries' own frame."""
         episodes = self.store.list_box_episodes(project_id)
-        if not episodes:
-            return None
-        answer = None
-        for a in self.store.list_annotations(project_id):
-            if a.task_id == task_id and not a.was_cancelled and a.boxes is not None:
-                answer = a.boxes
         project = self.store.get_project(project_id)
-        if answer is None or project is None:
+        if not episodes or project is None:
             return None
-        for number, params, queries in reversed(episodes):
+        newest = latest_per_task(self.store.list_annotations(project_id, task_id=task_id))
+        if not newest or newest[0].parse_error is not None:
+            return None
+        answer = newest[0].boxes
+        if answer is None and any(
+            isinstance(r, dict) and r.get("from_name") == project.from_name
+            for r in newest[0].result
+        ):  # boxes without their image size (read at training, from the image): not empty
+            return None
+        counts = dict.fromkeys(("confirmed", "adjusted", "duplicate", "background"), 0)
+        drawn = 0
+        resolved: list[int] = []
+        for number, params, queries in episodes:
             mine = [i for i, q in enumerate(queries) if q["task"] == task_id and q["kind"] is None]
             if not mine:
                 continue
             label_now = episode_label_map(params, project.labels)
+            task_answer = Boxes.empty((0, 0)) if answer is None else answer
             asked = Boxes(
                 np.array([queries[i]["xyxy"] for i in mine], np.float32).reshape(-1, 4),
                 np.array([label_now(queries[i]["label"]) for i in mine], np.int64),
-                answer.image_size,
+                task_answer.image_size,
             )
-            answers = resolve_queries(asked, answer)
+            answers = resolve_queries(asked, task_answer)
             for i, kind in zip(mine, answers.kind, strict=True):
                 queries[i] = {**queries[i], "kind": kind, "drawn_on_task": len(answers.drawn)}
             self.store.set_box_queries(project_id, number, queries)
-            counts = {
-                k: answers.count(k) for k in ("confirmed", "adjusted", "duplicate", "background")
-            }
-            return {**counts, "drawn": len(answers.drawn), "episode": number}
-        return None
+            for kind in counts:
+                counts[kind] += answers.count(kind)
+            drawn = len(answers.drawn)
+            resolved.append(number)
+        if not resolved:
+            return None
+        return {**counts, "drawn": drawn, "episode": resolved[-1]}
 
     # ------------------------------------------------------------------ status
     def status(self, project_id: int) -> list[dict[str, Any]]:

@@ -127,6 +127,14 @@ def _refuse_nul(reference: str, name: str) -> None:
 
 def _read_local(path: Path, source: ImageSource, name: str) -> bytes:
     _refuse_nul(str(path), name)  # a file:// URL may spell it %00
+    try:
+        return _read_allowed_file(path, source, name)
+    except (OSError, UnicodeError, ValueError) as exc:  # a name the file system cannot take:
+        # too long, a lone surrogate; a file that went away or cannot be read
+        raise ImageError(f"{name!a}: the file cannot be read ({type(exc).__name__})") from exc
+
+
+def _read_allowed_file(path: Path, source: ImageSource, name: str) -> bytes:
     resolved = path.expanduser().resolve()
     roots = [root.expanduser().resolve() for root in source.allowed_local_roots]
     if not any(resolved.is_relative_to(root) for root in roots):
@@ -240,6 +248,8 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
                     raise ImageTooLarge(f"{name}: over the {source.max_bytes} byte limit")
                 chunks.append(chunk)
             return b"".join(chunks)
+    except httpx.InvalidURL as exc:  # a control character, or past httpx's length limit
+        raise ImageError(f"{name!a}: not a URL that can be fetched ({exc})") from exc
     except httpx.HTTPError as exc:
         raise ImageFetchError(
             f"{name}: fetching the image failed ({exc.__class__.__name__})"

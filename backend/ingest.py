@@ -18,6 +18,7 @@ from backend.boxes import Boxes
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfig,
+    MissingImageSize,
     regions_to_boxes,
 )
 from backend.store import Project, Store
@@ -70,9 +71,12 @@ def parse_boxes(
     result: list[dict[str, Any]], config: LabelConfig
 ) -> tuple[Boxes | None, str | None]:
     """``(boxes, None)`` of an annotation's result under ``config``, or ``(None, why not)``.
-    Boxes are None too when no region tells the image size (an empty annotation)."""
+    Boxes are None too when no region tells the image size (an empty annotation, or Label
+    Studio left the sizes out): training reads those at the loaded image's size."""
     try:
         parsed = regions_to_boxes(result, config)
+    except MissingImageSize:  # read at training, at the loaded image's size
+        return None, None
     except AnnotationParseError as exc:
         return None, str(exc)
     return (parsed if parsed.image_size != (0, 0) else None), None
@@ -135,8 +139,10 @@ def ingest_annotation(
     *,
     task: dict[str, Any] | None = None,
     source: str = "webhook",
+    keep_newer_than: int | None = None,
 ) -> IngestResult:
-    """Validate the envelope, parse boxes where possible, and commit to the store."""
+    """Validate the envelope, parse boxes where possible, and commit to the store (a stored row
+    whose revision is above ``keep_newer_than`` stays: see :meth:`Store.upsert_annotation`)."""
     if not isinstance(annotation, dict):
         raise AnnotationPayloadError("annotation must be a JSON object")
     annotation_id = label_studio_id(annotation.get("id"))
@@ -160,7 +166,15 @@ def ingest_annotation(
             f"annotation {annotation_id}: 'was_cancelled' must be a boolean"
         )
     if task is not None and isinstance(task.get("data"), dict):
-        store.upsert_tasks(project_id, [(task_id, task["data"])])
+        if task.get("id") in (None, task_id):
+            store.upsert_tasks(project_id, [(task_id, task["data"])])
+        else:  # another task's data: it would put this annotation's boxes on that image
+            log.warning(
+                "annotation %s of task %s came with the data of task %r; that data is not stored",
+                annotation_id,
+                task_id,
+                task.get("id"),
+            )
     boxes, parse_error = parse_boxes(result, config)
     revision, changed = store.upsert_annotation(
         project_id,
@@ -171,8 +185,9 @@ def ingest_annotation(
         parse_error=parse_error,
         was_cancelled=bool(cancelled),
         source=source,
+        keep_newer_than=keep_newer_than,
     )
-    now = store.get_project(project_id)
+    now = store.get_project(project_id) if changed else None
     if now is not None and reads_differently(now, config):
         # A /setup stored another label config while this annotation was parsed under the one
         # read before: its re-read of the stored annotations may have run before this write, so

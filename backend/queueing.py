@@ -188,7 +188,14 @@ class QueueManager:
         if request.extractor == "simnet":
             directory = simnet_dir(self.settings, project_id)
             if not (directory / "simnet.json").is_file():
-                images = [loader(data) for _, data in tasks]
+                images = []
+                for task_id, data in tasks:
+                    try:
+                        images.append(loader(data))
+                    except Exception as exc:  # reported per task when the features are computed
+                        log.warning("task %s: not used to train SimNet: %s", task_id, exc)
+                if not images:
+                    raise ValueError("no task image could be loaded to train SimNet")
                 train_simnet(
                     images,
                     directory,

@@ -38,12 +38,17 @@ def reconcile_project(
     known = {task_id for task_id, _ in store.list_tasks(project_id)}
     store.upsert_tasks(project_id, rows)
     new_tasks = tuple(task_id for task_id, _ in rows if task_id not in known)
+    # What a webhook stores after this point may be newer than Label Studio's answer: such rows
+    # are neither replaced by the answer's older content nor tombstoned for missing from it.
+    before = store.annotation_revision(project_id)
     remote = client.list_annotations(project_id)
     changed = malformed = 0
     remote_ids: set[int] = set()
     for annotation in remote:
         try:
-            result = ingest_annotation(store, project_id, config, annotation, source="reconcile")
+            result = ingest_annotation(
+                store, project_id, config, annotation, source="reconcile", keep_newer_than=before
+            )
         except AnnotationPayloadError as exc:
             malformed += 1
             log.warning(
@@ -54,7 +59,7 @@ def reconcile_project(
         changed += int(result.changed)
     local = store.list_annotations(project_id)
     gone = [a.annotation_id for a in local if a.annotation_id not in remote_ids]
-    tombstoned = store.delete_annotations(project_id, gone) if gone else 0
+    tombstoned = store.delete_annotations(project_id, gone, keep_newer_than=before) if gone else 0
     report = ReconcileReport(project_id, len(remote), changed, tombstoned, new_tasks, malformed)
     log.info("reconciled %s", report)
     return report

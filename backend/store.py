@@ -77,6 +77,18 @@ class Annotation:
     revision: int
 
 
+def latest_per_task(annotations: list[Annotation]) -> list[Annotation]:
+    """One annotation per task: the newest non-cancelled one (several annotators may overlap)."""
+    chosen: dict[int, Annotation] = {}
+    for annotation in annotations:
+        if annotation.was_cancelled or annotation.deleted:
+            continue
+        current = chosen.get(annotation.task_id)
+        if current is None or annotation.revision > current.revision:
+            chosen[annotation.task_id] = annotation
+    return [chosen[t] for t in sorted(chosen)]
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     project_id: int
@@ -315,12 +327,15 @@ class Store:
         parse_error: str | None = None,
         was_cancelled: bool = False,
         source: str = "webhook",
+        keep_newer_than: int | None = None,
     ) -> tuple[int, bool]:
         """Store (or replace) one annotation; returns ``(revision, changed)``.
 
         A re-delivery of identical content (e.g. the same annotation pulled by a
         reconcile after its webhook arrived) keeps its revision, so it does not
-        count as new work for the training trigger.
+        count as new work for the training trigger. A stored row whose revision is above
+        ``keep_newer_than`` is kept as it is: it was written after the caller's content was
+        read (a webhook landing while a reconcile lists Label Studio's annotations).
         """
         boxes_json = None if boxes is None else boxes.to_dict()
         with self._revision_tx() as conn:
@@ -336,6 +351,8 @@ class Store:
                     annotations_table.c.was_cancelled,
                 ).where(key)
             ).first()
+            if row is not None and keep_newer_than is not None and row.revision > keep_newer_than:
+                return int(row.revision), False
             if (
                 row is not None
                 and not row.deleted
@@ -402,8 +419,15 @@ class Store:
             result = conn.execute(statement, rows)
         return result.rowcount if result.rowcount >= 0 else len(rows)
 
-    def delete_annotations(self, project_id: int, annotation_ids: Iterable[int]) -> int:
-        """Mark annotations deleted (kept as tombstones); returns how many changed."""
+    def delete_annotations(
+        self,
+        project_id: int,
+        annotation_ids: Iterable[int],
+        *,
+        keep_newer_than: int | None = None,
+    ) -> int:
+        """Mark annotations deleted (kept as tombstones); returns how many changed. Rows whose
+        revision is above ``keep_newer_than`` stay (see :meth:`upsert_annotation`)."""
         changed = 0
         with self._revision_tx() as conn:
             for annotation_id in annotation_ids:
@@ -412,6 +436,8 @@ class Store:
                     & (annotations_table.c.annotation_id == annotation_id)
                     & (annotations_table.c.deleted.is_(False))
                 )
+                if keep_newer_than is not None:
+                    key = key & (annotations_table.c.revision <= keep_newer_than)
                 revision = self._next_revision(conn)
                 res = conn.execute(
                     update(annotations_table)
@@ -421,8 +447,13 @@ class Store:
                 changed += res.rowcount or 0
         return changed
 
-    def list_annotations(self, project_id: int, include_deleted: bool = False) -> list[Annotation]:
+    def list_annotations(
+        self, project_id: int, include_deleted: bool = False, *, task_id: int | None = None
+    ) -> list[Annotation]:
+        """The project's annotations (of one task only, with ``task_id``), by annotation id."""
         query = select(annotations_table).where(annotations_table.c.project_id == project_id)
+        if task_id is not None:
+            query = query.where(annotations_table.c.task_id == task_id)
         if not include_deleted:
             query = query.where(annotations_table.c.deleted.is_(False))
         with self._tx() as conn:

@@ -21,6 +21,7 @@ from backend.box_queries import unverified_boxes
 from backend.boxes import Boxes
 from backend.detectors.yolox import load_coco_yolox_nano
 from backend.images import ImageError, ImageSource, image_source_for, load_image
+from backend.ingest import reads_differently
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfig,
@@ -29,7 +30,7 @@ from backend.labelstudio.convert import (
 )
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from backend.store import Annotation, Project, Store, utcnow
+from backend.store import Project, Store, latest_per_task, utcnow
 from backend.training import (
     ProgressFn,
     TrainConfig,
@@ -51,18 +52,6 @@ _PROGRESS_INTERVAL_S = 1.0
 
 def version_name(project_id: int, number: int) -> str:
     return f"boxloop-p{project_id}-v{number}"
-
-
-def latest_per_task(annotations: list[Annotation]) -> list[Annotation]:
-    """One annotation per task: the newest non-cancelled one (several annotators may overlap)."""
-    chosen: dict[int, Annotation] = {}
-    for annotation in annotations:
-        if annotation.was_cancelled or annotation.deleted:
-            continue
-        current = chosen.get(annotation.task_id)
-        if current is None or annotation.revision > current.revision:
-            chosen[annotation.task_id] = annotation
-    return [chosen[t] for t in sorted(chosen)]
 
 
 @dataclass(frozen=True)
@@ -153,6 +142,10 @@ def gather_samples(
             log.warning("task %s: %s", annotation.task_id, exc.message)
             skipped["image_error"] += 1
             continue
+        except Exception:  # one task's image never fails the whole job
+            log.exception("task %s: loading its image failed", annotation.task_id)
+            skipped["image_error"] += 1
+            continue
         boxes = annotation.boxes
         if boxes is None:  # no region told the image size (e.g. an empty annotation)
             try:
@@ -171,6 +164,33 @@ def gather_samples(
         samples.append(TrainSample(image=image, boxes=boxes, box_weights=weights))
         task_ids.append(annotation.task_id)
     return GatheredSamples(samples, task_ids, len(chosen), skipped)
+
+
+def _gather_consistent(
+    settings: Settings, store: Store, project_id: int, attempts: int = 3
+) -> tuple[Project, LabelConfig, int, GatheredSamples]:
+    """The project's label config, annotation revision and samples, read so that the samples'
+    label indices are those of that config.
+
+    Why: stored boxes index the label list they were read with, and a ``/setup`` that edits the
+    labels re-reads them (:func:`backend.ingest.save_label_config`). A job that took the config
+    first and the boxes after such an edit would train the new indices under the old names.
+    When the config is the same after gathering as before, the boxes gathered were read under
+    it; otherwise this gathers again.
+    """
+    for _ in range(attempts):
+        project = store.get_project(project_id)
+        if project is None:
+            raise ValueError(f"project {project_id} is unknown")
+        config = parse_label_config(project.label_config)
+        revision = store.annotation_revision(project_id)
+        gathered = gather_samples(settings, store, project, config)
+        if not reads_differently(store.get_project(project_id), config):
+            return project, config, revision, gathered
+        log.info(
+            "project %s: the label config changed while gathering, gathering again", project_id
+        )
+    raise ValueError(f"project {project_id}: the label config kept changing during gathering")
 
 
 def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
@@ -201,9 +221,8 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
             reconcile_project(store, client, project.id, config)
         except Exception as exc:  # Label Studio down: train on what is stored
             log.warning("reconcile before training failed, training on stored annotations: %s", exc)
-    revision = store.annotation_revision(project.id)
     store.update_job(job_id, message="loading images")
-    gathered = gather_samples(settings, store, project, config)
+    project, config, revision, gathered = _gather_consistent(settings, store, project.id)
     if not gathered.samples:
         raise ValueError(
             f"no usable annotations for project {project.id} (skipped: {gathered.skipped})"

@@ -41,7 +41,9 @@ class WebhookOutcome:
     """Items of a bulk event that could not be stored, each with why; the others are stored."""
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"status": "ok", "action": self.action}
+        # an unknown action is echoed as sent; a lone surrogate in it cannot be encoded as UTF-8
+        action = self.action.encode("utf-8", "backslashreplace").decode("utf-8")
+        out: dict[str, Any] = {"status": "ok", "action": action}
         for key in ("stored", "deleted", "tasks"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
@@ -134,7 +136,7 @@ class WebhookHandler:
             "START_TRAINING",
             "TASKS_CREATED",
         }:
-            outcome.warnings.append(f"action {action} is not used by boxloop")
+            outcome.warnings.append(f"action {action!a:.80} is not used by boxloop")
             return outcome
         project = self._webhook_project(payload)
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):

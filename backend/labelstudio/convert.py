@@ -26,6 +26,20 @@ class AnnotationParseError(ValueError):
     """An annotation result could not be turned into boxes."""
 
 
+class MissingImageSize(AnnotationParseError):
+    """The regions do not say the image's size (Label Studio leaves ``original_width`` out of
+    some webhooks): the boxes can be read once the image is loaded, so this is no parse error
+    for the store (:func:`backend.ingest.parse_boxes`)."""
+
+
+#: The largest image side an annotation may claim (``original_width``/``original_height``). A
+#: larger one cannot be a real image, and its pixel corners would overflow ``Boxes``' float32.
+MAX_IMAGE_SIDE = 1_000_000
+
+#: Region types that are boxes: one of another control would train as "no object" if skipped.
+_BOX_TYPES = ("rectanglelabels", "rectangle")
+
+
 @dataclass(frozen=True)
 class LabelConfig:
     """What boxloop needs from a label config: the rectangle control and its image."""
@@ -93,8 +107,8 @@ def _region_xyxy(value: dict[str, Any], width: float, height: float) -> tuple[fl
         # NaN or an infinity (a number past 1e308 parses as one): clipping would drop the box
         # without a word, and the object would teach the detector "background"
         raise ValueError("x, y, width, height and rotation must be finite numbers")
-    if abs(angle) < 1e-9:
-        return x, y, x + w, y + h
+    if abs(angle) < 1e-9:  # a negative width or height (drawn leftwards, imported) spans back
+        return min(x, x + w), min(y, y + h), max(x, x + w), max(y, y + h)
     # Rotation is about the top-left corner; the detector is axis-aligned, so use the hull.
     cos, sin = math.cos(angle), math.sin(angle)
     xs = [x, x + w * cos, x + w * cos - h * sin, x - h * sin]
@@ -110,9 +124,10 @@ def regions_to_boxes(
     """Rectangle regions of one annotation → pixel ``Boxes``.
 
     ``image_size`` defaults to the regions' ``original_width``/``original_height``.
-    Regions of other controls (e.g. a TextArea beside the boxes) are ignored;
-    a rectangle whose label is not in the config raises :class:`AnnotationParseError`
-    naming the label, so the caller can keep the raw annotation and report it.
+    Regions of other controls (e.g. a TextArea beside the boxes) are ignored, but a box of
+    another box control raises :class:`AnnotationParseError`, as does a rectangle whose label
+    is not in the config: the caller keeps the raw annotation and reports it, instead of
+    training its objects as background.
     """
     index = config.label_index
     xyxy: list[tuple[float, ...]] = []
@@ -121,6 +136,12 @@ def regions_to_boxes(
     for region in result:
         if not isinstance(region, dict):
             raise AnnotationParseError(f"region is not an object: {region!r:.80}")
+        if region.get("type") in _BOX_TYPES and region.get("from_name") != config.from_name:
+            raise AnnotationParseError(
+                f"a box of the control {str(region.get('from_name'))!r:.80}: boxloop reads the "
+                f"boxes of <RectangleLabels name={config.from_name!r}>, the label config's first "
+                "(merge the box controls into one to train on all of them)"
+            )
         if region.get("type") != "rectanglelabels" or region.get("from_name") != config.from_name:
             continue
         value = region.get("value")
@@ -139,14 +160,19 @@ def regions_to_boxes(
             )
         if size is None:
             ow, oh = region.get("original_width"), region.get("original_height")
-            if not ow or not oh:
-                raise AnnotationParseError(
+            if ow is None or oh is None:
+                raise MissingImageSize(
                     "region has no original_width/original_height and no image size was given"
                 )
             try:
                 size = (int(ow), int(oh))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise AnnotationParseError(f"region has a bad original size: {exc}") from exc
+            if not all(1 <= side <= MAX_IMAGE_SIDE for side in size):
+                raise AnnotationParseError(
+                    f"region has original size {ow!r:.40} x {oh!r:.40}; each side must be 1 to "
+                    f"{MAX_IMAGE_SIDE} pixels"
+                )
         try:
             box = _region_xyxy(value, size[0], size[1])
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -157,7 +183,10 @@ def regions_to_boxes(
         labels.append(index[names[0]])
     if size is None:
         size = (0, 0)
-    boxes = Boxes(np.asarray(xyxy, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), size)
+    corners = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    if not np.isfinite(corners).all():  # finite as float64 but past float32's range
+        raise AnnotationParseError("rectangle region: x/y/width/height lie past any image")
+    boxes = Boxes(corners, np.asarray(labels, np.int64), size)
     return boxes.clipped() if size != (0, 0) else boxes
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import io
+import json
 import socket
 import struct
 import threading
@@ -539,3 +540,121 @@ def test_training_reads_images_from_the_same_hosts_as_serving(
         )
     assert len(gathered.samples) == 1, gathered.skipped
     assert hits == [("/t.png", None)]
+
+
+# ---------------------------------------------------------------------------- references and ids
+def test_references_no_url_or_file_system_takes_fail_their_task_alone(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """A control character or 70,000 characters (httpx.InvalidURL, no HTTPError) and a lone
+    surrogate in a local path (UnicodeEncodeError) were a per-task 500 on /predict, and one such
+    annotated task failed every training job of the project."""
+    from backend.labelstudio.convert import parse_label_config
+    from backend.training_job import gather_samples
+
+    settings = _settings(tmp_path, label_studio_url="http://127.0.0.1:9")
+    odd = [
+        "/data/upload/1/a\u0001.png",
+        "/data/upload/1/" + "a" * 70_000 + ".png",
+        str(tmp_path / "images" / "a\ud800.png"),
+    ]
+    tasks = [_task(1, str(images[0]))] + [_task(i + 2, ref) for i, ref in enumerate(odd)]
+    body = json.dumps({"project": 7, "tasks": tasks}).encode()  # json escapes the surrogate
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG}).status_code == 200
+        answer = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 200, answer.text  # the good task is served
+        assert [e["status"] for e in answer.json()["errors"]] == [422] * 3
+        for task in tasks:
+            event = {
+                "action": "ANNOTATION_CREATED",
+                "project": {"id": 7},
+                "annotation": {
+                    "id": task["id"],
+                    "task": task["id"],
+                    "result": [_square_region(320, 240)],
+                },
+                "task": task,
+            }
+            raw = json.dumps(event).encode()
+            sent = client.post(
+                "/webhook", content=raw, headers={"content-type": "application/json"}
+            )
+            assert sent.status_code == 200, sent.text
+        service = client.app.state.service  # type: ignore[attr-defined]
+        project = service.store.get_project(7)
+        gathered = gather_samples(
+            settings, service.store, project, parse_label_config(LABEL_CONFIG)
+        )
+    assert len(gathered.samples) == 1 and gathered.skipped["image_error"] == 3
+
+
+def test_a_webhook_whose_task_is_another_keeps_that_data_off_the_annotated_task(
+    client: TestClient, images: list[Path]
+) -> None:
+    """Task 2's data under annotation.task 1 overwrote task 1's image: boxes drawn on image 1
+    would train on image 2."""
+    event = {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 7, "label_config": LABEL_CONFIG},
+        "annotation": {"id": 1, "task": 1, "result": [_square_region(320, 240)]},
+        "task": _task(1, str(images[0])),
+    }
+    assert client.post("/webhook", json=event).status_code == 200
+    mismatched = {**event, "task": _task(2, str(images[1]))}
+    assert client.post("/webhook", json=mismatched).status_code == 200
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+    assert store.get_task_data(7, 1) == {"image": str(images[0])}
+    assert store.list_annotations(7)[0].task_id == 1  # the annotation itself is kept
+
+
+def test_an_unknown_action_with_a_lone_surrogate_is_named_not_a_500(client: TestClient) -> None:
+    raw = b'{"action": "X\\ud800", "project": 7}'
+    answer = client.post("/webhook", content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert "is not used by boxloop" in answer.json()["warnings"][0]
+
+
+def test_a_task_without_an_image_does_not_fail_a_simnet_order(
+    client: TestClient, images: list[Path]
+) -> None:
+    """SimNet trained on every task's image, so one text-only task failed the whole order (500);
+    the other extractors skip such a task and name it."""
+    tasks = [_task(i + 1, str(p)) for i, p in enumerate(images)]
+    tasks.append({"id": 9, "data": {"text": "a task without an image"}})
+    client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+    client.post("/webhook", json={"action": "TASKS_CREATED", "project": 7, "tasks": tasks})
+    request = {"strategy": "similar", "extractor": "simnet", "simnet_epochs": 1, "push": False}
+    order = client.post("/projects/7/order?wait=true", json=request).json()
+    assert order["state"] == "done", order
+    assert order["missing_features"] == [9] and sorted(order["first_batch"]) == [1, 2, 3, 9]
+
+
+def test_an_update_as_label_studio_sent_it_without_sizes_is_trained_on(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """The captured ANNOTATION_UPDATED carries regions without original_width/height. It was
+    stored as "not usable for training" for good; its boxes are read at the image's size."""
+    from backend.labelstudio.convert import parse_label_config
+    from backend.training_job import gather_samples
+    from tests.conftest import shared_data_dir
+
+    captured = shared_data_dir().parent / "docs" / "label-studio-payloads"
+    path = captured / "webhook_ANNOTATION_UPDATED.json"
+    if not path.is_file():
+        pytest.skip(f"captured Label Studio payloads not found at {captured}")
+    event = json.loads(path.read_text())
+    event["task"] = _task(event["annotation"]["task"], str(images[0]))
+    settings = _settings(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200 and not answer.json().get("warnings"), answer.text
+        service = client.app.state.service  # type: ignore[attr-defined]
+        project = service.store.get_project(event["project"]["id"])
+        config = parse_label_config(project.label_config)
+        gathered = gather_samples(settings, service.store, project, config)
+    (sample,) = gathered.samples
+    value = event["annotation"]["result"][0]["value"]
+    width, height = sample.image.size
+    expected = [value["x"] * width / 100, value["y"] * height / 100]
+    np.testing.assert_allclose(sample.boxes.xyxy[0, :2], expected, atol=1e-3)

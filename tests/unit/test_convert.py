@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from backend.boxes import Boxes
+from backend.ingest import parse_boxes
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfigError,
+    MissingImageSize,
     boxes_to_regions,
     parse_label_config,
     regions_to_boxes,
@@ -123,3 +125,50 @@ def test_other_controls_are_ignored_and_labels_outside_the_config_dropped() -> N
     boxes = Boxes(np.array([[1, 1, 5, 5], [2, 2, 8, 8]]), np.array([0, 1]), (10, 10))
     regions = boxes_to_regions(boxes, config, labels=["Square", "Cat"])
     assert [r["value"]["rectanglelabels"] for r in regions] == [["Square"]]
+
+
+def _square(**value: float) -> dict:
+    box = {"x": 10, "y": 10, "width": 20, "height": 30, "rectanglelabels": ["Square"], **value}
+    return {"from_name": "label", "type": "rectanglelabels", "value": box}
+
+
+def test_a_box_drawn_backwards_spans_back_instead_of_vanishing() -> None:
+    """A negative width or height (an import, a box dragged leftwards) clipped to nothing, and
+    its object trained as background."""
+    config = parse_label_config(LABEL_CONFIG)
+    boxes = regions_to_boxes([_square(x=30, width=-20, y=40, height=-30)], config, (100, 100))
+    np.testing.assert_allclose(boxes.xyxy, [[10, 10, 30, 40]], atol=1e-4)
+
+
+@pytest.mark.parametrize("side", [0, 0.5, -320, 1e39])
+def test_an_original_size_no_image_has_is_an_error(side: float) -> None:
+    """0.5 and -320 made every box vanish in clipping; 1e39 stored NaN corners."""
+    region = {**_square(), "original_width": side, "original_height": 240}
+    with pytest.raises(AnnotationParseError, match="original size"):
+        regions_to_boxes([region], parse_label_config(LABEL_CONFIG))
+
+
+def test_corners_past_float32_are_an_error() -> None:
+    with pytest.raises(AnnotationParseError, match="past any image"):
+        regions_to_boxes([_square(x=1e38)], parse_label_config(LABEL_CONFIG), (1000, 1000))
+
+
+def test_a_box_of_another_box_control_is_an_error_not_background() -> None:
+    """With two RectangleLabels controls boxloop reads the first; a box of the second was skipped,
+    and its image trained with no object."""
+    config = parse_label_config(LABEL_CONFIG)
+    other = {**_square(), "from_name": "people"}
+    with pytest.raises(AnnotationParseError, match="'people'"):
+        regions_to_boxes([_square(), other], config, (100, 100))
+    text = {"from_name": "notes", "type": "textarea", "value": {"text": ["ok"]}}
+    assert len(regions_to_boxes([_square(), text], config, (100, 100))) == 1  # others: ignored
+
+
+def test_missing_sizes_leave_the_boxes_to_the_image() -> None:
+    """Label Studio's ANNOTATION_UPDATED webhook carries regions without original_width: the
+    store keeps no boxes and no parse error, and training reads them at the image's size."""
+    config = parse_label_config(LABEL_CONFIG)
+    with pytest.raises(MissingImageSize):
+        regions_to_boxes([_square()], config)
+    assert parse_boxes([_square()], config) == (None, None)
+    assert len(regions_to_boxes([_square()], config, (320, 240))) == 1
