@@ -114,8 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ignored-objects",
         choices=IGNORED_OBJECTS,
-        help="difficult / DontCare / crowd objects in the main tables: excluded (each dataset's "
-        "protocol, default) or counted (the paper's object counts); the report shows both",
+        help="difficult / crowd objects in the main tables: excluded (each dataset's protocol, "
+        "default) or counted (the paper's object counts; DontCare stays excluded); the report "
+        "shows both",
     )
     parser.add_argument("--max-images", type=int, help="cap every dataset at N images")
     parser.add_argument(

@@ -31,8 +31,9 @@ _SHORT = {"random": "Shuffle", "similar": "Sim", "dissimilar": "Dis", "temporal"
 _FEATURE_NAMES = {"imgnet": "ImgNet", "simnet": "SimNet"}
 #: Treatments of ignored ground truth (VOC difficult, KITTI DontCare, COCO crowds):
 #: "excluded" — neither drawn nor counted, predictions on them cost nothing (each dataset's
-#: own evaluation protocol); "counted" — every annotation is a box to draw, as in the paper's
-#: object counts (see :mod:`benchmark.corrections`).
+#: own evaluation protocol); "counted" — every ignored object (difficult, crowd) is a box to
+#: draw, as in the paper's object counts; DontCare regions stay excluded, as they are from the
+#: paper's KITTI count (see :mod:`benchmark.corrections`).
 IgnoredObjects = Literal["excluded", "counted"]
 IGNORED_OBJECTS: tuple[IgnoredObjects, ...] = ("excluded", "counted")
 #: Detectors a retraining approach can loop with: the product's default (the COCO YOLOX-Nano,
@@ -205,8 +206,8 @@ class ExperimentConfig:
     adjustment_fraction: float = 0.5
     tight_iou: float = 0.85
     #: Which ignored ground truth (VOC difficult, KITTI DontCare, COCO crowd) the main tables
-    #: use: "excluded" (each dataset's own protocol) or "counted" (the paper's object counts);
-    #: the report shows the other beside it.
+    #: use: "excluded" (each dataset's own protocol) or "counted" (the paper's object counts:
+    #: difficult and crowd objects drawn, DontCare never); the report shows the other beside it.
     ignored_objects: IgnoredObjects = "excluded"
     prediction_floor: float = 0.05
     final_round: bool = True

@@ -11,9 +11,12 @@ re-run. One count is kept per
 * treatment of ignored ground truth (VOC ``difficult``, KITTI ``DontCare``, COCO
   crowds), see :data:`~benchmark.config.IGNORED_OBJECTS`: ``"excluded"`` (the
   dataset's own protocol: the region is never drawn and a prediction on it costs
-  nothing) or ``"counted"`` (the paper's object counts: every annotation is a box
-  to draw and a prediction must match it like any box; a ``DontCare`` region has
-  no class a model predicts, so it is always an addition).
+  nothing) or ``"counted"`` (the paper's object counts: every ignored *object* --
+  a VOC ``difficult`` one, a COCO crowd -- is a box to draw and a prediction must
+  match it like any box). A ``DontCare`` region stays excluded under both: the
+  paper's KITTI count (40,570 instances "of 8 class categories") is the eight
+  classes' total without the DontCare rows, and VOC 2007's 30,638 includes the
+  difficult objects.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from backend.boxes import Boxes
+import numpy as np
+
+from backend.boxes import ANY_CLASS, Boxes
 from backend.scoring import correct_batch
 from benchmark.config import IGNORED_OBJECTS, ExperimentConfig, IgnoredObjects
 
@@ -42,21 +47,32 @@ def correction_key(
     return key if ignored == "excluded" else f"{key}/ignored={ignored}"
 
 
+#: How the stored ``"counted"`` corrections were made; counts made under another rule are
+#: dropped and made again (before, DontCare regions were counted as boxes to draw).
+COUNTED_RULE = "objects-with-a-class"
+
+
+def countable(boxes: Boxes) -> np.ndarray:
+    """Which ground-truth regions are ignored objects the ``"counted"`` treatment draws: ignored
+    ones with a class (not :data:`~backend.boxes.ANY_CLASS`, KITTI's DontCare)."""
+    return boxes.ignore_mask & (boxes.labels != ANY_CLASS)
+
+
 def counted(boxes: Boxes) -> Boxes:
-    """The same ground truth with every ignore flag dropped (each region a box to draw)."""
-    return Boxes(boxes.xyxy, boxes.labels, boxes.image_size, boxes.scores, None)
+    """The same ground truth with the ignore flag of every ignored object dropped (each a box to
+    draw); DontCare regions stay ignored."""
+    keep_ignored = boxes.ignore_mask & ~countable(boxes)
+    return Boxes(boxes.xyxy, boxes.labels, boxes.image_size, boxes.scores, keep_ignored)
 
 
-def ignored_regions(batch: dict[str, Any]) -> int:
-    """Ignored ground-truth regions in a stored batch (older runs lack the field)."""
-    if "ignored_regions" in batch:
-        return int(batch["ignored_regions"])
-    return sum(int(Boxes.from_dict(g).ignore_mask.sum()) for g in batch["ground_truth"].values())
+def counted_objects(batch: dict[str, Any]) -> int:
+    """Ignored objects with a class in a stored batch: the boxes ``"counted"`` adds."""
+    return sum(int(countable(Boxes.from_dict(g)).sum()) for g in batch["ground_truth"].values())
 
 
 def batch_boxes(batch: dict[str, Any], ignored: IgnoredObjects = "excluded") -> int:
     """Boxes to draw in a stored batch under the ``ignored`` treatment."""
-    extra = ignored_regions(batch) if ignored == "counted" else 0
+    extra = counted_objects(batch) if ignored == "counted" else 0
     return int(batch["boxes"]) + extra
 
 
@@ -72,6 +88,15 @@ def refresh_corrections(run: dict[str, Any], config: ExperimentConfig) -> bool:
         oracle.update(tight_iou=config.tight_iou, corrections=[])
         for batch in run["batches"]:
             batch["corrections"] = {}
+    if oracle.get("counted_rule") != COUNTED_RULE:  # made under an older rule: make them again
+        stale = {k for k in oracle["corrections"] if k.endswith("/ignored=counted")}
+        oracle.update(
+            counted_rule=COUNTED_RULE,
+            corrections=[k for k in oracle["corrections"] if k not in stale],
+        )
+        for batch in run["batches"]:
+            for key in stale:
+                batch.get("corrections", {}).pop(key, None)
     scores: list[Score] = [*config.score_thresholds, GATE]
     wanted = [
         (tau, score, ignored)

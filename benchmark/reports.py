@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -76,13 +77,12 @@ class Stat:
 
 
 # ---------------------------------------------------------------------------------- loading
-def load_runs(directory: Path) -> list[dict[str, Any]]:
-    """Every ``runs/*.json`` under ``directory`` (sorted by file name)."""
-    runs = []
-    for path in sorted((directory / "runs").glob("*.json")):
-        with path.open() as handle:
-            runs.append(json.load(handle))
-    return runs
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A run's JSON, written whole or not at all (a temporary file moved over the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def batch_tallies(
@@ -163,8 +163,9 @@ def score_label(score: Score) -> str:
 def ignored_caption(ignored: IgnoredObjects) -> str:
     if ignored == "counted":
         return (
-            "Difficult / DontCare / crowd objects **counted** (the paper's object counts): each is "
-            "a box to draw, and a prediction must match it like any box."
+            "Difficult / crowd objects **counted** (the paper's object counts): each is a box to "
+            "draw, and a prediction must match it like any box. KITTI DontCare regions stay "
+            "excluded, as from the paper's KITTI count."
         )
     return (
         "Difficult / DontCare / crowd objects **excluded** (each dataset's own protocol): never "
@@ -652,10 +653,23 @@ def plot_curves(runs: list[dict[str, Any]], config: ExperimentConfig, out_dir: P
 def write_report(
     out_dir: Path, config: ExperimentConfig, runs: list[dict[str, Any]] | None = None
 ) -> list[Path]:
-    """``report.md`` and the PNG plots under ``out_dir`` (runs read from ``out_dir/runs`` if not given)."""
-    runs = load_runs(out_dir) if runs is None else runs
+    """``report.md`` and the PNG plots under ``out_dir`` (runs read from ``out_dir/runs`` if not
+    given; counts they lack for ``config`` are made and stored back into their files)."""
+    if runs is None:
+        runs = []
+        for path in sorted((out_dir / "runs").glob("*.json")):
+            run = json.loads(path.read_text())
+            if refresh_corrections(run, config):  # a new τ, threshold, treatment or rule
+                write_json(path, run)
+            runs.append(run)
     rank = {d.spec: i for i, d in enumerate(config.datasets)}  # datasets in the config's order
-    runs = sorted(runs, key=lambda r: rank.get(r["dataset"].get("spec"), len(rank)))
+    order = {a.label: i for i, a in enumerate(config.approaches)}  # then approaches, seeds
+
+    def position(run: dict[str, Any]) -> tuple[int, int, int]:
+        dataset = rank.get(run["dataset"].get("spec"), len(rank))
+        return dataset, order.get(run["approach"]["label"], len(order)), int(run["seed"])
+
+    runs = sorted(runs, key=position)
     for run in runs:  # counts a run lacks for this config (new τ, threshold, treatment)
         refresh_corrections(run, config)
     report = out_dir / "report.md"

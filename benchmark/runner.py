@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -66,7 +65,7 @@ from benchmark.config import (
 from benchmark.corrections import refresh_corrections
 from benchmark.datasets import Dataset, decode_images, expand_path, load_dataset
 from benchmark.product_loop import ProductLoop, gate_config, yolox_config
-from benchmark.reports import write_report
+from benchmark.reports import write_json, write_report
 
 SCHEMA = 2
 
@@ -528,13 +527,6 @@ def run_one(
 
 
 # ---------------------------------------------------------------------------------- the grid
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _cached(path: Path, config: ExperimentConfig, key: str) -> dict[str, Any] | None:
     """A finished run with the same run key, its corrections completed for this config's grid."""
     if not path.is_file():
@@ -546,7 +538,7 @@ def _cached(path: Path, config: ExperimentConfig, key: str) -> dict[str, Any] | 
     if data.get("schema") != SCHEMA or data.get("run_key") != key:
         return None
     if refresh_corrections(data, config):
-        _write_json(path, data)
+        write_json(path, data)
     return data
 
 
@@ -581,7 +573,7 @@ def _run_job(job: _GridJob, config: ExperimentConfig) -> dict[str, Any]:
         _WORKER_DATASETS.clear()  # one dataset at a time: the pools of images are what is big
         prepared = _WORKER_DATASETS[job.dataset] = prepare_dataset(job.dataset)
     result = run_one(prepared, job.approach, job.seed, config, lambda message: None)
-    _write_json(job.path, result)
+    write_json(job.path, result)
     return result
 
 
@@ -618,7 +610,7 @@ def run_grid(
     """
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "experiment.json", config.to_dict())
+    write_json(out / "experiment.json", config.to_dict())
     set_threads(config.threads)
     total = len(config.datasets) * len(config.approaches) * len(config.seeds)
     done: dict[Path, dict[str, Any]] = {}
@@ -658,7 +650,7 @@ def run_grid(
                 )
 
             result = run_one(prepared, job.approach, job.seed, config, progress)
-            _write_json(job.path, result)
+            write_json(job.path, result)
             done[job.path] = result
             bar.update(1)
     bar.close()

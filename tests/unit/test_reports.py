@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from backend.boxes import ANY_CLASS
 from benchmark.config import Approach, DatasetConfig, ExperimentConfig
-from benchmark.corrections import GATE, correction_key, refresh_corrections
+from benchmark.corrections import GATE, batch_boxes, correction_key, refresh_corrections
 from benchmark.reports import markdown_report, run_workload
 
 SIZE = [100, 100]
@@ -175,3 +176,31 @@ def test_gate_key_needs_a_gate_threshold() -> None:
     refresh_corrections(run, cfg)
     with pytest.raises(KeyError):
         run_workload(run, cfg, 0.5, GATE, "paper", 7.0)
+
+
+def test_counted_draws_ignored_objects_but_never_dont_care_regions() -> None:
+    """The paper counts VOC's difficult objects (30,638 in VOC 2007) but not KITTI's DontCare
+    rows (40,570 instances "of 8 class categories"). Before, "counted" charged every DontCare
+    region as a box to draw, and a prediction inside one as a removal."""
+    run = make_run("Dis (ImgNet)", 0, gate_threshold=None)
+    for batch in run["batches"]:
+        for truth in batch["ground_truth"].values():
+            truth["labels"] = [0, ANY_CLASS]  # the difficult cat becomes a DontCare region
+    cfg = config()
+    refresh_corrections(run, cfg)
+    assert [batch_boxes(b, "counted") for b in run["batches"]] == [1, 1]
+    for score in (0.3, 0.5, 0.7):
+        counted_w = run_workload(run, cfg, 0.5, score, "paper", 7.0, "counted")
+        excluded_w = run_workload(run, cfg, 0.5, score, "paper", 7.0, "excluded")
+        assert counted_w.saved_t_pct == excluded_w.saved_t_pct
+
+
+def test_counts_made_under_the_old_counted_rule_are_made_again() -> None:
+    run = make_run("Dis (ImgNet)", 0, gate_threshold=None)
+    cfg = config()
+    refresh_corrections(run, cfg)
+    stale_key = correction_key(0.5, 0.7, "counted")
+    run["oracle"].pop("counted_rule")
+    run["batches"][1]["corrections"][stale_key] = {"stale": True}
+    assert refresh_corrections(run, cfg)
+    assert "stale" not in run["batches"][1]["corrections"][stale_key]
