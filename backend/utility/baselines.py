@@ -128,13 +128,14 @@ class ThresholdRule:
 
         ``nan`` scores count as the least useful value.
         """
-        s = np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf)
+        s = np.asarray(scores, np.float64)
         y = np.asarray(labels, np.int64)
         if len(s) != len(y) or not len(y):
             raise ValueError(f"need equal, non-empty scores and labels ({len(s)}, {len(y)})")
         best: tuple[float, float, bool] = (-1.0, 0.0, True)
         for higher in (True, False):
-            v = s if higher else -s
+            # usefulness in this direction; nan the least useful in both (as :meth:`predict`)
+            v = np.nan_to_num(s if higher else -s, nan=-np.inf)
             order = np.argsort(v, kind="stable")
             sorted_v, sorted_y = v[order], y[order]
             # cut before position i: predict 0 for [:i], 1 for [i:]
@@ -151,6 +152,8 @@ class ThresholdRule:
                     cut = -np.inf
                 elif i == len(y):
                     cut = np.inf
+                elif not np.isfinite(sorted_v[i - 1]):  # nan (or -inf) below, a value above:
+                    cut = sorted_v[i]  # the midpoint would be -inf and let the nan ones through
                 else:
                     cut = (sorted_v[i - 1] + sorted_v[i]) / 2.0
                 best = (float(accuracy[i]), float(cut if higher else -cut), higher)

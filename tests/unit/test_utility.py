@@ -240,3 +240,22 @@ def test_policy_ignore_and_flag_leave_the_order() -> None:
         UtilityPolicy("drop")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="threshold"):
         UtilityPolicy("flag", threshold=1.5)
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels"),
+    [
+        ([float("nan"), 5.0, 10.0], [0, 1, 1]),  # higher is useful; the nan one is not
+        ([float("nan"), 10.0, 90.0], [0, 1, 0]),  # BRISQUE-like: lower is useful
+    ],
+)
+def test_a_threshold_rule_predicts_what_it_reports_on_nan_scores(
+    scores: list[float], labels: list[int]
+) -> None:
+    """A nan score (BRISQUE gives one on some images) is the least useful in both directions:
+    before, the fit put the cut at -inf (the midpoint of -inf and a value), or counted nan as the
+    most useful, and ``predict`` then disagreed with the accuracy the fit reported."""
+    s, y = np.array(scores), np.array(labels)
+    rule = ThresholdRule.fit(s, y)
+    assert rule.train_accuracy == 1.0
+    assert rule.predict(s).tolist() == labels
