@@ -25,6 +25,17 @@ from backend.settings import SettingsError, load_settings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -180,7 +191,9 @@ def _predict(args: argparse.Namespace) -> int:
         args,
         BulkPredictRequest,
         ("ray", "limit", "batch_size", "fetch_concurrency", "push_batch"),
-        lambda svc, request: svc.run_bulk_predict(args.project, request, wait=True, progress=True),
+        lambda svc, request: svc.run_bulk_predict(
+            args.project, request, wait=True, progress=True, in_process=True
+        ),
     )
 
 
@@ -354,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do nothing if a model already serves (onnx_model_path set, or one fetched)",
     )
-    fetch.add_argument("--timeout", type=float, default=60.0, help="network timeout, seconds")
+    fetch.add_argument(
+        "--timeout", type=_positive_seconds, default=60.0, help="network timeout, seconds (> 0)"
+    )
     fetch.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     fetch.set_defaults(func=_models_fetch)
     models_status = models_sub.add_parser(

@@ -258,7 +258,12 @@ def _download(url: str, dest: Path, *, timeout_s: float, quiet: bool) -> None:
 
     timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 15.0))
     try:
-        with httpx.stream("GET", url, follow_redirects=True, timeout=timeout) as response:
+        # identity: the bytes on the wire are the file's (a mirror that gzips them would fail the
+        # size and format checks of the raw stream)
+        headers = {"Accept-Encoding": "identity"}
+        with httpx.stream(
+            "GET", url, follow_redirects=True, timeout=timeout, headers=headers
+        ) as response:
             if response.status_code != 200:
                 raise ModelFetchError(
                     f"{url} answered HTTP {response.status_code} {response.reason_phrase}"

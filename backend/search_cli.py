@@ -16,7 +16,10 @@ __all__ = ["register"]
 
 def _search(args: argparse.Namespace) -> int:
     """Search a project's tasks with a query file and print the top k (as the HTTP endpoint)."""
+    from pydantic import ValidationError
+
     from backend.errors import ServiceError
+    from backend.search_routes import SearchRequest
     from backend.search_service import SearchService
     from backend.service import BoxloopService
 
@@ -24,6 +27,17 @@ def _search(args: argparse.Namespace) -> int:
         query = json.loads(Path(args.query).read_text())
     except (OSError, ValueError) as exc:
         print(f"boxloop search: error: cannot read query {args.query}: {exc}", file=sys.stderr)
+        return 2
+    # the HTTP endpoint's request: the file's k and front apply, the flags override them
+    flags = {"k": args.k} if args.k is not None else {}
+    try:
+        if not isinstance(query, dict):
+            raise ValueError("the query must be a JSON object with an 'objects' list")
+        request = SearchRequest.model_validate(
+            {**query, **flags, "front": args.front or query.get("front", False)}
+        )
+    except (ValidationError, ValueError) as exc:
+        print(f"boxloop search: error: invalid query {args.query}: {exc}", file=sys.stderr)
         return 2
     settings = load_settings(args.settings_file)
     svc = BoxloopService(settings)
@@ -34,7 +48,9 @@ def _search(args: argparse.Namespace) -> int:
         push_order=svc.queue.push,
     )
     try:
-        outcome = search.search(args.project, query, k=args.k, front=args.front)
+        outcome = search.search(
+            args.project, {"objects": request.objects}, k=request.k, front=request.front
+        )
     except ServiceError as exc:
         print(f"boxloop search: error: {exc.message}", file=sys.stderr)
         return 2 if exc.status_code == 422 else 1
@@ -81,7 +97,11 @@ def register(sub: Any) -> None:
     )
     search.add_argument("--project", type=cli_project_id, required=True)
     search.add_argument("--query", required=True, help="query JSON file")
-    search.add_argument("--k", type=int, help="results (default BOXLOOP_SEARCH_TOP_K: 50)")
+    search.add_argument(
+        "--k",
+        type=int,
+        help="results, 1 to 10000 (default: the file's k, else BOXLOOP_SEARCH_TOP_K)",
+    )
     search.add_argument(
         "--front", action="store_true", help="move the results to the front of the queue"
     )

@@ -128,12 +128,20 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         "/projects/{project_id}/search/labels",
         tags=["admin"],
         responses={
-            **error_docs({409: error_doc("No search model.")}, body=False),
+            **error_docs(
+                {
+                    404: error_doc("The project is unknown to boxloop."),
+                    409: error_doc("No search model."),
+                },
+                body=False,
+            ),
             **INVALID_REQUEST,
         },
     )
     def search_labels(project_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> dict[str, Any]:
         """The class names a class-only object may use (the search model's)."""
+        if svc.store.get_project(project_id) is None:  # as every other route of a project
+            raise ServiceError(404, f"project {project_id} is unknown to boxloop")
         return {"project": project_id, "labels": search.labels()}
 
     @app.get(

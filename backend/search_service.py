@@ -33,6 +33,7 @@ from backend.features.registry import onnx_cache_dir
 from backend.images import ImageSource, load_image, task_image_loader
 from backend.ordering.plan import OrderPlan, load_plan
 from backend.ordering.ranks import ranks_for
+from backend.ordering.strategies import SEARCH_ORDER
 from backend.search import (
     CompactIndex,
     IndexConfig,
@@ -341,7 +342,7 @@ class SearchService:
             }
         )
         params.setdefault("batch_size", self.settings.order_batch_size)
-        strategy = old.strategy if old is not None else "search"
+        strategy = old.strategy if old is not None else SEARCH_ORDER
         view_id = old.view_id if old is not None else None
         self.store.set_order(project_id, strategy, params, order, view_id=view_id)
         plan = OrderPlan(project_id, strategy, order, ranks, [None] * len(order), params, view_id)
@@ -433,9 +434,24 @@ def train_from_project(
         )
     if len(images) < 2:
         raise ServiceError(409, f"project {project_id} has fewer than 2 annotated images")
+    boxed = {labels[int(i)] for image in images for i in image.labels.tolist()}
+    if len(boxed) < 2:
+        raise ServiceError(
+            409,
+            f"project {project_id}'s annotations hold boxes of {len(boxed)} label(s) "
+            f"({', '.join(sorted(boxed))}); the search model learns to tell at least two apart",
+        )
     strokes, s_labels = [], []
     for path, label in sketch_files(sketch_dir, labels, map_column).items():
-        for drawing in load_quickdraw(path, limit=sketches_per_file):
+        try:
+            drawings = load_quickdraw(path, limit=sketches_per_file)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+            raise ServiceError(
+                422,
+                f"{path} is not a Quick, Draw! simplified ndjson file (one JSON object with a "
+                f"'drawing' per line): {type(exc).__name__}: {exc}",
+            ) from None
+        for drawing in drawings:
             strokes.append(drawing)
             s_labels.append(index[label])
     if not strokes:

@@ -242,7 +242,10 @@ class Settings(BaseSettings):
         "sqN / fp16 = a scalar-quantised copy (IndexRefine).",
     )
     search_flat_below: int = Field(
-        50_000, ge=1, description="Pools smaller than this are searched exactly (Flat)."
+        50_000,
+        ge=1,
+        description="Pools smaller than this are searched exactly (Flat); pools under 256 "
+        "always are (a compressed index needs 256 vectors to train on).",
     )
     search_index_new_tasks: bool = Field(
         True,

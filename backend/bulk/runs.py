@@ -42,6 +42,7 @@ class BulkRuns:
         self.predictor = predictor
         self._worker_env = worker_env  # BOXLOOP_* values the child needs (e.g. a /setup token)
         self._state: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
         self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(
@@ -55,11 +56,20 @@ class BulkRuns:
     ) -> dict[str, Any]:
         """Start a run (refusals, 404 / 409, are raised at once); ``wait`` answers with its
         report; ``in_process`` runs it in this process instead of a child."""
-        state = self._state.get(project_id)
-        if state is not None and state["state"] == "running":
-            raise ServiceError(409, f"a bulk run of project {project_id} is already going")
-        self.predictor.check(project_id, request)
-        self._state[project_id] = {"state": "running"}
+        with self._lock:  # two requests at once: one runs, the other gets the 409
+            before = self._state.get(project_id)
+            if before is not None and before["state"] == "running":
+                raise ServiceError(409, f"a bulk run of project {project_id} is already going")
+            self._state[project_id] = {"state": "running"}
+        try:
+            self.predictor.check(project_id, request)  # may load the model: not under the lock
+        except BaseException:
+            with self._lock:
+                if before is None:
+                    self._state.pop(project_id, None)
+                else:
+                    self._state[project_id] = before
+            raise
         if in_process:
             try:
                 report = self.predictor.run(project_id, request, progress=progress)

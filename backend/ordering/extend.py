@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.ordering.strategies import OrderResult, check_strategy, natural_key
+from backend.ordering.strategies import SEARCH_ORDER, OrderResult, check_strategy, natural_key
 
 _BLOCK = 256
 
@@ -68,13 +68,17 @@ def extend_order(
     Returns the new order and its pick distances (a new item's distance is its distance to the
     items before it; for non-greedy strategies NaN).
     """
-    strat = check_strategy(strategy)
     cur = [int(i) for i in order]
     dist = [float(v) for v in distance]
     if len(dist) != len(cur):
         raise ValueError("order and distance differ in length")
     present = set(cur)
     todo = sorted({int(i) for i in new} - present)
+    if strategy == SEARCH_ORDER:  # a search's order: nothing to place by, so the end
+        return OrderResult(
+            np.array(cur + todo, np.int64), np.array(dist + [float("nan")] * len(todo))
+        )
+    strat = check_strategy(strategy)
     frozen = max(0, min(frozen, len(cur)))
     if strat == "random":
         rng = np.random.default_rng(seed)

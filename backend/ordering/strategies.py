@@ -33,6 +33,9 @@ Strategy = OrderStrategy  # defined with the settings, whose BOXLOOP_ORDER_STRAT
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 #: Strategies that need feature vectors.
 FEATURE_STRATEGIES: tuple[str, ...] = ("similar", "dissimilar")
+#: The stored strategy of an order a search made on a project that had none (its hits first,
+#: then the other tasks): no strategy to build with, so new tasks go to its end.
+SEARCH_ORDER = "search"
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,21 @@ def nlist_for(n: int) -> int:
     return max(8, round(4 * math.sqrt(max(n, 1)) / 8) * 8)
 
 
+#: The fewest vectors a compressed index trains on: its 8-bit PQ codebooks have 256 centroids
+#: (faiss refuses fewer training points than centroids).
+MIN_TRAIN = 256
+
+
+def flat_below(config: IndexConfig) -> int:
+    """Collections smaller than this are searched exactly: ``config.flat_below``, but never
+    below :data:`MIN_TRAIN` (a lower setting made every search of a small pool a 500)."""
+    return max(config.flat_below, MIN_TRAIN)
+
+
 def choose_factory(n: int, d: int, config: IndexConfig | None = None) -> str:
     """The faiss ``index_factory`` string for ``n`` vectors of ``d`` dimensions."""
     config = config or IndexConfig()
-    if n < config.flat_below:
+    if n < flat_below(config):
         return "Flat"
     m = config.pq_bytes
     if d % m:
@@ -166,7 +177,7 @@ class CompactIndex:
         """True when the collection outgrew the factory it was built with (a flat index past
         ``flat_below``, or an IVF whose nlist is below half of ≈ 4√N)."""
         if self.exact:
-            return len(self) >= self.config.flat_below
+            return len(self) >= flat_below(self.config)
         return faiss.extract_index_ivf(self.index).nlist < nlist_for(len(self)) / 2
 
     # ------------------------------------------------------------------ searching

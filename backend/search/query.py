@@ -92,7 +92,10 @@ class SearchQuery:
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise QueryError(f"{where}: expected a number, got {type(value).__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float's range (JSON allows any length)
+        raise QueryError(f"{where}: must be finite") from None
     if not math.isfinite(number):
         raise QueryError(f"{where}: must be finite")
     return number

@@ -9,6 +9,7 @@ message and leave nothing behind.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -100,6 +101,18 @@ class _Server:
                 elif self.path == "/truncated-file":  # a consistent response, half a model
                     half = model[: len(model) // 2]
                     self._send(200, half, octet, len(half))
+                elif self.path == "/gzip-mirror":  # compresses for whoever accepts gzip
+                    accepted = self.headers.get("Accept-Encoding", "")
+                    if "gzip" in accepted:
+                        packed = gzip.compress(model)
+                        self.send_response(200)
+                        self.send_header("Content-Type", octet)
+                        self.send_header("Content-Encoding", "gzip")
+                        self.send_header("Content-Length", str(len(packed)))
+                        self.end_headers()
+                        self.wfile.write(packed)
+                    else:
+                        self._send(200, model, octet, len(model))
                 elif self.path == "/wrong-model":
                     body = _wrong_model_bytes()
                     self._send(200, body, octet, len(body))
@@ -328,3 +341,21 @@ def test_a_sha256_pin_refuses_another_file_and_refetches_a_mismatched_install(
     err = capsys.readouterr().err
     assert "fetching it again" in err and "not the pinned" in err
     assert len(server.hits) > hits and target.read_bytes() == server.model
+
+
+def test_a_mirror_that_gzips_serves_the_file_itself(server: _Server, data_dir: Path) -> None:
+    """httpx asks for gzip by default, and the raw stream then held the compressed bytes: a good
+    model from such a mirror was refused as "not a valid ONNX model"."""
+    assert main(["models", "fetch", "--url", server.url("/gzip-mirror"), "--quiet"]) == 0
+    assert Settings(data_dir=data_dir).resolved_onnx_model_path is not None
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_no_duration_is_refused(
+    timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-1 and nan ended in a traceback from httpx, 0 in "could not connect (no internet?)"."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["models", "fetch", "--timeout", timeout])
+    assert exit_info.value.code == 2
+    assert "seconds above 0" in capsys.readouterr().err

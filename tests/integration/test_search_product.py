@@ -127,12 +127,20 @@ def test_search_over_http_finds_the_drawn_class_in_its_place(project) -> None:  
             ),
             ({"objects": []}, 422, "objects"),
             ({"objects": [left_square], "k": 0}, 422, "k"),
+            # an integer past float's range was a 500 (OverflowError)
+            (
+                {"objects": [{**left_square, "box": {**left_square["box"], "x": 10**400}}]},
+                422,
+                "finite",
+            ),
         ]
         for payload, status, message in bad:
             r = client.post("/projects/1/search", json=payload)
             assert r.status_code == status and message in r.json()["error"], r.text
         r = client.post("/projects/99/search", json={"objects": [left_square]})
         assert r.status_code == 404 and "unknown" in r.json()["error"]
+        assert client.get("/projects/99/search/labels").status_code == 404  # was 200
+        assert client.get("/projects/1/search/labels").json()["labels"] == LABELS
         assert client.get("/health").status_code == 200
 
 
@@ -211,6 +219,14 @@ def test_cli_search_prints_the_top_k_and_new_tasks_join_the_index(
     assert main(["search", "--project", "1", "--query", str(query), "--k", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["results"]) == 3 and out["index"]["count"] == 17
+    # the file's k applies, as over HTTP (it was ignored); a k the endpoint refuses is refused
+    square = {"box": {"x": 5, "y": 25, "width": 40, "height": 50}, "label": "square"}
+    query.write_text(json.dumps({"objects": [square], "k": 2}))
+    assert main(["search", "--project", "1", "--query", str(query)]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+    for k in ("0", "-3"):
+        assert main(["search", "--project", "1", "--query", str(query), "--k", k]) == 2
+        assert "k" in capsys.readouterr().err
     query.write_text(json.dumps({"objects": [{"box": {"x": 5}, "label": "square"}]}))
     assert main(["search", "--project", "1", "--query", str(query)]) == 2
     assert "missing" in capsys.readouterr().err
@@ -316,3 +332,35 @@ def test_canvas_page_in_a_headless_browser(project) -> None:  # type: ignore[no-
         browser.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_search_train_names_what_it_cannot_train_on(
+    project, tmp_path: Path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """One label among the boxes, or a sketch file that is not Quick, Draw! ndjson, ended
+    ``boxloop search-train`` with a traceback."""
+    settings, service, _, root = project
+    for key, value in (
+        ("DATA_DIR", settings.data_dir),
+        ("ALLOWED_LOCAL_ROOTS", root / "images"),
+        ("NUM_THREADS", 1),
+        ("RECONCILE_ON_STARTUP", "false"),
+    ):
+        monkeypatch.setenv(f"BOXLOOP_{key}", str(value))
+    service.setup(3, CONFIG)
+    tasks = [(t, {"image": str(root / "images" / f"{t}.png")}) for t in (2, 4)]  # squares
+    service.store.upsert_tasks(3, tasks)
+    for t, _ in tasks:
+        square = Boxes(np.array([[10, 30, 70, 90]]), np.array([0]), (160, 120))
+        service.store.upsert_annotation(3, 300 + t, t, [], square)
+    sketches = write_sketches(tmp_path / "sketches")
+    out = str(tmp_path / "model")
+    args = ["search-train", "--project", "3", "--sketches", str(sketches), "--out", out]
+    assert main(args) == 1
+    assert "at least two apart" in capsys.readouterr().err
+    disc = Boxes(np.array([[90, 30, 150, 90]]), np.array([1]), (160, 120))
+    service.store.upsert_tasks(3, [(5, {"image": str(root / "images" / "5.png")})])  # a disc
+    service.store.upsert_annotation(3, 305, 5, [], disc)
+    (sketches / "disc.ndjson").write_text("not json\n")
+    assert main(args) == 1
+    assert "disc.ndjson is not a Quick, Draw!" in capsys.readouterr().err

@@ -177,3 +177,49 @@ def test_a_detector_spec_rebuilds_the_same_detector(tmp_path: Path) -> None:
     for a, b in zip(rebuilt, direct, strict=True):
         assert a.labels.tolist() == b.labels.tolist()
         np.testing.assert_allclose(a.xyxy, b.xyxy, atol=1e-4)
+
+
+class _SlowCheck:
+    """A predictor whose first check takes its time (the first one loads the COCO model)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.checking = threading.Event()
+        self.runs = 0
+
+    def check(self, project_id: int, request: Any) -> None:
+        if not self.checking.is_set():
+            self.checking.set()
+            self.release.wait(10)
+
+    def run(self, project_id: int, request: Any, progress: bool = False) -> Any:
+        self.runs += 1
+
+        class Report:
+            def to_dict(self) -> dict[str, Any]:
+                return {"state": "done"}
+
+        return Report()
+
+
+def test_two_bulk_runs_requested_at_once_start_one(tmp_path: Path) -> None:
+    """The state was read before the check and set after it: both requests passed, and two
+    children predicted the same tasks."""
+    from backend.bulk.predict import BulkPredictRequest
+    from backend.bulk.runs import BulkRuns
+    from backend.errors import ServiceError
+    from backend.settings import Settings
+
+    predictor = _SlowCheck()
+    runs = BulkRuns(Settings(data_dir=tmp_path), predictor, lambda _: {})  # type: ignore[arg-type]
+    first = threading.Thread(
+        target=runs.start, args=(7, BulkPredictRequest()), kwargs={"in_process": True}
+    )
+    first.start()
+    assert predictor.checking.wait(10)
+    with pytest.raises(ServiceError) as refused:
+        runs.start(7, BulkPredictRequest(), in_process=True)
+    predictor.release.set()
+    first.join(10)
+    assert refused.value.status_code == 409 and predictor.runs == 1
+    assert runs._state[7] == {"state": "done"}

@@ -23,6 +23,7 @@ from backend.ordering import (
     reduce_dim,
     rerank,
 )
+from backend.ordering.strategies import SEARCH_ORDER
 from backend.store import Store
 
 
@@ -290,3 +291,13 @@ def test_build_and_extend_a_stored_order(tmp_path: Path) -> None:
     assert temporal.task_ids[:3] == [1000, 1001, 1002]
     with pytest.raises(ValueError, match="features"):
         build_order(store, 1, "similar", extractor="other-v9")
+
+
+def test_new_tasks_go_to_the_end_of_an_order_a_search_made(tmp_path: Path) -> None:
+    """A search with ``front`` on a project without an order stores one of strategy "search";
+    placing new tasks in it raised "unknown ordering strategy", so they were never ranked."""
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    store.upsert_tasks(1, [(t, {"image": f"{t}.png"}) for t in (1, 2, 3, 4)])
+    store.set_order(1, SEARCH_ORDER, {"ranks": [1, 2, 3], "distance": [None] * 3}, [3, 1, 2])
+    plan, changed = place_new_tasks(store, 1, [4])
+    assert plan.task_ids == [3, 1, 2, 4] and changed == [4]

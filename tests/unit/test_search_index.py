@@ -90,10 +90,20 @@ def test_ivf_pq_with_rerank_store_keeps_recall_and_survives_disk(
 
 
 def test_rebuild_is_due_when_the_collection_outgrows_its_factory() -> None:
-    small = CompactIndex.build(_clustered(100, 16), config=IndexConfig(flat_below=150))
+    small = CompactIndex.build(_clustered(280, 16), config=IndexConfig(flat_below=300))
     assert not small.needs_rebuild()
     small.add(_clustered(60, 16, seed=2))
     assert small.needs_rebuild()
+
+
+def test_a_pool_too_small_to_train_a_compressed_index_is_searched_exactly() -> None:
+    """``flat_below`` under 256 made faiss train 256-centroid PQ codebooks on fewer points, and
+    every search of a 16-task pool was a 500."""
+    config = IndexConfig(flat_below=10)
+    assert choose_factory(16, 32, config) == "Flat"
+    assert choose_factory(255, 32, config) == "Flat"
+    index = CompactIndex.build(_clustered(256, 32), config=config)
+    assert not index.exact and len(index.search(_clustered(1, 32, seed=3), 5)[0].ids) == 5
 
 
 def test_bad_vectors_are_refused() -> None:
