@@ -90,6 +90,6 @@ def ndcg_at_k(
 
 
 def precision_at_k(ranking: np.ndarray, rel: np.ndarray, k: int, tau: float) -> float:
-    """Share of the top K with R > τ."""
+    """Share of the top K with R > τ (a ranking shorter than K misses the rest: over K)."""
     top = np.asarray(rel)[np.asarray(ranking)[:k]]
-    return float((top > tau).mean()) if len(top) else float("nan")
+    return float((top > tau).sum() / k) if k > 0 else float("nan")

@@ -8,6 +8,7 @@ Run once per config and cached in ``OUT/cache/items.pkl``; every seed of stage 2
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,8 @@ def _make_item(
         file_bytes = encode_jpeg(image, int(distortion.level))
         distorted = decode(file_bytes)
     else:  # the unseen distortion is stored losslessly: no JPEG header anywhere
-        distorted = distortion.apply(image, seed=hash(source) % (2**31))
+        # a seed stable across processes (``hash`` of a str changes with PYTHONHASHSEED)
+        distorted = distortion.apply(image, seed=zlib.crc32(str(source).encode()))
         file_bytes = encode_png(distorted)
     png_bytes = encode_png(distorted) if group == "train" else file_bytes
     timings["encode"] += time.perf_counter() - start

@@ -199,6 +199,8 @@ def test_metrics_match_the_worked_cases_of_method_notes() -> None:
         0.628, abs=1e-3
     )
     assert precision_at_k(np.arange(5), rel, 5, 0.5) == pytest.approx(0.4)
+    # a ranking shorter than K: the missing places are misses (it gave 2 of 2 = 1.0)
+    assert precision_at_k(np.array([0, 2]), np.array([1.0, 0.0, 1.0]), 20, 0.5) == 0.1
     assert np.isnan(average_precision_at_k(np.arange(2), np.zeros(3), 2, 0.5))
 
 
