@@ -203,6 +203,14 @@ def _models_fetch(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.settings_file)
     present = settings.resolved_onnx_model_path
+    if present is not None and not present.is_file():  # only an explicit setting can be missing
+        print(
+            f"boxloop models fetch: error: BOXLOOP_ONNX_MODEL_PATH names {present}, which is no "
+            "file; it takes precedence over a fetched model, so unset it (or point it at a "
+            "model) to use one fetched here",
+            file=sys.stderr,
+        )
+        return 1
     if args.if_missing and present is not None:
         print(f"pre-annotation model present: {present}; nothing to fetch", file=sys.stderr)
         print(json.dumps({"installed": str(present), "skipped": True}))

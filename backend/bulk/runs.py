@@ -102,19 +102,19 @@ class BulkRuns:
 
     def _run_child(self, project_id: int, request: BulkPredictRequest) -> None:
         logs = self.settings.data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"bulk-{project_id}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         settings_path = log_path.with_suffix(".settings.json")
-        overrides = {
-            key[len("BOXLOOP_") :].lower(): value
-            for key, value in self._worker_env(project_id).items()
-        }
-        write_private(settings_path, settings_to_json(self.settings, **overrides))
         command = [
             *(sys.executable, "-m", "backend.bulk_worker", "--project", str(project_id)),
             *("--request-json", request.model_dump_json(), "--settings-json", str(settings_path)),
         ]
-        try:
+        try:  # a failure here too must end the run's "running" state, or every later one is a 409
+            logs.mkdir(parents=True, exist_ok=True)
+            overrides = {
+                key[len("BOXLOOP_") :].lower(): value
+                for key, value in self._worker_env(project_id).items()
+            }
+            write_private(settings_path, settings_to_json(self.settings, **overrides))
             with open(log_path, "wb") as log_file:
                 child = subprocess.Popen(
                     command, stdout=subprocess.PIPE, stderr=log_file, preexec_fn=die_with_parent

@@ -359,3 +359,15 @@ def test_a_timeout_that_is_no_duration_is_refused(
         main(["models", "fetch", "--timeout", timeout])
     assert exit_info.value.code == 2
     assert "seconds above 0" in capsys.readouterr().err
+
+
+def test_a_model_path_setting_that_names_no_file_is_said_not_skipped(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--if-missing`` took the setting for a present model and skipped the fetch; a fetch
+    without it installed a model the setting then overrode."""
+    monkeypatch.setenv("BOXLOOP_ONNX_MODEL_PATH", str(data_dir / "nowhere.onnx"))
+    for flags in (["--if-missing"], []):
+        assert main(["models", "fetch", "--quiet", *flags]) == 1
+        assert "nowhere.onnx, which is no file" in capsys.readouterr().err
+    assert _files(data_dir) == []

@@ -223,3 +223,19 @@ def test_two_bulk_runs_requested_at_once_start_one(tmp_path: Path) -> None:
     first.join(10)
     assert refused.value.status_code == 409 and predictor.runs == 1
     assert runs._state[7] == {"state": "done"}
+
+
+def test_a_run_whose_worker_cannot_be_set_up_fails_and_frees_the_project(tmp_path: Path) -> None:
+    """Creating the log folder or the settings file happened outside the run's error handling:
+    a failure there left the project "running", and every later request was a 409."""
+    from backend.bulk.predict import BulkPredictRequest
+    from backend.bulk.runs import BulkRuns
+    from backend.settings import Settings
+
+    (tmp_path / "logs").write_text("a file where the log folder goes")
+    predictor = _SlowCheck()
+    predictor.checking.set()  # no waiting in check
+    runs = BulkRuns(Settings(data_dir=tmp_path), predictor, lambda _: {})  # type: ignore[arg-type]
+    state = runs.start(7, BulkPredictRequest(), wait=True)
+    assert state["state"] == "failed" and "FileExistsError" in state["error"]
+    assert runs.start(7, BulkPredictRequest(), in_process=True) == {"state": "done"}
