@@ -99,15 +99,21 @@ def reparse_annotations(store: Store, project_id: int, config: LabelConfig) -> i
     Why: the store keeps each annotation's boxes as label indices of the config it arrived
     under, and training takes them from there. After an admin reorders, adds or removes labels
     they would train the wrong classes; an annotation that named a label the config lacked
-    becomes usable once the label is added, and one naming a removed label is kept, raw, but no
-    longer trained on (its ``parse_error`` says why).
+    becomes usable once the label is added (and counts as new work for the training trigger),
+    and one naming a removed label is kept, raw, but no longer trained on (its ``parse_error``
+    says why).
     """
     changed: dict[int, tuple[int, Boxes | None, str | None]] = {}
+    usable_now: list[int] = []  # new training data: count it for the training trigger
     for annotation in store.list_annotations(project_id):
         boxes, parse_error = parse_boxes(annotation.result, config)
         if boxes != annotation.boxes or parse_error != annotation.parse_error:
             changed[annotation.annotation_id] = (annotation.revision, boxes, parse_error)
-    return store.replace_parsed_boxes(project_id, changed) if changed else 0
+            if annotation.parse_error is not None and parse_error is None:
+                usable_now.append(annotation.annotation_id)
+    if not changed:
+        return 0
+    return store.replace_parsed_boxes(project_id, changed, renew=usable_now)
 
 
 def save_label_config(

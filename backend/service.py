@@ -191,7 +191,10 @@ class BoxloopService:
         if project_id is None:
             raise ServiceError(400, f"'project' must be a project id, got {project!r:.60}")
         config = self._parse_config(label_config)
+        revision = self.store.annotation_revision(project_id)
         save_label_config(self.store, project_id, label_config, config, hostname)
+        if self.store.annotation_revision(project_id) != revision:  # annotations now usable
+            self.maybe_schedule_training(project_id)
         if access_token:
             self.studio.remember_setup_token(project_id, access_token)
         return self.current_model(project_id, config.labels).version

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -384,14 +384,20 @@ class Store:
         return revision, True
 
     def replace_parsed_boxes(
-        self, project_id: int, parsed: Mapping[int, tuple[int, Boxes | None, str | None]]
+        self,
+        project_id: int,
+        parsed: Mapping[int, tuple[int, Boxes | None, str | None]],
+        *,
+        renew: Collection[int] = (),
     ) -> int:
         """Store annotations' boxes and parse errors read anew (``{annotation id: (revision it
         was read at, boxes, parse error)}``) in one transaction; returns how many were written.
 
         The revision stays: the annotation is the same, only how it reads under the project's
-        label config changed, so it is no new work for the training trigger. A row whose
-        revision moved meanwhile (a webhook replaced it) is left as that write stored it.
+        label config changed, so it is no new work for the training trigger -- except for the
+        ids in ``renew``, which get a new one: annotations no model could train on before (a
+        label the config lacked) that now read, so they count as new work. A row whose revision
+        moved meanwhile (a webhook replaced it) is left as that write stored it.
         """
         table = annotations_table
         statement = (
@@ -401,13 +407,18 @@ class Store:
                 & (table.c.annotation_id == bindparam("b_annotation"))
                 & (table.c.revision == bindparam("b_revision"))
             )
-            .values(boxes=bindparam("b_boxes"), parse_error=bindparam("b_error"))
+            .values(
+                boxes=bindparam("b_boxes"),
+                parse_error=bindparam("b_error"),
+                revision=bindparam("b_new_revision"),
+            )
         )
         rows = [
             {
                 "b_project": project_id,
                 "b_annotation": annotation_id,
                 "b_revision": revision,
+                "b_new_revision": revision,
                 "b_boxes": None if boxes is None else boxes.to_dict(),
                 "b_error": _text(parse_error),
             }
@@ -415,7 +426,12 @@ class Store:
         ]
         if not rows:
             return 0
-        with self._tx() as conn:  # one statement, executed for every row (executemany)
+        with self._revision_tx() as conn:  # one statement, executed for every row (executemany)
+            if renew:
+                first, wanted = self._next_revision(conn), set(renew)
+                renewed = [row for row in rows if row["b_annotation"] in wanted]
+                for offset, row in enumerate(renewed):
+                    row["b_new_revision"] = first + offset
             result = conn.execute(statement, rows)
         return result.rowcount if result.rowcount >= 0 else len(rows)
 

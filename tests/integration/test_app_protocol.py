@@ -170,7 +170,7 @@ def test_webhooks_store_every_annotation(stored_client: TestClient, images: list
 
 
 def test_a_label_config_edit_reads_stored_annotations_again(
-    stored_client: TestClient, images: list[Path]
+    stored_client: TestClient, images: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stored boxes hold label indices of the config they arrived under, and training takes
     them from the store: after an admin reorders or edits the labels, they must be read again,
@@ -197,12 +197,22 @@ def test_a_label_config_edit_reads_stored_annotations_again(
         '<Label value="Square"/><Label value="Disc"/>',
         '<Label value="Cat"/><Label value="Disc"/><Label value="Square"/>',
     )
+    asked: list[int] = []  # the training trigger, asked after /setup when there is new work
+    service = client.app.state.service  # type: ignore[attr-defined]
+    monkeypatch.setattr(service, "maybe_schedule_training", asked.append)
     assert client.post("/setup", json=dict(SETUP, schema=edited)).status_code == 200
+    assert asked == [7]
+    client.post("/setup", json=dict(SETUP, schema=edited))  # nothing reads differently
+    assert asked == [7]
+    monkeypatch.undo()
     after = read()
     assert after[1][:2] == ([2], None)  # Square is the third label now
     assert after[2][:2] == ([0], None)  # Cat is a label now: usable for training
-    # the same annotations, no new work: the training trigger's revisions stay
-    assert [r[2] for r in after.values()] == [r[2] for r in before.values()]
+    # the Square is the same annotation, no new work: its revision stays; the Cat is training
+    # data no version saw, new work for the training trigger: a new revision
+    newest = max(r[2] for r in before.values())
+    assert after[1][2] == before[1][2] and after[2][2] > newest
+    assert store.count_annotations_since(7, newest) == 1
     removed = LABEL_CONFIG.replace('<Label value="Square"/>', "")  # Disc only
     client.post("/setup", json=dict(SETUP, schema=removed))
     gone = read()
