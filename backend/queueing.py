@@ -36,6 +36,10 @@ from backend.utility.scorer import UtilityScorer, stored_scores
 
 log = logging.getLogger(__name__)
 
+#: The model version of an order's rank scores on a project without one (no backend connected):
+#: Uncertainty sampling orders the queue by the scores of the project's model version.
+ORDER_VERSION = "boxloop-order"
+
 
 #: Feature extractors an order may use (aliases included).
 EXTRACTORS: tuple[str, ...] = (*EXTRACTOR_NAMES, "imgnet")
@@ -350,23 +354,28 @@ class QueueManager:
             return plan
         from backend.labelstudio import queue
 
-        project = self.store.get_project(project_id)
-        assert project is not None
         only = None if task_ids is None else list(task_ids)
+        own_version = None  # the scores' version when the project has none
         if plan.params.get("uncertainty_scores") and task_ids is None:
             # keep the project's model_version (the backend title = the served version)
-            model_version = studio.get_project(project_id).get("model_version") or "boxloop-order"
-            queue.enable_uncertainty_sampling(studio, project_id, model_version)
+            model_version = studio.get_project(project_id).get("model_version")
+            if model_version:
+                queue.enable_uncertainty_sampling(studio, project_id, model_version)
+            else:  # Label Studio accepts a version only once predictions carry it: after them
+                own_version = ORDER_VERSION
         view_id = queue.push_order(
             studio,
             project_id,
             plan.task_ids,
             plan.ranks,
-            dict(self.store.list_tasks(project_id)),
+            None,  # Label Studio's task data now: deleted tasks left out, edits kept
             only_task_ids=only,
             view_id=plan.view_id,
             uncertainty=True if plan.params.get("uncertainty_scores") else None,
+            model_version=own_version,
         )
+        if own_version is not None:
+            queue.enable_uncertainty_sampling(studio, project_id, own_version)
         if view_id != plan.view_id:
             plan = set_view_id(self.store, plan, view_id)
         return plan

@@ -249,7 +249,10 @@ class BulkPredictor:
             def todo() -> Iterator[WorkItem]:
                 for task in studio.iter_task_versions(project_id):
                     report.listed += 1
-                    if version in task["model_versions"]:
+                    versions = task["model_versions"]
+                    if versions is None:  # the listing cut them: ask for this task's own
+                        versions = studio.task_versions(task["id"])
+                    if version in versions:
                         report.already += 1
                         continue
                     reference = task["data"].get(config.image_key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: Page size for task listing: large enough to keep round trips few on big projects, small
 #: enough that one page of tasks with their annotations stays a few MB.
 PAGE_SIZE = 100
+#: Label Studio's Data Manager cuts a task's ``predictions_model_versions`` at this many characters.
+_VERSIONS_CUT = 500
 
 
 class StudioError(RuntimeError):
@@ -132,18 +134,14 @@ class StudioClient:
         for task in pager:
             yield _as_dict(task)
 
-    def iter_task_versions(
-        self, project_id: int, *, page_size: int | None = None
+    def _iter_by_id(
+        self, project_id: int, params: Mapping[str, str], page_size: int | None = None
     ) -> Iterator[dict[str, Any]]:
-        """Every task as ``{"id", "data", "model_versions": [...]}`` in id order, where
-        ``model_versions`` are the versions of the task's predictions.
-
-        Why this query: the Data Manager's per-task ``predictions_model_versions`` aggregate is
-        the only cheap way to learn which versions a task has (``include`` keeps each task to
-        three fields; its *filters* on that column compare the joined string or characters, so
-        they cannot be trusted). Pages follow an id cursor (``id >`` the last seen, first page
-        each time), so tasks created or deleted meanwhile never shift a page.
-        """
+        """Every task of the project as the Data Manager's ``/api/tasks/`` lists it (``params``
+        pick the fields), in id order. Pages follow an id cursor (``id >`` the last seen, first
+        page each time), so tasks created or deleted meanwhile never shift a page: with page
+        numbers, a task deleted while the list was read moved every later task up one place,
+        and one of them was never listed (a reconcile then tombstoned its annotations)."""
         size = page_size or self.page_size
         last = 0
         with httpx.Client(timeout=self.sdk._client_wrapper.get_timeout()) as http:
@@ -159,30 +157,49 @@ class StudioClient:
                         "project": project_id,
                         "page": 1,
                         "page_size": size,
-                        "fields": "all",
-                        "include": "id,data,predictions_model_versions",
+                        **params,
                         "query": json.dumps(query),
                     },
                     headers=self.auth_headers(),
                 )
-                if response.status_code == 404:  # Label Studio answers 404 past the last page
-                    return
+                # Page 1 is never past the end (an empty one is a 200): a 404 means the project
+                # is gone or the URL is wrong, never "no more tasks".
                 if response.status_code != 200:
                     raise StudioError(
                         f"listing tasks of project {project_id}: HTTP {response.status_code}: "
                         f"{response.text[:300]}"
                     )
-                tasks = response.json().get("tasks") or []
-                for task in tasks:
-                    versions = str(task.get("predictions_model_versions") or "")
-                    yield {
-                        "id": int(task["id"]),
-                        "data": dict(task.get("data") or {}),
-                        "model_versions": [v for v in versions.split(",") if v],
-                    }
+                try:
+                    tasks = response.json().get("tasks") or []
+                except (ValueError, AttributeError) as exc:
+                    raise StudioError(
+                        f"listing tasks of project {project_id}: not a task list "
+                        f"({type(exc).__name__}): {response.text[:200]}"
+                    ) from exc
+                yield from tasks
                 if len(tasks) < size:
                     return
                 last = max(int(t["id"]) for t in tasks)
+
+    def iter_task_versions(
+        self, project_id: int, *, page_size: int | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Every task as ``{"id", "data", "model_versions": [...] or None}`` in id order, where
+        ``model_versions`` are the versions of the task's predictions, None when unknown.
+
+        Why this query: the Data Manager's per-task ``predictions_model_versions`` aggregate is
+        the only cheap way to learn which versions a task has (``include`` keeps each task to
+        three fields; its *filters* on that column compare the joined string or characters, so
+        they cannot be trusted). Label Studio joins the versions with ", " on PostgreSQL and ","
+        on SQLite, and cuts the string at 500 characters: a cut list is unknown (None).
+        """
+        params = {"fields": "all", "include": "id,data,predictions_model_versions"}
+        for task in self._iter_by_id(project_id, params, page_size):
+            yield {
+                "id": int(task["id"]),
+                "data": dict(task.get("data") or {}),
+                "model_versions": model_versions(task.get("predictions_model_versions")),
+            }
 
     def import_predictions(
         self,
@@ -217,6 +234,13 @@ class StudioClient:
         log.info("project %s: %d tasks deleted meanwhile, not predicted", project_id, len(gone))
         return gone
 
+    def task_versions(self, task_id: int) -> set[str]:
+        """The model versions of one task's predictions (where the listing's were cut)."""
+        return {
+            str(_as_dict(p).get("model_version") or "")
+            for p in self.sdk.predictions.list(task=int(task_id))
+        }
+
     def task_exists(self, task_id: int) -> bool:
         try:
             self.sdk.tasks.get(str(int(task_id)))
@@ -243,7 +267,7 @@ class StudioClient:
         filled in even where the list endpoint leaves them out.
         """
         found: dict[int, dict[str, Any]] = {}
-        for task in self.iter_tasks(project_id, with_annotations=True):
+        for task in self._iter_by_id(project_id, {"fields": "all"}):
             task_id = int(task["id"])
             items = task.get("annotations") or []
             if any("result" not in a for a in items):
@@ -367,6 +391,15 @@ def local_files_path(url: str) -> str | None:
 
 def _normalise_url(url: str) -> str:
     return url.strip().rstrip("/").lower()
+
+
+def model_versions(listed: Any) -> list[str] | None:
+    """A task's ``predictions_model_versions`` as the Data Manager lists it, as a list: joined
+    with ", " on PostgreSQL and "," on SQLite, and cut at 500 characters (None: unknown)."""
+    text = str(listed or "")
+    if len(text) >= _VERSIONS_CUT:
+        return None
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -356,25 +356,31 @@ def push_order_result(
     uncertainty: bool | None = None,
     field: str = DEFAULT_RANK_FIELD,
     view_title: str = DEFAULT_VIEW_TITLE,
+    model_version: str | None = None,
 ) -> PushResult:
     """Ranks into task data, the sorted view, and (under Uncertainty sampling) scores.
 
     ``task_ids``: the order (tasks not in ``ranks`` are ignored); ``data``: current task data by
-    id, to merge into (listed from Label Studio when None); ``only_task_ids`` limits the writes
-    (after an insertion only the new tasks' ranks change); ``uncertainty=None`` sets prediction
-    scores only when the project uses Uncertainty sampling, True/False forces it.
+    id, to merge into (listed from Label Studio when None; tasks it lacks are left out);
+    ``only_task_ids`` limits the writes (after an insertion only the new tasks' ranks change);
+    ``uncertainty=None`` sets prediction scores only when the project uses Uncertainty sampling,
+    True/False forces it; ``model_version``: the scores' version (default: the project's).
     """
     sdk = _sdk(client)
     wanted = {int(t): int(ranks[int(t)]) for t in task_ids if int(t) in ranks}
     if only_task_ids is not None:
         keep = {int(t) for t in only_task_ids}
         wanted = {t: r for t, r in wanted.items() if t in keep}
-    written = write_ranks(sdk, project_id, wanted, field=field, current=data)
+    current = data if data is not None else _task_data(sdk, project_id, set(wanted))
+    # a task deleted in Label Studio since the order was built: its PATCH (404) or score
+    # import (400) would stop the push before the view is written
+    wanted = {t: r for t, r in wanted.items() if t in current}
+    written = write_ranks(sdk, project_id, wanted, field=field, current=current)
     vid = ensure_order_view(sdk, project_id, field=field, title=view_title, view_id=view_id)
     scored = uses_uncertainty_sampling(sdk, project_id) if uncertainty is None else uncertainty
     updated = created = 0
     if scored and wanted:
-        updated, created = set_rank_scores(sdk, project_id, wanted)
+        updated, created = set_rank_scores(sdk, project_id, wanted, model_version=model_version)
     return PushResult(vid, written, updated, created, bool(scored))
 
 
@@ -390,6 +396,7 @@ def push_order(
     uncertainty: bool | None = None,
     field: str = DEFAULT_RANK_FIELD,
     view_title: str = DEFAULT_VIEW_TITLE,
+    model_version: str | None = None,
 ) -> int:
     """:func:`push_order_result`, returning only the view id (what the caller stores)."""
     return push_order_result(
@@ -403,6 +410,7 @@ def push_order(
         uncertainty=uncertainty,
         field=field,
         view_title=view_title,
+        model_version=model_version,
     ).view_id
 
 

@@ -48,13 +48,20 @@ def _walk(ls: LabelStudioServer, project_id: int, view_id: int | None, n: int) -
     return seen
 
 
-@pytest.mark.parametrize("mode", ["view", "uncertainty"])
+@pytest.mark.parametrize("mode", ["view", "uncertainty", "uncertainty, no backend connected"])
 def test_next_task_follows_the_boxloop_order(
     label_studio: LabelStudioServer, start_boxloop: StartBoxloop, mode: str
 ) -> None:
+    """Without a connected backend the project has no model_version; the order's scores then
+    carry their own (Label Studio refused the project PATCH to it before any prediction had it,
+    and nothing was pushed)."""
     project = create_image_project(label_studio, N_TASKS)
     server = start_boxloop({"BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": "1000"})
-    connect_backend(label_studio, project.id, server.url)
+    if mode.endswith("no backend connected"):
+        setup = {"project": project.id, "schema": project.label_config}
+        assert httpx.post(f"{server.url}/setup", json=setup, timeout=60).status_code == 200
+    else:
+        connect_backend(label_studio, project.id, server.url)
     answer = httpx.post(
         f"{server.url}/projects/{project.id}/order",
         params={"wait": "true"},
@@ -62,7 +69,7 @@ def test_next_task_follows_the_boxloop_order(
             "strategy": "dissimilar",
             "seed": 3,
             "batch_size": 3,
-            "uncertainty_scores": mode == "uncertainty",
+            "uncertainty_scores": mode.startswith("uncertainty"),
         },
         timeout=600,
     )
@@ -78,7 +85,37 @@ def test_next_task_follows_the_boxloop_order(
     ranks = [tasks[t]["data"]["boxloop_rank"] for t in order]
     assert ranks == sorted(ranks)
     view_id = state["view_id"] if mode == "view" else None
+    if mode.endswith("no backend connected"):
+        settings = label_studio.studio.get_project(project.id)
+        assert settings["model_version"] == "boxloop-order", settings["model_version"]
     assert _walk(label_studio, project.id, view_id, N_TASKS) == order
+
+
+def test_an_order_is_pushed_after_a_task_was_deleted_in_label_studio(
+    label_studio: LabelStudioServer, start_boxloop: StartBoxloop
+) -> None:
+    """The store keeps a task deleted in Label Studio, and the push wrote ranks from the store:
+    the deleted task's PATCH answered 404 and every later order failed before its view."""
+    project = create_image_project(label_studio, 4)
+    server = start_boxloop({"BOXLOOP_TRAIN_AFTER_NEW_ANNOTATIONS": "1000"})
+    connect_backend(label_studio, project.id, server.url)
+
+    def order() -> dict[str, Any]:
+        request = {"strategy": "random", "seed": 1, "batch_size": 2}
+        url = f"{server.url}/projects/{project.id}/order"
+        answer = httpx.post(url, params={"wait": "true"}, json=request, timeout=600)
+        assert answer.status_code == 202, answer.text
+        return dict(answer.json())
+
+    assert order()["state"] == "done"
+    label_studio.client.tasks.delete(str(project.task_ids[0]))
+    again = order()
+    assert again["state"] == "done" and again["view_id"] is not None, again
+    tasks = {t["id"]: t["data"] for t in label_studio.studio.list_tasks(project.id)}
+    ranked = [t for t in server_order(server.data_dir, project.id) if t in tasks]
+    assert [tasks[t]["boxloop_rank"] for t in ranked] == sorted(
+        tasks[t]["boxloop_rank"] for t in tasks
+    )
 
 
 def server_order(data_dir: Any, project_id: int) -> list[int]:

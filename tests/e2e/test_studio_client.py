@@ -256,3 +256,19 @@ def test_start_training_arrives_as_a_webhook(
     hooks = [w for w in stub_backend.webhooks if w.get("action") == "START_TRAINING"]
     assert len(hooks) == 1, [w.get("action") for w in stub_backend.webhooks]
     assert hooks[0]["project"]["id"] == image_project.id
+
+
+def test_a_task_deleted_between_pages_shifts_no_other_out_of_the_listing(
+    label_studio: LabelStudioServer,
+) -> None:
+    """Listed by page numbers (as ``list_annotations`` listed them), a task deleted after page 1
+    moved every later task up a place: the first of page 2 was never listed, and a reconcile
+    tombstoned its annotations. The id cursor lists every task that is still there."""
+    project = create_image_project(label_studio, 6)
+    client = StudioClient(label_studio.url, label_studio.token, page_size=2)
+    listing = client._iter_by_id(project.id, {"fields": "all"})
+    first_page = [next(listing)["id"], next(listing)["id"]]
+    label_studio.client.tasks.delete(str(first_page[0]))
+    rest = [task for task in listing]
+    assert first_page + [t["id"] for t in rest] == sorted(t["id"] for t in project.tasks)
+    assert all("annotations" in task for task in rest)  # what list_annotations reads

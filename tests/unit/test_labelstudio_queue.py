@@ -61,3 +61,14 @@ def test_plan_score_updates_keeps_results_and_creates_missing() -> None:
     updates, creations = plan_score_updates(predictions, {1: 1024, 2: 2048, 3: 3072}, "v2")
     assert updates == [(10, rank_score(1024))]
     assert creations == [(3, rank_score(3072))]
+
+
+def test_prediction_versions_as_the_data_manager_lists_them() -> None:
+    """PostgreSQL joins them with ", ": ' v2' never matched, and bulk predict imported v2 again;
+    a list cut at 500 characters is unknown, not a list without the newest version."""
+    from backend.labelstudio.client import model_versions
+
+    assert model_versions("boxloop-p1-v1,boxloop-p1-v2") == ["boxloop-p1-v1", "boxloop-p1-v2"]
+    assert model_versions("boxloop-p1-v1, boxloop-p1-v2") == ["boxloop-p1-v1", "boxloop-p1-v2"]
+    assert model_versions(None) == [] and model_versions("") == []
+    assert model_versions(", ".join(f"boxloop-p1-v{i}" for i in range(40))) is None
