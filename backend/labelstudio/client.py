@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -151,7 +152,8 @@ class StudioClient:
                     "filters": {"conjunction": "and", "items": [{**cursor, "value": last}]},
                     "ordering": ["tasks:id"],
                 }
-                response = http.get(
+                response = _get_retrying(
+                    http,
                     f"{self.url}/api/tasks/",
                     params={
                         "project": project_id,
@@ -391,6 +393,27 @@ def local_files_path(url: str) -> str | None:
 
 def _normalise_url(url: str) -> str:
     return url.strip().rstrip("/").lower()
+
+
+#: Waits before the retries of a listing request (as the SDK retries its own requests).
+_RETRY_WAITS_S = (0.5, 2.0)
+
+
+def _get_retrying(http: httpx.Client, url: str, **kwargs: Any) -> httpx.Response:
+    """``http.get`` tried again after a transport error or a 5xx (a proxy restarting, a worker
+    recycled): one such answer would otherwise end a bulk run of thousands of tasks. The last
+    answer or error stands."""
+    for wait in _RETRY_WAITS_S:
+        try:
+            response = http.get(url, **kwargs)
+        except httpx.TransportError as exc:
+            log.warning("GET %s failed (%s); trying again in %.1f s", url, exc, wait)
+        else:
+            if response.status_code < 500:
+                return response
+            log.warning("GET %s: HTTP %s; trying again in %.1f s", url, response.status_code, wait)
+        time.sleep(wait)
+    return http.get(url, **kwargs)
 
 
 def model_versions(listed: Any) -> list[str] | None:

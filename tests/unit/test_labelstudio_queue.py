@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,32 @@ def test_prediction_versions_as_the_data_manager_lists_them() -> None:
     assert model_versions("boxloop-p1-v1, boxloop-p1-v2") == ["boxloop-p1-v1", "boxloop-p1-v2"]
     assert model_versions(None) == [] and model_versions("") == []
     assert model_versions(", ".join(f"boxloop-p1-v{i}" for i in range(40))) is None
+
+
+def test_a_task_listing_request_is_tried_again_after_a_transient_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One 5xx or dropped connection ended a bulk run of thousands of tasks."""
+    import httpx
+
+    from backend.labelstudio import client as studio_client
+
+    monkeypatch.setattr(studio_client, "_RETRY_WAITS_S", (0.0, 0.0))
+    answers: list[Any] = [httpx.ConnectError("reset"), httpx.Response(503), httpx.Response(200)]
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        step = answers.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        assert studio_client._get_retrying(http, "http://ls/api/tasks/").status_code == 200
+        assert len(calls) == 3
+        answers[:] = [httpx.Response(503)] * 3
+        assert studio_client._get_retrying(http, "http://ls/api/tasks/").status_code == 503
+        answers[:] = [httpx.Response(404)]
+        assert studio_client._get_retrying(http, "http://ls/api/tasks/").status_code == 404
+    assert len(calls) == 7  # a 4xx is an answer, not tried again
