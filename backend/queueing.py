@@ -417,12 +417,14 @@ class QueueManager:
         updated, created = queue.push_version_predictions(
             studio, project_id, results, ranks, model_version, predictions=listed
         )
-        if studio.get_project(project_id).get("model_version") != model_version:
-            queue.enable_uncertainty_sampling(studio, project_id, model_version)
         rest = {t: r for t, r in ranks.items() if t not in results}  # the batch is scored above
         scored, score_created = queue.set_rank_scores(
             studio, project_id, rest, model_version=model_version, predictions=listed
         )
+        # after the imports: Label Studio accepts a model_version only once predictions carry it
+        carried = updated + created + scored + score_created > 0
+        if carried and studio.get_project(project_id).get("model_version") != model_version:
+            queue.enable_uncertainty_sampling(studio, project_id, model_version)
         refresh = QueueRefresh(
             model_version=model_version,
             preannotated=len(results),
