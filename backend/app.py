@@ -138,7 +138,7 @@ def _credentials_ok(settings: Settings, header: str | None) -> bool:
         return False
     scheme, _, value = header.partition(" ")
     if settings.auth_token is not None and scheme.lower() == "bearer":
-        return hmac.compare_digest(value.strip(), settings.auth_token.get_secret_value())
+        return _same(value.strip(), settings.auth_token.get_secret_value())
     if settings.basic_auth_user is not None and scheme.lower() == "basic":
         try:
             user, _, password = base64.b64decode(value.strip()).decode().partition(":")
@@ -147,10 +147,16 @@ def _credentials_ok(settings: Settings, header: str | None) -> bool:
         expected = (
             settings.basic_auth_password.get_secret_value() if settings.basic_auth_password else ""
         )
-        return hmac.compare_digest(user, settings.basic_auth_user) and hmac.compare_digest(
-            password, expected
-        )
+        same_user = _same(user, settings.basic_auth_user)
+        return _same(password, expected) and same_user  # both compared: no early answer
     return False
+
+
+def _same(given: str, expected: str) -> bool:
+    """A constant-time comparison of UTF-8 bytes: ``compare_digest`` refuses non-ASCII ``str``
+    with a TypeError (a header holding "é" was a 500, and a non-ASCII password never matched)."""
+    encode = lambda text: text.encode("utf-8", "surrogateescape")  # noqa: E731
+    return hmac.compare_digest(encode(given), encode(expected))
 
 
 class Authenticate:

@@ -110,11 +110,15 @@ class TrainingScheduler:
         while not self._stop.is_set():
             self._wake.wait(timeout=5.0)
             self._wake.clear()
-            while not self._stop.is_set():
-                job_id = self._next_job()
-                if job_id is None:
-                    break
-                self._run(job_id)
+            try:
+                while not self._stop.is_set():
+                    job_id = self._next_job()
+                    if job_id is None:
+                        break
+                    self._run(job_id)
+            except Exception:  # a dropped database connection, a failed fork: the thread lives
+                # on (it died, and every later job stayed queued); the next poll tries again
+                log.exception("training scheduler: a poll failed; trying again in 5 s")
 
     def _run(self, job_id: int) -> None:
         job = self.store.get_job(job_id)

@@ -272,6 +272,24 @@ def test_auth_protects_every_endpoint(tmp_path: Path, images: list[Path]) -> Non
         )
 
 
+def test_non_ascii_credentials_are_compared_not_a_500(tmp_path: Path, images: list[Path]) -> None:
+    """``hmac.compare_digest`` raises TypeError on non-ASCII ``str``: any caller got a 500 with
+    a header holding "é", and a non-ASCII password could never log in."""
+    settings = _settings(tmp_path, basic_auth_user="lé", basic_auth_password="pässwort")
+    with TestClient(create_app(settings)) as test_client:
+
+        def basic(user_password: str) -> int:
+            value = base64.b64encode(user_password.encode()).decode()
+            headers = {"Authorization": f"Basic {value}"}
+            return int(test_client.get("/health", headers=headers).status_code)
+
+        assert basic("lé:pässwort") == 200
+        assert basic("lé:passwort") == basic("le:pässwort") == 401
+        raw = [(b"authorization", b"Bearer caf\xe9")]  # a byte no ASCII header holds
+        answer = test_client.get("/health", headers=raw)  # type: ignore[arg-type]
+        assert answer.status_code == 401, answer.text
+
+
 def test_pretrained_onnx_detector_pre_annotates_before_training(
     tmp_path: Path, shared_data: Path
 ) -> None:
