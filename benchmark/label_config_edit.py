@@ -79,6 +79,13 @@ def _write_per_row(store: Store, parsed: dict[int, tuple[int, Boxes | None, str 
             )
 
 
+def _copy_of(base: Path, name: str) -> Store:
+    """A store on a fresh copy of the ``base`` database: each timing starts from the same rows."""
+    copy = base.with_name(name)
+    shutil.copy(base, copy)
+    return Store(f"sqlite:///{copy}")
+
+
 def run(n: int, boxes: int) -> dict[str, Any]:
     config = LabelConfig("label", "image", "image", LABELS)
     edited = LabelConfig("label", "image", "image", LABELS[::-1])
@@ -88,9 +95,7 @@ def run(n: int, boxes: int) -> dict[str, Any]:
         timings: dict[str, float] = {}
 
         # The steps, on one copy.
-        steps_db = Path(tmp) / "steps.db"
-        shutil.copy(base, steps_db)
-        store = Store(f"sqlite:///{steps_db}")
+        store = _copy_of(base, "steps.db")
         start = time.perf_counter()
         annotations = store.list_annotations(1)
         timings["load_s"] = time.perf_counter() - start
@@ -105,18 +110,14 @@ def run(n: int, boxes: int) -> dict[str, Any]:
         timings["write_executemany_s"] = time.perf_counter() - start
         store.close()
 
-        naive_db = Path(tmp) / "naive.db"
-        shutil.copy(base, naive_db)
-        store = Store(f"sqlite:///{naive_db}")
+        store = _copy_of(base, "naive.db")
         start = time.perf_counter()
         _write_per_row(store, parsed)
         timings["write_per_row_s"] = time.perf_counter() - start
         store.close()
 
         # The whole /setup step, as the backend runs it, on a fresh copy.
-        setup_db = Path(tmp) / "setup.db"
-        shutil.copy(base, setup_db)
-        store = Store(f"sqlite:///{setup_db}")
+        store = _copy_of(base, "setup.db")
         start = time.perf_counter()
         save_label_config(store, 1, "<View/>", edited, None)
         timings["save_label_config_s"] = time.perf_counter() - start

@@ -391,7 +391,6 @@ def run_one(
             "image_ids": [pool.samples[i].image_id for i in batch],
             "images": len(batch),
             "boxes": sum(len(gts[i].kept()) for i in batch),
-            "ignored_regions": sum(int(gts[i].ignore_mask.sum()) for i in batch),
             "ground_truth": {pool.samples[i].image_id: _boxes_json(gts[i]) for i in batch},
             "seconds": {},
         }
