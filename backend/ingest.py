@@ -18,7 +18,9 @@ from backend.boxes import Boxes
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfig,
+    LabelConfigError,
     MissingImageSize,
+    parse_label_config,
     regions_to_boxes,
 )
 from backend.store import Project, Store
@@ -84,12 +86,28 @@ def parse_boxes(
 
 def reads_differently(before: Project | None, config: LabelConfig) -> bool:
     """Whether stored annotations of ``before`` would parse otherwise under ``config``: another
-    rectangle control, image, or label list (stored boxes index the label list they were read
-    with, so a reordered list would silently swap their classes)."""
-    return before is not None and (
-        (before.from_name, before.to_name, list(before.labels))
-        != (config.from_name, config.to_name, list(config.labels))
-    )
+    rectangle control, image, label list (stored boxes index the label list they were read
+    with, so a reordered list would silently swap their classes) or label aliases (an alias
+    added makes results that carry it readable)."""
+    if before is None:
+        return False
+    if (before.from_name, before.to_name, list(before.labels)) != (
+        config.from_name,
+        config.to_name,
+        list(config.labels),
+    ):
+        return True
+    return _stored_config(before).aliases != config.aliases
+
+
+def _stored_config(project: Project) -> LabelConfig:
+    """The project's stored label config, parsed (its columns lack the aliases)."""
+    try:
+        return parse_label_config(project.label_config)
+    except LabelConfigError:  # stored by a version that read configs more loosely
+        return LabelConfig(
+            project.from_name, project.to_name, project.image_key, tuple(project.labels)
+        )
 
 
 def reparse_annotations(store: Store, project_id: int, config: LabelConfig) -> int:
@@ -199,7 +217,7 @@ def ingest_annotation(
         # read before: its re-read of the stored annotations may have run before this write, so
         # this one is read again here. (Either this check sees the new config, or the /setup
         # stored it after this write and re-reads this annotation itself.)
-        current = LabelConfig(now.from_name, now.to_name, now.image_key, tuple(now.labels))
+        current = _stored_config(now)
         boxes, parse_error = parse_boxes(result, current)
         store.replace_parsed_boxes(project_id, {annotation_id: (revision, boxes, parse_error)})
     return IngestResult(annotation_id, task_id, revision, changed, parse_error)

@@ -42,16 +42,35 @@ _BOX_TYPES = ("rectanglelabels", "rectangle")
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """What boxloop needs from a label config: the rectangle control and its image."""
+    """What boxloop needs from a label config: the rectangle control and its image.
+
+    ``labels`` are the ``<Label value>``s: the classes boxloop learns, stable when an admin
+    adds or edits an ``alias``. ``aliases`` pairs ``(value, alias)`` for labels that have one:
+    Label Studio writes a label's alias, not its value, into ``rectanglelabels`` (its
+    ``SelectedModel.selectedValues``), and loads a result naming either.
+    """
 
     from_name: str
     to_name: str
     image_key: str
     labels: tuple[str, ...]
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def label_index(self) -> dict[str, int]:
-        return {label: i for i, label in enumerate(self.labels)}
+        """Label index by any name a result may carry: the value or the alias."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        for label, alias in self.aliases:
+            index.setdefault(alias, index[label])
+        return index
+
+    @property
+    def result_names(self) -> dict[str, str]:
+        """The name Label Studio stores in results for each label (its alias, if it has one)."""
+        names = {label: label for label in self.labels}
+        for label, alias in reversed(self.aliases):  # a label's first alias wins
+            names[label] = alias
+        return names
 
 
 def parse_label_config(xml: str) -> LabelConfig:
@@ -77,24 +96,64 @@ def parse_label_config(xml: str) -> LabelConfig:
     to_name = control.get("toName")
     if not from_name or not to_name:
         raise LabelConfigError("<RectangleLabels> needs both name and toName attributes")
-    to_name = to_name.split(",")[0].strip()
-    images = [el for el in root.iter() if el.tag == "Image" and el.get("name") == to_name]
+    image = _target_image(root, from_name, to_name)
+    to_name = image.get("name", "")
+    value = image.get("value", "")
+    if not value.startswith("$") or len(value) < 2:
+        raise LabelConfigError(f'<Image name={to_name!r}> needs value="$field", got {value!r}')
+    labels, aliases = _labels_of(control, from_name)
+    return LabelConfig(from_name, to_name, value[1:], labels, aliases)
+
+
+def _target_image(root: ET.Element, from_name: str, to_name: str) -> ET.Element:
+    """The one ``<Image>`` among the control's targets. Label Studio lets ``toName`` name
+    several object tags (``toName="img,txt"``); boxloop predicts one image per task, so a
+    control over several images is refused rather than served on whichever comes first."""
+    names = [name.strip() for name in to_name.split(",") if name.strip()]
+    images = {el.get("name"): el for el in root.iter("Image") if el.get("name") in names}
     if not images:
         raise LabelConfigError(
             f"<RectangleLabels name={from_name!r}> points at toName={to_name!r}, "
             "but there is no <Image> with that name"
         )
-    value = images[0].get("value", "")
-    if not value.startswith("$") or len(value) < 2:
-        raise LabelConfigError(f'<Image name={to_name!r}> needs value="$field", got {value!r}')
+    if len(images) > 1:
+        raise LabelConfigError(
+            f"<RectangleLabels name={from_name!r}> points at several images "
+            f"({', '.join(map(repr, images))}); boxloop detects on one image per task: "
+            "give the boxes of each image a <RectangleLabels> of their own, the first on the "
+            "image boxloop should serve"
+        )
+    return next(iter(images.values()))
+
+
+def _labels_of(
+    control: ET.Element, from_name: str
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """The control's label values, and ``(value, alias)`` for those with an ``alias``.
+
+    Label Studio stores the alias in annotations and reads a result naming either, so each
+    value or alias must name one label: one naming two would train its boxes as either.
+    """
     labels: list[str] = []
-    for label in control.iter("Label"):
-        name = label.get("value")
+    aliases: list[tuple[str, str]] = []
+    owner: dict[str, str] = {}  # every name a result may carry -> the label it names
+    for tag in control.iter("Label"):
+        alias = tag.get("alias") or ""
+        name = tag.get("value") or alias
+        for written in filter(None, (name, alias)):
+            if owner.setdefault(written, name) != name:
+                raise LabelConfigError(
+                    f"<RectangleLabels name={from_name!r}>: {written!r} names both the label "
+                    f"{owner[written]!r} and {name!r} (as a value or an alias); Label Studio "
+                    "stores the alias in annotations, so make each value and alias unique"
+                )
         if name and name not in labels:
             labels.append(name)
+        if alias and alias != name:
+            aliases.append((name, alias))
     if not labels:
         raise LabelConfigError(f"<RectangleLabels name={from_name!r}> lists no <Label value=...>")
-    return LabelConfig(from_name, to_name, value[1:], tuple(labels))
+    return tuple(labels), tuple(aliases)
 
 
 def _region_xyxy(value: dict[str, Any], width: float, height: float) -> tuple[float, ...]:
@@ -197,10 +256,11 @@ def boxes_to_regions(
 
     ``labels`` names the box label indices (the model's label list); boxes whose
     label is not in the project's config are dropped, since Label Studio rejects
-    predictions with unknown label values.
+    predictions with unknown label values. A label with an ``alias`` is sent as its alias,
+    the name Label Studio itself stores in annotations.
     """
     names = list(labels) if labels is not None else list(config.labels)
-    allowed = set(config.labels)
+    written = config.result_names  # Label Studio matches a label with an alias by the alias
     width, height = boxes.image_size
     if width <= 0 or height <= 0:
         raise ValueError("boxes need a positive image size to be converted to percent")
@@ -208,7 +268,7 @@ def boxes_to_regions(
     clipped = boxes.clipped()
     for i in range(len(clipped)):
         name = names[int(clipped.labels[i])]
-        if name not in allowed:
+        if name not in written:
             continue
         x0, y0, x1, y1 = (float(v) for v in clipped.xyxy[i])
         region: dict[str, Any] = {
@@ -224,7 +284,7 @@ def boxes_to_regions(
                 "width": 100.0 * (x1 - x0) / width,
                 "height": 100.0 * (y1 - y0) / height,
                 "rotation": 0,
-                "rectanglelabels": [name],
+                "rectanglelabels": [written[name]],
             },
         }
         if clipped.scores is not None:

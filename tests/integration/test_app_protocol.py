@@ -227,6 +227,25 @@ def test_a_label_config_edit_reads_stored_annotations_again(
     assert "'Cat'" in str(restored[2][1])
 
 
+def test_an_alias_added_to_a_label_reads_the_annotations_that_carry_it(
+    stored_client: TestClient, images: list[Path]
+) -> None:
+    """Label Studio writes a label's ``alias`` into results. An annotation carrying ``Sq``
+    before the admin added ``alias="Sq"`` to ``Square`` was unreadable; after the edit it is a
+    Square (the label list itself did not change, so only the aliases tell the edit apart)."""
+    client = stored_client
+    client.post("/setup", json=SETUP)
+    client.post("/webhook", json=_created(1, 1, str(images[0]), labels=["Sq"]))
+    store = client.app.state.service.store  # type: ignore[attr-defined]
+    (before,) = store.list_annotations(7)
+    assert before.boxes is None and "'Sq'" in str(before.parse_error)
+    aliased = LABEL_CONFIG.replace('<Label value="Square"/>', '<Label value="Square" alias="Sq"/>')
+    assert client.post("/setup", json=dict(SETUP, schema=aliased)).status_code == 200
+    (after,) = store.list_annotations(7)
+    assert after.parse_error is None and after.boxes is not None
+    assert after.boxes.labels.tolist() == [0]
+
+
 def test_webhook_for_an_unknown_project_is_a_404(client: TestClient) -> None:
     answer = client.post(
         "/webhook",

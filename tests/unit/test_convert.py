@@ -11,6 +11,7 @@ from backend.labelstudio.convert import (
     MissingImageSize,
     boxes_to_regions,
     parse_label_config,
+    prediction_of,
     regions_to_boxes,
 )
 from tests.synthetic import LABEL_CONFIG
@@ -172,3 +173,72 @@ def test_missing_sizes_leave_the_boxes_to_the_image() -> None:
         regions_to_boxes([_square()], config)
     assert parse_boxes([_square()], config) == (None, None)
     assert len(regions_to_boxes([_square()], config, (320, 240))) == 1
+
+
+ALIASED = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="label" toName="image">
+    <Label value="Car" alias="C" hotkey="c" background="#ff0000"/><Label value="Person"/>
+  </RectangleLabels>
+</View>"""
+
+
+def test_a_label_with_an_alias_keeps_its_value_as_the_class() -> None:
+    """Label Studio writes the alias into ``rectanglelabels``: the class boxloop learns stays
+    the value, so adding an alias does not rename a class."""
+    config = parse_label_config(ALIASED)
+    assert config.labels == ("Car", "Person")
+    assert config.label_index == {"Car": 0, "C": 0, "Person": 1}
+
+
+def test_boxes_of_an_aliased_label_roundtrip_through_its_alias() -> None:
+    """An annotation carrying the alias read as "not in the config"; predictions must carry the
+    alias too, the name Label Studio stores for that label."""
+    config = parse_label_config(ALIASED)
+    boxes = Boxes(np.array([[10, 10, 50, 50], [60, 60, 90, 90]]), np.array([0, 1]), (100, 100))
+    regions = boxes_to_regions(boxes, config)
+    assert [r["value"]["rectanglelabels"] for r in regions] == [["C"], ["Person"]]
+    back = regions_to_boxes(regions, config)
+    np.testing.assert_array_equal(back.labels, [0, 1])
+    # Label Studio also loads a result that names the value (one drawn before the alias)
+    assert regions_to_boxes([_square(rectanglelabels=["Car"])], config, (10, 10)).labels[0] == 0
+    regions, _ = prediction_of(boxes, config, ["Car", "Person"])
+    assert regions[0]["value"]["rectanglelabels"] == ["C"]
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        '<Label value="Car" alias="Truck"/><Label value="Truck"/>',
+        '<Label value="Car" alias="V"/><Label value="Van" alias="V"/>',
+    ],
+)
+def test_an_alias_naming_two_labels_is_an_error(labels: str) -> None:
+    """A result naming it could be either label: Label Studio stores only the alias."""
+    xml = f'<View><Image name="i" value="$img"/><RectangleLabels name="l" toName="i">{labels}</RectangleLabels></View>'
+    with pytest.raises(LabelConfigError, match="names both the label"):
+        parse_label_config(xml)
+
+
+@pytest.mark.parametrize("to_name", ["notes,image", " notes , image ", "image,notes"])
+def test_a_control_over_several_objects_targets_its_one_image(to_name: str) -> None:
+    """Label Studio allows a comma-separated toName; only the first name was tried, so an image
+    named second was "no <Image> with that name"."""
+    xml = (
+        '<View><Text name="notes" value="$text"/><Image name="image" value="$image"/>'
+        f'<RectangleLabels name="label" toName="{to_name}"><Label value="Car"/></RectangleLabels>'
+        "</View>"
+    )
+    config = parse_label_config(xml)
+    assert (config.to_name, config.image_key) == ("image", "image")
+
+
+def test_a_control_over_several_images_is_an_error_not_a_silent_pick() -> None:
+    """The first image was taken without a word, and the other image's boxes trained on it."""
+    xml = (
+        '<View><Image name="left" value="$a"/><Image name="right" value="$b"/>'
+        '<RectangleLabels name="label" toName="left,right"><Label value="Car"/></RectangleLabels>'
+        "</View>"
+    )
+    with pytest.raises(LabelConfigError, match=r"several images \('left', 'right'\)"):
+        parse_label_config(xml)
