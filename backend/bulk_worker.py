@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = settings_from_json(args.settings_json.read_text())
+    args.settings_json.unlink(missing_ok=True)  # it holds tokens: gone once read
     request = BulkPredictRequest.model_validate_json(args.request_json)
     service = BoxloopService(settings)
     try:

@@ -3,9 +3,14 @@
 Training runs in its own process (``python -m backend.jobs --job ID``) so the
 HTTP server never waits on it: the GIL, the CPU threads and the memory of
 training stay out of the request path. The child is niced, dies with its parent
-(``PR_SET_PDEATHSIG``), and reports progress through the store. A job left
-``running`` by a killed server is marked ``interrupted`` at the next start and
-queued again, so training always completes.
+(``PR_SET_PDEATHSIG``), and reports progress through the store.
+
+Several servers may share one database (PostgreSQL), so a server *claims* a queued job in one
+conditional UPDATE and writes a heartbeat while it runs. A running job is abandoned when its
+owner is a dead process on this host (a killed server, found at the next start) or when its
+heartbeat is older than ``STALE_AFTER_S`` (a server on another host died); it is marked
+``interrupted`` and queued again. A clean stop (SIGTERM, Ctrl-C) does the same for the job it
+ends. So training always completes.
 """
 
 from __future__ import annotations
@@ -15,18 +20,29 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from backend.settings import Settings, load_settings, settings_from_json, settings_to_json
-from backend.store import JOB_ACTIVE, Store, utcnow
+from backend.store import JOB_ACTIVE, Store, TrainingJob, utcnow
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+#: Seconds between a running job's heartbeats, and the age at which another server takes a
+#: heartbeat for a dead owner's. Generous: a busy 2-core server must not lose its own job.
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 120.0
+#: How often the scheduler looks for abandoned jobs besides at start.
+ORPHAN_SWEEP_S = 30.0
 
 
 def die_with_parent() -> None:  # runs in the child between fork and exec
@@ -57,19 +73,32 @@ class TrainingScheduler:
         self._thread: threading.Thread | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        #: who this scheduler is in the jobs table: host, process and a token for this start
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._last_sweep = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def recover(self) -> list[int]:
-        """Mark jobs a dead server left running as interrupted and queue them again."""
+        """Queue again the jobs a dead server left running; returns the queued job ids."""
+        return self.requeue_abandoned()
+
+    def requeue_abandoned(self) -> list[int]:
+        """Mark running jobs whose server is gone ``interrupted`` and queue their projects
+        again; returns the queued job ids. A neighbour's live job is left alone. Also removes
+        the settings files (they hold tokens) a killed server's children never read."""
+        _remove_stale_settings_files(self.settings.data_dir / "logs")
         requeued: list[int] = []
         for job in self.store.list_jobs(statuses=["running"], limit=1000):
-            self.store.update_job(
+            if job.owner == self.owner or not _abandoned(job, self.owner):
+                continue
+            if self.store.update_owned_job(
                 job.id,
+                job.owner,
                 status="interrupted",
                 finished_at=utcnow(),
                 message="server stopped while this job ran",
-            )
-            requeued.append(self.request(job.project_id, "resume after restart"))
+            ):
+                requeued.append(self.request(job.project_id, "resume after restart"))
         return requeued
 
     def start(self) -> None:
@@ -102,17 +131,24 @@ class TrainingScheduler:
         return jobs[0].id if jobs else None
 
     # ------------------------------------------------------------------ loop
-    def _next_job(self) -> int | None:
+    def _claim_next(self) -> int | None:
+        """Claim the oldest queued job this server may start; None when there is none."""
         jobs = self.store.list_jobs(statuses=["queued"], limit=1000)
-        return min((j.id for j in jobs), default=None)
+        for job_id in sorted(j.id for j in jobs):
+            if self.store.claim_job(job_id, self.owner):
+                return job_id
+        return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=5.0)
             self._wake.clear()
             try:
+                if time.monotonic() - self._last_sweep >= ORPHAN_SWEEP_S:
+                    self._last_sweep = time.monotonic()
+                    self.requeue_abandoned()
                 while not self._stop.is_set():
-                    job_id = self._next_job()
+                    job_id = self._claim_next()
                     if job_id is None:
                         break
                     self._run(job_id)
@@ -153,7 +189,7 @@ class TrainingScheduler:
                         stderr=subprocess.STDOUT,
                         preexec_fn=die_with_parent,
                     )
-                code = self._process.wait()
+                code = self._wait_beating(self._process, job_id)
         finally:
             settings_path.unlink(missing_ok=True)  # it holds secrets
         with self._lock:
@@ -167,6 +203,17 @@ class TrainingScheduler:
                 self.on_success(job.project_id, job.model_version)
             except Exception:
                 log.exception("swapping in %s failed", job.model_version)
+        elif job.status in JOB_ACTIVE and self._stop.is_set():
+            # a clean stop ended it: queue it again, as a restart after kill -9 would
+            if self.store.update_owned_job(
+                job_id,
+                self.owner,
+                status="interrupted",
+                finished_at=utcnow(),
+                message="server stopped while this job ran",
+            ):
+                self.request(job.project_id, "resume after restart")
+            log.info("training job %s interrupted by the server's stop; queued again", job_id)
         elif job.status in JOB_ACTIVE:
             tail = _tail(log_path)
             self.store.update_job(
@@ -176,6 +223,58 @@ class TrainingScheduler:
                 error=f"worker exited with code {code}: {tail}",
             )
             log.error("training job %s failed (exit %s)", job_id, code)
+
+    def _wait_beating(self, process: subprocess.Popen[bytes], job_id: int) -> int:
+        """Wait for the child, writing the job's heartbeat every ``HEARTBEAT_S``."""
+        while True:
+            try:
+                return process.wait(timeout=HEARTBEAT_S)
+            except subprocess.TimeoutExpired:
+                try:
+                    self.store.update_owned_job(job_id, self.owner, heartbeat_at=utcnow())
+                except Exception:  # a database hiccup must not orphan the running child
+                    log.exception("training job %s: heartbeat failed", job_id)
+
+
+def _abandoned(job: TrainingJob, me: str) -> bool:
+    """Whether running ``job``'s server is gone: a dead process on this host, this very process
+    before a restart (a container's pid 1), a heartbeat older than ``STALE_AFTER_S``, or no
+    owner at all (started before owners were recorded)."""
+    if job.owner is None:
+        return True
+    host, _, rest = job.owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        if int(pid) == os.getpid() and job.owner != me:
+            return True
+        if not _alive(int(pid)):
+            return True
+    beat = job.heartbeat_at or job.started_at
+    return beat is None or utcnow() - beat > timedelta(seconds=STALE_AFTER_S)
+
+
+def _remove_stale_settings_files(logs: Path, min_age_s: float = 60.0) -> None:
+    """Delete children's settings files older than ``min_age_s``: a child reads and deletes
+    its file at once, so an old one is a killed server's, and it holds tokens."""
+    if not logs.is_dir():
+        return
+    now = time.time()
+    for path in logs.glob("*.settings.json"):
+        try:
+            if now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def write_private(path: Path, text: str) -> None:
@@ -219,6 +318,8 @@ def _worker_main(argv: list[str] | None = None) -> int:
     )
     if args.settings_json is not None:
         settings = settings_from_json(args.settings_json.read_text())
+        # it holds tokens: gone once read, so a kill -9 of the server leaves nothing behind
+        args.settings_json.unlink(missing_ok=True)
     else:
         settings = load_settings()
     log.info(

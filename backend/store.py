@@ -115,6 +115,8 @@ class TrainingJob:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    owner: str | None = None
+    heartbeat_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -620,6 +622,42 @@ class Store:
         values = {k: _text(v) for k, v in values.items()}  # messages and errors quote input
         with self._tx() as conn:
             conn.execute(update(training_jobs).where(training_jobs.c.id == job_id).values(**values))
+
+    def claim_job(self, job_id: int, owner: str) -> bool:
+        """Start queued job ``job_id`` for ``owner``; False when it is not queued any more, or
+        another job of its project runs.
+
+        One conditional UPDATE, so two servers sharing a database never both start one job (on
+        PostgreSQL the second waits for the first's row lock, then finds it no longer queued).
+        """
+        other = training_jobs.alias("other")
+        busy = (
+            select(other.c.id)
+            .where(other.c.project_id == training_jobs.c.project_id)
+            .where(other.c.status == "running")
+            .exists()
+        )
+        now = utcnow()
+        query = (
+            update(training_jobs)
+            .where(training_jobs.c.id == job_id, training_jobs.c.status == "queued", ~busy)
+            .values(status="running", owner=owner, started_at=now, heartbeat_at=now)
+        )
+        with self._tx() as conn:
+            return conn.execute(query).rowcount == 1
+
+    def update_owned_job(self, job_id: int, owner: str | None, **values: Any) -> bool:
+        """Update job ``job_id`` only while it runs under ``owner`` (None: a job no server
+        claimed, one a version before 0004 started); True when it did."""
+        values = {k: _text(v) for k, v in values.items()}
+        held = training_jobs.c.owner.is_(None) if owner is None else training_jobs.c.owner == owner
+        query = (
+            update(training_jobs)
+            .where(training_jobs.c.id == job_id, training_jobs.c.status == "running", held)
+            .values(**values)
+        )
+        with self._tx() as conn:
+            return conn.execute(query).rowcount == 1
 
     def get_job(self, job_id: int) -> TrainingJob | None:
         with self._tx() as conn:

@@ -115,6 +115,9 @@ training_jobs = Table(
     Column("created_at", DateTime, nullable=False, default=utcnow),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
+    # the server running the job ("host:pid:token") and its last heartbeat (0004)
+    Column("owner", String(255)),
+    Column("heartbeat_at", DateTime),
 )
 
 features = Table(
