@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Official YOLOX-Nano COCO ONNX release asset (Megvii-BaseDetection/YOLOX, release 0.1.1rc0).
@@ -275,6 +275,35 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _auth_protects_something(self) -> Settings:
+        """Refuse auth settings that look set but protect nothing: an empty token accepted
+        ``Bearer `` with nothing after it, a user without a password let anyone who knew the
+        name in, and a password without a user turned no check on at all."""
+        token = self.auth_token.get_secret_value() if self.auth_token is not None else None
+        if token is not None and not token.strip():
+            raise ValueError(
+                "BOXLOOP_AUTH_TOKEN is set but empty: give a token, or unset it to serve "
+                "without one"
+            )
+        user = self.basic_auth_user
+        password = (
+            self.basic_auth_password.get_secret_value()
+            if self.basic_auth_password is not None
+            else None
+        )
+        if (user is None) != (password is None) or (user is not None and not user.strip()):
+            raise ValueError(
+                "basic auth needs both BOXLOOP_BASIC_AUTH_USER and BOXLOOP_BASIC_AUTH_PASSWORD, "
+                "the user not empty: set both, or neither to serve without basic auth"
+            )
+        if password is not None and not password:
+            raise ValueError(
+                "BOXLOOP_BASIC_AUTH_PASSWORD is set but empty: anyone who knows the user name "
+                "would pass; give a password"
+            )
+        return self
 
     @property
     def resolved_database_url(self) -> str:

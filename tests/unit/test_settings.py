@@ -39,6 +39,44 @@ def test_a_missing_file_and_a_bad_variable_are_settings_errors(
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BOXLOOP_AUTH_TOKEN": ""}, "BOXLOOP_AUTH_TOKEN is set but empty"),
+        ({"BOXLOOP_AUTH_TOKEN": "  "}, "BOXLOOP_AUTH_TOKEN is set but empty"),
+        ({"BOXLOOP_BASIC_AUTH_USER": "ls"}, "needs both BOXLOOP_BASIC_AUTH_USER and"),
+        ({"BOXLOOP_BASIC_AUTH_PASSWORD": "pw"}, "needs both BOXLOOP_BASIC_AUTH_USER and"),
+        (
+            {"BOXLOOP_BASIC_AUTH_USER": "", "BOXLOOP_BASIC_AUTH_PASSWORD": "pw"},
+            "the user not empty",
+        ),
+        (
+            {"BOXLOOP_BASIC_AUTH_USER": "ls", "BOXLOOP_BASIC_AUTH_PASSWORD": ""},
+            "BOXLOOP_BASIC_AUTH_PASSWORD is set but empty",
+        ),
+    ],
+)
+def test_auth_settings_that_protect_nothing_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    """They were accepted without a word: an empty token let ``Bearer `` with nothing after
+    it in, a user without a password let anyone who knew the name in, and a password without
+    a user turned no check on."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+
+
+def test_complete_auth_settings_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOXLOOP_AUTH_TOKEN", "t0ken")
+    monkeypatch.setenv("BOXLOOP_BASIC_AUTH_USER", "ls")
+    monkeypatch.setenv("BOXLOOP_BASIC_AUTH_PASSWORD", "pw")
+    settings = load_settings()
+    assert settings.auth_token is not None and settings.auth_token.get_secret_value() == "t0ken"
+    assert settings.basic_auth_user == "ls"
+
+
 def test_the_cli_reports_bad_settings_and_refusals_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
