@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -122,66 +122,80 @@ class StudioClient:
         return _as_dict(project)
 
     def iter_tasks(self, project_id: int, *, with_annotations: bool) -> Iterator[dict[str, Any]]:
-        """All tasks of a project, page by page; each as a dict.
+        """All tasks of a project in id order, each as a dict (Label Studio's JSON), listed by
+        the id cursor of :meth:`_iter_by_id`.
 
         With ``with_annotations`` the tasks carry their ``annotations`` (and ``predictions``):
         one paginated pass instead of one request per task.
         """
-        pager: Iterable[Any] = self.sdk.tasks.list(
-            project=project_id,
-            fields="all" if with_annotations else "task_only",
-            page_size=self.page_size,
-        )
-        for task in pager:
-            yield _as_dict(task)
+        params = {"fields": "all" if with_annotations else "task_only"}
+        yield from self._iter_by_id(project_id, params)
 
     def _iter_by_id(
-        self, project_id: int, params: Mapping[str, str], page_size: int | None = None
+        self,
+        project_id: int,
+        params: Mapping[str, str],
+        page_size: int | None = None,
+        *,
+        after: int = 0,
+        upto: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Every task of the project as the Data Manager's ``/api/tasks/`` lists it (``params``
-        pick the fields), in id order. Pages follow an id cursor (``id >`` the last seen, first
-        page each time), so tasks created or deleted meanwhile never shift a page: with page
-        numbers, a task deleted while the list was read moved every later task up one place,
-        and one of them was never listed (a reconcile then tombstoned its annotations)."""
+        pick the fields), in id order; only ids ``> after`` and ``<= upto`` where given. Pages
+        follow an id cursor (``id >`` the last seen, first page each time), so tasks created or
+        deleted meanwhile never shift a page: with page numbers, a task deleted while the list
+        was read moved every later task up one place, and one of them was never listed (a
+        reconcile then tombstoned its annotations, a task sync missed the task).
+
+        The listing ends when a page holds every task the server counted past the cursor
+        (``total``), or is empty: a page shorter than asked is not the end, as the server may cap
+        the page size (``TASK_API_PAGE_SIZE_MAX``)."""
         size = page_size or self.page_size
-        last = 0
-        with httpx.Client(timeout=self.sdk._client_wrapper.get_timeout()) as http:
-            while True:
-                cursor = {"filter": "filter:tasks:id", "operator": "greater", "type": "Number"}
-                query = {
-                    "filters": {"conjunction": "and", "items": [{**cursor, "value": last}]},
-                    "ordering": ["tasks:id"],
-                }
-                response = _get_retrying(
-                    http,
-                    f"{self.url}/api/tasks/",
-                    params={
-                        "project": project_id,
-                        "page": 1,
-                        "page_size": size,
-                        **params,
-                        "query": json.dumps(query),
-                    },
-                    headers=self.auth_headers(),
+        last = after
+        cursor = {"filter": "filter:tasks:id", "type": "Number"}
+        while True:
+            items: list[dict[str, Any]] = [{**cursor, "operator": "greater", "value": last}]
+            if upto is not None:
+                items.append({**cursor, "operator": "less_or_equal", "value": upto})
+            query = {"filters": {"conjunction": "and", "items": items}, "ordering": ["tasks:id"]}
+            response = _get_retrying(
+                self._http,
+                f"{self.url}/api/tasks/",
+                params={
+                    "project": project_id,
+                    "page": 1,
+                    "page_size": size,
+                    **params,
+                    "query": json.dumps(query),
+                },
+                headers=self.auth_headers(),
+                timeout=self.sdk._client_wrapper.get_timeout(),
+            )
+            # Page 1 is never past the end (an empty one is a 200): a 404 means the project
+            # is gone or the URL is wrong, never "no more tasks".
+            if response.status_code != 200:
+                raise StudioError(
+                    f"listing tasks of project {project_id}: HTTP {response.status_code}: "
+                    f"{response.text[:300]}"
                 )
-                # Page 1 is never past the end (an empty one is a 200): a 404 means the project
-                # is gone or the URL is wrong, never "no more tasks".
-                if response.status_code != 200:
-                    raise StudioError(
-                        f"listing tasks of project {project_id}: HTTP {response.status_code}: "
-                        f"{response.text[:300]}"
-                    )
-                try:
-                    tasks = response.json().get("tasks") or []
-                except (ValueError, AttributeError) as exc:
-                    raise StudioError(
-                        f"listing tasks of project {project_id}: not a task list "
-                        f"({type(exc).__name__}): {response.text[:200]}"
-                    ) from exc
-                yield from tasks
-                if len(tasks) < size:
-                    return
-                last = max(int(t["id"]) for t in tasks)
+            try:
+                body = response.json()
+                tasks = body.get("tasks") or []
+            except (ValueError, AttributeError) as exc:
+                raise StudioError(
+                    f"listing tasks of project {project_id}: not a task list "
+                    f"({type(exc).__name__}): {response.text[:200]}"
+                ) from exc
+            yield from tasks
+            total = body.get("total")
+            if not tasks or (isinstance(total, int) and len(tasks) >= total):
+                return
+            last = max(int(t["id"]) for t in tasks)
+
+    @property
+    def _http(self) -> httpx.Client:
+        """The SDK's own HTTP client: its connection pool, and whatever transport it was given."""
+        return self.sdk._client_wrapper.httpx_client.httpx_client
 
     def iter_task_versions(
         self, project_id: int, *, page_size: int | None = None
@@ -209,32 +223,95 @@ class StudioClient:
         model_version: str,
         predictions: Sequence[tuple[int, list[dict[str, Any]], float]],
     ) -> list[int]:
-        """Import ``(task_id, result, score)`` predictions of ``model_version`` in one request.
+        """Import ``(task_id, result, score)`` predictions of ``model_version`` in one request;
+        the tasks must not have a prediction of ``model_version`` yet.
 
         Label Studio rejects the whole request when one task no longer exists (deleted since it
         was listed); then the tasks that are gone are found, left out, and the rest imported.
         Returns the ids of the deleted tasks (usually none).
+
+        Not imported twice: the SDK would send the request again after a 5xx or a dropped
+        connection, but a proxy's 502/504 can come after Label Studio stored the predictions.
+        So the SDK does not retry here; after a failed request the tasks that now have a
+        prediction of ``model_version`` are left out of the next try (two waits, as listings).
         """
-        requests = {
+        pending = {
             int(task_id): PredictionRequest(
                 task=int(task_id), result=result, score=float(score), model_version=model_version
             )
             for task_id, result, score in predictions
         }
-        try:
-            self.sdk.projects.import_predictions(project_id, request=list(requests.values()))
-            return []
-        except ApiError as exc:
-            if exc.status_code != 400 or "task" not in str(exc.body):
-                raise
-        gone = [t for t in requests if not self.task_exists(t)]
-        if not gone:
-            raise StudioError(f"Label Studio refused predictions for project {project_id}")
-        keep = [r for t, r in requests.items() if t not in set(gone)]
-        if keep:
-            self.sdk.projects.import_predictions(project_id, request=keep)
-        log.info("project %s: %d tasks deleted meanwhile, not predicted", project_id, len(gone))
+        gone: list[int] = []
+        waits = iter(_RETRY_WAITS_S)
+        while pending:
+            try:
+                self.sdk.projects.import_predictions(
+                    project_id,
+                    request=list(pending.values()),
+                    request_options=RequestOptions(max_retries=0),
+                )
+                break
+            except ApiError as exc:
+                if exc.status_code == 400 and "task" in str(exc.body):
+                    missing = [t for t in pending if not self.task_exists(t)]
+                    if not missing:
+                        raise StudioError(
+                            f"Label Studio refused predictions for project {project_id}"
+                        ) from exc
+                    gone += missing
+                    pending = {t: r for t, r in pending.items() if t not in set(missing)}
+                else:
+                    wait = next(waits, None) if _retryable(exc.status_code) else None
+                    if wait is None:
+                        raise
+                    log.warning(
+                        "project %s: importing predictions: HTTP %s; trying again in %.1f s",
+                        project_id,
+                        exc.status_code,
+                        wait,
+                    )
+                    time.sleep(wait)
+            except httpx.TransportError as exc:
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                log.warning(
+                    "project %s: importing predictions failed (%s); trying again in %.1f s",
+                    project_id,
+                    exc,
+                    wait,
+                )
+                time.sleep(wait)
+            # The failed request may have been stored, whole or in part (Label Studio imports
+            # in batches of 500 behind a feature flag): what is there now is not sent again.
+            if pending:
+                stored = self._tasks_with_version(project_id, model_version, list(pending))
+                pending = {t: r for t, r in pending.items() if t not in stored}
+        if gone:
+            log.info("project %s: %d tasks deleted meanwhile, not predicted", project_id, len(gone))
         return gone
+
+    def _tasks_with_version(
+        self, project_id: int, model_version: str, task_ids: Sequence[int]
+    ) -> set[int]:
+        """Those of ``task_ids`` that have a prediction of ``model_version`` (one listing of
+        their id range; a task whose listed versions were cut is asked on its own)."""
+        wanted = {int(t) for t in task_ids}
+        if not wanted:
+            return set()
+        params = {"fields": "all", "include": "id,predictions_model_versions"}
+        found: set[int] = set()
+        listing = self._iter_by_id(project_id, params, after=min(wanted) - 1, upto=max(wanted))
+        for task in listing:
+            task_id = int(task["id"])
+            if task_id not in wanted:
+                continue
+            versions = model_versions(task.get("predictions_model_versions"))
+            if versions is None:
+                versions = list(self.task_versions(task_id))
+            if model_version in versions:
+                found.add(task_id)
+        return found
 
     def task_versions(self, task_id: int) -> set[str]:
         """The model versions of one task's predictions (where the listing's were cut)."""
@@ -253,10 +330,13 @@ class StudioClient:
         return True
 
     def list_tasks(self, project_id: int) -> list[dict[str, Any]]:
-        """``[{"id": ..., "data": {...}}, ...]`` for every task of the project, by id."""
+        """``[{"id": ..., "data": {...}}, ...]`` for every task of the project, by id (listed
+        by the id cursor of :meth:`_iter_by_id`, so tasks created or deleted meanwhile shift
+        no other out of the list)."""
+        params = {"fields": "task_only", "include": "id,data"}
         tasks = [
             {"id": int(t["id"]), "data": dict(t.get("data") or {})}
-            for t in self.iter_tasks(project_id, with_annotations=False)
+            for t in self._iter_by_id(project_id, params)
         ]
         return sorted(tasks, key=lambda t: t["id"])
 
@@ -397,6 +477,11 @@ def _normalise_url(url: str) -> str:
 
 #: Waits before the retries of a listing request (as the SDK retries its own requests).
 _RETRY_WAITS_S = (0.5, 2.0)
+
+
+def _retryable(status: int | None) -> bool:
+    """An answer the SDK would send its request again after (as ``_should_retry`` does)."""
+    return status is not None and (status >= 500 or status in (408, 409, 429))
 
 
 def _get_retrying(http: httpx.Client, url: str, **kwargs: Any) -> httpx.Response:

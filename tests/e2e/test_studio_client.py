@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import pytest
+from label_studio_sdk import LabelStudio
 
 from backend.labelstudio.client import StudioClient, StudioError
 from tests.e2e.conftest import (
@@ -272,3 +274,96 @@ def test_a_task_deleted_between_pages_shifts_no_other_out_of_the_listing(
     rest = [task for task in listing]
     assert first_page + [t["id"] for t in rest] == sorted(t["id"] for t in project.tasks)
     assert all("annotations" in task for task in rest)  # what list_annotations reads
+
+
+def _client_through(ls: LabelStudioServer, http: httpx.Client, page_size: int) -> StudioClient:
+    """A client whose requests, the SDK's and its own listings alike, go through ``http``."""
+    client = StudioClient(ls.url, ls.token, page_size=page_size)
+    client.sdk = LabelStudio(base_url=ls.url, api_key=ls.token, timeout=120, httpx_client=http)
+    return client
+
+
+def test_a_task_deleted_while_tasks_are_listed_shifts_no_other_out(
+    label_studio: LabelStudioServer,
+) -> None:
+    """``list_tasks`` (a task sync, a reconcile's task upsert) and ``iter_tasks`` paged by page
+    numbers: a task deleted after page 1 moved the first of page 2 onto page 1, and it was never
+    listed. Each listing here deletes the first task right after its first page is served."""
+    project = create_image_project(label_studio, 6)
+    ids = sorted(project.task_ids)
+    victims: list[int] = []
+
+    def delete_after_first_page(response: httpx.Response) -> None:
+        if response.request.url.path == "/api/tasks/" and victims:
+            label_studio.client.tasks.delete(str(victims.pop()))
+
+    http = httpx.Client(event_hooks={"response": [delete_after_first_page]})
+    client = _client_through(label_studio, http, page_size=2)
+
+    victims.append(ids[0])
+    tasks = client.list_tasks(project.id)
+    assert [t["id"] for t in tasks] == ids  # the deleted task was on the page already read
+    assert tasks[2] == next(t for t in project.tasks if t["id"] == ids[2])
+
+    victims.append(ids[1])
+    listed = list(client.iter_tasks(project.id, with_annotations=True))
+    assert [t["id"] for t in listed] == ids[1:]
+    assert all("annotations" in t and "predictions" in t for t in listed)
+    assert not victims
+    assert [t["id"] for t in label_studio.studio.list_tasks(project.id)] == ids[2:]
+
+
+class _FailingProxy(httpx.BaseTransport):
+    """Forwards to Label Studio, but answers 502 to prediction imports while ``plan`` says so:
+    ``True`` after forwarding the import (Label Studio stored it), ``False`` without."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.plan: list[bool] = []
+        self.imports = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and "/import/predictions" in request.url.path:
+            self.imports += 1
+            if self.plan:
+                if self.plan.pop(0):
+                    stored = self.inner.handle_request(request)
+                    stored.read()
+                    stored.close()
+                return httpx.Response(502, text="<html>502 Bad Gateway</html>", request=request)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_predictions_are_imported_once_through_a_failing_proxy(
+    label_studio: LabelStudioServer,
+) -> None:
+    """The SDK sent a prediction import again after a proxy's 502, though Label Studio had
+    stored it: the tasks had that version's prediction twice."""
+    project = create_image_project(label_studio, 4)
+    ids = sorted(project.task_ids)
+    proxy = _FailingProxy()
+    client = _client_through(label_studio, httpx.Client(transport=proxy), page_size=2)
+
+    proxy.plan = [True]  # stored, then a 502
+    assert client.import_predictions(project.id, "proxy-v1", [(t, [], 0.5) for t in ids[:2]]) == []
+    stored = task_predictions(label_studio, project.id)
+    assert [len(stored[t]) for t in ids] == [1, 1, 0, 0], stored
+    assert proxy.imports == 1  # the versions were listed instead of sending it again
+    proxy.plan = [False, False]  # refused twice before Label Studio saw it
+    assert client.import_predictions(project.id, "proxy-v1", [(t, [], 0.5) for t in ids[2:]]) == []
+    assert proxy.imports == 4
+
+    # A task deleted since the listing: left out, the others imported once.
+    label_studio.client.tasks.delete(str(ids[0]))
+    assert client.import_predictions(project.id, "proxy-v2", [(t, [], 0.7) for t in ids]) == [
+        ids[0]
+    ]
+
+    stored = task_predictions(label_studio, project.id)
+    assert sorted(stored) == ids[1:]
+    for task_id, predictions in stored.items():
+        versions = sorted(str(p["model_version"]) for p in predictions)
+        assert versions == ["proxy-v1", "proxy-v2"], (task_id, predictions)
