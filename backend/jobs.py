@@ -160,38 +160,21 @@ class TrainingScheduler:
         job = self.store.get_job(job_id)
         if job is None:
             return
-        env = dict(os.environ)
-        env["BOXLOOP_DATA_DIR"] = str(self.settings.data_dir)
-        env["BOXLOOP_DATABASE_URL"] = self.settings.resolved_database_url
-        # The child trains with the server's own Settings object (a settings file given to
-        # `boxloop --settings` included), handed over as JSON: never re-read from the
-        # environment, so training and serving agree on sizes and everything else.
-        overrides: dict[str, str] = {"database_url": self.settings.resolved_database_url}
-        if self.extra_env is not None:
-            for key, value in self.extra_env(job.project_id).items():
-                if key.startswith("BOXLOOP_"):
-                    overrides[key[len("BOXLOOP_") :].lower()] = value
-                else:
-                    env[key] = value
-        log_path = self.settings.data_dir / "logs" / f"job-{job_id}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        settings_path = log_path.with_suffix(".settings.json")
-        write_private(settings_path, settings_to_json(self.settings, **overrides))
-        log.info("training job %s for project %s starting (%s)", job_id, job.project_id, job.reason)
-        command = [sys.executable, "-m", "backend.jobs", "--job", str(job_id)]
         try:
-            with open(log_path, "wb") as log_file:
-                with self._lock:
-                    self._process = subprocess.Popen(
-                        [*command, "--settings-json", str(settings_path)],
-                        env=env,
-                        stdout=log_file,
-                        stderr=subprocess.STDOUT,
-                        preexec_fn=die_with_parent,
-                    )
-                code = self._wait_beating(self._process, job_id)
-        finally:
-            settings_path.unlink(missing_ok=True)  # it holds secrets
+            code, log_path = self._spawn_and_wait(job)
+        except Exception as exc:  # no child: a full disk, a failed fork. The job is claimed
+            # (running, ours), so left as it is it would stay running for good
+            log.exception("training job %s could not start", job_id)
+            with self._lock:
+                self._process = None
+            self.store.update_owned_job(
+                job_id,
+                self.owner,
+                status="failed",
+                finished_at=utcnow(),
+                error=f"could not start the training process: {type(exc).__name__}: {exc}",
+            )
+            return
         with self._lock:
             self._process = None
         job = self.store.get_job(job_id)
@@ -223,6 +206,42 @@ class TrainingScheduler:
                 error=f"worker exited with code {code}: {tail}",
             )
             log.error("training job %s failed (exit %s)", job_id, code)
+
+    def _spawn_and_wait(self, job: TrainingJob) -> tuple[int, Path]:
+        """Start the child for ``job`` and wait for it (writing heartbeats); returns its exit
+        code and log path."""
+        env = dict(os.environ)
+        env["BOXLOOP_DATA_DIR"] = str(self.settings.data_dir)
+        env["BOXLOOP_DATABASE_URL"] = self.settings.resolved_database_url
+        # The child trains with the server's own Settings object (a settings file given to
+        # `boxloop --settings` included), handed over as JSON: never re-read from the
+        # environment, so training and serving agree on sizes and everything else.
+        overrides: dict[str, str] = {"database_url": self.settings.resolved_database_url}
+        if self.extra_env is not None:
+            for key, value in self.extra_env(job.project_id).items():
+                if key.startswith("BOXLOOP_"):
+                    overrides[key[len("BOXLOOP_") :].lower()] = value
+                else:
+                    env[key] = value
+        log_path = self.settings.data_dir / "logs" / f"job-{job.id}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        settings_path = log_path.with_suffix(".settings.json")
+        log.info("training job %s for project %s starting (%s)", job.id, job.project_id, job.reason)
+        command = [sys.executable, "-m", "backend.jobs", "--job", str(job.id)]
+        try:
+            write_private(settings_path, settings_to_json(self.settings, **overrides))
+            with open(log_path, "wb") as log_file:
+                with self._lock:
+                    self._process = subprocess.Popen(
+                        [*command, "--settings-json", str(settings_path)],
+                        env=env,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=die_with_parent,
+                    )
+                return self._wait_beating(self._process, job.id), log_path
+        finally:
+            settings_path.unlink(missing_ok=True)  # it holds secrets
 
     def _wait_beating(self, process: subprocess.Popen[bytes], job_id: int) -> int:
         """Wait for the child, writing the job's heartbeat every ``HEARTBEAT_S``."""

@@ -173,3 +173,33 @@ def test_a_clean_stop_queues_the_running_job_again(tmp_path: Path) -> None:
         scheduler.stop()
         store.close()
         hole.close()
+
+
+def test_a_job_whose_process_cannot_start_fails_instead_of_running_for_good(
+    tmp_path: Path,
+) -> None:
+    """A claimed job is ``running`` under this server; one whose child never started (a full
+    disk, a failed fork, an error gathering its environment) stayed so for good, and its
+    project's later jobs could never be claimed."""
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+
+    def no_environment(project_id: int) -> dict[str, str]:
+        raise OSError(28, "No space left on device")
+
+    scheduler = TrainingScheduler(
+        Settings(data_dir=tmp_path), store, lambda *_: None, extra_env=no_environment
+    )
+    try:
+        _project(store)
+        job = scheduler.request(7, "requested via /train")
+        scheduler.start()
+        deadline = time.monotonic() + 30
+        while store.get_job(job).status != "failed" and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.05)
+        failed = store.get_job(job)
+        assert failed is not None and failed.status == "failed"
+        assert "could not start the training process" in str(failed.error)
+        assert "No space left on device" in str(failed.error)
+    finally:
+        scheduler.stop()
+        store.close()
