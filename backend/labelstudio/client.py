@@ -70,6 +70,20 @@ class StudioClient:
             max_retries=max_retries,
         )
 
+    @classmethod
+    def of(cls, client: LabelStudio | StudioClient) -> StudioClient:
+        """``client`` itself, or a client over that SDK client: its server, its token (refreshed
+        by the SDK as before) and its HTTP client. For code handed the bare SDK (the queue push)
+        that imports predictions: :meth:`import_predictions` is the one import that is not sent
+        twice."""
+        if isinstance(client, StudioClient):
+            return client
+        studio = cls.__new__(cls)
+        studio.url = client._client_wrapper.get_base_url().rstrip("/")
+        studio.page_size = PAGE_SIZE
+        studio.sdk = client
+        return studio
+
     def __repr__(self) -> str:
         return f"StudioClient(url={self.url!r}, token='**********')"
 

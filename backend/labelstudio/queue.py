@@ -16,7 +16,10 @@ Two mechanisms, as observed with Label Studio 1.23.2 (``/work/shared/docs/label-
 
 Ranks are spaced integers (:mod:`backend.ordering.ranks`) so new tasks fit in between and only
 they need writing. Every function takes a ``label_studio_sdk.LabelStudio`` client (or boxloop's
-``StudioClient``, whose ``.sdk`` is used).
+``StudioClient``, whose ``.sdk`` is used). Predictions are imported through
+:meth:`StudioClient.import_predictions <backend.labelstudio.client.StudioClient.import_predictions>`
+(over the bare SDK where that is what was given), never twice: not retried blindly after a 5xx
+that may have come after Label Studio stored them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from label_studio_sdk import LabelStudio, PredictionRequest
+from label_studio_sdk import LabelStudio
+
+from backend.labelstudio.client import StudioClient
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +258,12 @@ def set_rank_scores(
     """Give every ranked task a prediction of the project's model version scored by its rank.
 
     Returns ``(updated, created)``. Existing predictions of that version keep their result and
-    get the score; tasks without one get an empty-result prediction (bulk import).
+    get the score; tasks without one get an empty-result prediction (bulk import, never twice:
+    see :func:`_import_once`; a task deleted meanwhile is left out and not counted).
     ``predictions``: the project's predictions if the caller has listed them already.
     """
-    client = _sdk(client)
+    studio = _studio(client)
+    client = studio.sdk
     version = model_version or _as_dict(client.projects.get(project_id)).get("model_version")
     if not version:
         raise ValueError(
@@ -267,23 +274,17 @@ def set_rank_scores(
     updates, creations = plan_score_updates(existing, ranks, str(version))
     for prediction_id, score in updates:
         client.predictions.update(prediction_id, score=score)
-    for s in range(0, len(creations), _IMPORT_CHUNK):
-        chunk = creations[s : s + _IMPORT_CHUNK]
-        client.projects.import_predictions(
-            project_id,
-            request=[
-                PredictionRequest(task=t, result=[], score=score, model_version=str(version))
-                for t, score in chunk
-            ],
-        )
+    created = _import_once(
+        studio, project_id, str(version), [(t, [], score) for t, score in creations]
+    )
     log.info(
         "project %s: %d prediction scores updated, %d created (version %s)",
         project_id,
         len(updates),
-        len(creations),
+        created,
         version,
     )
-    return len(updates), len(creations)
+    return len(updates), created
 
 
 def push_version_predictions(
@@ -301,17 +302,19 @@ def push_version_predictions(
     the backend for another, so after a retrain the next tasks in the queue must receive the new
     model's boxes *with* their rank scores here, or annotators would see empty score-only
     predictions. A task with a prediction of this version gets its result and score replaced;
-    others get one imported. Returns ``(updated, created)``. ``predictions``: the project's
+    others get one imported (never twice: see :func:`_import_once`; a task deleted meanwhile is
+    left out and not counted). Returns ``(updated, created)``. ``predictions``: the project's
     predictions if the caller has listed them already.
     """
-    sdk = _sdk(client)
+    studio = _studio(client)
+    sdk = studio.sdk
     existing: dict[int, int] = {}
     listed = list_predictions(sdk, project_id) if predictions is None else predictions
     for p in listed:
         if p.get("model_version") == model_version and p.get("task") is not None:
             existing.setdefault(int(p["task"]), int(p["id"]))
     updated = 0
-    creations: list[PredictionRequest] = []
+    creations: list[tuple[int, list[dict[str, Any]], float]] = []
     for task_id, result in results.items():
         score = rank_score(int(ranks[int(task_id)]))
         if int(task_id) in existing:
@@ -320,17 +323,29 @@ def push_version_predictions(
             )
             updated += 1
         else:
-            creations.append(
-                PredictionRequest(
-                    task=int(task_id),
-                    result=[dict(r) for r in result],
-                    score=score,
-                    model_version=model_version,
-                )
-            )
-    for s in range(0, len(creations), _IMPORT_CHUNK):
-        sdk.projects.import_predictions(project_id, request=creations[s : s + _IMPORT_CHUNK])
-    return updated, len(creations)
+            creations.append((int(task_id), [dict(r) for r in result], score))
+    return updated, _import_once(studio, project_id, model_version, creations)
+
+
+def _import_once(
+    studio: StudioClient,
+    project_id: int,
+    model_version: str,
+    predictions: Sequence[tuple[int, list[dict[str, Any]], float]],
+) -> int:
+    """Import ``(task_id, result, score)`` predictions of ``model_version`` for tasks that have
+    none of it, ``_IMPORT_CHUNK`` a request; returns how many were imported.
+
+    Each chunk goes through :meth:`StudioClient.import_predictions`: the SDK's blind retry sent
+    a chunk again after a proxy's 502/504 that came after Label Studio had stored it, and each
+    task got the version's prediction twice. There, after a failed try, the tasks that now hold
+    a prediction of ``model_version`` (only that version: a task keeps its other versions'
+    predictions) are left out of the next, and tasks deleted meanwhile are left out."""
+    gone = 0
+    for s in range(0, len(predictions), _IMPORT_CHUNK):
+        chunk = predictions[s : s + _IMPORT_CHUNK]
+        gone += len(studio.import_predictions(project_id, model_version, chunk))
+    return len(predictions) - gone
 
 
 @dataclass(frozen=True)
@@ -418,3 +433,8 @@ def _sdk(client: LabelStudio | Any) -> LabelStudio:
     """Accept the SDK client or boxloop's :class:`~backend.labelstudio.client.StudioClient`."""
     sdk = getattr(client, "sdk", client)
     return sdk  # type: ignore[no-any-return]
+
+
+def _studio(client: LabelStudio | Any) -> StudioClient:
+    """boxloop's :class:`StudioClient` as given, else one over the SDK client."""
+    return client if isinstance(client, StudioClient) else StudioClient.of(_sdk(client))

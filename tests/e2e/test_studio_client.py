@@ -367,3 +367,52 @@ def test_predictions_are_imported_once_through_a_failing_proxy(
     for task_id, predictions in stored.items():
         versions = sorted(str(p["model_version"]) for p in predictions)
         assert versions == ["proxy-v1", "proxy-v2"], (task_id, predictions)
+
+
+def test_the_queue_imports_predictions_once_through_a_failing_proxy(
+    label_studio: LabelStudioServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue push imported through the SDK, which sent an import again after a proxy's 502
+    though Label Studio had stored it: under Uncertainty sampling the tasks held their rank
+    prediction twice (``set_rank_scores``, handed the bare SDK by ``push_order``), or a new
+    version's boxes twice (``push_version_predictions``, after a retrain)."""
+    from backend.labelstudio import queue
+
+    project = create_image_project(label_studio, 4)
+    ids = sorted(project.task_ids)
+    # an earlier version's prediction does not keep a task from getting the rank score's
+    label_studio.studio.import_predictions(project.id, "proxy-v1", [(ids[1], [], 0.3)])
+    proxy = _FailingProxy()
+    http = httpx.Client(transport=proxy)
+    sdk = LabelStudio(
+        base_url=label_studio.url, api_key=label_studio.token, timeout=120, httpx_client=http
+    )
+    ranks = {t: 1024 * (i + 1) for i, t in enumerate(ids)}
+
+    monkeypatch.setattr(queue, "_IMPORT_CHUNK", 3)  # two chunks: the first stored, then a 502
+    proxy.plan = [True]
+    assert queue.set_rank_scores(sdk, project.id, ranks, model_version="boxloop-order") == (0, 4)
+    stored = task_predictions(label_studio, project.id)
+    order = {t: [p for p in stored[t] if p["model_version"] == "boxloop-order"] for t in ids}
+    assert [len(order[t]) for t in ids] == [1, 1, 1, 1], order
+    assert all(order[t][0]["score"] == queue.rank_score(ranks[t]) for t in ids)
+    assert proxy.imports == 2  # one a chunk: the versions were listed instead
+
+    # A new version's boxes: refused before Label Studio saw them, then stored and a 502.
+    client = _client_through(label_studio, http, page_size=2)
+    results = {t: ground_truth_result(project, t) for t in ids[:3]}
+    proxy.plan = [False, True]
+    assert queue.push_version_predictions(client, project.id, results, ranks, "proxy-v2") == (0, 3)
+    assert proxy.imports == 4
+
+    stored = task_predictions(label_studio, project.id)
+    versions = {t: sorted(str(p["model_version"]) for p in stored[t]) for t in ids}
+    assert versions == {
+        ids[0]: ["boxloop-order", "proxy-v2"],
+        ids[1]: ["boxloop-order", "proxy-v1", "proxy-v2"],
+        ids[2]: ["boxloop-order", "proxy-v2"],
+        ids[3]: ["boxloop-order"],
+    }
+    for t in ids[:3]:
+        new = next(p for p in stored[t] if p["model_version"] == "proxy-v2")
+        assert len(new["result"]) == len(results[t]) and new["score"] == queue.rank_score(ranks[t])

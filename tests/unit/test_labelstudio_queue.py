@@ -1,4 +1,5 @@
-"""Pure parts of the Label Studio queue push (the calls themselves run in the e2e tests)."""
+"""Pure parts of the Label Studio queue push, and its prediction imports against the in-memory
+Label Studio of test_labelstudio_client.py (the calls themselves run in the e2e tests)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,77 @@ def test_a_task_listing_request_is_tried_again_after_a_transient_failure(
         answers[:] = [httpx.Response(404)]
         assert studio_client._get_retrying(http, "http://ls/api/tasks/").status_code == 404
     assert len(calls) == 7  # a 4xx is an answer, not tried again
+
+
+# ---------------------------------------------------------------- prediction imports, not twice
+# The queue's imports against the in-memory Label Studio of test_labelstudio_client.py.
+
+
+@pytest.fixture
+def fake_studio(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from backend.labelstudio import client as studio_client
+    from tests.unit.test_labelstudio_client import FakeStudio
+
+    monkeypatch.setattr(studio_client, "_RETRY_WAITS_S", (0.0, 0.0))
+    return FakeStudio(5)
+
+
+@pytest.mark.parametrize("given", ["sdk", "StudioClient"])
+@pytest.mark.parametrize("failure", ["stored-502", "stored-timeout"])
+def test_rank_scores_stored_before_a_failed_answer_are_not_imported_again(
+    fake_studio: Any, monkeypatch: pytest.MonkeyPatch, failure: str, given: str
+) -> None:
+    """set_rank_scores imported through the SDK, which sent a chunk again after a proxy's 5xx
+    that came after Label Studio had stored it: each task of the chunk got two rank predictions.
+    A task may hold another version's prediction: it is not left out for that."""
+    from backend.labelstudio import queue
+    from tests.unit.test_labelstudio_client import studio_for
+
+    monkeypatch.setattr(queue, "_IMPORT_CHUNK", 3)
+    fake_studio.versions[2] = ["boxloop-p1-v1"]
+    client = studio_for(fake_studio)
+    fake_studio.import_failures = [failure]  # the first chunk: stored, then the failure
+    ranks = {t: 1024 * t for t in (1, 2, 3, 4, 5)}
+    given_client = client.sdk if given == "sdk" else client
+    created = queue.set_rank_scores(
+        given_client, 1, ranks, model_version="boxloop-order", predictions=[]
+    )
+    assert created == (0, 5)
+    assert fake_studio.versions == {
+        1: ["boxloop-order"],
+        2: ["boxloop-p1-v1", "boxloop-order"],
+        3: ["boxloop-order"],
+        4: ["boxloop-order"],
+        5: ["boxloop-order"],
+    }
+    assert fake_studio.import_requests == 2  # one a chunk: the failed one was not sent again
+
+
+def test_version_predictions_are_imported_once_and_deleted_tasks_left_out(
+    fake_studio: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """push_version_predictions: an import that was not stored is sent again, one that was is
+    not, and a task deleted since the listing is left out (it refused the whole import)."""
+    from backend.labelstudio import queue
+    from tests.unit.test_labelstudio_client import studio_for
+
+    client = studio_for(fake_studio)
+    box = [{"type": "rectanglelabels", "value": {"x": 1.0}}]
+    ranks = {t: 1024 * t for t in (1, 2, 3, 4, 5)}
+    listed = [{"id": 7, "task": 1, "model_version": "v2", "score": 0.1}]
+    updates: list[tuple[int, dict[str, Any]]] = []
+    monkeypatch.setattr(
+        client.sdk.predictions, "update", lambda pid, **kw: updates.append((pid, kw))
+    )
+    fake_studio.import_failures = ["502", "stored-502"]
+    results = {1: box, 2: box, 3: []}
+    pushed = queue.push_version_predictions(client, 1, results, ranks, "v2", predictions=listed)
+    assert pushed == (1, 2)
+    assert updates == [(7, {"result": box, "score": rank_score(1024)})]
+    assert fake_studio.versions == {1: [], 2: ["v2"], 3: ["v2"], 4: [], 5: []}
+    assert fake_studio.import_requests == 2
+
+    del fake_studio.tasks[5]
+    results = {4: box, 5: box}
+    assert queue.push_version_predictions(client, 1, results, ranks, "v2", predictions=[]) == (0, 1)
+    assert fake_studio.versions[4] == ["v2"]
