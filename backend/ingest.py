@@ -23,7 +23,7 @@ from backend.labelstudio.convert import (
     parse_label_config,
     regions_to_boxes,
 )
-from backend.store import Project, Store
+from backend.store import Project, Store, StoredReading
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +121,45 @@ def reparse_annotations(store: Store, project_id: int, config: LabelConfig) -> i
     and one naming a removed label is kept, raw, but no longer trained on (its ``parse_error``
     says why).
     """
-    changed: dict[int, tuple[int, Boxes | None, str | None]] = {}
-    usable_now: list[int] = []  # new training data: count it for the training trigger
-    for annotation in store.list_annotations(project_id):
-        boxes, parse_error = parse_boxes(annotation.result, config)
-        if boxes != annotation.boxes or parse_error != annotation.parse_error:
-            changed[annotation.annotation_id] = (annotation.revision, boxes, parse_error)
-            if annotation.parse_error is not None and parse_error is None:
-                usable_now.append(annotation.annotation_id)
+    changed, usable_now = read_anew(store.stored_readings(project_id), config)
     if not changed:
         return 0
     return store.replace_parsed_boxes(project_id, changed, renew=usable_now)
+
+
+def read_anew(
+    readings: Iterable[StoredReading], config: LabelConfig
+) -> tuple[dict[int, tuple[int, Boxes | None, str | None]], list[int]]:
+    """The annotations of ``readings`` that read differently under ``config``, as
+    :meth:`Store.replace_parsed_boxes` takes them, and the ids of those among them that became
+    usable (a parse error before, none now): :func:`reparse_annotations` short of the store."""
+    changed: dict[int, tuple[int, Boxes | None, str | None]] = {}
+    usable_now: list[int] = []  # new training data: count it for the training trigger
+    for stored in readings:  # each decoded as it comes (see Store.stored_readings)
+        boxes, parse_error = parse_boxes(stored.result, config)
+        if parse_error != stored.parse_error or not _reads_as_stored(boxes, stored.boxes):
+            changed[stored.annotation_id] = (stored.revision, boxes, parse_error)
+            if stored.parse_error is not None and parse_error is None:
+                usable_now.append(stored.annotation_id)
+    return changed, usable_now
+
+
+def _reads_as_stored(boxes: Boxes | None, stored: dict[str, Any] | None) -> bool:
+    """Whether ``boxes`` equal the stored ones (``stored``: :meth:`Boxes.to_dict`'s JSON) as
+    ``Boxes`` compare them (``==``: labels, image size, corners within 1e-3), building ``Boxes``
+    of the stored JSON only where the lists themselves cannot tell."""
+    if boxes is None or stored is None:
+        return boxes is None and stored is None
+    labels = stored.get("labels")
+    if (
+        isinstance(labels, list)
+        and all(type(label) is int for label in labels)
+        and labels != boxes.labels.tolist()
+    ):
+        return False  # other labels (a reordered list) or another number of boxes
+    if boxes.to_dict() == stored:
+        return True  # what storing them would write: equal once read back
+    return Boxes.from_dict(stored) == boxes
 
 
 def save_label_config(

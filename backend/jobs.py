@@ -7,10 +7,11 @@ training stay out of the request path. The child is niced, dies with its parent
 
 Several servers may share one database (PostgreSQL), so a server *claims* a queued job in one
 conditional UPDATE and writes a heartbeat while it runs. A running job is abandoned when its
-owner is a dead process on this host (a killed server, found at the next start) or when its
-heartbeat is older than ``STALE_AFTER_S`` (a server on another host died); it is marked
-``interrupted`` and queued again. A clean stop (SIGTERM, Ctrl-C) does the same for the job it
-ends. So training always completes.
+owner is a dead process on this host and in this PID namespace (a killed server, found at the
+next start) or when its heartbeat is older than ``STALE_AFTER_S`` by the database's clock (a
+server on another host died); it is marked ``interrupted`` and queued again, and should its
+server still live, that server ends the job's child at its next heartbeat. A clean stop
+(SIGTERM, Ctrl-C) does the same for the job it ends. So training always completes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from backend.settings import Settings, load_settings, settings_from_json, settings_to_json
@@ -74,7 +75,7 @@ class TrainingScheduler:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         #: who this scheduler is in the jobs table: host, process and a token for this start
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = f"{_host_id()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._last_sweep = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -88,8 +89,9 @@ class TrainingScheduler:
         the settings files (they hold tokens) a killed server's children never read."""
         _remove_stale_settings_files(self.settings.data_dir / "logs")
         requeued: list[int] = []
+        now = self.store.database_now()  # the clock the heartbeats were written with
         for job in self.store.list_jobs(statuses=["running"], limit=1000):
-            if job.owner == self.owner or not _abandoned(job, self.owner):
+            if job.owner == self.owner or not _abandoned(job, self.owner, now):
                 continue
             if self.store.update_owned_job(
                 job.id,
@@ -120,9 +122,7 @@ class TrainingScheduler:
     # ------------------------------------------------------------------ requests
     def request(self, project_id: int, reason: str) -> int:
         """Queue a job for the project unless one is already queued; returns its id."""
-        with self._lock:
-            queued = self.store.list_jobs(project_id, statuses=["queued"], limit=1)
-            job_id = queued[0].id if queued else self.store.create_job(project_id, reason)
+        job_id = self.store.queue_job(project_id, reason)  # one transaction: servers race
         self._wake.set()
         return job_id
 
@@ -199,13 +199,16 @@ class TrainingScheduler:
             log.info("training job %s interrupted by the server's stop; queued again", job_id)
         elif job.status in JOB_ACTIVE:
             tail = _tail(log_path)
-            self.store.update_job(
+            self.store.update_owned_job(  # not over a neighbour's takeover
                 job_id,
+                job.owner,
                 status="failed",
                 finished_at=utcnow(),
                 error=f"worker exited with code {code}: {tail}",
             )
             log.error("training job %s failed (exit %s)", job_id, code)
+        elif job.status == "interrupted":
+            log.warning("training job %s was taken over by another server; its child ended", job_id)
 
     def _spawn_and_wait(self, job: TrainingJob) -> tuple[int, Path]:
         """Start the child for ``job`` and wait for it (writing heartbeats); returns its exit
@@ -244,32 +247,63 @@ class TrainingScheduler:
             settings_path.unlink(missing_ok=True)  # it holds secrets
 
     def _wait_beating(self, process: subprocess.Popen[bytes], job_id: int) -> int:
-        """Wait for the child, writing the job's heartbeat every ``HEARTBEAT_S``."""
+        """Wait for the child, writing the job's heartbeat every ``HEARTBEAT_S``.
+
+        A heartbeat refused means the job is not running under this server any more. When the
+        child reported its end (succeeded, failed) it is about to exit; otherwise another server
+        took the job over (it judged this one gone: a heartbeat gap, a skewed clock) and queued
+        its project again, so the child is ended: it would train beside the new job and write
+        its outcome over ``interrupted``."""
         while True:
             try:
                 return process.wait(timeout=HEARTBEAT_S)
             except subprocess.TimeoutExpired:
                 try:
-                    self.store.update_owned_job(job_id, self.owner, heartbeat_at=utcnow())
+                    if self.store.update_owned_job(
+                        job_id, self.owner, heartbeat_at=self.store.database_now()
+                    ):
+                        continue
+                    job = self.store.get_job(job_id)
                 except Exception:  # a database hiccup must not orphan the running child
                     log.exception("training job %s: heartbeat failed", job_id)
+                    continue
+                if job is None or job.status not in ("succeeded", "failed"):
+                    log.warning(
+                        "training job %s is not ours any more (%s): ending its child",
+                        job_id,
+                        None if job is None else job.status,
+                    )
+                    process.terminate()
 
 
-def _abandoned(job: TrainingJob, me: str) -> bool:
+def _abandoned(job: TrainingJob, me: str, now: datetime) -> bool:
     """Whether running ``job``'s server is gone: a dead process on this host, this very process
-    before a restart (a container's pid 1), a heartbeat older than ``STALE_AFTER_S``, or no
-    owner at all (started before owners were recorded)."""
+    before a restart, a heartbeat older than ``STALE_AFTER_S`` at ``now`` (the database's
+    clock, which the heartbeats were written with), or no owner at all (started before owners
+    were recorded)."""
     if job.owner is None:
         return True
     host, _, rest = job.owner.partition(":")
     pid = rest.partition(":")[0]
-    if host == socket.gethostname() and pid.isdigit():
+    if host == _host_id() and pid.isdigit():
         if int(pid) == os.getpid() and job.owner != me:
             return True
         if not _alive(int(pid)):
             return True
     beat = job.heartbeat_at or job.started_at
-    return beat is None or utcnow() - beat > timedelta(seconds=STALE_AFTER_S)
+    return beat is None or now - beat > timedelta(seconds=STALE_AFTER_S)
+
+
+def _host_id() -> str:
+    """This host as job owners name it: the hostname and the PID namespace. Pids are looked up
+    only in one's own namespace, and two containers may share a hostname (host networking, one
+    ``hostname:``) while each numbers its processes from 1: by the hostname alone each took the
+    other's pid for a dead process, or for itself before a restart, and its live job over."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}/{namespace}"
 
 
 def _remove_stale_settings_files(logs: Path, min_age_s: float = 60.0) -> None:
@@ -353,7 +387,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
         run_training_job(settings, store, args.job)
     except Exception as exc:
         log.exception("training job %s failed", args.job)
-        store.update_job(
+        store.update_active_job(  # a job another server took over keeps ``interrupted``
             args.job, status="failed", finished_at=utcnow(), error=f"{type(exc).__name__}: {exc}"
         )
         return 1

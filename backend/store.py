@@ -15,12 +15,14 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import (
     Engine,
+    Text,
     bindparam,
+    cast,
     create_engine,
     event,
     func,
@@ -50,6 +52,9 @@ JOB_ACTIVE = ("queued", "running")
 
 #: PostgreSQL advisory lock key that orders the writers of annotation revisions.
 _REVISION_LOCK = 0x626F786C6F6F71
+#: PostgreSQL advisory lock class (with a project id) that orders the queueing and claims of
+#: training jobs of a project.
+_CLAIM_LOCK = 0x626F786A  # 'boxj'
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,45 @@ class Annotation:
     was_cancelled: bool
     deleted: bool
     revision: int
+
+
+class StoredReading(NamedTuple):
+    """One annotation as a re-read under another label config needs it (:class:`StoredReadings`):
+    its raw result, and the boxes and parse error read from it before."""
+
+    annotation_id: int
+    revision: int
+    result: list[dict[str, Any]]
+    boxes: dict[str, Any] | None  #: as :meth:`Boxes.to_dict` wrote them; None: none stored
+    parse_error: str | None
+
+
+class StoredReadings:
+    """A project's annotations as fetched for a re-read (:meth:`Store.stored_readings`): rows of
+    plain values with the JSON still text, decoded one :class:`StoredReading` at a time as they
+    are iterated.
+
+    Why not :meth:`Store.list_annotations`: a project's annotations decoded at once (results
+    and :class:`Boxes`) took longer to load than to parse, mostly in Python's garbage
+    collector, which walked them again and again (benchmark/results/label_config_edit.md).
+    Plain tuples of numbers and strings leave its walks altogether.
+    """
+
+    def __init__(self, rows: list[tuple[int, int, str, str | None, str | None]]) -> None:
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[StoredReading]:
+        for annotation_id, revision, result, boxes, parse_error in self._rows:
+            yield StoredReading(
+                annotation_id,
+                revision,
+                list(json.loads(result)),
+                None if boxes is None else json.loads(boxes),
+                parse_error,
+            )
 
 
 def latest_per_task(annotations: list[Annotation]) -> list[Annotation]:
@@ -410,7 +454,7 @@ class Store:
                 & (table.c.revision == bindparam("b_revision"))
             )
             .values(
-                boxes=bindparam("b_boxes"),
+                boxes=self._json_text("b_boxes"),
                 parse_error=bindparam("b_error"),
                 revision=bindparam("b_new_revision"),
             )
@@ -421,7 +465,7 @@ class Store:
                 "b_annotation": annotation_id,
                 "b_revision": revision,
                 "b_new_revision": revision,
-                "b_boxes": None if boxes is None else boxes.to_dict(),
+                "b_boxes": jsonsafe.dumps(None if boxes is None else boxes.to_dict()),
                 "b_error": _text(parse_error),
             }
             for annotation_id, (revision, boxes, parse_error) in parsed.items()
@@ -436,6 +480,20 @@ class Store:
                     row["b_new_revision"] = first + offset
             result = conn.execute(statement, rows)
         return result.rowcount if result.rowcount >= 0 else len(rows)
+
+    def _json_text(self, name: str) -> Any:
+        """A bound parameter that writes JSON text, serialized by the caller (with
+        :func:`jsonsafe.dumps`, as the store's JSON columns do), into a JSON column as it is.
+
+        Why: :meth:`replace_parsed_boxes` serializes each row's boxes while it builds the rows.
+        Handed to SQLAlchemy's JSON type instead, a project's boxes were all alive at once as
+        nested lists until the statement ran, and Python's garbage collector walked them (a
+        full collection, 0.2 s of 20,000 annotations' re-read). The text stored is the same.
+        """
+        text_param = bindparam(name, type_=Text)
+        if self.engine.dialect.name == "sqlite":  # JSON is text there (a cast would be NUMERIC)
+            return text_param
+        return cast(text_param, annotations_table.c.boxes.type)
 
     def delete_annotations(
         self,
@@ -490,6 +548,25 @@ class Store:
             )
             for r in rows
         ]
+
+    def stored_readings(self, project_id: int) -> StoredReadings:
+        """The project's annotations (deleted ones left out), by annotation id, as a re-read
+        under another label config needs them: what :meth:`list_annotations` gives of them, less
+        the task and flags, and the boxes as their JSON, not as :class:`Boxes`."""
+        table = annotations_table
+        query = (
+            select(
+                table.c.annotation_id,
+                table.c.revision,
+                cast(table.c.result, Text),  # the JSON as stored, decoded when iterated
+                cast(table.c.boxes, Text),
+                table.c.parse_error,
+            )
+            .where((table.c.project_id == project_id) & table.c.deleted.is_(False))
+            .order_by(table.c.annotation_id)
+        )
+        with self._tx() as conn:
+            return StoredReadings([tuple(row) for row in conn.execute(query)])
 
     def annotation_revision(self, project_id: int) -> int:
         with self._tx() as conn:
@@ -618,6 +695,47 @@ class Store:
             assert key is not None
             return int(key[0])
 
+    def queue_job(self, project_id: int, reason: str) -> int:
+        """The project's queued job, or a new one queued for ``reason``; its id.
+
+        Servers sharing a database ask at once (a webhook on each, two restarts): a look for a
+        queued job, then an insert, queued a job on each, and the project trained twice in a
+        row. One transaction, ordered with the others of the project by a lock of it on
+        PostgreSQL (the one claims take), by the write lock up front on SQLite.
+        """
+        with self._tx() as conn:
+            if conn.dialect.name == "postgresql":
+                self._lock_project_jobs(conn, project_id)
+            elif conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            queued = conn.execute(
+                select(training_jobs.c.id)
+                .where(training_jobs.c.project_id == project_id)
+                .where(training_jobs.c.status == "queued")
+                .order_by(training_jobs.c.id.desc())
+                .limit(1)
+            ).scalar()
+            if queued is not None:
+                return int(queued)
+            res = conn.execute(
+                training_jobs.insert().values(
+                    project_id=project_id,
+                    status="queued",
+                    reason=_text(reason),
+                    progress=0.0,
+                    created_at=utcnow(),
+                )
+            )
+            key = res.inserted_primary_key
+            assert key is not None
+            return int(key[0])
+
+    @staticmethod
+    def _lock_project_jobs(conn: Connection, project_id: int) -> None:
+        """PostgreSQL: a lock of one project's training jobs, held to the commit."""
+        lock = "SELECT pg_advisory_xact_lock(CAST(:key AS int), CAST(:project AS int))"
+        conn.execute(text(lock), {"key": _CLAIM_LOCK, "project": int(project_id)})
+
     def update_job(self, job_id: int, **values: Any) -> None:
         values = {k: _text(v) for k, v in values.items()}  # messages and errors quote input
         with self._tx() as conn:
@@ -629,6 +747,10 @@ class Store:
 
         One conditional UPDATE, so two servers sharing a database never both start one job (on
         PostgreSQL the second waits for the first's row lock, then finds it no longer queued).
+        Two claims of two queued jobs of one project lock different rows, and under READ
+        COMMITTED neither one's NOT EXISTS sees the other's uncommitted ``running`` row: on
+        PostgreSQL a claim first takes a lock of the project (released at commit), so the second
+        claim's UPDATE reads after the first one committed.
         """
         other = training_jobs.alias("other")
         busy = (
@@ -637,11 +759,46 @@ class Store:
             .where(other.c.status == "running")
             .exists()
         )
-        now = utcnow()
+        with self._tx() as conn:
+            if conn.dialect.name == "postgresql":
+                project_id = conn.execute(
+                    select(training_jobs.c.project_id).where(training_jobs.c.id == job_id)
+                ).scalar()
+                if project_id is None:
+                    return False
+                self._lock_project_jobs(conn, int(project_id))
+            now = self._database_now(conn)
+            query = (
+                update(training_jobs)
+                .where(training_jobs.c.id == job_id, training_jobs.c.status == "queued", ~busy)
+                .values(status="running", owner=owner, started_at=now, heartbeat_at=now)
+            )
+            return conn.execute(query).rowcount == 1
+
+    def database_now(self) -> datetime:
+        """The database's clock (UTC, naive). Heartbeats are written and judged with it: servers
+        sharing a PostgreSQL run on hosts whose clocks differ, and a heartbeat written with one
+        host's clock and judged with another's looked stale (or fresh) by the difference."""
+        with self._tx() as conn:
+            return self._database_now(conn)
+
+    @staticmethod
+    def _database_now(conn: Connection) -> datetime:
+        if conn.dialect.name == "postgresql":
+            value = conn.execute(text("SELECT timezone('UTC', clock_timestamp())")).scalar()
+            assert isinstance(value, datetime)
+            return value
+        return utcnow()  # SQLite: a file on this host, read with this host's clock
+
+    def update_active_job(self, job_id: int, **values: Any) -> bool:
+        """Update job ``job_id`` only while it is queued or running (whoever runs it); True when
+        it did. For a training child's outcome: a job another server took over
+        (``interrupted``, its project queued again) keeps that status."""
+        values = {k: _text(v) for k, v in values.items()}
         query = (
             update(training_jobs)
-            .where(training_jobs.c.id == job_id, training_jobs.c.status == "queued", ~busy)
-            .values(status="running", owner=owner, started_at=now, heartbeat_at=now)
+            .where(training_jobs.c.id == job_id, training_jobs.c.status.in_(JOB_ACTIVE))
+            .values(**values)
         )
         with self._tx() as conn:
             return conn.execute(query).rowcount == 1

@@ -4,16 +4,24 @@ jobs and leave each other's alone, and a stop or a kill loses no job and leaves 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from backend.jobs import TrainingScheduler
-from backend.settings import Settings
+import pytest
+from sqlalchemy.engine import Connection
+
+from backend import jobs
+from backend.jobs import TrainingScheduler, write_private
+from backend.settings import Settings, settings_to_json
 from backend.store import Store, utcnow
 from tests.synthetic import LABEL_CONFIG
 
@@ -88,7 +96,7 @@ def test_a_start_leaves_a_live_neighbours_job_and_requeues_dead_ones(
     try:
         for project_id in (1, 2, 3, 4):
             _project(store, project_id)
-        host = socket.gethostname()
+        host = jobs._host_id()  # the hostname and this PID namespace
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         live_neighbour, dead_here, stale_elsewhere, legacy = (
@@ -203,3 +211,204 @@ def test_a_job_whose_process_cannot_start_fails_instead_of_running_for_good(
     finally:
         scheduler.stop()
         store.close()
+
+
+# ---------------------------------------------------------------- a live owner keeps its job
+def test_two_claims_racing_for_one_project_start_one_job(store_url: str) -> None:
+    """Two servers' ``request()`` can queue two jobs of one project. Their claims, at once on
+    PostgreSQL (READ COMMITTED), each read a snapshot without the other's uncommitted
+    ``running`` row and locked different rows: both started, and the project trained twice at
+    once. Here server A's claim commits a moment late (a busy host)."""
+    release = threading.Event()
+
+    class SlowCommit(Store):
+        @contextmanager
+        def _tx(self) -> Iterator[Connection]:
+            with self.engine.begin() as conn:
+                yield conn
+                release.wait(10)
+
+    a, b = SlowCommit(store_url), Store(store_url)
+    try:
+        _project(b)
+        first, second = b.create_job(7, "server A's /train"), b.create_job(7, "server B's")
+        claimed: dict[str, bool] = {}
+        claim_a = threading.Thread(
+            target=lambda: claimed.__setitem__("a", a.claim_job(first, "host-a:1:aa"))
+        )
+        claim_a.start()
+        time.sleep(0.5)  # A's UPDATE ran; its commit waits
+        claim_b = threading.Thread(
+            target=lambda: claimed.__setitem__("b", b.claim_job(second, "host-b:1:bb"))
+        )
+        claim_b.start()
+        time.sleep(0.5)
+        release.set()
+        claim_a.join(15)
+        claim_b.join(15)
+        assert claimed == {"a": True, "b": False}
+        assert [j.id for j in b.list_jobs(7, statuses=["running"])] == [first]
+    finally:
+        release.set()
+        a.close()
+        b.close()
+
+
+def test_a_job_taken_over_by_another_server_stops_its_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A neighbour that judged this server gone (a heartbeat gap, a skewed clock) marked its
+    job interrupted and queued the project again. The heartbeat's refusal was ignored: the
+    child trained on beside the neighbour's and then wrote its outcome over ``interrupted``."""
+    monkeypatch.setattr(jobs, "HEARTBEAT_S", 0.1)
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    scheduler = _scheduler(store, tmp_path)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def wait_beating(job_id: int, seconds: float) -> int | None:
+        child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+        children.append(child)
+        codes: list[int] = []
+        waiter = threading.Thread(
+            target=lambda: codes.append(scheduler._wait_beating(child, job_id)), daemon=True
+        )
+        waiter.start()
+        waiter.join(15)
+        return codes[0] if codes else None
+
+    try:
+        _project(store)
+        taken, finished = store.create_job(7, "x"), store.create_job(7, "y")
+        assert store.claim_job(taken, scheduler.owner)
+        store.update_owned_job(taken, scheduler.owner, status="interrupted")  # the neighbour
+        code = wait_beating(taken, 60)
+        assert code is not None and code != 0  # the child was ended, not waited out
+        assert store.get_job(taken).status == "interrupted"  # type: ignore[union-attr]
+
+        assert store.claim_job(finished, scheduler.owner)
+        store.update_owned_job(finished, scheduler.owner, status="succeeded")  # the child's own
+        assert wait_beating(finished, 1) == 0  # a child that reported its end is left to exit
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        store.close()
+
+
+def test_a_neighbour_whose_clock_runs_ahead_leaves_a_live_job_alone(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats were written with the owner's clock and judged with the neighbour's: a host
+    whose clock ran two minutes ahead took every live job of the others."""
+    store = Store(store_url)
+    try:
+        _project(store)
+        job = store.create_job(7, "x")
+        assert store.claim_job(job, "other-host:123:aa")  # beats now, by its own clock
+        ahead = utcnow() + timedelta(minutes=10)
+        monkeypatch.setattr(jobs, "utcnow", lambda: ahead)  # this host's clock
+        assert _scheduler(store, tmp_path).recover() == []
+        assert store.get_job(job).status == "running"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def _unshare_pid() -> list[str]:
+    command = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare not found")
+    if subprocess.run([*command, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user and PID namespaces here")
+    return command
+
+
+def test_a_server_in_another_pid_namespace_with_this_hostname_is_not_taken_for_dead(
+    tmp_path: Path,
+) -> None:
+    """Two containers sharing a hostname (host networking, one ``hostname:``), each its own PID
+    namespace: each looked the other's pid up in its own namespace, found nothing (or itself,
+    both being pid 1) and took the other's live job. (SQLite only: the user namespace cannot
+    reach the test PostgreSQL's socket, and the rule is the same on both.)"""
+    command = _unshare_pid()
+    store_url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = Store(store_url)
+    try:
+        _project(store)
+        job = store.create_job(7, "x")
+        assert store.claim_job(job, _scheduler(store, tmp_path).owner)  # this live process
+        neighbour = (
+            "import sys; from pathlib import Path; from backend.jobs import TrainingScheduler; "
+            "from backend.settings import Settings; from backend.store import Store; "
+            "store = Store(sys.argv[1]); "
+            "print(TrainingScheduler(Settings(data_dir=Path(sys.argv[2])), store, "
+            "lambda *_: None).recover())"
+        )
+        out = subprocess.run(
+            [*command, sys.executable, "-c", neighbour, store_url, str(tmp_path / "b")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
+        assert store.get_job(job).status == "running"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_a_child_whose_job_was_taken_over_does_not_overwrite_it(tmp_path: Path) -> None:
+    """A child that failed after a neighbour had marked its job interrupted (and queued the
+    project again) wrote ``failed`` over it."""
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.resolved_database_url)
+    try:
+        job = store.create_job(99, "x")  # no project 99: the child fails at once
+        assert store.claim_job(job, "host-a:1:aa")
+        store.update_owned_job(job, "host-a:1:aa", status="interrupted")  # the neighbour
+        path = tmp_path / "job.settings.json"
+        write_private(path, settings_to_json(settings))
+        assert jobs._worker_main(["--job", str(job), "--settings-json", str(path)]) == 1
+        assert store.get_job(job).status == "interrupted"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_two_servers_asking_to_train_one_project_at_once_queue_one_job(
+    store_url: str, tmp_path: Path
+) -> None:
+    """``request()`` looked for a queued job, then queued one: two servers asking at once (a
+    webhook on each, two restarts) both found none and queued a job each, and the project
+    trained twice in a row. Server A's transactions commit a moment late here."""
+    release = threading.Event()
+
+    class SlowCommit(Store):
+        @contextmanager
+        def _tx(self) -> Iterator[Connection]:
+            with self.engine.begin() as conn:
+                yield conn
+                release.wait(10)
+
+    a, b = SlowCommit(store_url), Store(store_url)
+    try:
+        _project(b)
+        asked: dict[str, int] = {}
+        ask_a = threading.Thread(
+            target=lambda: asked.__setitem__("a", _scheduler(a, tmp_path).request(7, "a"))
+        )
+        ask_a.start()
+        time.sleep(0.5)
+        ask_b = threading.Thread(
+            target=lambda: asked.__setitem__("b", _scheduler(b, tmp_path).request(7, "b"))
+        )
+        ask_b.start()
+        time.sleep(0.5)
+        release.set()
+        ask_a.join(15)
+        ask_b.join(15)
+        queued = b.list_jobs(7, statuses=["queued"])
+        assert [j.id for j in queued] == [asked["a"]] == [asked["b"]]
+    finally:
+        release.set()
+        a.close()
+        b.close()

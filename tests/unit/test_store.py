@@ -4,11 +4,18 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from sqlalchemy import Text, cast, select
 
 from backend.boxes import Boxes
-from backend.ingest import ingest_annotation, save_label_config
+from backend.ingest import (
+    _reads_as_stored,
+    ingest_annotation,
+    reparse_annotations,
+    save_label_config,
+)
 from backend.labelstudio.convert import LabelConfig
 from backend.store import Store
+from backend.tables import annotations_table
 
 
 @pytest.fixture
@@ -193,3 +200,122 @@ def test_an_annotation_parsed_under_a_config_replaced_meanwhile_is_read_again(
     (a10, a11) = sorted(store.list_annotations(1), key=lambda a: a.annotation_id)
     assert a10.boxes is not None and a10.boxes.labels.tolist() == [0]  # "b" is first now
     assert a11.boxes is None and "c" in (a11.parse_error or "")
+
+
+def _raw_boxes(store: Store) -> dict[int, str | None]:
+    """The boxes column as the text stored, by annotation id."""
+    table = annotations_table
+    query = select(table.c.annotation_id, cast(table.c.boxes, Text))
+    with store.engine.connect() as conn:
+        return {int(r[0]): r[1] for r in conn.execute(query)}
+
+
+def test_reparsed_boxes_are_stored_as_the_json_an_upsert_stores(store: Store) -> None:
+    """``replace_parsed_boxes`` serializes the boxes itself and binds the text (not through the
+    JSON type, as ``upsert_annotation`` does): on both databases the stored text must be the
+    same, None (JSON ``null``) included, and ``stored_readings`` must read it back."""
+    _project(store)
+    boxes = Boxes(np.array([[1.23456, 2, 30.5, 40], [5, 6, 7, 8]]), np.array([1, 0]), (100, 80))
+    other = Boxes(np.array([[3, 4, 5, 6]]), np.array([0]), (100, 80))
+    rev_a, _ = store.upsert_annotation(1, 10, 5, [{"r": 1}], boxes)
+    rev_b, _ = store.upsert_annotation(1, 11, 6, [{"r": 2}], other)
+    store.upsert_annotation(1, 12, 7, [{"r": 3}], None, parse_error="unknown label")
+    rev_d, _ = store.upsert_annotation(1, 13, 8, [{"r": 4}], boxes)
+    upserted = _raw_boxes(store)
+    assert store.replace_parsed_boxes(1, {10: (rev_a, None, "gone"), 11: (rev_b, boxes, None)}) == 2
+    replaced = _raw_boxes(store)
+    assert replaced[11] == upserted[13] and replaced[10] == upserted[12]
+    readings = {r.annotation_id: r for r in store.stored_readings(1)}
+    assert readings[11].boxes == boxes.to_dict() and readings[11].parse_error is None
+    assert readings[10].boxes is None and readings[10].parse_error == "gone"
+    assert readings[10].revision == rev_a and readings[13].revision == rev_d
+
+
+def test_stored_readings_are_what_list_annotations_gives(store: Store) -> None:
+    """The re-read's rows (JSON decoded one at a time) hold what ``list_annotations`` holds:
+    the same annotations (deleted ones left out) in the same order, results, boxes, errors."""
+    _project(store)
+    boxes = Boxes(np.array([[1, 2, 30, 40]]), np.array([1]), (100, 80))
+    store.upsert_annotation(1, 12, 5, [{"r": 1, "nested": {"x": [1.5, None]}}], boxes)
+    store.upsert_annotation(1, 10, 6, [], None)
+    store.upsert_annotation(1, 11, 7, [{"r": 2}], None, parse_error="label 'x\x00' unknown")
+    store.upsert_annotation(1, 13, 8, [{"r": 3}], boxes)
+    store.delete_annotations(1, [13])
+    store.upsert_annotation(2, 14, 9, [{"r": 4}], boxes)  # another project
+    readings = store.stored_readings(1)
+    assert len(readings) == 3
+    assert [(r.annotation_id, r.revision, r.result, r.boxes, r.parse_error) for r in readings] == [
+        (
+            a.annotation_id,
+            a.revision,
+            a.result,
+            None if a.boxes is None else a.boxes.to_dict(),
+            a.parse_error,
+        )
+        for a in store.list_annotations(1)
+    ]
+
+
+def test_a_label_config_edit_writes_only_the_annotations_that_read_differently(
+    store: Store,
+) -> None:
+    """``reparse_annotations`` compares each new reading with the stored JSON: a label added
+    at the end leaves the boxes of the others as they were (not written, revisions kept) and
+    makes the annotation that named it usable (a new revision); a reorder rewrites the boxes
+    whose label indices moved."""
+    _project(store)  # labels a, b
+    config = LabelConfig("label", "image", "image", ("a", "b"))
+    for annotation_id, label in ((10, "a"), (11, "b"), (12, "c")):
+        ingest_annotation(
+            store,
+            1,
+            config,
+            {"id": annotation_id, "task": annotation_id, "result": [_region(label)]},
+        )
+    before = {a.annotation_id: a for a in store.list_annotations(1)}
+    newest = store.annotation_revision(1)
+    extended = LabelConfig("label", "image", "image", ("a", "b", "c"))
+    assert reparse_annotations(store, 1, extended) == 1
+    after = {a.annotation_id: a for a in store.list_annotations(1)}
+    assert [after[i].revision for i in (10, 11)] == [before[i].revision for i in (10, 11)]
+    assert after[12].revision > newest and after[12].parse_error is None
+    assert after[12].boxes is not None and after[12].boxes.labels.tolist() == [2]
+    assert reparse_annotations(store, 1, extended) == 0  # nothing reads differently now
+    reordered = LabelConfig("label", "image", "image", ("b", "a", "c"))
+    assert reparse_annotations(store, 1, reordered) == 2
+    labels = {
+        a.annotation_id: a.boxes.labels.tolist() for a in store.list_annotations(1) if a.boxes
+    }
+    assert labels == {10: [1], 11: [0], 12: [2]}
+
+
+_STORED = Boxes(np.array([[1, 2, 30, 40], [5, 6, 7, 8]]), np.array([1, 0]), (100, 80)).to_dict()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        _STORED,
+        {**_STORED, "xyxy": [[1.0004, 2, 30, 40], [5, 6, 7, 8]]},  # within Boxes' 1e-3
+        {**_STORED, "xyxy": [[1.01, 2, 30, 40], [5, 6, 7, 8]]},
+        {**_STORED, "labels": [0, 1]},
+        {**_STORED, "labels": [1.0, 0.0]},  # not what to_dict writes: Boxes decide
+        {**_STORED, "labels": [1], "xyxy": [[1, 2, 30, 40]]},
+        {**_STORED, "image_size": [100, 81]},
+        {**_STORED, "scores": [0.5, 0.5]},
+        {**_STORED, "ignore": [False, True]},  # Boxes == does not compare ignore flags
+        None,
+    ],
+)
+def test_a_reading_is_compared_with_the_stored_json_as_boxes_compare(
+    stored: dict[str, object] | None,
+) -> None:
+    """The re-read tells changed boxes from the stored JSON without building ``Boxes`` of
+    every row; its answer must be ``Boxes ==``'s, as before (tolerance, labels, size, scores)."""
+    for boxes in (Boxes.from_dict(_STORED), None):
+        expected = (
+            boxes is None and stored is None
+            if boxes is None or stored is None
+            else Boxes.from_dict(stored) == boxes
+        )
+        assert _reads_as_stored(boxes, stored) == expected
