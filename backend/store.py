@@ -681,19 +681,24 @@ class Store:
 
     # ------------------------------------------------------------------ training jobs
     def create_job(self, project_id: int, reason: str) -> int:
+        """A new queued job, even beside a queued one (the scheduler uses :meth:`queue_job`)."""
         with self._tx() as conn:
-            res = conn.execute(
-                training_jobs.insert().values(
-                    project_id=project_id,
-                    status="queued",
-                    reason=reason,
-                    progress=0.0,
-                    created_at=utcnow(),
-                )
+            return self._insert_job(conn, project_id, reason)
+
+    @staticmethod
+    def _insert_job(conn: Connection, project_id: int, reason: str) -> int:
+        res = conn.execute(
+            training_jobs.insert().values(
+                project_id=project_id,
+                status="queued",
+                reason=_text(reason),
+                progress=0.0,
+                created_at=utcnow(),
             )
-            key = res.inserted_primary_key
-            assert key is not None
-            return int(key[0])
+        )
+        key = res.inserted_primary_key
+        assert key is not None
+        return int(key[0])
 
     def queue_job(self, project_id: int, reason: str) -> int:
         """The project's queued job, or a new one queued for ``reason``; its id.
@@ -717,18 +722,7 @@ class Store:
             ).scalar()
             if queued is not None:
                 return int(queued)
-            res = conn.execute(
-                training_jobs.insert().values(
-                    project_id=project_id,
-                    status="queued",
-                    reason=_text(reason),
-                    progress=0.0,
-                    created_at=utcnow(),
-                )
-            )
-            key = res.inserted_primary_key
-            assert key is not None
-            return int(key[0])
+            return self._insert_job(conn, project_id, reason)
 
     @staticmethod
     def _lock_project_jobs(conn: Connection, project_id: int) -> None:

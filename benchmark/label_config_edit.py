@@ -30,9 +30,9 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Text, bindparam, cast, select, update
 from tqdm import tqdm
@@ -41,6 +41,8 @@ from backend.boxes import Boxes
 from backend.ingest import parse_boxes, read_anew, reads_differently, save_label_config
 from backend.labelstudio.convert import LabelConfig
 from backend.store import Annotation, Store, annotations_table
+
+T = TypeVar("T")
 
 LABELS = ("car", "person", "dog", "cat", "bus")
 
@@ -179,11 +181,13 @@ def _copy_of(base: Path, name: str) -> Store:
     return Store(f"sqlite:///{copy}")
 
 
-def _start() -> float:
-    """The clock, after a full garbage collection: each step starts from a clean heap, not the
-    previous step's garbage."""
+def _timed(step: Callable[[], T]) -> tuple[T, float]:
+    """``step()`` and its seconds, timed after a full garbage collection: each step starts from
+    a clean heap, not the previous step's garbage."""
     gc.collect()
-    return time.perf_counter()
+    start = time.perf_counter()
+    value = step()
+    return value, time.perf_counter() - start
 
 
 def _rows(store: Store) -> list[tuple[Any, ...]]:
@@ -200,47 +204,33 @@ def _round(base: Path, edited: LabelConfig) -> tuple[dict[str, float], int, int]
     t: dict[str, float] = {}
     # the steps, before (the peer) and after (the backend), each on its own copy
     store = _copy_of(base, "steps_before.db")
-    start = _start()
-    annotations = store.list_annotations(1)
-    t["load_before_s"] = time.perf_counter() - start
-    start = _start()
-    changed, usable = _read_anew_before(annotations, edited)
-    t["parse_before_s"] = time.perf_counter() - start
+    annotations, t["load_before_s"] = _timed(lambda: store.list_annotations(1))
+    (changed, usable), t["parse_before_s"] = _timed(lambda: _read_anew_before(annotations, edited))
     annotations.clear()
-    start = _start()
-    written_before = _write_before(store, 1, changed, usable)
-    t["write_before_s"] = time.perf_counter() - start
+    written_before, t["write_before_s"] = _timed(lambda: _write_before(store, 1, changed, usable))
     store.close()
 
     store = _copy_of(base, "steps_after.db")
-    start = _start()
-    readings = store.stored_readings(1)
-    t["load_after_s"] = time.perf_counter() - start
-    start = _start()
-    changed, usable = read_anew(readings, edited)
-    t["parse_after_s"] = time.perf_counter() - start
-    start = _start()
-    written = store.replace_parsed_boxes(1, changed, renew=usable)
-    t["write_after_s"] = time.perf_counter() - start
+    readings, t["load_after_s"] = _timed(lambda: store.stored_readings(1))
+    (changed, usable), t["parse_after_s"] = _timed(lambda: read_anew(readings, edited))
+    written, t["write_after_s"] = _timed(
+        lambda: store.replace_parsed_boxes(1, changed, renew=usable)
+    )
     store.close()
     if written != written_before:
         raise AssertionError(f"the write before stored {written_before} rows, after {written}")
 
     store = _copy_of(base, "naive.db")
-    start = _start()
-    _write_per_row(store, changed)
-    t["write_per_row_s"] = time.perf_counter() - start
+    _, t["write_per_row_s"] = _timed(lambda: _write_per_row(store, changed))
     store.close()
 
     # the whole /setup step, before and after, each on a fresh copy
     before = _copy_of(base, "setup_before.db")
-    start = _start()
-    _save_label_config_before(before, edited)
-    t["save_label_config_before_s"] = time.perf_counter() - start
+    _, t["save_label_config_before_s"] = _timed(lambda: _save_label_config_before(before, edited))
     after = _copy_of(base, "setup_after.db")
-    start = _start()
-    save_label_config(after, 1, "<View/>", edited, None)
-    t["save_label_config_after_s"] = time.perf_counter() - start
+    _, t["save_label_config_after_s"] = _timed(
+        lambda: save_label_config(after, 1, "<View/>", edited, None)
+    )
     if _rows(before) != _rows(after):
         raise AssertionError("the re-read before and after left different rows")
     relabeled = sum(a.boxes is not None for a in after.list_annotations(1))

@@ -395,7 +395,7 @@ def push_order_result(
     scored = uses_uncertainty_sampling(sdk, project_id) if uncertainty is None else uncertainty
     updated = created = 0
     if scored and wanted:
-        updated, created = set_rank_scores(sdk, project_id, wanted, model_version=model_version)
+        updated, created = set_rank_scores(client, project_id, wanted, model_version=model_version)
     return PushResult(vid, written, updated, created, bool(scored))
 
 

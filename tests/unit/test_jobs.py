@@ -213,13 +213,9 @@ def test_a_job_whose_process_cannot_start_fails_instead_of_running_for_good(
         store.close()
 
 
-# ---------------------------------------------------------------- a live owner keeps its job
-def test_two_claims_racing_for_one_project_start_one_job(store_url: str) -> None:
-    """Two servers' ``request()`` can queue two jobs of one project. Their claims, at once on
-    PostgreSQL (READ COMMITTED), each read a snapshot without the other's uncommitted
-    ``running`` row and locked different rows: both started, and the project trained twice at
-    once. Here server A's claim commits a moment late (a busy host)."""
-    release = threading.Event()
+def _slow_commit_store(url: str, release: threading.Event) -> Store:
+    """A store whose transactions commit only once ``release`` is set (or after 10 s): a
+    server on a busy host, whose writes its neighbour does not see yet."""
 
     class SlowCommit(Store):
         @contextmanager
@@ -228,7 +224,17 @@ def test_two_claims_racing_for_one_project_start_one_job(store_url: str) -> None
                 yield conn
                 release.wait(10)
 
-    a, b = SlowCommit(store_url), Store(store_url)
+    return SlowCommit(url)
+
+
+# ---------------------------------------------------------------- a live owner keeps its job
+def test_two_claims_racing_for_one_project_start_one_job(store_url: str) -> None:
+    """Two servers' ``request()`` can queue two jobs of one project. Their claims, at once on
+    PostgreSQL (READ COMMITTED), each read a snapshot without the other's uncommitted
+    ``running`` row and locked different rows: both started, and the project trained twice at
+    once. Here server A's claim commits a moment late (a busy host)."""
+    release = threading.Event()
+    a, b = _slow_commit_store(store_url, release), Store(store_url)
     try:
         _project(b)
         first, second = b.create_job(7, "server A's /train"), b.create_job(7, "server B's")
@@ -381,15 +387,7 @@ def test_two_servers_asking_to_train_one_project_at_once_queue_one_job(
     webhook on each, two restarts) both found none and queued a job each, and the project
     trained twice in a row. Server A's transactions commit a moment late here."""
     release = threading.Event()
-
-    class SlowCommit(Store):
-        @contextmanager
-        def _tx(self) -> Iterator[Connection]:
-            with self.engine.begin() as conn:
-                yield conn
-                release.wait(10)
-
-    a, b = SlowCommit(store_url), Store(store_url)
+    a, b = _slow_commit_store(store_url, release), Store(store_url)
     try:
         _project(b)
         asked: dict[str, int] = {}
