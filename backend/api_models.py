@@ -10,6 +10,7 @@ to it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -433,6 +434,15 @@ class JobRow(BaseModel):
     message: str | None
     error: str | None
     model_version: str | None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    owner: str | None = Field(
+        None, description="who runs it: host/pid-namespace:pid:token, the server or `boxloop train`"
+    )
+    heartbeat_at: datetime | None = Field(
+        None, description="its owner's last sign of life (every 10 s; taken over after 2 min)"
+    )
 
 
 class VersionRow(BaseModel):

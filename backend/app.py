@@ -402,8 +402,8 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
         },
     )
     def train(body: TrainRequest) -> dict[str, Any]:
-        job_id = svc.train_now(body.project)
-        return {"status": "queued", "job": job_id, "project": body.project}
+        job = svc.train_now(body.project)
+        return {"status": "queued", "job": job.id, "project": body.project}
 
     def order(
         project_id: Annotated[int, Path(ge=1, le=MAX_ID)],

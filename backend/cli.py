@@ -75,14 +75,37 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Train one version in the foreground (same code path as the background job)."""
-    from backend.training_job import run_training_job
+    """Train one version now, from this process, the way a server's job runs (claimed, in a
+    child, with heartbeats: a server sharing the database leaves it alone); or follow the job a
+    server claimed first. Exit 1 unless it succeeded, 130 on Ctrl-C (the job ends
+    ``interrupted``)."""
+    from tqdm import tqdm
 
     svc = _service(args)
-    job_id = svc.train_now(args.project)
-    version = run_training_job(svc.settings, svc.store, job_id)
-    print(json.dumps({"job": job_id, "model_version": version}))
-    return 0
+    bars: list[Any] = []  # opened at the first report: a refusal prints its one line alone
+
+    def show(job: Any) -> None:
+        if not bars:
+            bars.append(
+                tqdm(total=100, unit="%", desc=f"project {args.project}", disable=args.quiet)
+            )
+        bars[0].n = round(100 * (job.progress or 0.0))
+        bars[0].set_postfix_str(f"job {job.id} {job.status}: {job.message or ''}", refresh=False)
+        bars[0].refresh()
+
+    try:
+        job = svc.train_now(args.project, here=show)
+    except KeyboardInterrupt:
+        job = None
+    finally:
+        for bar in bars:
+            bar.close()
+    if job is None:
+        print("boxloop train: stopped (a job run here ends interrupted)", file=sys.stderr)
+        return 130
+    fields = ("id", "status", "model_version", "message", "error")
+    print(json.dumps({("job" if f == "id" else f): getattr(job, f) for f in fields}))
+    return 0 if job.status == "succeeded" else 1
 
 
 #: ``boxloop order`` options and the :class:`OrderRequest` fields they set.
@@ -275,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a new model version for a project now")
     train.add_argument("--project", type=cli_project_id, required=True)
+    train.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
     order = sub.add_parser(

@@ -44,6 +44,8 @@ HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0
 #: How often the scheduler looks for abandoned jobs besides at start.
 ORPHAN_SWEEP_S = 30.0
+#: How often ``boxloop train`` reads the job it follows.
+FOLLOW_S = 1.0
 
 
 def die_with_parent() -> None:  # runs in the child between fork and exec
@@ -77,6 +79,9 @@ class TrainingScheduler:
         #: who this scheduler is in the jobs table: host, process and a token for this start
         self.owner = f"{_host_id()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._last_sweep = 0.0
+        #: a server queues the job its stop ends again; ``boxloop train`` stopped by Ctrl-C
+        #: means the user's "not now"
+        self.requeue_on_stop = True
 
     # ------------------------------------------------------------------ lifecycle
     def recover(self) -> list[int]:
@@ -125,6 +130,64 @@ class TrainingScheduler:
         job_id = self.store.queue_job(project_id, reason)  # one transaction: servers race
         self._wake.set()
         return job_id
+
+    def train_here(
+        self, project_id: int, reason: str, show: Callable[[TrainingJob], None]
+    ) -> TrainingJob:
+        """Train one version of the project from this process (``boxloop train``), as a
+        server's scheduler does: the job claimed under this process, a child, heartbeats; returns
+        the job at its end, shown to ``show`` as it goes.
+
+        The command used to run the job unclaimed and in-process: a server's sweep took an
+        ownerless running job for abandoned and trained the project beside it. When a server
+        claims the queued job first, this follows that job; while another job of the project
+        runs, it waits. Ctrl-C ends the job ``interrupted`` and queues nothing."""
+        self.requeue_on_stop = False
+        job_id = self.request(project_id, reason)
+        while not self.store.claim_job(job_id, self.owner):
+            job = self.store.get_job(job_id)
+            if job is None or job.status != "queued":  # a server claimed it first
+                return self._follow(job_id, show)
+            show(job)  # queued behind a running job of the project
+            time.sleep(FOLLOW_S)
+            self.requeue_abandoned()  # that job's server may be gone
+        done = threading.Event()  # not Thread.join: a Ctrl-C during a join left the thread
+        # marked ended (CPython 3.11), and the process exited before the job was marked
+
+        def run() -> None:
+            try:
+                self._run(job_id)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="boxloop-training").start()
+        try:
+            return self._follow(job_id, show, done)
+        except KeyboardInterrupt:
+            self.stop()
+            done.wait(30)  # the run marks the job interrupted
+            raise
+
+    def _follow(
+        self,
+        job_id: int,
+        show: Callable[[TrainingJob], None],
+        done: threading.Event | None = None,
+    ) -> TrainingJob:
+        """Show job ``job_id`` every ``FOLLOW_S`` until this process's run of it is ``done``,
+        or without one until the job ends."""
+        while True:
+            ended = done is not None and done.is_set()
+            job = self.store.get_job(job_id)
+            if job is None:
+                raise ValueError(f"training job {job_id} was deleted")
+            show(job)
+            if ended or (done is None and job.status not in JOB_ACTIVE):
+                return job
+            if done is not None:
+                done.wait(FOLLOW_S)
+            else:
+                time.sleep(FOLLOW_S)
 
     def active_job(self, project_id: int) -> int | None:
         jobs = self.store.list_jobs(project_id, statuses=list(JOB_ACTIVE), limit=1)
@@ -187,16 +250,20 @@ class TrainingScheduler:
             except Exception:
                 log.exception("swapping in %s failed", job.model_version)
         elif job.status in JOB_ACTIVE and self._stop.is_set():
-            # a clean stop ended it: queue it again, as a restart after kill -9 would
-            if self.store.update_owned_job(
-                job_id,
-                self.owner,
-                status="interrupted",
-                finished_at=utcnow(),
-                message="server stopped while this job ran",
+            # a server's clean stop ended it: queue it again, as a restart after kill -9 would
+            stopped = "server stopped" if self.requeue_on_stop else "stopped from the command line"
+            if (
+                self.store.update_owned_job(
+                    job_id,
+                    self.owner,
+                    status="interrupted",
+                    finished_at=utcnow(),
+                    message=f"{stopped} while this job ran",
+                )
+                and self.requeue_on_stop
             ):
                 self.request(job.project_id, "resume after restart")
-            log.info("training job %s interrupted by the server's stop; queued again", job_id)
+            log.info("training job %s interrupted: %s", job_id, stopped)
         elif job.status in JOB_ACTIVE:
             tail = _tail(log_path)
             self.store.update_owned_job(  # not over a neighbour's takeover
@@ -241,6 +308,10 @@ class TrainingScheduler:
                         stdout=log_file,
                         stderr=subprocess.STDOUT,
                         preexec_fn=die_with_parent,
+                        # its own process group: a Ctrl-C in the terminal reaches this process
+                        # only, which ends the child as a stop does (the child, killed by the
+                        # same keypress first, was often taken for a failed job)
+                        process_group=0,
                     )
                 return self._wait_beating(self._process, job.id), log_path
         finally:

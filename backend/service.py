@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
@@ -37,7 +37,7 @@ from backend.queueing import OrderRequest, QueueManager
 from backend.reconcile import reconcile_all
 from backend.registry import LoadedModel, ModelRegistry
 from backend.settings import Settings
-from backend.store import Store
+from backend.store import Store, TrainingJob
 from backend.studio_access import StudioAccess
 from backend.task_utility import TaskUtility
 from backend.utility.scorer import UtilityScorer, stored_scores
@@ -431,10 +431,18 @@ class BoxloopService:
                 return active
         return self.scheduler.request(project_id, f"{new} new annotations")
 
-    def train_now(self, project_id: int) -> int:
+    def train_now(
+        self, project_id: int, here: Callable[[TrainingJob], None] | None = None
+    ) -> TrainingJob:
+        """Queue a training job (``/train``); with ``here``, train it in this process, showing
+        it to ``here`` as it goes, and return it at its end (``boxloop train``)."""
         if self.store.get_project(project_id) is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
-        return self.scheduler.request(project_id, "requested via /train")
+        if here is not None:
+            return self.scheduler.train_here(project_id, "requested via boxloop train", here)
+        job = self.store.get_job(self.scheduler.request(project_id, "requested via /train"))
+        assert job is not None
+        return job
 
     # ------------------------------------------------------------------ queue order
     def order_project(
@@ -509,17 +517,8 @@ class BoxloopService:
                         project.id, project.trained_revision
                     ),
                     "train_after_new_annotations": self.settings.train_after_new_annotations,
-                    "training_jobs": [
-                        {
-                            "id": j.id,
-                            "status": j.status,
-                            "reason": j.reason,
-                            "progress": j.progress,
-                            "message": j.message,
-                            "error": j.error,
-                            "model_version": j.model_version,
-                        }
-                        for j in jobs
+                    "training_jobs": [  # owner, heartbeat: who runs it, and if alive
+                        {k: v for k, v in asdict(j).items() if k != "project_id"} for j in jobs
                     ],
                     "bulk_predict": self.bulk_runs.status(project.id),
                     "box_queries": {

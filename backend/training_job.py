@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 _PROGRESS_INTERVAL_S = 1.0
 
 
+class JobNotActive(RuntimeError):
+    """The job ended (another server took it over) before its child began."""
+
+
 def version_name(project_id: int, number: int) -> str:
     return f"boxloop-p{project_id}-v{number}"
 
@@ -202,13 +206,11 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
     if project is None:
         raise ValueError(f"training job {job_id}: project {job.project_id} is unknown")
     torch.set_num_threads(max(1, settings.num_threads))
-    store.update_job(
-        job_id,
-        status="running",
-        started_at=utcnow(),
-        progress=0.0,
-        message="reconciling with Label Studio",
-    )
+    # The job's claim set it running; a job that is not active any more was taken over by
+    # another server (and queued again) before this child started: writing ``running`` here
+    # brought it back, to train beside the new one.
+    if not store.update_active_job(job_id, progress=0.0, message="reconciling with Label Studio"):
+        raise JobNotActive(f"training job {job_id} is {job.status}, not running: nothing to do")
     config = parse_label_config(project.label_config)
     if settings.label_studio_url and settings.label_studio_token:
         from backend.labelstudio.client import StudioClient
@@ -221,7 +223,7 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
             reconcile_project(store, client, project.id, config)
         except Exception as exc:  # Label Studio down: train on what is stored
             log.warning("reconcile before training failed, training on stored annotations: %s", exc)
-    store.update_job(job_id, message="loading images")
+    store.update_active_job(job_id, message="loading images")
     project, config, revision, gathered = _gather_consistent(settings, store, project.id)
     if not gathered.samples:
         raise ValueError(
@@ -250,7 +252,9 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         now = time.monotonic()
         if now - last_write[0] >= _PROGRESS_INTERVAL_S or fraction >= 1.0:
             last_write[0] = now
-            store.update_job(job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message)
+            store.update_active_job(
+                job_id, progress=round(0.05 + 0.9 * fraction, 4), message=message
+            )
 
     if settings.detector == "yolox_nano":
         metrics = _train_yolox_round(
@@ -271,7 +275,7 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
         metrics={"skipped": gathered.skipped, **metrics},
     )
     store.set_trained_revision(project.id, revision)
-    store.update_job(
+    store.update_active_job(  # a job taken over meanwhile keeps ``interrupted``
         job_id,
         status="succeeded",
         progress=1.0,

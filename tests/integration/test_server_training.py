@@ -153,6 +153,10 @@ def test_training_survives_kill_9_and_serves_the_new_version(
             assert answer.status_code == 200, answer.text
         # the N-th annotation queued a background job, which starts running
         _wait(lambda: (_job(client) or {}).get("status") == "running", 60, "training to start")
+        running = _job(client)
+        assert running is not None  # /status says who runs it, and that it lives
+        assert running["owner"].split(":")[1] == str(server.process.pid)
+        assert running["heartbeat_at"] is not None
         # requests are answered while it trains
         answer = client.post("/webhook", json=_annotation_payload(N_IMAGES, *dataset[N_IMAGES]))
         assert answer.status_code == 200 and answer.json()["stored"] == 1

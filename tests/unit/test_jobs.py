@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -410,3 +411,83 @@ def test_two_servers_asking_to_train_one_project_at_once_queue_one_job(
         release.set()
         a.close()
         b.close()
+
+
+def test_a_child_started_after_a_takeover_does_not_bring_its_job_back(tmp_path: Path) -> None:
+    """The child's first write set its job ``running`` again: a job a neighbour had taken over
+    (``interrupted``, its project queued again) between the claim and the child's start came
+    back to life, trained beside the new job and ended ``failed`` or ``succeeded`` over it."""
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.resolved_database_url)
+    try:
+        _project(store)  # no annotations: a child that ran on would fail at its second step
+        job = store.create_job(7, "x")
+        assert store.claim_job(job, "host-a:1:aa")
+        store.update_owned_job(job, "host-a:1:aa", status="interrupted")  # the neighbour
+        path = tmp_path / "job.settings.json"
+        write_private(path, settings_to_json(settings))
+        assert jobs._worker_main(["--job", str(job), "--settings-json", str(path)]) == 1
+        taken = store.get_job(job)
+        assert taken is not None and (taken.status, taken.error) == ("interrupted", None)
+    finally:
+        store.close()
+
+
+def test_boxloop_train_claims_its_job_so_a_server_leaves_it_alone(tmp_path: Path) -> None:
+    """``boxloop train`` ran its job unclaimed, in its own process: a server sharing the
+    database took the ownerless running job for abandoned at its next sweep, queued the project
+    again and trained it beside the command. Now the command claims the job and beats, and
+    Ctrl-C (SIGINT to its process group, as a terminal sends it) ends the job ``interrupted``
+    without queueing it again. Label Studio is a socket that never answers, so the job stays in
+    its first step."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.resolved_database_url)
+    env = {
+        **os.environ,
+        "BOXLOOP_DATA_DIR": str(tmp_path),
+        "BOXLOOP_LABEL_STUDIO_URL": f"http://127.0.0.1:{hole.getsockname()[1]}",
+        "BOXLOOP_LABEL_STUDIO_TOKEN": "secret",
+    }
+    command = [sys.executable, "-m", "backend.cli", "train", "--project", "7", "--quiet"]
+    cli = None
+    try:
+        _project(store)
+        cli = subprocess.Popen(
+            command,
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 120
+        job = None
+        while time.monotonic() < deadline and cli.poll() is None:
+            listed = store.list_jobs(7)
+            job = listed[0] if listed else None
+            if job is not None and job.message == "reconciling with Label Studio":
+                break
+            time.sleep(0.2)
+        assert job is not None and job.message == "reconciling with Label Studio", cli.poll()
+        assert job.owner is not None and job.owner.split(":")[1] == str(cli.pid)
+
+        server = _scheduler(store, tmp_path / "server")
+        assert server.requeue_abandoned() == []  # the server's sweep leaves it alone
+        assert store.get_job(job.id).status == "running"  # type: ignore[union-attr]
+
+        os.killpg(cli.pid, signal.SIGINT)
+        _, err = cli.communicate(timeout=60)
+        assert cli.returncode == 130, err
+        stopped = store.get_job(job.id)
+        assert stopped is not None and stopped.status == "interrupted", err
+        assert stopped.message == "stopped from the command line while this job ran"
+        assert store.list_jobs(7, statuses=["queued"]) == []
+    finally:
+        if cli is not None and cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+        store.close()
+        hole.close()
