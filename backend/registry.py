@@ -225,15 +225,15 @@ class ModelRegistry:
                 Path(record.path), self.settings, score_floor=score_floor
             )
             if list(record.labels) == list(labels):
-                return lambda images: detector.predict(list(images))
+                return lambda images: detector.predict(images)
             # the label config changed since it trained: its boxes in the project's label indices
             # (a removed label's boxes drop), or the gate would score them as other labels
             index = same_name_index(record.labels, labels)
-            return lambda images: [b.relabeled(index) for b in detector.predict(list(images))]
+            return lambda images: [b.relabeled(index) for b in detector.predict(images)]
         mapped = self.pretrained_for(labels, score_threshold=score_floor)
         if mapped is None:
             return None
-        return lambda images: mapped.predict(list(images))
+        return lambda images: mapped.predict(images)
 
     @staticmethod
     def _trained_on(record: ModelVersion, metadata: dict[str, Any]) -> frozenset[int | str]:

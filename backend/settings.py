@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images get a 413.")
     max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
     image_fetch_timeout_s: float = Field(20.0, gt=0)
+    training_image_memory_mb: int = Field(
+        4096,
+        ge=0,
+        description="Decoded pixels a training job holds in memory; past it, an image stays as its "
+        "file's bytes and is decoded on each use (slower; a JPEG takes a tenth of the memory).",
+    )
 
     # --- detector ------------------------------------------------------------------------------
     detector: DetectorName = Field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from backend.active import noisy_box_weights
 from backend.box_queries import unverified_boxes
 from backend.boxes import Boxes
 from backend.detectors.yolox import load_coco_yolox_nano
-from backend.images import ImageError, ImageSource, image_source_for, load_image
+from backend.images import (
+    ImageError,
+    ImageSource,
+    decode_image,
+    image_source_for,
+    load_image,
+    read_image_bytes,
+)
 from backend.ingest import reads_differently
 from backend.labelstudio.convert import (
     AnnotationParseError,
@@ -42,6 +50,7 @@ from backend.training import (
 )
 from backend.training.calibration import unlabeled_sample
 from backend.training.gate import GateConfig, LabeledImage, run_round
+from backend.training.samples import LazyImage
 from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
 
 log = logging.getLogger(__name__)
@@ -124,6 +133,8 @@ def gather_samples(
     samples: list[TrainSample] = []
     task_ids: list[int] = []
     chosen = latest_per_task(store.list_annotations(project.id))
+    # decoded pixels held; past the budget, images are kept encoded (``LazyImage``)
+    held, budget = 0, settings.training_image_memory_mb * 1024 * 1024
     unverified = unverified_boxes(store, project.id)  # box-query tasks: shown, never asked
     for annotation in chosen:
         if annotation.parse_error is not None:
@@ -141,7 +152,8 @@ def gather_samples(
             skipped["no_task_data"] += 1
             continue
         try:
-            image = load_image(reference, source)
+            encoded = read_image_bytes(reference, source)
+            image = decode_image(encoded, max_pixels=source.max_pixels, name=reference[:120])
         except ImageError as exc:
             log.warning("task %s: %s", annotation.task_id, exc.message)
             skipped["image_error"] += 1
@@ -165,7 +177,14 @@ def gather_samples(
         if annotation.task_id in unverified:
             shown, noisy_weight = unverified[annotation.task_id]
             weights = noisy_box_weights(boxes, shown, noisy_weight)
-        samples.append(TrainSample(image=image, boxes=boxes, box_weights=weights))
+        held += image.width * image.height * 3
+        kept: Image.Image | LazyImage = image
+        if held > budget:  # the pixels stay in their file's bytes until used
+            kept = LazyImage(
+                image.size,
+                partial(decode_image, encoded, max_pixels=source.max_pixels, name=reference[:120]),
+            )
+        samples.append(TrainSample(image=kept, boxes=boxes, box_weights=weights))
         task_ids.append(annotation.task_id)
     return GatheredSamples(samples, task_ids, len(chosen), skipped)
 
@@ -328,7 +347,7 @@ def _train_yolox_round(
             )
     outcome = run_round(
         [
-            LabeledImage(task_id, load_sample_image(sample), sample.boxes, sample.box_weights)
+            LabeledImage(task_id, _labeled_image(sample), sample.boxes, sample.box_weights)
             for task_id, sample in zip(gathered.task_ids, gathered.samples, strict=True)
         ],
         config.labels,
@@ -345,6 +364,11 @@ def _train_yolox_round(
         progress=progress,
     )
     return outcome.metrics()
+
+
+def _labeled_image(sample: TrainSample) -> Image.Image | LazyImage:
+    image = sample.image
+    return image if isinstance(image, Image.Image | LazyImage) else load_sample_image(sample)
 
 
 def _train_torchvision(

@@ -80,7 +80,7 @@ from backend.jsonsafe import finite
 from backend.scoring import ValidationScore, score_predictions
 from backend.settings import FoldEpochRule, Settings
 from backend.training.calibration import CountMatch, count_matched_threshold
-from backend.training.samples import TrainSample
+from backend.training.samples import ImageLike, LazyImage, LoadedImages, TrainSample
 from backend.training.yolox_train import (
     YoloxTrainConfig,
     epochs_for,
@@ -185,7 +185,8 @@ class LabeledImage:
     """An annotated image: ``key`` (task id) decides its validation slice."""
 
     key: int | str
-    image: Image.Image
+    #: decoded, or a :class:`LazyImage` (past a training job's memory budget)
+    image: Image.Image | LazyImage
     boxes: Boxes
     #: Loss weight per box (None: all 1); box-query tasks weigh unverified boxes at λ_d.
     box_weights: np.ndarray | None = None
@@ -421,10 +422,10 @@ def run_round(
     seen = set(serving_trained_on) | init_seen if gate.serving_unseen_only else set()
     gts_all = [item.boxes.kept() for item in labeled]
 
-    def candidate_predict(model: YoloxNano, images: Sequence[Image.Image], tag: str) -> list[Boxes]:
+    def candidate_predict(model: YoloxNano, images: Sequence[ImageLike], tag: str) -> list[Boxes]:
         save_model_version(model, directory, {**metadata, "input_hw": list(hw), "stage": tag})
         detector = load_version_detector(directory, settings, score_floor=gate.score_floor)
-        return detector.predict(list(images))
+        return detector.predict(LoadedImages(images))
 
     fold_preds_all: list[Boxes] = []  # a cross-validation round's prediction of every task
     calibration_set = list(unlabeled[: gate.calibration_images])
@@ -465,7 +466,7 @@ def run_round(
                 )
             fold_preds = candidate_predict(
                 fold_model,
-                [labeled[i].image for i in held] + calibration_set,
+                [*(labeled[i].image for i in held), *calibration_set],
                 f"cv-fold-{fold}",
             )
             for i, p in zip(held, fold_preds[: len(held)], strict=True):
@@ -514,7 +515,7 @@ def run_round(
     if serving_predict is None:
         serving_preds = [Boxes.empty(im.size, with_scores=True) for im in val_images]
     else:
-        serving_preds = serving_predict(val_images)
+        serving_preds = serving_predict(LoadedImages(val_images))
     serving_score = _score(val_gts, serving_preds, labels, gate)
     promoted, reason = decide(candidate_score, serving_score, gate)
     # the threshold it serves at: chosen on every honest prediction of the candidate's stand-ins

@@ -6,9 +6,10 @@ photos does not have to sit decoded in memory; :func:`load_sample_image` resolve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -16,9 +17,55 @@ from PIL import Image
 
 from backend.boxes import Boxes
 
-__all__ = ["ImageLike", "TrainSample", "load_sample_image", "sample_target"]
+__all__ = [
+    "ImageLike",
+    "LazyImage",
+    "LoadedImages",
+    "TrainSample",
+    "image_like_size",
+    "load_image_like",
+    "load_sample_image",
+    "sample_target",
+]
 
 ImageLike = Image.Image | Path | str | Callable[[], Image.Image]
+
+
+@dataclass(frozen=True)
+class LazyImage:
+    """An image of known ``size`` (width, height) that ``load`` makes on each use.
+
+    Why: a training job held every annotated image decoded, and a project of a few thousand
+    full-HD frames took more memory than the machine had. Past its budget a job keeps an image
+    as its file's bytes (a tenth of the pixels' size for a JPEG) behind ``load``; the gate needs
+    only the size until a detector or the training reaches the pixels.
+    """
+
+    size: tuple[int, int]
+    load: Callable[[], Image.Image]
+
+    def __call__(self) -> Image.Image:
+        return self.load()
+
+
+class LoadedImages(Sequence[Image.Image]):
+    """``images`` as RGB PIL images, each loaded when a detector reaches it (a slice loads its
+    part), so predicting on a validation slice never holds the slice loaded at once."""
+
+    def __init__(self, images: Sequence[ImageLike]) -> None:
+        self._images = images
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @overload
+    def __getitem__(self, index: int) -> Image.Image: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Image.Image]: ...
+    def __getitem__(self, index: int | slice) -> Image.Image | list[Image.Image]:
+        if isinstance(index, slice):
+            return [load_image_like(image) for image in self._images[index]]
+        return load_image_like(self._images[index])
 
 
 @dataclass(frozen=True)
@@ -51,7 +98,19 @@ class TrainSample:
 
 def load_sample_image(sample: TrainSample) -> Image.Image:
     """The sample's image as RGB PIL (decoding a path or calling a loader)."""
-    source = sample.image
+    return load_image_like(sample.image)
+
+
+def image_like_size(source: ImageLike) -> tuple[int, int]:
+    """``(width, height)`` of an :data:`ImageLike`, without its pixels where they are not
+    loaded yet (a path or a bare loader is loaded to tell)."""
+    if isinstance(source, Image.Image | LazyImage):
+        return source.size
+    return load_image_like(source).size
+
+
+def load_image_like(source: ImageLike) -> Image.Image:
+    """An :data:`ImageLike` as RGB PIL (decoding a path or calling a loader)."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, str | Path):

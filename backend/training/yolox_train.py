@@ -47,7 +47,7 @@ from backend.detectors.yolox import (
     yolox_loss,
 )
 from backend.settings import Settings
-from backend.training.samples import TrainSample, load_sample_image
+from backend.training.samples import LoadedImages, TrainSample, image_like_size
 
 __all__ = [
     "YoloxTrainConfig",
@@ -333,13 +333,13 @@ def train_yolox(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     torch.set_num_threads(max(1, config.threads))
-    images = [load_sample_image(s) for s in samples]
+    images = LoadedImages([s.image for s in samples])  # loaded as visited: a job's budget
     num_classes = init.num_classes
     for sample in samples:
         labels = sample.boxes.labels
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"box label indices outside 0..{num_classes - 1}")
-    hw = input_hw or input_shape_for([im.size for im in images], config)
+    hw = input_hw or input_shape_for([image_like_size(s.image) for s in samples], config)
     class_mask = (
         torch.from_numpy(present_classes(samples, num_classes))
         if config.mask_absent_classes

@@ -630,12 +630,15 @@ def test_a_task_without_an_image_does_not_fail_a_simnet_order(
     assert order["missing_features"] == [9] and sorted(order["first_batch"]) == [1, 2, 3, 9]
 
 
+@pytest.mark.parametrize("memory_mb", [4096, 0])
 def test_an_update_as_label_studio_sent_it_without_sizes_is_trained_on(
-    tmp_path: Path, images: list[Path]
+    tmp_path: Path, images: list[Path], memory_mb: int
 ) -> None:
     """The captured ANNOTATION_UPDATED carries regions without original_width/height. It was
-    stored as "not usable for training" for good; its boxes are read at the image's size."""
+    stored as "not usable for training" for good; its boxes are read at the image's size.
+    Past the job's memory budget the image is kept encoded, and decodes to the same pixels."""
     from backend.labelstudio.convert import parse_label_config
+    from backend.training.samples import LazyImage, load_sample_image
     from backend.training_job import gather_samples
     from tests.conftest import shared_data_dir
 
@@ -645,7 +648,7 @@ def test_an_update_as_label_studio_sent_it_without_sizes_is_trained_on(
         pytest.skip(f"captured Label Studio payloads not found at {captured}")
     event = json.loads(path.read_text())
     event["task"] = _task(event["annotation"]["task"], str(images[0]))
-    settings = _settings(tmp_path)
+    settings = _settings(tmp_path, training_image_memory_mb=memory_mb)
     with TestClient(create_app(settings)) as client:
         answer = client.post("/webhook", json=event)
         assert answer.status_code == 200 and not answer.json().get("warnings"), answer.text
@@ -654,7 +657,12 @@ def test_an_update_as_label_studio_sent_it_without_sizes_is_trained_on(
         config = parse_label_config(project.label_config)
         gathered = gather_samples(settings, service.store, project, config)
     (sample,) = gathered.samples
+    assert isinstance(sample.image, LazyImage) == (memory_mb == 0)
+    with Image.open(images[0]) as original:
+        np.testing.assert_array_equal(
+            np.asarray(load_sample_image(sample)), np.asarray(original.convert("RGB"))
+        )
     value = event["annotation"]["result"][0]["value"]
-    width, height = sample.image.size
+    width, height = sample.image.size  # type: ignore[union-attr]
     expected = [value["x"] * width / 100, value["y"] * height / 100]
     np.testing.assert_allclose(sample.boxes.xyxy[0, :2], expected, atol=1e-3)

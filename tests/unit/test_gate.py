@@ -4,6 +4,7 @@ cross-validation round on tiny synthetic images (which epochs its fold models tr
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from backend.training.gate import (
     time_saved_confidence,
     validation_split,
 )
-from backend.training.samples import TrainSample
+from backend.training.samples import LazyImage, TrainSample
 from backend.training.yolox_train import (
     YoloxTrainConfig,
     epochs_for,
@@ -384,6 +385,38 @@ def test_a_validation_slice_round_needs_no_carrying_over(tmp_path: Path) -> None
     assert outcome.mode == "validation slice" and outcome.calibration is None
     assert outcome.threshold == outcome.candidate_score.best_threshold
     assert "calibration" not in outcome.metrics()["validation"]
+
+
+def test_a_round_on_images_kept_encoded_decides_as_one_on_decoded_images(
+    tmp_path: Path,
+) -> None:
+    """A training job past its memory budget hands the gate :class:`LazyImage` items (the
+    file's bytes, decoded on each use). The round must see the same pixels everywhere, so it
+    trains, scores and decides exactly as on decoded images, loading each image as used."""
+    gate = GateConfig(cv_below=4, sign_flip_samples=50)
+    torch.manual_seed(0)  # one fresh model to start both from
+    eager = _tiny_round(tmp_path / "eager", _rectangle_images(8), _tiny_config(16), gate)
+    loads: list[int] = []
+
+    def encoded(item: LabeledImage) -> LabeledImage:
+        buffer = io.BytesIO()
+        item.image.save(buffer, format="PNG")  # type: ignore[union-attr]
+        data = buffer.getvalue()
+
+        def load() -> Image.Image:
+            loads.append(item.key)  # type: ignore[arg-type]
+            return Image.open(io.BytesIO(data)).convert("RGB")
+
+        return LabeledImage(item.key, LazyImage(item.image.size, load), item.boxes)
+
+    torch.manual_seed(0)
+    lazy = _tiny_round(
+        tmp_path / "lazy", [encoded(item) for item in _rectangle_images(8)], _tiny_config(16), gate
+    )
+    assert loads  # decoded on use, never up front
+    assert lazy.metrics() == eager.metrics()
+    for name, weights in eager.candidate.state_dict().items():
+        assert torch.equal(lazy.candidate.state_dict()[name], weights), name
 
 
 def test_carrying_the_threshold_is_off_unless_set(tmp_path: Path) -> None:
