@@ -168,6 +168,7 @@ class _Campaign:
             "adjusted": c.adjusted,
             "duplicate": c.duplicate,
             "background": c.background,
+            "ignored": c.ignored,
             "full_image_boxes": c.full_image_boxes,
             "images_in_training": len(campaign.labeled),
             "map50": _held_out_map(new_model, data),

@@ -93,7 +93,8 @@ def write_box_report(
             else "each episode retrains from the COCO weights. "
         )
         + "Held-out mAP@0.5 (COCO-style, pycocotools). *Boxes labelled* = ground-truth boxes "
-        "obtained (the paper's cost); *looked at* adds every background or duplicate query.",
+        "obtained (the paper's cost); *looked at* adds every background, duplicate or ignored "
+        "query (one on a difficult or crowd object).",
         "",
         ANCHORS,
         "",
@@ -128,7 +129,9 @@ def write_box_report(
             last = [r["curves"][a][-1] for r in mine]
             labeled = np.mean([p["boxes_labeled"] for p in last])
             looked = np.mean([p["boxes_looked_at"] for p in last])
-            background = np.mean([p.get("background", 0) + p.get("duplicate", 0) for p in last])
+            background = np.mean(
+                [p.get("background", 0) + p.get("duplicate", 0) + p.get("ignored", 0) for p in last]
+            )
             lines.append(
                 f"| {a} | {' | '.join(reach)} | {_ms(at)} | {labeled:.0f} / {looked:.0f} | "
                 f"{background:.0f} |"

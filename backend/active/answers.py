@@ -8,6 +8,8 @@ Label Studio (the answer is what the annotator submitted), so both count the sam
   ``confirm_iou`` and the same class);
 * one answer box vouches for one query only (pairs are taken by descending IoU); a further
   query on an object already claimed is a **duplicate**;
+* a query on an object the answer marks ignored (VOC ``difficult``, COCO crowd: no label, but
+  no background either) is **ignored**: it is neither a label nor "no object";
 * any other query is **background**: it keeps its coordinates and is labelled "no object";
 * in Label Studio, answer boxes no query matched were **drawn** by the annotator.
 
@@ -33,7 +35,8 @@ class QueryAnswers:
     Attributes:
         matched: ``(Q,)`` index of the answer box each query became, or -1 (background or
             duplicate).
-        kind: ``(Q,)`` one of ``confirmed``, ``adjusted``, ``duplicate``, ``background``.
+        kind: ``(Q,)`` one of ``confirmed``, ``adjusted``, ``duplicate``, ``ignored``,
+            ``background``.
         drawn: indices of answer boxes no query matched.
     """
 
@@ -58,7 +61,8 @@ def resolve_queries(
     confirm_iou: float = 0.95,
 ) -> QueryAnswers:
     """Match ``queries`` to the ``answer`` boxes of the same image (ignored answer boxes, e.g.
-    VOC ``difficult``, are never matched: they are not labels)."""
+    VOC ``difficult``, are never matched: they are not labels; a query on one is ``ignored``,
+    never background: it was taught "no object" at full weight on a real object)."""
     if queries.image_size != answer.image_size:
         raise ValueError(f"queries on {queries.image_size}, answer on {answer.image_size}")
     kept_index = np.flatnonzero(~answer.ignore_mask)
@@ -84,6 +88,12 @@ def resolve_queries(
         drawn = np.flatnonzero(~claimed)
     else:
         drawn = np.arange(len(kept))
+    ignored = answer[np.flatnonzero(answer.ignore_mask)]
+    if len(queries) and len(ignored):
+        on_ignored = (queries.iou(ignored) >= iou_threshold).any(axis=1)
+        for q in np.flatnonzero(on_ignored):
+            if kinds[q] == "background":
+                kinds[q] = "ignored"
     mapped = np.full(len(queries), -1, np.int64)
     mapped[matched >= 0] = kept_index[matched[matched >= 0]]
     return QueryAnswers(mapped, tuple(kinds), kept_index[drawn])

@@ -9,7 +9,8 @@ L = L_labeled + λ_d · L_noisy): unqueried regions must not teach "background" 
 (1 by default, as in the paper); the queries answered background always weigh 1.
 
 A predicted box is no longer eligible for a query once its region is answered: IoU ≥
-``answered_iou`` with a labelled object box or with a region answered "background". The pool is
+``answered_iou`` with a labelled object box, a region answered "background" or one answered
+"ignored" (an object the ground truth marks difficult: asked once, trained as neither). The pool is
 re-predicted by each episode's model, so this is checked by region, not by row.
 """
 
@@ -35,6 +36,8 @@ class LabeledState:
     objects: Boxes
     background: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     complete: bool = False
+    #: regions of queries answered "ignored" (no label, no background), never asked again
+    ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
 
 @dataclass
@@ -47,6 +50,7 @@ class CampaignCounts:
     adjusted: int = 0
     duplicate: int = 0
     background: int = 0
+    ignored: int = 0
 
     @property
     def boxes_labeled(self) -> int:
@@ -93,13 +97,16 @@ class BoxCampaign:
         )
         rejected = [i for i, k in enumerate(answers.kind) if k in ("background", "duplicate")]
         background = np.concatenate([state.background, queries.xyxy[rejected]]).astype(np.float32)
-        self.labeled[image] = LabeledState(objects, background, complete=False)
+        skipped = [i for i, k in enumerate(answers.kind) if k == "ignored"]
+        ignored = np.concatenate([state.ignored, queries.xyxy[skipped]]).astype(np.float32)
+        self.labeled[image] = LabeledState(objects, background, complete=False, ignored=ignored)
         c = self.counts
         c.queried += len(queries)
         c.confirmed += answers.count("confirmed")
         c.adjusted += answers.count("adjusted")
         c.duplicate += answers.count("duplicate")
         c.background += answers.count("background")
+        c.ignored += answers.count("ignored")
 
     # ------------------------------------------------------------------ queries
     def eligible(self, pool: BoxPool) -> np.ndarray:
@@ -120,7 +127,8 @@ class BoxCampaign:
         return mask
 
     def _answered_regions(self, image: int, state: LabeledState) -> Boxes:
-        xyxy = np.concatenate([state.objects.xyxy, state.background]).astype(np.float32)
+        xyxy = np.concatenate([state.objects.xyxy, state.background, state.ignored])
+        xyxy = xyxy.astype(np.float32)
         return Boxes(xyxy, np.zeros(len(xyxy), np.int64), self.image_sizes[image])
 
     # ------------------------------------------------------------------ training

@@ -71,12 +71,41 @@ def test_queries_are_adjusted_confirmed_duplicated_or_background() -> None:
     assert answers.labeled == 2 and answers.count("background") == 1
 
 
-def test_an_ignored_object_is_never_a_label() -> None:
+def test_an_ignored_object_is_neither_a_label_nor_background() -> None:
+    """A query on a VOC ``difficult`` object was answered "background": the campaign trained
+    "no object" at full weight on a real object. It is ``ignored`` now: no label, no verified
+    background, and its region is never asked again."""
     truth = Boxes(
         np.array([[10, 10, 50, 50]], np.float32), np.array([0]), SIZE, ignore=np.array([True])
     )
-    answers = resolve_queries(_b([(10, 10, 50, 50, 0)]), truth)
-    assert answers.kind == ("background",) and answers.drawn.tolist() == []
+    queries = _b([(10, 10, 50, 50, 0), (60, 60, 90, 95, 0)])
+    answers = resolve_queries(queries, truth)
+    assert answers.kind == ("ignored", "background") and answers.drawn.tolist() == []
+    assert answers.labeled == 0
+    campaign = BoxCampaign([SIZE])
+    campaign.record_answers(0, queries, answers, truth)
+    c = campaign.counts
+    assert (c.queried, c.ignored, c.background, c.boxes_labeled, c.boxes_looked_at) == (
+        2,
+        1,
+        1,
+        0,
+        2,
+    )
+    (sample,) = campaign.training_samples(_pool([[0.5], [0.5]], [0.5, 0.5]), ["img"], 0.5)
+    assert sample.verified_background is not None
+    assert sample.verified_background.tolist() == [[60, 60, 90, 95]]
+    pool = BoxPool(
+        image=np.zeros(2, np.int64),
+        xyxy=np.array([[11, 11, 51, 51], [100, 100, 140, 140]], np.float32),
+        labels=np.zeros(2, np.int64),
+        scores=np.full(2, 0.5, np.float32),
+        class_probs=np.zeros((2, 1), np.float32),
+        objectness=np.zeros(2, np.float32),
+        features=None,
+        image_sizes=(SIZE,),
+    )
+    assert campaign.eligible(pool).tolist() == [False, True]  # asked once, not again
 
 
 def test_an_adjustment_goes_to_the_object_of_largest_overlap() -> None:
