@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -93,6 +94,11 @@ def _train(args: argparse.Namespace) -> int:
         bars[0].set_postfix_str(f"job {job.id} {job.status}: {job.message or ''}", refresh=False)
         bars[0].refresh()
 
+    def stopped(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM, SIGHUP: as Ctrl-C, the job run here is marked so
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stopped)
     try:
         job = svc.train_now(args.project, here=show)
     except KeyboardInterrupt:
@@ -101,7 +107,9 @@ def _train(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     if job is None:
-        print("boxloop train: stopped (a job run here ends interrupted)", file=sys.stderr)
+        newest = svc.store.list_jobs(args.project, limit=1)
+        now = f"; job {newest[0].id} is {newest[0].status}" if newest else ""
+        print(f"boxloop train: stopped{now}", file=sys.stderr)
         return 130
     fields = ("id", "status", "model_version", "message", "error")
     print(json.dumps({("job" if f == "id" else f): getattr(job, f) for f in fields}))

@@ -82,6 +82,8 @@ class TrainingScheduler:
         #: a server queues the job its stop ends again; ``boxloop train`` stopped by Ctrl-C
         #: means the user's "not now"
         self.requeue_on_stop = True
+        #: the job this scheduler runs now (claimed, its child started or about to be)
+        self._current: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def recover(self) -> list[int]:
@@ -96,7 +98,10 @@ class TrainingScheduler:
         requeued: list[int] = []
         now = self.store.database_now()  # the clock the heartbeats were written with
         for job in self.store.list_jobs(statuses=["running"], limit=1000):
-            if job.owner == self.owner or not _abandoned(job, self.owner, now):
+            if job.owner == self.owner:
+                if job.id == self._current:
+                    continue  # ours, running; any other of ours lost its run (see :meth:`_run`)
+            elif not _abandoned(job, self.owner, now):
                 continue
             if self.store.update_owned_job(
                 job.id,
@@ -140,17 +145,22 @@ class TrainingScheduler:
 
         The command used to run the job unclaimed and in-process: a server's sweep took an
         ownerless running job for abandoned and trained the project beside it. When a server
-        claims the queued job first, this follows that job; while another job of the project
-        runs, it waits. Ctrl-C ends the job ``interrupted`` and queues nothing."""
+        claims the queued job first, this follows that job, and runs it here should that server
+        die; while another job of the project runs, it waits. Ctrl-C (or SIGTERM) ends a job
+        run here ``interrupted`` and queues nothing; a job it waited for is left as it is."""
         self.requeue_on_stop = False
         job_id = self.request(project_id, reason)
         while not self.store.claim_job(job_id, self.owner):
-            job = self.store.get_job(job_id)
-            if job is None or job.status != "queued":  # a server claimed it first
-                return self._follow(job_id, show)
-            show(job)  # queued behind a running job of the project
+            job = self._job(job_id)
+            show(job)
+            if job.status == "interrupted":  # its server died: queued again, to run here
+                job_id = self.request(project_id, reason)
+                continue
+            if job.status not in JOB_ACTIVE:  # a server ran it to its end
+                return job
             time.sleep(FOLLOW_S)
-            self.requeue_abandoned()  # that job's server may be gone
+            # the server running it, or the job it waits behind, may be gone
+            self.requeue_abandoned()
         done = threading.Event()  # not Thread.join: a Ctrl-C during a join left the thread
         # marked ended (CPython 3.11), and the process exited before the job was marked
 
@@ -162,32 +172,21 @@ class TrainingScheduler:
 
         threading.Thread(target=run, name="boxloop-training").start()
         try:
-            return self._follow(job_id, show, done)
+            while not done.wait(FOLLOW_S):
+                show(self._job(job_id))
         except KeyboardInterrupt:
             self.stop()
             done.wait(30)  # the run marks the job interrupted
             raise
+        job = self._job(job_id)
+        show(job)
+        return job
 
-    def _follow(
-        self,
-        job_id: int,
-        show: Callable[[TrainingJob], None],
-        done: threading.Event | None = None,
-    ) -> TrainingJob:
-        """Show job ``job_id`` every ``FOLLOW_S`` until this process's run of it is ``done``,
-        or without one until the job ends."""
-        while True:
-            ended = done is not None and done.is_set()
-            job = self.store.get_job(job_id)
-            if job is None:
-                raise ValueError(f"training job {job_id} was deleted")
-            show(job)
-            if ended or (done is None and job.status not in JOB_ACTIVE):
-                return job
-            if done is not None:
-                done.wait(FOLLOW_S)
-            else:
-                time.sleep(FOLLOW_S)
+    def _job(self, job_id: int) -> TrainingJob:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise ValueError(f"training job {job_id} was deleted")
+        return job
 
     def active_job(self, project_id: int) -> int | None:
         jobs = self.store.list_jobs(project_id, statuses=list(JOB_ACTIVE), limit=1)
@@ -220,6 +219,27 @@ class TrainingScheduler:
                 log.exception("training scheduler: a poll failed; trying again in 5 s")
 
     def _run(self, job_id: int) -> None:
+        """Run claimed job ``job_id`` to its end. An error that leaves it unrecorded (the
+        database gone at the child's end) marks it failed; failing that, the job stays running
+        under this owner, and the sweep takes it over (it is not :attr:`_current`)."""
+        self._current = job_id
+        try:
+            self._run_claimed(job_id)
+        except Exception as exc:
+            log.exception("training job %s: its end could not be recorded", job_id)
+            try:
+                self._fail(job_id, f"its end could not be recorded: {type(exc).__name__}: {exc}")
+            except Exception:
+                log.exception("training job %s: marking it failed failed too", job_id)
+        finally:
+            self._current = None
+
+    def _fail(self, job_id: int, error: str) -> None:
+        self.store.update_owned_job(
+            job_id, self.owner, status="failed", finished_at=utcnow(), error=error
+        )
+
+    def _run_claimed(self, job_id: int) -> None:
         job = self.store.get_job(job_id)
         if job is None:
             return
@@ -228,18 +248,11 @@ class TrainingScheduler:
         except Exception as exc:  # no child: a full disk, a failed fork. The job is claimed
             # (running, ours), so left as it is it would stay running for good
             log.exception("training job %s could not start", job_id)
+            self._fail(job_id, f"could not start the training process: {type(exc).__name__}: {exc}")
+            return
+        finally:
             with self._lock:
                 self._process = None
-            self.store.update_owned_job(
-                job_id,
-                self.owner,
-                status="failed",
-                finished_at=utcnow(),
-                error=f"could not start the training process: {type(exc).__name__}: {exc}",
-            )
-            return
-        with self._lock:
-            self._process = None
         job = self.store.get_job(job_id)
         if job is None:
             return
@@ -313,6 +326,8 @@ class TrainingScheduler:
                         # same keypress first, was often taken for a failed job)
                         process_group=0,
                     )
+                    if self._stop.is_set():  # a stop while it started found no child to end
+                        self._process.terminate()
                 return self._wait_beating(self._process, job.id), log_path
         finally:
             settings_path.unlink(missing_ok=True)  # it holds secrets

@@ -433,13 +433,16 @@ def test_a_child_started_after_a_takeover_does_not_bring_its_job_back(tmp_path: 
         store.close()
 
 
-def test_boxloop_train_claims_its_job_so_a_server_leaves_it_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_boxloop_train_claims_its_job_so_a_server_leaves_it_alone(
+    tmp_path: Path, stop: str
+) -> None:
     """``boxloop train`` ran its job unclaimed, in its own process: a server sharing the
     database took the ownerless running job for abandoned at its next sweep, queued the project
     again and trained it beside the command. Now the command claims the job and beats, and
-    Ctrl-C (SIGINT to its process group, as a terminal sends it) ends the job ``interrupted``
-    without queueing it again. Label Studio is a socket that never answers, so the job stays in
-    its first step."""
+    Ctrl-C (SIGINT to its process group, as a terminal sends it) or SIGTERM ends the job
+    ``interrupted`` without queueing it again (SIGTERM left it running, for a server to train
+    again). Label Studio is a socket that never answers, so the job stays in its first step."""
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(16)
@@ -478,7 +481,10 @@ def test_boxloop_train_claims_its_job_so_a_server_leaves_it_alone(tmp_path: Path
         assert server.requeue_abandoned() == []  # the server's sweep leaves it alone
         assert store.get_job(job.id).status == "running"  # type: ignore[union-attr]
 
-        os.killpg(cli.pid, signal.SIGINT)
+        if stop == "ctrl-c":
+            os.killpg(cli.pid, signal.SIGINT)
+        else:
+            os.kill(cli.pid, signal.SIGTERM)
         _, err = cli.communicate(timeout=60)
         assert cli.returncode == 130, err
         stopped = store.get_job(job.id)
@@ -491,3 +497,97 @@ def test_boxloop_train_claims_its_job_so_a_server_leaves_it_alone(tmp_path: Path
             cli.wait()
         store.close()
         hole.close()
+
+
+def test_boxloop_train_runs_the_job_itself_when_the_server_that_claimed_it_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server claimed the command's job first, and the command followed it; when that server
+    died the command followed a dead job for good. Now its sweep takes the job over and the
+    command runs the project's job itself (here the child fails at once: no annotations)."""
+    monkeypatch.setattr(jobs, "FOLLOW_S", 0.05)
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.resolved_database_url)
+    scheduler = TrainingScheduler(settings, store, lambda *_: None)
+    dead = f"{jobs._host_id()}:99999999:dead"  # a server that claimed it, then was killed
+    claim = store.claim_job
+    first: list[int] = []
+
+    def server_first(job_id: int, owner: str) -> bool:
+        if not first:
+            first.append(job_id)
+            assert claim(job_id, dead)
+            return False
+        return claim(job_id, owner)
+
+    store.claim_job = server_first  # type: ignore[method-assign]
+    try:
+        _project(store)
+        shown: list[tuple[int, str]] = []
+        job = scheduler.train_here(
+            7, "requested via boxloop train", lambda j: shown.append((j.id, j.status))
+        )
+        assert first and (first[0], "running") in shown  # it followed the server's run
+        assert store.get_job(first[0]).status == "interrupted"  # type: ignore[union-attr]
+        assert job.id != first[0] and job.owner == scheduler.owner
+        assert job.status == "failed" and "no usable annotations" in str(job.error)
+    finally:
+        store.close()
+
+
+def test_a_stop_while_the_child_starts_ends_it(tmp_path: Path) -> None:
+    """A stop found no child to end while one was being started (Ctrl-C just after
+    ``boxloop train`` claimed its job): the child trained on, and the command with it."""
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.resolved_database_url)
+
+    def stop_meanwhile(project_id: int) -> dict[str, str]:
+        scheduler.stop()  # arrives while the child's environment is gathered
+        return {}
+
+    scheduler = TrainingScheduler(settings, store, lambda *_: None, extra_env=stop_meanwhile)
+    try:
+        _project(store)
+        job = scheduler.request(7, "x")
+        assert store.claim_job(job, scheduler.owner)
+        started = time.monotonic()
+        scheduler._run(job)
+        assert time.monotonic() - started < 10  # ended, not run to its failure
+        stopped = store.get_job(job)
+        assert stopped is not None and stopped.status == "interrupted", stopped
+        assert [j.reason for j in store.list_jobs(7, statuses=["queued"])] == [
+            "resume after restart"
+        ]
+    finally:
+        store.close()
+
+
+def test_a_job_whose_run_lost_track_of_it_is_failed_or_taken_over(tmp_path: Path) -> None:
+    """An error after the child (the database gone as it ended) left the job running under its
+    own live server, whose sweep skips its own jobs: it stayed running for good. Now the run
+    marks it failed, and the sweep takes over a job of its own that it is not running."""
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    scheduler = _scheduler(store, tmp_path)
+    try:
+        _project(store)
+        lost = scheduler.request(7, "x")
+        assert store.claim_job(lost, scheduler.owner)
+
+        def database_gone(job_id: int) -> None:
+            raise ConnectionError("server closed the connection unexpectedly")
+
+        scheduler._run_claimed = database_gone  # type: ignore[method-assign]
+        scheduler._run(lost)
+        failed = store.get_job(lost)
+        assert failed is not None and failed.status == "failed"
+        assert "server closed the connection" in str(failed.error)
+
+        stranded = scheduler.request(7, "y")
+        assert store.claim_job(stranded, scheduler.owner)
+        scheduler._current = stranded
+        assert scheduler.requeue_abandoned() == []  # ours, and running
+        scheduler._current = None
+        assert len(scheduler.requeue_abandoned()) == 1  # ours, but nobody runs it
+        assert store.get_job(stranded).status == "interrupted"  # type: ignore[union-attr]
+    finally:
+        store.close()
