@@ -199,7 +199,8 @@ class _Campaign:
             mine = rows[pool.image[rows] == image]
             queries = pool.boxes(mine, image)
             truth = data.pool_truth[image]
-            campaign.record_answers(image, queries, resolve_queries(queries, truth), truth)
+            answers = resolve_queries(queries, truth, ignore_overlap=data.ignore_overlap)
+            campaign.record_answers(image, queries, answers, truth)
 
     def _query_images(self, pool: BoxPool, open_images: list[int], seed: int) -> None:
         data, campaign = self.data, self.campaign

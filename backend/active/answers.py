@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from backend.boxes import Boxes
+from backend.boxes import Boxes, IgnoreOverlap
+from backend.scoring.oracle import pred_area_overlap
 
 __all__ = ["QueryAnswers", "noisy_box_weights", "resolve_queries"]
 
@@ -59,10 +60,13 @@ def resolve_queries(
     *,
     iou_threshold: float = 0.5,
     confirm_iou: float = 0.95,
+    ignore_overlap: IgnoreOverlap = "iou",
 ) -> QueryAnswers:
     """Match ``queries`` to the ``answer`` boxes of the same image (ignored answer boxes, e.g.
     VOC ``difficult``, are never matched: they are not labels; a query on one is ``ignored``,
-    never background: it was taught "no object" at full weight on a real object)."""
+    never background: it was taught "no object" at full weight on a real object). A query is
+    on an ignored box by the dataset's own rule, ``ignore_overlap`` (COCO crowds and KITTI
+    ``DontCare``: intersection over the query's area), whatever its class."""
     if queries.image_size != answer.image_size:
         raise ValueError(f"queries on {queries.image_size}, answer on {answer.image_size}")
     kept_index = np.flatnonzero(~answer.ignore_mask)
@@ -90,7 +94,11 @@ def resolve_queries(
         drawn = np.arange(len(kept))
     ignored = answer[np.flatnonzero(answer.ignore_mask)]
     if len(queries) and len(ignored):
-        on_ignored = (queries.iou(ignored) >= iou_threshold).any(axis=1)
+        if ignore_overlap == "iou":
+            overlap = queries.iou(ignored)
+        else:
+            overlap = pred_area_overlap(queries, ignored)
+        on_ignored = (overlap >= iou_threshold).any(axis=1)
         for q in np.flatnonzero(on_ignored):
             if kinds[q] == "background":
                 kinds[q] = "ignored"

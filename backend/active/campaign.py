@@ -10,7 +10,7 @@ L = L_labeled + λ_d · L_noisy): unqueried regions must not teach "background" 
 
 A predicted box is no longer eligible for a query once its region is answered: IoU ≥
 ``answered_iou`` with a labelled object box, a region answered "background" or one answered
-"ignored" (an object the ground truth marks difficult: asked once, trained as neither). The pool is
+"ignored" (a difficult or crowd object: asked once, then a box of weight 0). The pool is
 re-predicted by each episode's model, so this is checked by region, not by row.
 """
 
@@ -36,8 +36,9 @@ class LabeledState:
     objects: Boxes
     background: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     complete: bool = False
-    #: regions of queries answered "ignored" (no label, no background), never asked again
-    ignored: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    #: queries answered "ignored" (a difficult or crowd object: no label, no background): they
+    #: train as boxes of weight 0, neither object nor "no object", and are never asked again
+    ignored: Boxes | None = None
 
 
 @dataclass
@@ -88,17 +89,11 @@ class BoxCampaign:
         )
         if state.complete:
             raise ValueError(f"image {image} is labelled in full: nothing to query")
-        got = answers.matched[answers.matched >= 0]
-        new = answer_boxes[got]
-        objects = Boxes(
-            np.concatenate([state.objects.xyxy, new.xyxy]).astype(np.float32),
-            np.concatenate([state.objects.labels, new.labels]).astype(np.int64),
-            self.image_sizes[image],
-        )
+        objects = _joined(state.objects, answer_boxes[answers.matched[answers.matched >= 0]])
         rejected = [i for i, k in enumerate(answers.kind) if k in ("background", "duplicate")]
         background = np.concatenate([state.background, queries.xyxy[rejected]]).astype(np.float32)
-        skipped = [i for i, k in enumerate(answers.kind) if k == "ignored"]
-        ignored = np.concatenate([state.ignored, queries.xyxy[skipped]]).astype(np.float32)
+        skipped = queries[[i for i, k in enumerate(answers.kind) if k == "ignored"]]
+        ignored = skipped if state.ignored is None else _joined(state.ignored, skipped)
         self.labeled[image] = LabeledState(objects, background, complete=False, ignored=ignored)
         c = self.counts
         c.queried += len(queries)
@@ -127,8 +122,8 @@ class BoxCampaign:
         return mask
 
     def _answered_regions(self, image: int, state: LabeledState) -> Boxes:
-        xyxy = np.concatenate([state.objects.xyxy, state.background, state.ignored])
-        xyxy = xyxy.astype(np.float32)
+        ignored = np.zeros((0, 4), np.float32) if state.ignored is None else state.ignored.xyxy
+        xyxy = np.concatenate([state.objects.xyxy, state.background, ignored]).astype(np.float32)
         return Boxes(xyxy, np.zeros(len(xyxy), np.int64), self.image_sizes[image])
 
     # ------------------------------------------------------------------ training
@@ -151,15 +146,13 @@ class BoxCampaign:
                 continue
             rows = pool.rows_of(image)
             noisy = pool.boxes(rows[eligible[rows]], image)
-            objects = Boxes(
-                np.concatenate([state.objects.xyxy, noisy.xyxy]).astype(np.float32),
-                np.concatenate([state.objects.labels, noisy.labels]).astype(np.int64),
-                self.image_sizes[image],
-            )
+            ignored = state.ignored or Boxes.empty(self.image_sizes[image])
+            objects = _joined(_joined(state.objects, noisy), ignored)
             weights = np.concatenate(
                 [
                     np.ones(len(state.objects), np.float32),
                     np.full(len(noisy), noisy_weight, np.float32),
+                    np.zeros(len(ignored), np.float32),  # neither object nor background
                 ]
             )
             samples.append(
@@ -172,3 +165,12 @@ class BoxCampaign:
                 )
             )
         return samples
+
+
+def _joined(first: Boxes, second: Boxes) -> Boxes:
+    """The boxes of both (coordinates and labels only), in ``first``'s image."""
+    return Boxes(
+        np.concatenate([first.xyxy, second.xyxy]).astype(np.float32),
+        np.concatenate([first.labels, second.labels]).astype(np.int64),
+        first.image_size,
+    )

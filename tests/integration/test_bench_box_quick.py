@@ -41,9 +41,10 @@ def test_quick_box_campaign_counts_add_up(tmp_path: Path) -> None:
         for point in curve[1:]:
             assert 0.0 <= point["map50"] <= 1.0
             answered = point["confirmed"] + point["adjusted"] + point["duplicate"]
-            assert answered + point["background"] == point["queried"], point
+            rejected = point["background"] + point["ignored"]
+            assert answered + rejected == point["queried"], point
             assert point["boxes_looked_at"] - point["boxes_labeled"] == (
-                point["background"] + point["duplicate"]
+                rejected + point["duplicate"]
             )
         if approach.startswith("box:"):
             # at most K queries an episode (fewer only when the model predicts fewer boxes

@@ -74,7 +74,8 @@ def test_queries_are_adjusted_confirmed_duplicated_or_background() -> None:
 def test_an_ignored_object_is_neither_a_label_nor_background() -> None:
     """A query on a VOC ``difficult`` object was answered "background": the campaign trained
     "no object" at full weight on a real object. It is ``ignored`` now: no label, no verified
-    background, and its region is never asked again."""
+    background, a box of weight 0 in training (neither object nor background), and its region
+    is never asked again."""
     truth = Boxes(
         np.array([[10, 10, 50, 50]], np.float32), np.array([0]), SIZE, ignore=np.array([True])
     )
@@ -85,16 +86,8 @@ def test_an_ignored_object_is_neither_a_label_nor_background() -> None:
     campaign = BoxCampaign([SIZE])
     campaign.record_answers(0, queries, answers, truth)
     c = campaign.counts
-    assert (c.queried, c.ignored, c.background, c.boxes_labeled, c.boxes_looked_at) == (
-        2,
-        1,
-        1,
-        0,
-        2,
-    )
-    (sample,) = campaign.training_samples(_pool([[0.5], [0.5]], [0.5, 0.5]), ["img"], 0.5)
-    assert sample.verified_background is not None
-    assert sample.verified_background.tolist() == [[60, 60, 90, 95]]
+    counts = (c.queried, c.ignored, c.background, c.boxes_labeled, c.boxes_looked_at)
+    assert counts == (2, 1, 1, 0, 2)
     pool = BoxPool(
         image=np.zeros(2, np.int64),
         xyxy=np.array([[11, 11, 51, 51], [100, 100, 140, 140]], np.float32),
@@ -106,6 +99,23 @@ def test_an_ignored_object_is_neither_a_label_nor_background() -> None:
         image_sizes=(SIZE,),
     )
     assert campaign.eligible(pool).tolist() == [False, True]  # asked once, not again
+    (sample,) = campaign.training_samples(pool, ["img"], 0.5)
+    assert sample.boxes.xyxy.tolist() == [[100, 100, 140, 140], [10, 10, 50, 50]]
+    assert sample.box_weights is not None and sample.box_weights.tolist() == [0.5, 0.0]
+    assert sample.verified_background is not None
+    assert sample.verified_background.tolist() == [[60, 60, 90, 95]]
+
+
+def test_a_query_inside_a_crowd_is_ignored_by_the_datasets_rule() -> None:
+    """COCO crowds and KITTI ``DontCare`` are judged by intersection over the query's area, as
+    their evaluations do: a person box inside a crowd region has a small IoU with it and was
+    answered "background"."""
+    crowd = Boxes(
+        np.array([[0, 0, 200, 100]], np.float32), np.array([0]), SIZE, ignore=np.array([True])
+    )
+    query = _b([(50, 20, 80, 80, 1)])  # another class, inside the region
+    assert resolve_queries(query, crowd).kind == ("background",)  # IoU 0.09: the VOC rule
+    assert resolve_queries(query, crowd, ignore_overlap="pred_area").kind == ("ignored",)
 
 
 def test_an_adjustment_goes_to_the_object_of_largest_overlap() -> None:
