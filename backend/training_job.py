@@ -210,6 +210,7 @@ def _gather_consistent(
         gathered = gather_samples(settings, store, project, config)
         if not reads_differently(store.get_project(project_id), config):
             return project, config, revision, gathered
+        del gathered  # its images go before the next gather holds its own
         log.info(
             "project %s: the label config changed while gathering, gathering again", project_id
         )

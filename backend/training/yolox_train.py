@@ -47,7 +47,13 @@ from backend.detectors.yolox import (
     yolox_loss,
 )
 from backend.settings import Settings
-from backend.training.samples import LoadedImages, TrainSample, image_like_size
+from backend.training.samples import (
+    LazyImage,
+    LoadedImages,
+    TrainSample,
+    image_like_size,
+    load_sample_image,
+)
 
 __all__ = [
     "YoloxTrainConfig",
@@ -333,7 +339,14 @@ def train_yolox(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     torch.set_num_threads(max(1, config.threads))
-    images = LoadedImages([s.image for s in samples])  # loaded as visited: a job's budget
+    # a LazyImage (past a training job's memory budget) is decoded at each visit; paths and
+    # other loaders are loaded once, as before
+    images = LoadedImages(
+        [
+            s.image if isinstance(s.image, Image.Image | LazyImage) else load_sample_image(s)
+            for s in samples
+        ]
+    )
     num_classes = init.num_classes
     for sample in samples:
         labels = sample.boxes.labels
