@@ -20,7 +20,6 @@ Writes the JSON and a Markdown table beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import tempfile
@@ -143,6 +142,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmark.reports import write_result  # matplotlib: kept out of measured processes
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--onnx-model", default="$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
@@ -152,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if "BOXLOOP_SHARED_DATA" not in os.environ:
         os.environ["BOXLOOP_SHARED_DATA"] = str(Path("../shared/data").resolve())
     results = run(expand_path(args.onnx_model))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_result(args.out, results, markdown(results))
     return 0
 
 

@@ -450,6 +450,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from benchmark.reports import write_result  # matplotlib: kept out of measured processes
+
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument(
         "--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[5000, 20000, 100000]
@@ -513,11 +515,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         results["ordering"] = []
     results["meta"]["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    write_result(args.out, results, markdown(results))
 
 
 if __name__ == "__main__":

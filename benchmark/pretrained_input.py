@@ -20,7 +20,6 @@ Writes the JSON, a Markdown table beside it, and a bar chart (PNG).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -177,6 +176,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmark.reports import write_result  # matplotlib: kept out of measured processes
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--onnx-model", default="$BOXLOOP_SHARED_DATA/models/yolox_nano_coco/yolox_nano.onnx"
@@ -187,12 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if "BOXLOOP_SHARED_DATA" not in os.environ:
         os.environ["BOXLOOP_SHARED_DATA"] = str(Path("../shared/data").resolve())
     results = run(expand_path(args.onnx_model), args.repeats)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    args.out.with_suffix(".md").write_text(table)
+    write_result(args.out, results, markdown(results))
     plot(results, args.out.with_suffix(".png"))
-    print(table)
     return 0
 
 

@@ -85,6 +85,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_result(out: Path, results: dict[str, Any], table: str) -> None:
+    """A measurement's JSON at ``out``, its Markdown table beside it (``.md``), and the table
+    printed: what every ``python -m benchmark.<measurement>`` script leaves."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def batch_tallies(
     run: dict[str, Any], iou: float, score: Score, ignored: IgnoredObjects = "excluded"
 ) -> list[BatchTally]:
