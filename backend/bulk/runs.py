@@ -10,6 +10,7 @@ of its own, runs the work in process instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -126,7 +127,9 @@ class BulkRuns:
             self._state[project_id] = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
             return
         finally:
-            settings_path.unlink(missing_ok=True)  # it holds secrets
+            # it holds secrets; with no log folder there is none, and the error is the run's
+            with contextlib.suppress(OSError):
+                settings_path.unlink(missing_ok=True)
             self._children.pop(project_id, None)
         lines = out.decode(errors="replace").strip().splitlines()
         try:

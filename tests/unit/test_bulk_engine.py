@@ -225,9 +225,12 @@ def test_two_bulk_runs_requested_at_once_start_one(tmp_path: Path) -> None:
     assert runs._state[7] == {"state": "done"}
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_run_whose_worker_cannot_be_set_up_fails_and_frees_the_project(tmp_path: Path) -> None:
     """Creating the log folder or the settings file happened outside the run's error handling:
-    a failure there left the project "running", and every later request was a 409."""
+    a failure there left the project "running", and every later request was a 409. The cleanup
+    then removed a settings file under a log "folder" that is a file, and the run's thread died
+    of that error."""
     from backend.bulk.predict import BulkPredictRequest
     from backend.bulk.runs import BulkRuns
     from backend.settings import Settings
