@@ -242,7 +242,8 @@ def regions_to_boxes(
         labels.append(index[names[0]])
     if size is None:
         size = (0, 0)
-    corners = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    with np.errstate(over="ignore"):  # checked on the next line, with a clearer message
+        corners = np.asarray(xyxy, np.float32).reshape(-1, 4)
     if not np.isfinite(corners).all():  # finite as float64 but past float32's range
         raise AnnotationParseError("rectangle region: x/y/width/height lie past any image")
     boxes = Boxes(corners, np.asarray(labels, np.int64), size)
