@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 UNTRAINED_VERSION = "boxloop-untrained"
+#: Seconds between looks for a version another process promoted (see ``_loaded``).
+RECHECK_S = 10.0
 
 
 @dataclass
@@ -95,6 +98,8 @@ class ModelRegistry:
         self.store = store
         self._studio_for = studio_for
         self._models: dict[int, LoadedModel] = {}
+        #: when each loaded model was last checked against the store (monotonic seconds)
+        self._checked: dict[int, float] = {}
         self._lock = threading.Lock()
         self._pretrained: OnnxYoloxDetector | None = None
         self._pretrained_loaded = False
@@ -135,11 +140,36 @@ class ModelRegistry:
                 return record
         return None
 
+    def _loaded(self, project_id: int) -> LoadedModel | None:
+        """The project's loaded model, unless a newer version was promoted since by another
+        process sharing the store (a server, ``boxloop train``); looked up at most every
+        ``RECHECK_S``. Why: the loaded model was served until a restart, so a replica went on
+        pre-annotating with the old version after another one trained a better one."""
+        now = time.monotonic()
+        with self._lock:
+            loaded = self._models.get(project_id)
+            if loaded is None or now - self._checked.get(project_id, now) < RECHECK_S:
+                return loaded
+            self._checked[project_id] = now
+        record = self.serving_record(project_id)
+        if record is None or not self._newer(project_id, record.version, loaded.version):
+            return loaded
+        log.info("project %s: %s was promoted elsewhere; serving it", project_id, record.version)
+        return None
+
+    def _newer(self, project_id: int, version: str, than: str) -> bool:
+        names = [r.version for r in self.store.list_model_versions(project_id)]
+        return version != than and (than not in names or names.index(version) > names.index(than))
+
+    def _keep(self, project_id: int, loaded: LoadedModel) -> None:
+        with self._lock:
+            self._models[project_id] = loaded
+            self._checked[project_id] = time.monotonic()
+
     def current(self, project_id: int | None, labels: Sequence[str] | None = None) -> LoadedModel:
         """The model serving a project: its newest promoted version, else the pretrained one."""
         if project_id is not None:
-            with self._lock:
-                loaded = self._models.get(project_id)
+            loaded = self._loaded(project_id)
             if loaded is not None:
                 return loaded
             record = self.serving_record(project_id)
@@ -147,8 +177,7 @@ class ModelRegistry:
                 loaded = LoadedModel(
                     record.version, load_version_detector(Path(record.path), self.settings)
                 )
-                with self._lock:
-                    self._models[project_id] = loaded
+                self._keep(project_id, loaded)
                 return loaded
         mapped = self.pretrained_for(labels or [])
         if mapped is not None:
@@ -268,15 +297,13 @@ class ModelRegistry:
         if record is None or not is_promoted(record):
             return False
         detector = load_version_detector(Path(record.path), self.settings)
-        with self._lock:
-            self._models[project_id] = LoadedModel(version, detector)
+        self._keep(project_id, LoadedModel(version, detector))
         log.info("project %s now served by %s", project_id, version)
         self.prune(project_id)
         return True
 
     def serving_version(self, project_id: int, labels: Sequence[str]) -> str:
-        with self._lock:
-            loaded = self._models.get(project_id)
+        loaded = self._loaded(project_id)
         if loaded is not None:
             return loaded.version
         record = self.serving_record(project_id)

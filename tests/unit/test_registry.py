@@ -139,10 +139,13 @@ def _promote_two_label_v1(registry: ModelRegistry) -> YoloxNano:
     """A promoted YOLOX version ``v1`` of labels ``a, b`` that finds objects of both everywhere."""
     model = YoloxNano(num_classes=2).eval()
     with torch.no_grad():  # every anchor a sure object; ``a`` and ``b`` both above the floor
-        for level in model.head.per_level():
+        for number, level in enumerate(model.head.per_level()):
             assert level.obj_pred.bias is not None and level.cls_pred.bias is not None
             level.obj_pred.bias.fill_(6.0)
-            level.cls_pred.bias.fill_(2.0)  # which wins is up to the weights
+            # ``a`` wins on the first level, ``b`` on the others: the random weights used to
+            # decide, and some draws predicted one class only
+            level.cls_pred.weight.zero_()
+            level.cls_pred.bias.copy_(torch.tensor([2.0, 1.0] if number == 0 else [1.0, 2.0]))
     directory = registry.settings.models_dir / "project-1" / "v1"
     metadata = {"labels": ["a", "b"], "input_hw": [64, 64], "trained_on": [4, 7]}
     save_model_version(model, directory, metadata)
@@ -191,3 +194,29 @@ def test_box_queries_get_the_serving_version_recut_to_the_new_labels(tmp_path: P
         torch.testing.assert_close(new.obj_pred.weight, old.obj_pred.weight)
     same = registry.serving_torch_model(1, ["a", "b"])
     assert same is not None and same[1].num_classes == 2
+
+
+def test_a_version_promoted_by_another_process_replaces_the_loaded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server served the version it had loaded until its restart: a version that a replica
+    sharing the database (or ``boxloop train``) promoted later never reached it, and neither
+    did its ``/setup`` model version. It looks again at most every ``RECHECK_S``."""
+    registry = _registry(tmp_path, keep=5)
+    _promote_yolox_v1(registry)
+    assert registry.current(1).version == "v1"
+    elsewhere = ModelRegistry(registry.settings, registry.store)  # the replica
+    directory = registry.settings.models_dir / "project-1" / "v2"
+    metadata = {"labels": ["a"], "input_hw": [64, 64], "trained_on": [4, 7, 9]}
+    save_model_version(YoloxNano(num_classes=1).eval(), directory, metadata)
+    registry.store.add_model_version(
+        1, "v2", str(directory), ["a"], n_annotations=3, n_images=3, annotations_revision=2,
+        metrics={"status": "promoted", "reason": "test"},
+    )  # fmt: skip
+    assert elsewhere.swap_in(1, "v2")
+    assert registry.current(1).version == "v1"  # not looked at again yet: no query per request
+    monkeypatch.setattr(registry_module, "RECHECK_S", 0.0)
+    assert registry.serving_version(1, ["a"]) == "v2"
+    assert registry.current(1).version == "v2"
+    _add(registry, "v3", "rejected")  # a rejected candidate changes nothing
+    assert registry.current(1).version == "v2"
