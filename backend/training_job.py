@@ -177,13 +177,15 @@ def gather_samples(
         if annotation.task_id in unverified:
             shown, noisy_weight = unverified[annotation.task_id]
             weights = noisy_box_weights(boxes, shown, noisy_weight)
-        held += image.width * image.height * 3
+        pixels = image.width * image.height * 3
         kept: Image.Image | LazyImage = image
-        if held > budget:  # the pixels stay in their file's bytes until used
+        if held + pixels > budget:  # the pixels stay in their file's bytes until used
             kept = LazyImage(
                 image.size,
                 partial(decode_image, encoded, max_pixels=source.max_pixels, name=reference[:120]),
             )
+        else:
+            held += pixels
         samples.append(TrainSample(image=kept, boxes=boxes, box_weights=weights))
         task_ids.append(annotation.task_id)
     return GatheredSamples(samples, task_ids, len(chosen), skipped)
