@@ -44,13 +44,12 @@ from backend.training import (
     TrainConfig,
     TrainSample,
     load_model_version,
-    load_sample_image,
     save_model_version,
     train_detector,
 )
 from backend.training.calibration import unlabeled_sample
 from backend.training.gate import GateConfig, LabeledImage, run_round
-from backend.training.samples import LazyImage
+from backend.training.samples import LazyImage, in_memory
 from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
 
 log = logging.getLogger(__name__)
@@ -350,7 +349,7 @@ def _train_yolox_round(
             )
     outcome = run_round(
         [
-            LabeledImage(task_id, _labeled_image(sample), sample.boxes, sample.box_weights)
+            LabeledImage(task_id, in_memory(sample.image), sample.boxes, sample.box_weights)
             for task_id, sample in zip(gathered.task_ids, gathered.samples, strict=True)
         ],
         config.labels,
@@ -367,11 +366,6 @@ def _train_yolox_round(
         progress=progress,
     )
     return outcome.metrics()
-
-
-def _labeled_image(sample: TrainSample) -> Image.Image | LazyImage:
-    image = sample.image
-    return image if isinstance(image, Image.Image | LazyImage) else load_sample_image(sample)
 
 
 def _train_torchvision(

@@ -23,6 +23,7 @@ __all__ = [
     "LoadedImages",
     "TrainSample",
     "image_like_size",
+    "in_memory",
     "load_image_like",
     "load_sample_image",
     "sample_target",
@@ -104,9 +105,13 @@ def load_sample_image(sample: TrainSample) -> Image.Image:
 def image_like_size(source: ImageLike) -> tuple[int, int]:
     """``(width, height)`` of an :data:`ImageLike`, without its pixels where they are not
     loaded yet (a path or a bare loader is loaded to tell)."""
-    if isinstance(source, Image.Image | LazyImage):
-        return source.size
-    return load_image_like(source).size
+    return in_memory(source).size
+
+
+def in_memory(source: ImageLike) -> Image.Image | LazyImage:
+    """``source`` as it is when it holds its image (decoded, or encoded as a :class:`LazyImage`
+    decoded at each use); a path or a bare loader loaded once."""
+    return source if isinstance(source, Image.Image | LazyImage) else load_image_like(source)
 
 
 def load_image_like(source: ImageLike) -> Image.Image:

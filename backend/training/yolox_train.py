@@ -47,13 +47,7 @@ from backend.detectors.yolox import (
     yolox_loss,
 )
 from backend.settings import Settings
-from backend.training.samples import (
-    LazyImage,
-    LoadedImages,
-    TrainSample,
-    image_like_size,
-    load_sample_image,
-)
+from backend.training.samples import LoadedImages, TrainSample, image_like_size, in_memory
 
 __all__ = [
     "YoloxTrainConfig",
@@ -341,12 +335,7 @@ def train_yolox(
     torch.set_num_threads(max(1, config.threads))
     # a LazyImage (past a training job's memory budget) is decoded at each visit; paths and
     # other loaders are loaded once, as before
-    images = LoadedImages(
-        [
-            s.image if isinstance(s.image, Image.Image | LazyImage) else load_sample_image(s)
-            for s in samples
-        ]
-    )
+    images = LoadedImages([in_memory(s.image) for s in samples])
     num_classes = init.num_classes
     for sample in samples:
         labels = sample.boxes.labels
