@@ -132,9 +132,13 @@ class TrainingScheduler:
     # ------------------------------------------------------------------ requests
     def request(self, project_id: int, reason: str) -> int:
         """Queue a job for the project unless one is already queued; returns its id."""
-        job_id = self.store.queue_job(project_id, reason)  # one transaction: servers race
-        self._wake.set()
+        job_id, _ = self._queue(project_id, reason)
         return job_id
+
+    def _queue(self, project_id: int, reason: str) -> tuple[int, bool]:
+        queued = self.store.queue_job(project_id, reason)  # one transaction: servers race
+        self._wake.set()
+        return queued
 
     def train_here(
         self, project_id: int, reason: str, show: Callable[[TrainingJob], None]
@@ -147,20 +151,29 @@ class TrainingScheduler:
         ownerless running job for abandoned and trained the project beside it. When a server
         claims the queued job first, this follows that job, and runs it here should that server
         die; while another job of the project runs, it waits. Ctrl-C (or SIGTERM) ends a job
-        run here ``interrupted`` and queues nothing; a job it waited for is left as it is."""
+        run here ``interrupted`` and queues nothing. A job this queued and no one started yet
+        is withdrawn (it used to stay queued, for a server to train later); one queued before,
+        or started by a server, is left as it is."""
         self.requeue_on_stop = False
-        job_id = self.request(project_id, reason)
-        while not self.store.claim_job(job_id, self.owner):
-            job = self._job(job_id)
-            show(job)
-            if job.status == "interrupted":  # its server died: queued again, to run here
-                job_id = self.request(project_id, reason)
-                continue
-            if job.status not in JOB_ACTIVE:  # a server ran it to its end
-                return job
-            time.sleep(FOLLOW_S)
-            # the server running it, or the job it waits behind, may be gone
-            self.requeue_abandoned()
+        job_id, queued_here = self._queue(project_id, reason)
+        try:
+            while not self.store.claim_job(job_id, self.owner):
+                job = self._job(job_id)
+                show(job)
+                if job.status == "interrupted":  # its server died: queued again, to run here
+                    job_id, queued_here = self._queue(project_id, reason)
+                    continue
+                if job.status not in JOB_ACTIVE:  # a server ran it to its end
+                    return job
+                time.sleep(FOLLOW_S)
+                # the server running it, or the job it waits behind, may be gone
+                self.requeue_abandoned()
+        except KeyboardInterrupt:
+            if queued_here:
+                self.store.withdraw_queued_job(
+                    job_id, "stopped from the command line before it ran"
+                )
+            raise
         done = threading.Event()  # not Thread.join: a Ctrl-C during a join left the thread
         # marked ended (CPython 3.11), and the process exited before the job was marked
 

@@ -700,8 +700,9 @@ class Store:
         assert key is not None
         return int(key[0])
 
-    def queue_job(self, project_id: int, reason: str) -> int:
-        """The project's queued job, or a new one queued for ``reason``; its id.
+    def queue_job(self, project_id: int, reason: str) -> tuple[int, bool]:
+        """The project's queued job, or a new one queued for ``reason``: its id, and whether
+        this call queued it.
 
         Servers sharing a database ask at once (a webhook on each, two restarts): a look for a
         queued job, then an insert, queued a job on each, and the project trained twice in a
@@ -721,8 +722,18 @@ class Store:
                 .limit(1)
             ).scalar()
             if queued is not None:
-                return int(queued)
-            return self._insert_job(conn, project_id, reason)
+                return int(queued), False
+            return self._insert_job(conn, project_id, reason), True
+
+    def withdraw_queued_job(self, job_id: int, message: str) -> bool:
+        """Mark job ``job_id`` ``interrupted`` if no one started it yet; True when it did."""
+        query = (
+            update(training_jobs)
+            .where(training_jobs.c.id == job_id, training_jobs.c.status == "queued")
+            .values(status="interrupted", finished_at=utcnow(), message=_text(message))
+        )
+        with self._tx() as conn:
+            return conn.execute(query).rowcount == 1
 
     @staticmethod
     def _lock_project_jobs(conn: Connection, project_id: int) -> None:

@@ -591,3 +591,39 @@ def test_a_job_whose_run_lost_track_of_it_is_failed_or_taken_over(tmp_path: Path
         assert store.get_job(stranded).status == "interrupted"  # type: ignore[union-attr]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("queued_before", [False, True])
+def test_ctrl_c_while_boxloop_train_waits_withdraws_only_the_job_it_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queued_before: bool
+) -> None:
+    """Ctrl-C while ``boxloop train`` waited behind a running job left the job it had queued
+    for a server to train later, against the user's "not now". A job someone else queued
+    before (a webhook's) stays queued."""
+    monkeypatch.setattr(jobs, "FOLLOW_S", 0.01)
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.resolved_database_url)
+    scheduler = TrainingScheduler(settings, store, lambda *_: None)
+    try:
+        _project(store)
+        running = store.create_job(7, "a server's")
+        assert store.claim_job(running, f"{socket.gethostname()}-elsewhere:1:live")
+        before = scheduler.request(7, "4 new annotations") if queued_before else None
+        waits: list[int] = []
+
+        def ctrl_c(job: Any) -> None:
+            waits.append(job.id)
+            if len(waits) == 3:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            scheduler.train_here(7, "requested via boxloop train", ctrl_c)
+        waited = store.get_job(waits[-1])
+        assert waited is not None and waited.id != running
+        if queued_before:
+            assert waited.id == before and waited.status == "queued"
+        else:
+            assert waited.status == "interrupted" and "command line" in str(waited.message)
+        assert store.get_job(running).status == "running"  # type: ignore[union-attr]
+    finally:
+        store.close()
