@@ -149,6 +149,7 @@ class BoxQueryManager:
                 "row": int(r),
                 "task": int(task_ids[int(pool.image[r])]),
                 "xyxy": [float(v) for v in pool.xyxy[r]],
+                "size": list(pool.image_sizes[int(pool.image[r])]),  # the frame of ``xyxy``
                 "label": int(pool.labels[r]),
                 "score": float(pool.scores[r]),
                 "value": values[n],
@@ -290,8 +291,7 @@ class BoxQueryManager:
         when no query was open.
 
         An empty annotation (the annotator deleted every box shown) answers too: each query is
-        background. Label Studio sends no image size without a region, so such an answer is
-        matched in the queries' own frame."""
+        background. Answers are matched in the queries' frame (see :func:`_in_frame`)."""
         episodes = self.store.list_box_episodes(project_id)
         project = self.store.get_project(project_id)
         if not episodes or project is None:
@@ -313,7 +313,7 @@ class BoxQueryManager:
             if not mine:
                 continue
             label_now = episode_label_map(params, project.labels)
-            task_answer = Boxes.empty((0, 0)) if answer is None else answer
+            task_answer = _in_frame(answer, queries[mine[0]].get("size"))
             asked = Boxes(
                 np.array([queries[i]["xyxy"] for i in mine], np.float32).reshape(-1, 4),
                 np.array([label_now(queries[i]["label"]) for i in mine], np.int64),
@@ -365,6 +365,22 @@ def _values(pool: Any, measure: str, rows: np.ndarray, seed: int) -> list[float]
         return [float(len(rows) - i) for i in range(len(rows))]
     scores = box_scores(pool, measure, seed)  # type: ignore[arg-type]
     return [float(scores[r]) for r in rows.tolist()]
+
+
+def _in_frame(answer: Boxes | None, size: Sequence[int] | None) -> Boxes:
+    """The task's answer in its queries' frame, ``size`` = ``(width, height)`` of the image
+    the model saw. Label Studio measures boxes on the image it shows (``original_width``), which
+    may be another copy of it: matched in that frame, a right answer missed its query. Queries
+    of an episode stored before they carried a size are matched in the answer's frame."""
+    if size is None:
+        return Boxes.empty((0, 0)) if answer is None else answer
+    width, height = int(size[0]), int(size[1])
+    if answer is None:
+        return Boxes.empty((width, height))
+    if answer.image_size == (width, height):
+        return answer
+    scaled = answer.scaled(width / answer.width, height / answer.height)
+    return Boxes(scaled.xyxy, scaled.labels, (width, height), scaled.scores, scaled.ignore)
 
 
 def episode_label_map(params: Mapping[str, Any], labels: Sequence[str]) -> Callable[[int], int]:

@@ -141,3 +141,17 @@ def test_one_answer_resolves_every_episode_that_asked_the_task(store: Store) -> 
     counts = _manager(store).record_answer(1, 1)
     assert counts is not None and counts["confirmed"] == 2 and counts["episode"] == 2
     assert _kinds(store) == [["confirmed"], ["confirmed"]]
+
+
+def test_an_answer_drawn_on_a_resized_copy_is_matched_in_the_queries_frame(store: Store) -> None:
+    """Label Studio measures an answer on the image it shows: on a copy twice the size of the
+    one the model queried, the right box (IoU 1 once scaled) was matched as is (IoU 0.25), and the
+    query counted as background. Not a concurrent edit: the other answer tests' helpers are here.
+    """
+    params = {"labels": ["Square", "Disc"], "unqueried": []}
+    store.add_box_episode(1, params, [{**_query(1, 1), "size": [320, 240], "kind": None}])
+    shown_twice_as_big = ls_result([("Square", (20, 20, 120, 120))], size=(640, 480))
+    ingest_annotation(store, 1, CONFIG, {"id": 11, "task": 1, "result": shown_twice_as_big})
+    counts = _manager(store).record_answer(1, 1)
+    assert counts is not None and counts["confirmed"] == 1 and counts["background"] == 0
+    assert _kinds(store) == [["confirmed"]]
