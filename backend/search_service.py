@@ -45,7 +45,7 @@ from backend.search import (
 )
 from backend.search.backbone import pooled_extractor, spatial_map_extractor
 from backend.settings import Settings
-from backend.store import Project, Store
+from backend.store import Project, Store, latest_per_task
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +331,8 @@ class SearchService:
         first = list(dict.fromkeys(task_ids))
         chosen = set(first)
         order = first + [t for t in rest if t not in chosen]
-        order += [t for t in known if t not in set(order)]
+        placed = set(order)  # one set: built per task it made a 16k-task pool take 2 s
+        order += [t for t in known if t not in placed]
         ranks = ranks_for(order)
         params: dict[str, Any] = dict(old.params) if old is not None else {}
         params.update(
@@ -405,8 +406,10 @@ def train_from_project(
     maps_x = spatial_map_extractor(cache, num_threads=settings.num_threads)
     pooled_x = pooled_extractor(cache, num_threads=settings.num_threads)
     images: list[TrainImage] = []
-    for annotation in store.list_annotations(project_id):
-        if annotation.was_cancelled or annotation.boxes is None or annotation.task_id not in data:
+    # the newest annotation of each task, as detector training takes: one per annotator made
+    # copies of an image, each a backbone pass and a "different" image to the contrastive loss
+    for annotation in latest_per_task(store.list_annotations(project_id)):
+        if annotation.boxes is None or annotation.task_id not in data:
             continue
         boxes = annotation.boxes.kept()
         if not len(boxes):
@@ -420,6 +423,8 @@ def train_from_project(
             log.warning("search training: task %s skipped: %s", annotation.task_id, exc)
             continue
         w, h = image.size
+        if boxes.image_size != (w, h):  # drawn on another copy of the image (original_width)
+            boxes = boxes.scaled(w / boxes.width, h / boxes.height)
         crops = [
             image.crop((float(x0), float(y0), max(float(x1), x0 + 1), max(float(y1), y0 + 1)))
             for x0, y0, x1, y1 in boxes.xyxy

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw
 from backend.app import create_app
 from backend.boxes import Boxes
 from backend.cli import main
-from backend.search_service import SearchService, sketch_files
+from backend.search_service import SearchService, sketch_files, train_from_project
 from backend.service import BoxloopService
 from backend.settings import Settings
 from benchmark.search_first_query import train_small_model, write_sketches
@@ -364,3 +365,43 @@ def test_search_train_names_what_it_cannot_train_on(
     (sketches / "disc.ndjson").write_text("not json\n")
     assert main(args) == 1
     assert "disc.ndjson is not a Quick, Draw!" in capsys.readouterr().err
+
+
+def test_search_train_takes_each_tasks_newest_boxes_in_its_images_frame(
+    project, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Search training read every annotation of a task (one image per annotator: copies the
+    contrastive loss took for different images) and boxes drawn on another copy of the image
+    (Label Studio's ``original_width``) in the loaded image's frame: the crop and the layout
+    target were cut in the wrong place."""
+    import backend.search
+
+    settings, service, _, root = project
+    store = service.store
+    service.setup(4, CONFIG)
+    images = root / "images"
+    for t in (1, 2):  # the loaded files are 320x240; the annotator's copy was 160x120
+        big = Image.new("RGB", (320, 240), (230, 230, 230))
+        ImageDraw.Draw(big).rectangle((20, 60, 140, 180), fill=(200, 20, 20))
+        big.save(images / f"big{t}.png")
+    store.upsert_tasks(4, [(t, {"image": str(images / f"big{t}.png")}) for t in (1, 2)])
+    older = Boxes(np.array([[80, 0, 160, 40]]), np.array([1]), (160, 120))  # replaced below
+    store.upsert_annotation(4, 401, 1, [], older)
+    for t in (1, 2):
+        drawn = Boxes(np.array([[10, 30, 70, 90]]), np.array([t - 1]), (160, 120))
+        store.upsert_annotation(4, 410 + t, t, [], drawn)
+    taken: list[Any] = []
+
+    def capture(labels, images_, sketches, config):  # type: ignore[no-untyped-def]
+        taken.extend(images_)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(backend.search, "train_search_model", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        train_from_project(
+            settings, store, 4, service.studio.image_source_of(4), write_sketches(tmp_path / "sk")
+        )
+    assert len(taken) == 2  # one per task
+    for image, label in zip(taken, (0, 1), strict=True):
+        np.testing.assert_allclose(image.boxes, [[10 / 160, 30 / 120, 70 / 160, 90 / 120]])
+        assert image.labels.tolist() == [label]
