@@ -257,10 +257,14 @@ class WebhookAnnotation(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: Id
     task: Id | TaskRef
-    result: list[dict[str, Any]] | None = Field(
-        None, description="Label Studio regions; ones boxloop cannot use are stored and reported."
+    # Loose item types, as the bulk event's items are read: a region boxloop cannot use is
+    # stored and reported there, and was a 422 that lost the annotation here.
+    result: list[Any] = Field(
+        ...,
+        description="Label Studio regions ([] when none was drawn); ones boxloop cannot use are "
+        "stored and reported.",
     )
-    was_cancelled: bool = False
+    was_cancelled: bool | None = False
 
 
 class AnnotationId(BaseModel):

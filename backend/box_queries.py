@@ -42,7 +42,8 @@ from backend.active import (
 from backend.boxes import Boxes
 from backend.detectors.label_names import same_name_index
 from backend.errors import ServiceError
-from backend.labelstudio.convert import boxes_to_regions, parse_label_config
+from backend.ingest import stored_label_config
+from backend.labelstudio.convert import boxes_to_regions
 from backend.ordering.ranks import ranks_for
 from backend.registry import ModelRegistry
 from backend.settings import Settings
@@ -243,7 +244,7 @@ class BoxQueryManager:
 
         project = self.store.get_project(project_id)
         assert project is not None
-        config = parse_label_config(project.label_config)
+        config = stored_label_config(project)
         by_task: dict[int, list[dict[str, Any]]] = {}
         for q in queries:
             by_task.setdefault(q["task"], []).append(q)

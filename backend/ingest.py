@@ -97,14 +97,17 @@ def reads_differently(before: Project | None, config: LabelConfig) -> bool:
         list(config.labels),
     ):
         return True
-    return _stored_config(before).aliases != config.aliases
+    return stored_label_config(before).aliases != config.aliases
 
 
-def _stored_config(project: Project) -> LabelConfig:
-    """The project's stored label config, parsed (its columns lack the aliases)."""
+def stored_label_config(project: Project) -> LabelConfig:
+    """The project's stored label config, parsed. A config stored by a version that read
+    configs more loosely (the parser refuses it now) reads as that version read it, from the
+    project's columns: parsed as is, every webhook of the project was a 500 after an upgrade,
+    and each annotation it carried was lost (Label Studio sends a webhook once)."""
     try:
         return parse_label_config(project.label_config)
-    except LabelConfigError:  # stored by a version that read configs more loosely
+    except LabelConfigError:
         return LabelConfig(
             project.from_name, project.to_name, project.image_key, tuple(project.labels)
         )
@@ -208,8 +211,11 @@ def ingest_annotation(
             f"annotation needs integer 'id' and 'task' fields (1 to {MAX_ID})"
         )
     result = annotation.get("result")
-    if result is None:
-        result = []
+    if result is None:  # Label Studio always sends it ([] when nothing was drawn); read as [],
+        # an update without it replaced the stored boxes with "no object on this image"
+        raise AnnotationPayloadError(
+            f"annotation {annotation_id}: 'result' is missing (a list of regions, [] for none)"
+        )
     if not isinstance(result, list):
         raise AnnotationPayloadError(f"annotation {annotation_id}: 'result' must be a list")
     cancelled = annotation.get("was_cancelled")
@@ -245,7 +251,7 @@ def ingest_annotation(
         # read before: its re-read of the stored annotations may have run before this write, so
         # this one is read again here. (Either this check sees the new config, or the /setup
         # stored it after this write and re-reads this annotation itself.)
-        current = _stored_config(now)
+        current = stored_label_config(now)
         boxes, parse_error = parse_boxes(result, current)
         store.replace_parsed_boxes(project_id, {annotation_id: (revision, boxes, parse_error)})
     return IngestResult(annotation_id, task_id, revision, changed, parse_error)

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from backend.ingest import AnnotationPayloadError, ingest_annotation
+from backend.ingest import AnnotationPayloadError, ingest_annotation, stored_label_config
 from backend.labelstudio.client import StudioClient
-from backend.labelstudio.convert import LabelConfig, parse_label_config
+from backend.labelstudio.convert import LabelConfig
 from backend.store import Store
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def reconcile_all(
         if client is None:
             continue
         try:
-            config = parse_label_config(project.label_config)
+            config = stored_label_config(project)
             report = reconcile_project(store, client, project.id, config)
             if report.new_tasks and tasks_created is not None:
                 tasks_created(project.id, list(report.new_tasks))

@@ -25,7 +25,7 @@ from backend.bulk.predict import BulkPredictor, BulkPredictRequest
 from backend.bulk.runs import BulkRuns
 from backend.errors import ServiceError
 from backend.images import ImageError, load_image, task_image_loader
-from backend.ingest import save_label_config
+from backend.ingest import save_label_config, stored_label_config
 from backend.jobs import TrainingScheduler
 from backend.labelstudio.convert import (
     LabelConfig,
@@ -217,7 +217,7 @@ class BoxloopService:
         if label_config:
             config = self._parse_config(label_config)
         elif stored is not None:
-            config = parse_label_config(stored.label_config)
+            config = stored_label_config(stored)
         elif project_id is not None:
             raise ServiceError(
                 404,

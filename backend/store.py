@@ -281,8 +281,11 @@ class Store:
             )
 
     # ------------------------------------------------------------------ tasks
-    def upsert_tasks(self, project_id: int, items: Iterable[tuple[int, dict[str, Any]]]) -> int:
-        """Insert or refresh tasks ``(task_id, data)``; returns how many were new.
+    def upsert_tasks(
+        self, project_id: int, items: Iterable[tuple[int, dict[str, Any] | None]]
+    ) -> int:
+        """Insert or refresh tasks ``(task_id, data)``; returns how many were new. A task sent
+        without its data (None) is recorded with ``{}`` when new and keeps its data otherwise.
 
         The webhook handler, the queue worker and reconciliation (in the training process) may
         all write the same task at once. Each row is an ``INSERT ... ON CONFLICT DO NOTHING``
@@ -304,12 +307,12 @@ class Store:
             for task_id, data in rows:
                 created = conn.execute(
                     insert.values(
-                        project_id=project_id, task_id=task_id, data=data, created_at=utcnow()
+                        project_id=project_id, task_id=task_id, data=data or {}, created_at=utcnow()
                     )
                 ).first()
                 if created is not None:
                     new += 1
-                else:
+                elif data is not None:
                     conn.execute(
                         update(tasks)
                         .where((tasks.c.project_id == project_id) & (tasks.c.task_id == task_id))

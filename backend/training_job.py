@@ -29,11 +29,10 @@ from backend.images import (
     load_image,
     read_image_bytes,
 )
-from backend.ingest import reads_differently
+from backend.ingest import reads_differently, stored_label_config
 from backend.labelstudio.convert import (
     AnnotationParseError,
     LabelConfig,
-    parse_label_config,
     regions_to_boxes,
 )
 from backend.registry import ModelRegistry
@@ -206,7 +205,7 @@ def _gather_consistent(
         project = store.get_project(project_id)
         if project is None:
             raise ValueError(f"project {project_id} is unknown")
-        config = parse_label_config(project.label_config)
+        config = stored_label_config(project)
         revision = store.annotation_revision(project_id)
         gathered = gather_samples(settings, store, project, config)
         if not reads_differently(store.get_project(project_id), config):
@@ -232,7 +231,7 @@ def run_training_job(settings: Settings, store: Store, job_id: int) -> str:
     # brought it back, to train beside the new one.
     if not store.update_active_job(job_id, progress=0.0, message="reconciling with Label Studio"):
         raise JobNotActive(f"training job {job_id} is {job.status}, not running: nothing to do")
-    config = parse_label_config(project.label_config)
+    config = stored_label_config(project)
     if settings.label_studio_url and settings.label_studio_token:
         from backend.labelstudio.client import StudioClient
         from backend.reconcile import reconcile_project

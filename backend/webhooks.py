@@ -20,6 +20,7 @@ from backend.ingest import (
     ingest_annotation,
     label_studio_id,
     save_label_config,
+    stored_label_config,
 )
 from backend.labelstudio.convert import LabelConfigError, parse_label_config
 from backend.store import Project, Store
@@ -67,8 +68,9 @@ def parse_project_id(value: Any) -> int | None:
     return label_studio_id(value) if isinstance(value, int) else None
 
 
-def _task_row(task: Any) -> tuple[int, dict[str, Any]]:
-    """``(id, data)`` of a task as TASKS_CREATED lists it; ValueError saying what is wrong."""
+def _task_row(task: Any) -> tuple[int, dict[str, Any] | None]:
+    """``(id, data)`` of a task as TASKS_CREATED lists it (data None: not sent, the stored data
+    stays); ValueError saying what is wrong."""
     if not isinstance(task, dict):
         raise ValueError("a task must be a JSON object")
     task_id = label_studio_id(task.get("id"))
@@ -77,7 +79,7 @@ def _task_row(task: Any) -> tuple[int, dict[str, Any]]:
     data = task.get("data")
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"task {task_id}: 'data' must be a JSON object")
-    return task_id, data or {}
+    return task_id, data
 
 
 def _annotation_id(item: Any) -> int:
@@ -142,16 +144,16 @@ class WebhookHandler:
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
             self._store_annotation(project, payload.get("annotation"), payload.get("task"), outcome)
         elif action == "ANNOTATIONS_CREATED":
-            # Label Studio sends the list under "annotation" and their tasks as a "task" list
-            items = payload.get("annotations")
-            if items is None:
-                items = payload.get("annotation")
-            if not isinstance(items, list):
+            # Label Studio sends the list under "annotation" and their tasks as a "task" list;
+            # "annotations" is read too, and both when both come (one was silently dropped)
+            lists = [payload.get(key) for key in ("annotation", "annotations")]
+            if not any(isinstance(listed, list) for listed in lists):
                 raise ServiceError(400, "ANNOTATIONS_CREATED needs an 'annotation' list")
+            annotations = [a for listed in lists if isinstance(listed, list) for a in listed]
             tasks = payload.get("task")
             listed = tasks if isinstance(tasks, list) else []
             by_id = {label_studio_id(t.get("id")): t for t in listed if isinstance(t, dict)}
-            for index, item in enumerate(items):
+            for index, item in enumerate(annotations):
                 ref = item.get("task") if isinstance(item, dict) else None
                 task_id = label_studio_id(ref.get("id") if isinstance(ref, dict) else ref)
                 task = by_id.get(task_id) if task_id is not None else None
@@ -160,7 +162,7 @@ class WebhookHandler:
                 except ServiceError as exc:
                     # one bad item must not cost the batch's good annotations
                     outcome.rejected.append(f"item {index}: {exc.message}")
-            if items and not outcome.stored:
+            if annotations and not outcome.stored:
                 raise ServiceError(
                     400,
                     "no annotation of the batch could be stored: " + "; ".join(outcome.rejected),
@@ -219,7 +221,7 @@ class WebhookHandler:
     def _store_annotation(
         self, project: Project, annotation: Any, task: Any, outcome: WebhookOutcome
     ) -> None:
-        config = parse_label_config(project.label_config)
+        config = stored_label_config(project)
         try:
             result = ingest_annotation(
                 self.store,

@@ -408,7 +408,8 @@ def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
         {"id": 31, "task": 5, "result": "boxes"},
         {"id": 2**63, "task": 5, "result": []},  # past the store's 64-bit ids
         {"id": True, "task": 5},
-        {"id": 32, "task": 5, "was_cancelled": "false"},
+        {"id": 32, "task": 5, "result": [], "was_cancelled": "false"},
+        {"id": 33, "task": 5},  # no result: read as [], it was stored as "no object"
     ]
     with TestClient(create_app(_settings(tmp_path))) as client:
         client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
@@ -423,12 +424,13 @@ def test_one_bad_item_does_not_cost_a_bulk_event_its_good_annotations(
         body = answer.json()
         assert body["stored"] == 3
         rejected = body["rejected"]
-        assert [r.split(":")[0] for r in rejected] == [f"item {i}" for i in (1, 3, 4, 6, 7, 8)]
+        assert [r.split(":")[0] for r in rejected] == [f"item {i}" for i in (1, 3, 4, 6, 7, 8, 9)]
         assert "integer 'id' and 'task'" in rejected[0]
         assert "JSON object" in rejected[1]
         assert "'result' must be a list" in rejected[2]
         assert "integer 'id' and 'task'" in rejected[3] and "integer 'id' and 'task'" in rejected[4]
         assert "'was_cancelled' must be a boolean" in rejected[5]
+        assert "'result' is missing" in rejected[6]
         store = client.app.state.service.store  # type: ignore[attr-defined]
         stored = {a.task_id for a in store.list_annotations(7)}
         assert stored == {1, 2, 3}
@@ -666,3 +668,75 @@ def test_an_update_as_label_studio_sent_it_without_sizes_is_trained_on(
     width, height = sample.image.size  # type: ignore[union-attr]
     expected = [value["x"] * width / 100, value["y"] * height / 100]
     np.testing.assert_allclose(sample.boxes.xyxy[0, :2], expected, atol=1e-3)
+
+
+def test_a_config_stored_by_a_looser_version_still_takes_webhooks_and_predicts(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """A label config an earlier boxloop stored and today's parser refuses (one control over two
+    images) made every webhook of the project a 500: each annotation it carried was lost, as
+    Label Studio sends a webhook once. /predict without a label_config was a 500 too."""
+    looser = (
+        '<View><Image name="image" value="$image"/><Image name="img2" value="$image2"/>'
+        '<RectangleLabels name="label" toName="image,img2"><Label value="Square"/>'
+        "</RectangleLabels></View>"
+    )
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        store = client.app.state.service.store  # type: ignore[attr-defined]
+        store.upsert_project(
+            7, label_config=looser, from_name="label", to_name="image", image_key="image",
+            labels=["Square"],
+        )  # fmt: skip
+        event = {
+            "action": "ANNOTATION_CREATED",
+            "project": {"id": 7, "label_config": looser},
+            "annotation": {"id": 1, "task": 1, "result": [_square_region(320, 240)]},
+            "task": _task(1, str(images[0])),
+        }
+        answer = client.post("/webhook", json=event)
+        assert answer.status_code == 200 and answer.json()["stored"] == 1, answer.text
+        (stored,) = store.list_annotations(7)
+        assert stored.boxes is not None and len(stored.boxes) == 1
+        assert _predict(client, _task(1, str(images[0]))).status_code == 200
+
+
+def test_webhooks_never_overwrite_what_they_do_not_carry(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    """An update without ``result`` replaced the stored boxes with "no object" (200, no
+    warning); a TASKS_CREATED item without ``data`` emptied a known task's data; a bulk event
+    with both an ``annotation`` and an ``annotations`` list stored one of them; the single event
+    refused (422, the annotation lost) a region or a null the bulk event stores and reports."""
+    with TestClient(create_app(_settings(tmp_path))) as client:
+        client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG})
+        store = client.app.state.service.store  # type: ignore[attr-defined]
+        created = {
+            "action": "ANNOTATION_CREATED",
+            "project": 7,
+            "annotation": {"id": 1, "task": 1, "result": [_square_region(320, 240)]},
+            "task": _task(1, str(images[0])),
+        }
+        assert client.post("/webhook", json=created).status_code == 200
+        for annotation in ({"id": 1, "task": 1}, {"id": 1, "task": 1, "result": None}):
+            update = {"action": "ANNOTATION_UPDATED", "project": 7, "annotation": annotation}
+            refused = client.post("/webhook", json=update)
+            assert refused.status_code == 422 and "result" in refused.json()["error"]
+        (kept,) = store.list_annotations(7)
+        assert kept.boxes is not None and len(kept.boxes) == 1
+
+        tasks = {"action": "TASKS_CREATED", "project": 7, "tasks": [{"id": 1}, {"id": 9}]}
+        assert client.post("/webhook", json=tasks).json()["tasks"] == 2
+        assert store.get_task_data(7, 1) == {"image": str(images[0])}
+        assert store.get_task_data(7, 9) == {}
+
+        both = {
+            "action": "ANNOTATIONS_CREATED",
+            "project": 7,
+            "annotation": [{"id": 5, "task": 2, "result": []}],
+            "annotations": [{"id": 6, "task": 3, "result": []}],
+        }
+        assert client.post("/webhook", json=both).json()["stored"] == 2
+        odd = {**created, "annotation": {"id": 7, "task": 4, "result": [5], "was_cancelled": None}}
+        answer = client.post("/webhook", json=odd)
+        assert answer.status_code == 200 and "not usable for training" in answer.text
+        assert {a.annotation_id for a in store.list_annotations(7)} == {1, 5, 6, 7}

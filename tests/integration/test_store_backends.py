@@ -75,6 +75,9 @@ def test_a_training_job_runs_end_to_end_through_the_store(tmp_path: Path, store_
         job_id = store.create_job(PROJECT, "test")
         swapped: list[tuple[int, str]] = []
         scheduler = TrainingScheduler(settings, store, on_success=lambda *a: swapped.append(a))
+        # claimed first, as the server's loop does: an unclaimed job is "not ours" at the first
+        # heartbeat (10 s), and a child slower than that (a busy machine) was ended
+        assert store.claim_job(job_id, scheduler.owner)
         scheduler._run(job_id)  # the child process, as the server runs it
         job = store.get_job(job_id)
         log_tail = (settings.data_dir / "logs" / f"job-{job_id}.log").read_text()[-3000:]

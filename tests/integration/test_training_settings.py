@@ -62,6 +62,7 @@ def test_a_settings_file_value_reaches_the_training_child(
         return {"BOXLOOP_LABEL_STUDIO_TOKEN": "from-setup"}
 
     scheduler = TrainingScheduler(settings, store, on_success=lambda *_: None, extra_env=extra_env)
+    assert store.claim_job(job_id, scheduler.owner)  # as the server's loop does
     scheduler._run(job_id)
 
     log_text = (settings.data_dir / "logs" / f"job-{job_id}.log").read_text()
