@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
 
 import httpx
+import numpy as np
 from PIL import Image, ImageOps
 
 # Pillow warns about images over its bomb limit / 2; boxloop refuses images over its own limit
@@ -84,6 +85,37 @@ def _bomb_pixels(exc: Exception) -> str:
     return f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """An ``L`` image scaled from a high-bit-depth greyscale mode; any other image as it is.
+
+    Why: Pillow's ``convert`` clips ``I;16``, ``I`` and ``F`` values at 255, so a 16-bit PNG (depth
+    maps, medical and industrial cameras) became an almost all-white frame. Values are scaled by
+    the range they are stored in, not by each image's own minimum and maximum, so the frames of a
+    sequence show the same value as the same grey:
+
+    * ``I;16*``: the mode's full range, ``value / 257`` (65535 -> 255);
+    * ``I`` (32-bit; what Pillow gives 16-bit PPM/PGM files): ``value / 257`` when every value lies
+      in 0..65535, the usual case of 16-bit samples in a 32-bit container;
+    * ``F``: by the smallest of [0, 1] (normalised floats), [0, 255] and [0, 65535] that holds
+      every finite value; NaN is black, infinities the range's ends;
+    * ``I`` or ``F`` data outside all of these (negative values, over 65535) is the exception:
+      stretched from its own minimum to its maximum, the one mapping left that shows it.
+    """
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    values = np.array(image, dtype=np.float32)  # float32 is exact to well under one grey level
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    full_scales = (1.0, 255.0, 65535.0) if image.mode == "F" else (65535.0,)
+    fitting = [full for full in full_scales if low >= 0.0 and high <= full]  # I;16 always fits
+    offset, span = (0.0, fitting[0]) if fitting else (low, max(high - low, 1e-12))
+    np.nan_to_num(values, copy=False, nan=offset, posinf=offset + span, neginf=offset)
+    values -= offset
+    values *= 255.0 / span
+    np.clip(values, 0.0, 255.0, out=values)
+    return Image.fromarray(np.rint(values, out=values).astype(np.uint8))  # mode L
+
+
 def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.Image:
     """Decode bytes into an RGB image, refusing huge or corrupt ones before decoding pixels.
 
@@ -91,6 +123,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     ``max_pixels`` -- or a decompression bomb, whose header claims more pixels than Pillow's own
     limit -- costs a header read and raises :class:`ImageTooLarge` (413). Any failure while
     decoding raises :class:`ImageDecodeError` (422) naming the exception, never anything else.
+    16-bit and float greyscale images are scaled to 8 bits first (:func:`_to_8bit`).
     """
     try:
         image = Image.open(io.BytesIO(data))
@@ -110,7 +143,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     try:
         image.load()
         upright: Image.Image = ImageOps.exif_transpose(image) or image
-        return upright.convert("RGB")
+        return _to_8bit(upright).convert("RGB")
     except Image.DecompressionBombError as exc:  # a frame larger than the header said
         raise ImageTooLarge(f"{name}: decoding would exceed {_bomb_pixels(exc)}") from exc
     except Exception as exc:  # truncated data, broken chunks, bad EXIF, out of memory ...

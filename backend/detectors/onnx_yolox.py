@@ -94,10 +94,14 @@ def aspect_input_shape(
 
 
 def letterbox(image: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """``(1, 3, H, W)`` float32 BGR 0–255 input as YOLOX's ``ValTransform``, and the scale ``r``."""
+    """``(1, 3, H, W)`` float32 BGR 0–255 input as YOLOX's ``ValTransform``, and the scale ``r``.
+
+    Each resized side is at least 1 px: an image thinner than the input's aspect (1 × 500 px into
+    416²) would round its short side to 0 and OpenCV's resize would assert (a 500 on /predict).
+    """
     height, width = size
     r = min(height / image.height, width / image.width)
-    new_h, new_w = int(image.height * r), int(image.width * r)
+    new_h, new_w = max(1, int(image.height * r)), max(1, int(image.width * r))
     canvas = np.full((height, width, 3), _PAD_VALUE, np.float32)
     canvas[:new_h, :new_w] = resize_bgr(image, new_w, new_h)
     return canvas.transpose(2, 0, 1)[None].copy(), r

@@ -9,6 +9,7 @@ private copy tuned for this CPU: eval mode, frozen batch norm folded into the co
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -16,19 +17,39 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional
 
 from backend.boxes import Boxes
 from backend.detectors.fasterrcnn import configure_inference
 from backend.detectors.fuse import fuse_frozen_batchnorm
 from backend.settings import Settings
 
-__all__ = ["ChannelsLast", "TorchDetector", "image_to_tensor"]
+__all__ = ["ChannelsLast", "TorchDetector", "image_to_tensor", "shrink_thin"]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image → ``(3, H, W)`` float32 RGB in [0, 1] (what torchvision detectors take)."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def shrink_thin(tensor: torch.Tensor, min_size: int, max_size: int) -> torch.Tensor:
+    """``(3, H, W)`` ``tensor`` as it is, or -- when the detection transform's resize would make a
+    side 0 px -- resized as that transform would, but to at least 1 px a side.
+
+    Why: torchvision's Faster R-CNN transform scales an image by
+    ``min(min_size / short, max_size / long)``; an image thinner than ``max_size``:1 (1 × 1000 px
+    at the default 853) gets a 0 px short side, where ``interpolate`` raises (a 500 on /predict
+    for a valid image). The shrunk image's long side is then about ``max_size``, so the transform
+    leaves it nearly as it is; the caller maps the boxes back to the image's pixels.
+    """
+    _, height, width = tensor.shape
+    short, long = min(height, width), max(height, width)
+    scale = min(min_size / short, max_size / long)  # torchvision's computation, to the bit
+    if math.floor(short * scale) >= 1:
+        return tensor
+    size = [max(1, int(height * scale)), max(1, int(width * scale))]
+    return functional.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 class ChannelsLast(nn.Module):
@@ -95,6 +116,11 @@ class TorchDetector:
         if channels_last:
             served.backbone = ChannelsLast(cast(nn.Module, served.backbone))
         self.model = served
+        # SSD resizes to a fixed size; Faster R-CNN follows ``min_size`` and ``max_size``
+        fixed = getattr(getattr(served, "transform", None), "fixed_size", None)
+        self._resize_rule: tuple[int, int] | None = (
+            None if fixed else (int(min_size), int(max_size))
+        )
 
     @classmethod
     def from_settings(
@@ -117,14 +143,25 @@ class TorchDetector:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             tensors = [image_to_tensor(image) for image in chunk]
+            if self._resize_rule is not None:
+                tensors = [shrink_thin(t, *self._resize_rule) for t in tensors]
             with torch.inference_mode():
                 results = self.model(tensors)
-            for image, result in zip(chunk, results, strict=True):
-                out.append(self._to_boxes(result, image.size))
+            for image, tensor, result in zip(chunk, tensors, results, strict=True):
+                input_size = (int(tensor.shape[2]), int(tensor.shape[1]))
+                out.append(self._to_boxes(result, image.size, input_size))
         return out
 
-    def _to_boxes(self, result: dict[str, torch.Tensor], size: tuple[int, int]) -> Boxes:
+    def _to_boxes(
+        self, result: dict[str, torch.Tensor], size: tuple[int, int], input_size: tuple[int, int]
+    ) -> Boxes:
+        """``result``, boxes in pixels of the ``input_size`` (w, h) tensor, in ``size`` pixels."""
         scores = result["scores"].float().numpy()
         keep = scores >= self.score_threshold
         labels = result["labels"].numpy()[keep] - 1  # class 0 is background
-        return Boxes(result["boxes"].float().numpy()[keep], labels, size, scores[keep]).clipped()
+        xyxy = result["boxes"].float().numpy()[keep]
+        if input_size != size:  # shrunk by shrink_thin
+            xyxy = xyxy * np.array(
+                [size[0] / input_size[0], size[1] / input_size[1]] * 2, np.float32
+            )
+        return Boxes(xyxy, labels, size, scores[keep]).clipped()

@@ -313,6 +313,34 @@ def test_letterbox_matches_yolox_valtransform() -> None:
     assert np.all(batch[0, :, 208:, :] == 114.0)  # padding below the image (top-left placement)
 
 
+@pytest.mark.parametrize("size", [(1, 500), (500, 1)])
+def test_a_very_thin_image_letterboxes_and_predicts(size: tuple[int, int]) -> None:
+    """A short side scaled to under 1 px used to be 0 px, where OpenCV asserted (a 500)."""
+    image = noise_image(*size)
+    batch, ratio = letterbox(image, (416, 416))
+    assert batch.shape == (1, 3, 416, 416) and ratio == pytest.approx(416 / 500)
+    assert np.any(batch[0, :, 0, 0] != 114.0)  # the image's pixel, 1 px wide, is in the canvas
+    coco = OnnxYoloxDetector.from_path(yolox_dir() / "yolox_nano.onnx", num_threads=1)
+    for detector in (coco, coco.with_labels(["person"])):
+        (boxes,) = detector.predict([image])
+        assert boxes.image_size == size
+
+
+@pytest.mark.parametrize("size", [(1, 500), (500, 1), (1, 2000), (3, 100_000)])
+def test_torch_detector_serves_images_thinner_than_its_max_size(size: tuple[int, int]) -> None:
+    """torchvision's resize fits the long side to ``max_size``; the short side became 0 px."""
+    torch.manual_seed(0)
+    model = build_model(ArchSpec("fasterrcnn_effnet_lite0", 3, fpn_channels=32))
+    detector = TorchDetector(
+        model, ["a", "b"], "v0", min_size=160, max_size=256, score_threshold=0.0
+    )
+    (boxes,) = detector.predict([noise_image(*size)])
+    assert boxes.image_size == size and len(boxes) > 0
+    assert np.all(boxes.xyxy >= 0) and np.all(boxes.xyxy <= np.array([*size, *size]))
+    long_axis = int(size[1] > size[0])  # boxes are mapped back from the 256 px long side
+    assert boxes.xyxy[:, 2 + long_axis].max() > 0.5 * max(size)
+
+
 def _voc_boxes(xml: Path, labels: list[str]) -> Boxes:
     objects = ET.parse(xml).findall("object")
     coords = [

@@ -5,6 +5,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,6 +84,40 @@ def test_a_decompression_bomb_is_too_large_from_its_header() -> None:
     # 100 megapixels: Pillow only warns; boxloop's limit refuses it
     with pytest.raises(ImageTooLarge, match=r"10000x10000"):
         decode_image(_bomb_png(10_000, 10_000), max_pixels=40_000_000)
+
+
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped_white() -> None:
+    """``convert("RGB")`` clipped I;16 values at 255: 99.6 % of this ramp decoded as white."""
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    decoded = decode_image(buffer.getvalue(), max_pixels=10**6)
+    assert decoded.mode == "RGB" and decoded.size == (256, 8)
+    rgb = np.asarray(decoded).astype(np.int32)
+    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    assert len(np.unique(rgb[..., 0])) >= 250  # ~256 grey levels, not black and white
+    assert np.abs(rgb[..., 0] - ramp / 257).max() <= 1  # value / 257
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([[0.0, 0.5, 1.0]], np.float32), [0, 128, 255]),  # F, normalised
+        (np.array([[0.0, 100.0, 255.0]], np.float32), [0, 100, 255]),  # F, 8-bit range
+        (np.array([[0.0, 257.0 * 100, 65535.0]], np.float32), [0, 100, 255]),  # F, 16-bit range
+        (np.array([[-1.0, 0.0, 1.0]], np.float32), [0, 128, 255]),  # F, other: its own range
+        (np.array([[0, 257 * 100, 65535]], np.int32), [0, 100, 255]),  # I holding 16-bit data
+    ],
+)
+def test_float_and_32_bit_greyscale_images_are_scaled_to_8_bits(
+    values: np.ndarray, expected: list[int]
+) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="TIFF")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode in ("F", "I")
+    rgb = np.asarray(decode_image(buffer.getvalue(), max_pixels=10**6))
+    assert rgb[0, :, 0].tolist() == expected and np.array_equal(rgb[..., 0], rgb[..., 2])
 
 
 @pytest.mark.parametrize(
