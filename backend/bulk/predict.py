@@ -34,9 +34,9 @@ from backend.bulk.engine import Engine, InProcessEngine, make_engine
 from backend.bulk.work import DetectorSpec, ItemResult, LoadedSpec, ModelSpec, WorkItem
 from backend.errors import ServiceError
 from backend.images import ImageSource
+from backend.ingest import MAX_ID, stored_label_config
 from backend.labelstudio.convert import (
     LabelConfig,
-    parse_label_config,
     prediction_of,
 )
 from backend.registry import ModelRegistry
@@ -61,7 +61,10 @@ class BulkPredictRequest(BaseModel):
         description="Run on the Ray cluster (BOXLOOP_RAY_ADDRESS); default: when it is set.",
     )
     limit: int | None = Field(
-        default=None, ge=1, description="Predict at most this many tasks this run."
+        default=None,
+        ge=1,
+        le=MAX_ID,  # no project holds more tasks (ids are 32-bit); 2**63 broke the run itself
+        description=f"Predict at most this many tasks this run (1 to {MAX_ID}).",
     )
     batch_size: int | None = Field(
         default=None, ge=1, le=1024, description="Images per inference batch."
@@ -170,7 +173,7 @@ class BulkPredictor:
             raise ServiceError(
                 404, f"project {project_id} is unknown to boxloop (connect it first)"
             )
-        config = parse_label_config(project.label_config)
+        config = stored_label_config(project)
         model = self.models.current(project_id, config.labels)
         if model.detector is None:
             raise ServiceError(
@@ -281,10 +284,15 @@ class BulkPredictor:
                 self._push(studio, project_id, version, batch, report)
         except BaseException as exc:
             report.seconds = time.perf_counter() - start
+            stopped = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM in the bulk worker
             self.store.update_bulk_run(
                 run_id,
-                status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                message=f"{type(exc).__name__}: {exc}"[:2000],
+                status="interrupted" if stopped else "failed",
+                message=(
+                    f"stopped by {str(exc) or 'Ctrl-C'}; a new run resumes where this one stopped"
+                    if stopped
+                    else f"{type(exc).__name__}: {exc}"
+                )[:2000],
                 finished_at=utcnow(),
                 **self._counts(report),
             )

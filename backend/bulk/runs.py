@@ -97,9 +97,17 @@ class BulkRuns:
         """``{"job": this server's last run state, "runs": the store's last runs}``."""
         return {"job": self._state.get(project_id), "runs": self.predictor.status(project_id)}
 
-    def close(self) -> None:
-        for child in list(self._children.values()):
-            child.terminate()  # a later run resumes where this one stopped
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the runs' children: SIGTERM, which marks each run ``interrupted`` (a later run
+        resumes where it stopped); waits up to ``timeout`` seconds for them to do so, since the
+        server's exit kills them (``PR_SET_PDEATHSIG``) and a run killed so stays ``running``."""
+        children = list(self._children.values())
+        for child in children:
+            child.terminate()
+        deadline = time.monotonic() + timeout
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(max(0.0, deadline - time.monotonic()))
 
     def _run_child(self, project_id: int, request: BulkPredictRequest) -> None:
         logs = self.settings.data_dir / "logs"

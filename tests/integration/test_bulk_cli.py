@@ -21,6 +21,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def test_bad_flags_name_the_field(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["predict", "--project", "3", "--push-batch", "0"]) == 2
     assert "push_batch" in capsys.readouterr().err
+    assert main(["predict", "--project", "3", "--limit", str(2**63)]) == 2  # the run failed
+    assert "limit" in capsys.readouterr().err
     assert main(["box-queries", "--project", "3", "--k", "0"]) == 2
     assert "k:" in capsys.readouterr().err
 
