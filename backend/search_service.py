@@ -213,13 +213,22 @@ class SearchService:
         return sorted(report.failed)
 
     def _update_index(self, project_id: int, extractor: SearchExtractor) -> CompactIndex:
-        """Add the stored vectors the index lacks (or rebuild it), save it and return it."""
+        """Add the stored vectors the index lacks, save it and return it; rebuilt when a vector
+        it holds changed or is gone (a task's image changed: the store dropped its vector).
+
+        Why the fingerprints beside the index: it only ever added tasks it lacked, so a task
+        whose image changed kept its old vector, and searches found the picture it had before.
+        """
         ids, vectors = self.store.get_features(project_id, extractor.name)
+        prints = dict(zip(ids, _fingerprints(vectors).tolist(), strict=True))
         directory = self.index_dir(project_id, extractor.name)
         config = self.index_config()
         index: CompactIndex | None = None
-        if (directory / "index.json").is_file():
+        saved = _load_fingerprints(directory)
+        if (directory / "index.json").is_file() and saved is not None:
             index = CompactIndex.load(directory, config)
+            if len(saved) != len(index) or any(prints.get(t) != p for t, p in saved.items()):
+                index = None
         if index is not None:
             have = set(index.ids.tolist())
             new = [i for i, t in enumerate(ids) if t not in have]
@@ -234,6 +243,7 @@ class SearchService:
                 409, f"project {project_id} has no task with a readable image to search"
             )
         index.save(directory)
+        _save_fingerprints(directory, prints)
         return index
 
     def index_in_background(self, project_id: int) -> dict[str, Any]:
@@ -469,3 +479,33 @@ def train_from_project(
     model = train_search_model(labels, images, sketches, config)
     target = out or settings.search_model_dir or settings.data_dir / "search" / "model"
     return model.save(target)
+
+
+_FINGERPRINTS = "fingerprints.npz"
+
+
+def _fingerprints(vectors: np.ndarray) -> np.ndarray:
+    """One uint64 per row of ``vectors`` that changes when any bit of the row does: the
+    float32 words times fixed odd numbers, summed modulo 2^64 (exact, whatever the BLAS)."""
+    words = np.ascontiguousarray(vectors, np.float32).view(np.uint32).astype(np.uint64)
+    odd = np.random.default_rng(0).integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | 1
+    return (words * odd).sum(axis=1, dtype=np.uint64)
+
+
+def _save_fingerprints(directory: Path, prints: Mapping[int, int]) -> None:
+    ids = np.fromiter(prints.keys(), np.int64, len(prints))
+    values = np.fromiter(prints.values(), np.uint64, len(prints))
+    tmp = directory / f".{_FINGERPRINTS}"
+    with tmp.open("wb") as fh:
+        np.savez(fh, ids=ids, prints=values)
+    tmp.replace(directory / _FINGERPRINTS)
+
+
+def _load_fingerprints(directory: Path) -> dict[int, int] | None:
+    """The fingerprints of the vectors the saved index holds; None when unknown (an index saved
+    before they were kept is rebuilt once)."""
+    try:
+        with np.load(directory / _FINGERPRINTS) as saved:
+            return dict(zip(saved["ids"].tolist(), saved["prints"].tolist(), strict=True))
+    except (OSError, KeyError, ValueError):
+        return None

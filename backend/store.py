@@ -293,6 +293,9 @@ class Store:
         update if it did not. Counting the table before and after instead counted other
         writers' rows too: four threads writing the same ten tasks reported 40 new (the
         store tests' concurrent upserts, on PostgreSQL and SQLite alike).
+
+        A task whose image reference changes loses its stored feature vectors: kept, the
+        orders and the search went on placing it by the picture it showed before.
         """
         rows = [(int(t), d) for t, d in items]
         if not rows:
@@ -304,6 +307,7 @@ class Store:
             .returning(tasks.c.task_id)  # a row back: this call inserted it
         )
         with self._tx() as conn:
+            image_key, images = self._featured_images(conn, project_id, [t for t, _ in rows])
             for task_id, data in rows:
                 created = conn.execute(
                     insert.values(
@@ -318,7 +322,37 @@ class Store:
                         .where((tasks.c.project_id == project_id) & (tasks.c.task_id == task_id))
                         .values(data=data)
                     )
+                    if task_id in images and images[task_id] != data.get(image_key):
+                        conn.execute(
+                            features.delete().where(
+                                (features.c.project_id == project_id)
+                                & (features.c.task_id == task_id)
+                            )
+                        )
         return new
+
+    @staticmethod
+    def _featured_images(
+        conn: Connection, project_id: int, task_ids: Sequence[int]
+    ) -> tuple[str, dict[int, Any]]:
+        """The project's image key, and the image reference of each of ``task_ids`` that has a
+        stored vector (nothing read when no task of the project has one)."""
+        key = conn.execute(select(projects.c.image_key).where(projects.c.id == project_id)).scalar()
+        featured = select(features.c.task_id).where(features.c.project_id == project_id)
+        if key is None or conn.execute(featured.limit(1)).first() is None:
+            return "", {}
+        images: dict[int, Any] = {}
+        for start in range(0, len(task_ids), 10_000):  # under SQLite's bound-parameter limit
+            chunk = list(task_ids[start : start + 10_000])
+            rows = conn.execute(
+                select(tasks.c.task_id, tasks.c.data).where(
+                    (tasks.c.project_id == project_id)
+                    & tasks.c.task_id.in_(chunk)
+                    & tasks.c.task_id.in_(featured)
+                )
+            ).all()
+            images.update((int(t), d.get(key) if isinstance(d, dict) else None) for t, d in rows)
+        return key, images
 
     def get_task_data(self, project_id: int, task_id: int) -> dict[str, Any] | None:
         with self._tx() as conn:

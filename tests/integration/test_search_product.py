@@ -405,3 +405,29 @@ def test_search_train_takes_each_tasks_newest_boxes_in_its_images_frame(
     for image, label in zip(taken, (0, 1), strict=True):
         np.testing.assert_allclose(image.boxes, [[10 / 160, 30 / 120, 70 / 160, 90 / 120]])
         assert image.labels.tolist() == [label]
+
+
+def test_a_task_whose_image_changes_is_searched_by_its_new_image(project) -> None:  # type: ignore[no-untyped-def]
+    """A task re-synced with another image kept its old vector in the store and in the saved
+    index (which only ever added tasks it lacked): the search scored the picture it had before.
+    Here task 1, a disc, comes to show task 2's square and must score as task 2 does."""
+    settings, service, _, root = project
+    images = root / "images"
+    service.setup(6, CONFIG)
+    service.store.upsert_tasks(6, [(t, {"image": str(images / f"{t}.png")}) for t in range(1, 7)])
+    square = {"box": {"x": 5, "y": 25, "width": 40, "height": 50}, "label": "square"}
+    with TestClient(create_app(settings, service)) as client:
+
+        def scores() -> dict[int, float]:
+            answer = client.post("/projects/6/search", json={"objects": [square], "k": 6})
+            assert answer.status_code == 200, answer.text
+            return {r["task"]: r["score"] for r in answer.json()["results"]}
+
+        before = scores()
+        assert abs(before[1] - before[2]) > 1e-3  # a disc and a square
+        service.store.upsert_tasks(6, [(1, {"image": str(images / "2.png")})])
+        after = scores()
+    assert after[1] == pytest.approx(after[2], abs=1e-5)
+    assert {t: s for t, s in after.items() if t != 1} == pytest.approx(
+        {t: s for t, s in before.items() if t != 1}, abs=1e-5
+    )

@@ -115,6 +115,27 @@ def test_features_and_orders(store: Store) -> None:
     assert order is not None and order.task_ids == [30, 10, 20] and order.view_id == 4
 
 
+def test_a_task_whose_image_changes_loses_its_vectors_and_only_then(store: Store) -> None:
+    """Kept, the vectors of a task's old image went on placing it in orders and searches.
+    Rank and utility writes change other fields of the data: the vectors stay."""
+    _project(store)
+    store.upsert_tasks(1, [(10, {"image": "a.jpg"}), (20, {"image": "b.jpg"}), (30, {})])
+    vector = np.ones(8, np.float32)
+    for extractor in ("imgnet-v1", "search"):
+        store.put_features(1, extractor, [(10, vector), (20, vector), (30, vector)])
+    store.upsert_tasks(
+        1,
+        [
+            (10, {"image": "a.jpg", "boxloop_rank": "0001"}),  # same image
+            (20, {"image": "c.jpg"}),  # another image
+            (30, None),  # no data sent: kept
+        ],
+    )
+    for extractor in ("imgnet-v1", "search"):
+        assert store.get_features(1, extractor)[0] == [10, 30]
+    assert store.get_task_data(1, 20) == {"image": "c.jpg"}
+
+
 def test_concurrent_task_upserts_do_not_collide(store: Store) -> None:
     import threading
 
