@@ -75,6 +75,18 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_signals_as_ctrl_c() -> None:
+    """SIGTERM and SIGHUP stop this command as Ctrl-C does, so the job or run it holds is
+    marked as stopped; by Python's default they ended the process there and then, the row left
+    ``running``."""
+
+    def stopped(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stopped)
+
+
 def _train(args: argparse.Namespace) -> int:
     """Train one version now, from this process, the way a server's job runs (claimed, in a
     child, with heartbeats: a server sharing the database leaves it alone); or follow the job a
@@ -94,11 +106,7 @@ def _train(args: argparse.Namespace) -> int:
         bars[0].set_postfix_str(f"job {job.id} {job.status}: {job.message or ''}", refresh=False)
         bars[0].refresh()
 
-    def stopped(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # SIGTERM, SIGHUP: as Ctrl-C, the job run here is marked so
-
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, stopped)
+    _stop_signals_as_ctrl_c()  # the job run here is marked so
     try:
         job = svc.train_now(args.project, here=show)
     except KeyboardInterrupt:
@@ -217,15 +225,20 @@ def _predict(args: argparse.Namespace) -> int:
     """Bulk pre-annotation in the foreground (what ``POST .../bulk-predict`` runs)."""
     from backend.bulk.predict import BulkPredictRequest
 
-    return _request_job(
-        "predict",
-        args,
-        BulkPredictRequest,
-        ("ray", "limit", "batch_size", "fetch_concurrency", "push_batch"),
-        lambda svc, request: svc.run_bulk_predict(
-            args.project, request, wait=True, progress=True, in_process=True
-        ),
-    )
+    _stop_signals_as_ctrl_c()
+    try:
+        return _request_job(
+            "predict",
+            args,
+            BulkPredictRequest,
+            ("ray", "limit", "batch_size", "fetch_concurrency", "push_batch"),
+            lambda svc, request: svc.run_bulk_predict(
+                args.project, request, wait=True, progress=True, in_process=True
+            ),
+        )
+    except KeyboardInterrupt:  # the run is marked interrupted
+        print("boxloop predict: stopped; a new run resumes where this one stopped", file=sys.stderr)
+        return 130
 
 
 def _models_fetch(args: argparse.Namespace) -> int:

@@ -78,17 +78,31 @@ class Service:
         self.store.close()
 
 
+if sys.argv[2] == "cli":  # ``boxloop predict``: the run in this process
+    import backend.service
+    from backend.cli import main
+
+
+    class CliService(Service):
+        def run_bulk_predict(self, project_id, request, **_):
+            return self.bulk.run(project_id, request, progress=False).to_dict()
+
+
+    backend.service.BoxloopService = CliService
+    sys.exit(main(["predict", "--project", "1", "--push-batch", "2"]))
 worker.BoxloopService = Service
-sys.exit(worker.main(sys.argv[2:]))
+sys.exit(worker.main(sys.argv[3:]))
 """
 
 
+@pytest.mark.parametrize("entry", ["worker", "cli"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_worker_stopped_by_a_signal_marks_its_run_interrupted(
-    tmp_path: Path, signum: signal.Signals
+    tmp_path: Path, signum: signal.Signals, entry: str
 ) -> None:
     """The server's shutdown terminates its bulk children (SIGTERM). The worker had no handler,
-    so the process died at once and its run stayed ``running`` in ``/status`` for good."""
+    so the process died at once and its run stayed ``running`` in ``/status`` for good; so did
+    ``boxloop predict`` (its run in its own process) stopped by SIGTERM or a closed terminal."""
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (32, 24), (10, 20, 30)).save(images / "1.png")
@@ -105,14 +119,22 @@ def test_a_worker_stopped_by_a_signal_marks_its_run_interrupted(
     settings_path = tmp_path / "settings.json"
     settings_path.write_text(settings_to_json(settings))
     (tmp_path / "child.py").write_text(textwrap.dedent(_CHILD))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "BOXLOOP_DATA_DIR": str(tmp_path),
+        "BOXLOOP_ALLOWED_LOCAL_ROOTS": str(images),
+        "BOXLOOP_NUM_THREADS": "1",
+    }
     child = subprocess.Popen(
         [
-            *(sys.executable, str(tmp_path / "child.py"), str(images)),
+            *(sys.executable, str(tmp_path / "child.py"), str(images), entry),
             *("--project", "1", "--settings-json", str(settings_path)),
             *("--request-json", BulkPredictRequest(push_batch=2).model_dump_json()),
         ],
         stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         deadline = time.monotonic() + 120
@@ -124,19 +146,23 @@ def test_a_worker_stopped_by_a_signal_marks_its_run_interrupted(
         assert child.poll() is None, "the worker ended before it was stopped"
         assert store.list_bulk_runs(1)[0].status == "running"
         child.send_signal(signum)
-        out, _ = child.communicate(timeout=60)
+        out, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
     (run,) = store.list_bulk_runs(1)
-    assert (run.status, child.returncode) == ("interrupted", 1)
+    assert run.status == "interrupted", err.decode()[-2000:]
     assert run.finished_at is not None and run.done > 0
     assert run.message is not None and f"stopped by {signum.name}" in run.message
-    assert json.loads(out.decode().splitlines()[-1]) == {
-        "state": "interrupted",
-        "error": f"stopped by {signum.name}",
-    }
+    if entry == "cli":
+        assert child.returncode == 130 and "boxloop predict: stopped" in err.decode()
+    else:
+        assert child.returncode == 1
+        assert json.loads(out.decode().splitlines()[-1]) == {
+            "state": "interrupted",
+            "error": f"stopped by {signum.name}",
+        }
     store.close()
 
 
