@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from backend.bulk.engine import InProcessEngine, make_engine
 from backend.bulk.features import extract_features
 from backend.bulk.work import EncoderSpec, LoadedSpec, ModelSpec, WorkItem
+from backend.errors import ServiceError
 from backend.features import SimNetConfig, make_extractor, train_simnet
 from backend.features.compute import FeatureReport
 from backend.features.registry import EXTRACTOR_NAMES, simnet_dir
@@ -32,6 +33,7 @@ from backend.ordering.plan import load_plan, set_view_id
 from backend.ordering.ranks import ranks_for, rerank
 from backend.settings import Settings, SettingsError
 from backend.store import Store
+from backend.task_utility import record_fields
 from backend.utility.scorer import UtilityScorer, stored_scores
 
 log = logging.getLogger(__name__)
@@ -264,6 +266,13 @@ class QueueManager:
         if project is None:
             raise KeyError(f"project {project_id} is unknown to boxloop (connect it first)")
         self.sync_tasks(project_id)
+        if not self.store.list_tasks(project_id):  # the plan's ValueError made a 500
+            raise ServiceError(
+                409,
+                f"project {project_id} has no tasks to order: import them into Label Studio "
+                "(boxloop records them from its TASKS_CREATED webhook, or lists them when "
+                "it reaches Label Studio)",
+            )
         extractor = None
         if request.strategy in FEATURE_STRATEGIES:
             extractor = self._extractor_name(project_id, request, project.image_key)
@@ -318,11 +327,10 @@ class QueueManager:
                     chunk.append(task_id)
                 except Exception as exc:  # one bad image must not stop the order
                     log.warning("project %s task %s: no utility (%s)", project_id, task_id, exc)
-            new = dict(zip(chunk, self.utility.score(images), strict=True))
+            stored = map(self.utility.policy.stored, self.utility.score(images))
+            new = dict(zip(chunk, stored, strict=True))
             scores.update(new)
-            self.store.upsert_tasks(
-                project_id, [(t, self.utility.with_score(tasks[t], s)) for t, s in new.items()]
-            )
+            self._record_scores(project_id, {t: self.utility.fields(s) for t, s in new.items()})
         order = self.utility.policy.order(plan.task_ids, scores)
         moved = sum(1 for t in order if self.utility.policy.is_low(scores.get(t)))
         position = {t: i for i, t in enumerate(plan.task_ids)}
@@ -343,6 +351,17 @@ class QueueManager:
             plan.view_id,
             plan.missing_features,
         )
+
+    def _record_scores(self, project_id: int, fields: dict[int, dict[str, Any]]) -> None:
+        """Store new utility scores, merged into the tasks' current data, in boxloop's store
+        and in Label Studio, whatever the order's ``push``: each re-sync (every order, the
+        start-up reconcile) replaces the store's task data with Label Studio's, so scores held
+        by the store alone were lost after one sync and the next order scored the pool again.
+        A failed write is logged; the order goes on with the scores it has."""
+        try:
+            record_fields(self.store, self.studio_for(project_id), project_id, fields)
+        except Exception:
+            log.exception("project %s: storing utility scores failed", project_id)
 
     def push(
         self, project_id: int, plan: OrderPlan, task_ids: Iterable[int] | None = None

@@ -10,7 +10,7 @@ without a utility.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -19,7 +19,7 @@ from PIL import Image
 from backend.store import Store
 from backend.utility.scorer import UtilityScorer
 
-__all__ = ["TaskUtility"]
+__all__ = ["TaskUtility", "record_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +55,55 @@ class TaskUtility:
             return {}
         metas: dict[int, dict[str, Any]] = {}
         updates: dict[int, dict[str, Any]] = {}
+        known: dict[int, dict[str, Any]] = {}
         for (i, _), score in zip(images, scores, strict=True):
             metas[i] = self.scorer.policy.meta(score)
             data, task_id = tasks[i].get("data"), task_ids[i]
             if task_id is not None and isinstance(data, dict):
-                new = self.scorer.with_score(data, score)
-                if data.get(self.scorer.field) != new[self.scorer.field]:  # unchanged: no PATCH
-                    updates[task_id] = new
+                fields = self.scorer.fields(score)
+                if any(data.get(k) != v for k, v in fields.items()):  # unchanged: no PATCH
+                    updates[task_id], known[task_id] = fields, data
         if project_id is not None and updates:
-            self.background.submit(self._record, project_id, updates)
+            self.background.submit(self._record, project_id, updates, known)
         return metas
 
-    def _record(self, project_id: int, updates: dict[int, dict[str, Any]]) -> None:
+    def _record(
+        self,
+        project_id: int,
+        fields: dict[int, dict[str, Any]],
+        known: dict[int, dict[str, Any]],
+    ) -> None:
         try:
-            if self.store.get_project(project_id) is not None:
-                self.store.upsert_tasks(project_id, list(updates.items()))
-            studio = self.studio_for(project_id)
-            if studio is not None:
-                from backend.labelstudio.queue import write_task_data
-
-                write_task_data(studio, project_id, updates)
+            record_fields(self.store, self.studio_for(project_id), project_id, fields, known)
         except Exception:
             log.exception("project %s: storing utility scores failed", project_id)
+
+
+def record_fields(
+    store: Store,
+    studio: Any,
+    project_id: int,
+    fields: Mapping[int, Mapping[str, Any]],
+    known: Mapping[int, Mapping[str, Any]] | None = None,
+) -> None:
+    """Merge ``fields`` (e.g. the utility score) into each task's current data: boxloop's store,
+    then Label Studio when ``studio`` is given.
+
+    Why merged, never written from the caller's copy of the data: that copy (a ``/predict``
+    request's, or one listed before an order scored its pool) can be older than the task, and
+    writing it back undid the ranks an order had pushed since. Why Label Studio too: its data is
+    what every re-sync copies into the store, so a score only the store held was gone after the
+    next order. ``known``: the data of tasks the store may not hold yet (a ``/predict`` request's),
+    stored with the fields; other tasks the store lacks are left to the next sync.
+    """
+    if store.get_project(project_id) is not None:
+        rows = []
+        for task_id, values in fields.items():
+            data = store.get_task_data(project_id, task_id) or (known or {}).get(task_id)
+            if data is not None and any(data.get(k) != v for k, v in values.items()):
+                rows.append((task_id, {**data, **values}))
+        store.upsert_tasks(project_id, rows)
+    if studio is not None:
+        from backend.labelstudio.queue import write_task_fields
+
+        write_task_fields(studio, project_id, fields)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 
 from backend.labelstudio.client import StudioClient
 
@@ -55,6 +56,7 @@ __all__ = [
     "set_rank_scores",
     "uses_uncertainty_sampling",
     "write_ranks",
+    "write_task_fields",
 ]
 
 DEFAULT_RANK_FIELD = "boxloop_rank"
@@ -188,14 +190,32 @@ def write_ranks(
     return len(updates)
 
 
-def write_task_data(
-    client: LabelStudio | Any, project_id: int, updates: Mapping[int, Mapping[str, Any]]
+def write_task_fields(
+    client: LabelStudio | Any, project_id: int, fields: Mapping[int, Mapping[str, Any]]
 ) -> int:
-    """Replace the data of each task in ``updates`` (one PATCH a task); returns how many."""
-    client = _sdk(client)
-    for task_id, data in updates.items():
-        client.tasks.update(str(task_id), data=dict(data), project=project_id)
-    return len(updates)
+    """Merge ``fields`` into each task's current data (one GET, then one PATCH a task whose
+    fields differ); returns how many were written. A task deleted in Label Studio is skipped.
+
+    Why read each task just before writing it: a PATCH replaces the whole data, and a caller's
+    copy can be older than Label Studio's. A ``/predict`` request's copy, written back with its
+    utility score, undid the ranks an order had pushed since. One GET a task, not a listing of
+    the project: ``/predict`` writes a few tasks of a project of any size, and the copy merged
+    into is one round trip old, not as old as the whole write.
+    """
+    sdk = _sdk(client)
+    written = 0
+    for task_id, values in fields.items():
+        try:
+            data = dict(_as_dict(sdk.tasks.get(str(int(task_id)))).get("data") or {})
+        except ApiError as exc:
+            if exc.status_code == 404:
+                continue
+            raise
+        if all(data.get(k) == v for k, v in values.items()):
+            continue
+        sdk.tasks.update(str(int(task_id)), data={**data, **values}, project=project_id)
+        written += 1
+    return written
 
 
 def ensure_order_view(

@@ -17,6 +17,8 @@ __all__ = ["UtilityAction", "UtilityPolicy"]
 
 UtilityAction = Literal["ignore", "flag", "move_to_end"]
 ACTIONS: tuple[str, ...] = ("ignore", "flag", "move_to_end")
+#: Decimal places of a stored score (the task data field and the prediction meta).
+DIGITS = 4
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,25 @@ class UtilityPolicy:
         if not self.data_field:
             raise ValueError("utility data field must not be empty")
 
+    @staticmethod
+    def stored(score: float) -> float:
+        """The score as it is stored and shown (:data:`DIGITS` places)."""
+        return round(float(score), DIGITS)
+
     def is_low(self, score: float | None) -> bool:
-        """Low utility (``None``: not scored, never low)."""
-        return score is not None and score < self.threshold
+        """Low utility (``None``: not scored, never low).
+
+        Decided on the stored (rounded) score, whether given raw or rounded: deciding on the raw
+        one flagged 0.49996 low in the prediction meta while the task data, which the order and
+        ``/status`` read, held 0.5, not low.
+        """
+        return score is not None and self.stored(score) < self.threshold
 
     def meta(self, score: float | None) -> dict[str, Any]:
         """What goes into a prediction's meta and the task's data field."""
         if score is None:
             return {}
-        out: dict[str, Any] = {"utility": round(float(score), 4)}
+        out: dict[str, Any] = {"utility": self.stored(score)}
         if self.action != "ignore":
             out["low_utility"] = self.is_low(score)
         return out

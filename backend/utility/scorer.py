@@ -50,9 +50,10 @@ class UtilityScorer:
             return []
         return [float(p) for p in self.predictor.predict_proba(list(images))]
 
-    def with_score(self, data: Mapping[str, Any], score: float) -> dict[str, Any]:
-        """Task data with the score written into the policy's field."""
-        return {**dict(data), self.field: round(float(score), 4)}
+    def fields(self, score: float) -> dict[str, Any]:
+        """What a score adds to a task's data: the stored (rounded) score under the policy's
+        field, merged into the task's current data by whoever writes it."""
+        return {self.field: self.policy.stored(score)}
 
 
 def stored_scores(tasks: Iterable[tuple[int, Mapping[str, Any]]], field: str) -> dict[int, float]:

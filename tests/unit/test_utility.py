@@ -228,6 +228,24 @@ def test_policy_moves_low_utility_tasks_to_the_end_keeping_order() -> None:
     assert policy.meta(0.25) == {"utility": 0.25, "low_utility": True}
 
 
+def test_low_utility_is_decided_on_the_stored_score() -> None:
+    """0.49996 was flagged low in the prediction meta (raw score below 0.5) while the task data
+    stored 0.5, not low: the order did not move it and ``/status`` counted it useful."""
+    from backend.utility.policy import UtilityPolicy
+    from backend.utility.scorer import UtilityScorer, stored_scores
+
+    policy = UtilityPolicy("move_to_end", threshold=0.5)
+    scorer = UtilityScorer.__new__(UtilityScorer)  # no predictor: only the policy's side
+    scorer.policy = policy
+    for raw, kept, low in ((0.49996, 0.5, False), (0.49994, 0.4999, True)):
+        assert policy.meta(raw) == {"utility": kept, "low_utility": low}
+        stored = stored_scores([(7, scorer.fields(raw))], "boxloop_utility")
+        assert stored == {7: kept}
+        assert policy.is_low(raw) == policy.is_low(stored[7]) == low
+        assert policy.order([7, 8], {8: 0.9, 7: raw}) == policy.order([7, 8], {**stored, 8: 0.9})
+        assert policy.counts({7: raw}) == policy.counts(stored)
+
+
 def test_policy_ignore_and_flag_leave_the_order() -> None:
     from backend.utility.policy import UtilityPolicy
 
