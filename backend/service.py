@@ -347,16 +347,13 @@ class BoxloopService:
         one job at a time); ``wait`` answers with the episode when it is done."""
         if self.store.get_project(project_id) is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
-        state = self._queue_job(
+        return self._queue_job(
             self._box_state,
             project_id,
             {"measure": request.measure},
             lambda: self.box_queries.run_episode(project_id, request),
             wait,
         )
-        if state["state"] == "failed":
-            raise ServiceError(int(state["status_code"]), state["error"])
-        return state
 
     def _queue_job(
         self,
@@ -368,29 +365,33 @@ class BoxloopService:
     ) -> dict[str, Any]:
         """Run ``work`` on the queue thread (queue jobs run one at a time, off the request path)
         with its state (queued → running → done / failed) in ``states[project_id]``; ``wait``
-        answers when it is done."""
+        answers when it is done, a failure as the :class:`ServiceError` it carries (a failed
+        order was a 202 holding ``status_code`` 500)."""
         states[project_id] = {"state": "queued", **tag}
 
         def run() -> None:
             states[project_id] = {"state": "running", **tag}
             try:
                 result = work()
+            except ServiceError as exc:  # it says what is wrong and its status (409: no model)
+                log.warning("queue job %s of project %s: %s", tag, project_id, exc.message)
+                failed = {"error": exc.message, "status_code": exc.status_code}
+                states[project_id] = {"state": "failed", **tag, **failed}
+                return
             except Exception as exc:
                 log.exception("queue job %s of project %s failed", tag, project_id)
-                states[project_id] = {
-                    "state": "failed",
-                    **tag,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    # a ServiceError says which HTTP status it is (e.g. 409: no model yet)
-                    "status_code": exc.status_code if isinstance(exc, ServiceError) else 500,
-                }
+                failed = {"error": f"{type(exc).__name__}: {exc}", "status_code": 500}
+                states[project_id] = {"state": "failed", **tag, **failed}
                 return
             states[project_id] = {"state": "done", **result}
 
         future = self._queue_pool.submit(run)
         if wait:
             future.result()
-        return dict(states[project_id])
+        state = dict(states[project_id])
+        if wait and state["state"] == "failed":
+            raise ServiceError(int(state["status_code"]), state["error"])
+        return state
 
     def run_bulk_predict(
         self,

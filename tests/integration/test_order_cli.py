@@ -119,3 +119,12 @@ def test_order_cli_unknown_project_and_bad_values_are_clear_errors(
         answer = client.post("/projects/5/order", json={"start": "sideways"})
         assert answer.status_code == 422 and "start" in answer.json()["error"]
         assert client.post("/projects/5/order", json={"batch_size": 0}).status_code == 422
+        # a project without tasks: a 202 holding "status_code": 500 before, and exit 1
+        empty = client.post("/setup", json={"project": 6, "schema": LABEL_CONFIG})
+        assert empty.status_code == 200
+        refused = client.post("/projects/6/order?wait=true", json={"push": False})
+        assert refused.status_code == 409 and "no tasks to order" in refused.json()["error"]
+        queued = client.post("/projects/6/order", json={"push": False})  # not waited for
+        assert queued.status_code == 202
+    assert main(["order", "--project", "6", "--no-push"]) == 1
+    assert "boxloop order: error: project 6 has no tasks to order" in capsys.readouterr().err
