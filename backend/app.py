@@ -26,10 +26,11 @@ from fastapi import Body, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend import __version__
+from backend import __version__, api_models
 from backend.api_models import (
     INVALID_REQUEST,
     PATTERN_MEANINGS,
@@ -63,6 +64,15 @@ log = logging.getLogger(__name__)
 #: How pydantic names a union member in an error's location: ``constrained-str``, ``int``,
 #: ``function-before[_json_integer(), constrained-int]``.
 _UNION_MEMBER = re.compile(r"^((constrained-)?(str|int|float|bool)|[\w-]+\[.*\])$")
+
+
+#: The request models' class names: pydantic puts the union member's (``ProjectObject``) in an
+#: error's location, where it reads as a field of the payload.
+_MODEL_NAMES = frozenset(
+    name
+    for name, value in vars(api_models).items()
+    if isinstance(value, type) and issubclass(value, BaseModel)
+)
 
 
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
@@ -243,9 +253,10 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
-        )
+        detail = str(exc.detail)
+        if detail == "There was an error parsing the body":  # FastAPI's words for bad UTF-8
+            detail = "the request body cannot be read as JSON (is it UTF-8?)"
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -261,7 +272,11 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
                 if loc and loc[0] in WEBHOOK_TAGS:  # the union member's tag names no field
                     loc = loc[1:]
             # nor does a union member's type or validator chain (``constrained-str``, ``...[...]``)
-            loc = [p for p in loc if not (isinstance(p, str) and _UNION_MEMBER.match(p))]
+            loc = [
+                p
+                for p in loc
+                if not (isinstance(p, str) and (_UNION_MEMBER.match(p) or p in _MODEL_NAMES))
+            ]
             message = e.get("msg")
             if e.get("type") == "string_pattern_mismatch":
                 message = PATTERN_MEANINGS.get(e.get("ctx", {}).get("pattern"), message)

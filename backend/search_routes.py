@@ -171,8 +171,10 @@ def add_search_routes(app: FastAPI, svc: BoxloopService) -> SearchService:
         project = svc.store.get_project(project_id)
         if project is None:
             raise ServiceError(404, f"project {project_id} is unknown to boxloop")
-        data = dict(svc.store.list_tasks(project_id)).get(task_id)
-        reference = None if data is None else data.get(project.image_key)
+        data = svc.store.get_task_data(project_id, task_id)  # not every task's: one a thumbnail
+        if data is None:
+            raise ServiceError(404, f"task {task_id} of project {project_id} is unknown to boxloop")
+        reference = data.get(project.image_key)
         if not isinstance(reference, str):
             raise ServiceError(404, f"task {task_id} of project {project_id} has no image")
         try:

@@ -740,3 +740,21 @@ def test_webhooks_never_overwrite_what_they_do_not_carry(
         answer = client.post("/webhook", json=odd)
         assert answer.status_code == 200 and "not usable for training" in answer.text
         assert {a.annotation_id for a in store.list_annotations(7)} == {1, 5, 6, 7}
+
+
+def test_error_messages_name_the_payloads_fields_and_what_is_wrong(client: TestClient) -> None:
+    """A 422 named request-model classes as if they were fields (``project.ProjectObject.id``);
+    a body that is not UTF-8 got "There was an error parsing the body"; a thumbnail of a task
+    boxloop does not know said the task "has no image"."""
+    event = {"action": "ANNOTATION_CREATED", "project": {"id": "1"}, "annotation": {"id": 1}}
+    answer = client.post("/webhook", json=event)
+    assert answer.status_code == 422 and "project.id:" in answer.json()["error"]
+    assert "ProjectObject" not in answer.json()["error"]
+    headers = {"content-type": "application/json"}
+    garbled = client.post("/webhook", content=b'{"action": "\xff"}', headers=headers)
+    assert garbled.status_code == 400 and "UTF-8" in garbled.json()["error"]
+    assert client.post("/setup", json={"project": 7, "schema": LABEL_CONFIG}).status_code == 200
+    unknown = client.get("/projects/7/tasks/99/thumbnail")
+    assert (
+        unknown.status_code == 404 and "task 99 of project 7 is unknown" in unknown.json()["error"]
+    )
