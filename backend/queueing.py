@@ -171,10 +171,12 @@ class QueueManager:
         studio = self.studio_for(project_id)
         if studio is None:
             return
+        known = {task_id for task_id, _ in self.store.list_tasks(project_id)}
         tasks = studio.list_tasks(project_id)
         self.store.upsert_tasks(
             project_id, [(int(t["id"]), dict(t.get("data") or {})) for t in tasks]
         )
+        self.store.remove_tasks(project_id, known - {int(t["id"]) for t in tasks})  # deleted
 
     def _labeled(self, project_id: int) -> list[int]:
         return sorted(

@@ -29,15 +29,19 @@ class ReconcileReport:
     new_tasks: tuple[int, ...]
     """Tasks the store did not hold: created while no webhook reached boxloop."""
     malformed: int
+    removed_tasks: int = 0
+    """Tasks the store held that Label Studio no longer lists (deleted there)."""
 
 
 def reconcile_project(
     store: Store, client: StudioClient, project_id: int, config: LabelConfig
 ) -> ReconcileReport:
+    known = {task_id for task_id, _ in store.list_tasks(project_id)}  # before the listing: a
+    # task a webhook records meanwhile is not in it, and not taken for one deleted
     rows = [(int(t["id"]), dict(t.get("data") or {})) for t in client.list_tasks(project_id)]
-    known = {task_id for task_id, _ in store.list_tasks(project_id)}
     store.upsert_tasks(project_id, rows)
     new_tasks = tuple(task_id for task_id, _ in rows if task_id not in known)
+    removed = store.remove_tasks(project_id, known - {task_id for task_id, _ in rows})
     # What a webhook stores after this point may be newer than Label Studio's answer: such rows
     # are neither replaced by the answer's older content nor tombstoned for missing from it.
     before = store.annotation_revision(project_id)
@@ -60,7 +64,9 @@ def reconcile_project(
     local = store.list_annotations(project_id)
     gone = [a.annotation_id for a in local if a.annotation_id not in remote_ids]
     tombstoned = store.delete_annotations(project_id, gone, keep_newer_than=before) if gone else 0
-    report = ReconcileReport(project_id, len(remote), changed, tombstoned, new_tasks, malformed)
+    report = ReconcileReport(
+        project_id, len(remote), changed, tombstoned, new_tasks, malformed, removed
+    )
     log.info("reconciled %s", report)
     return report
 

@@ -354,6 +354,29 @@ class Store:
             images.update((int(t), d.get(key) if isinstance(d, dict) else None) for t, d in rows)
         return key, images
 
+    def remove_tasks(self, project_id: int, task_ids: Iterable[int]) -> int:
+        """Forget tasks deleted in Label Studio, and their feature vectors; returns how many.
+
+        Kept, they stayed in orders and in search results (the index rebuilt without them once
+        their vectors are gone). Their annotations are Label Studio's to delete: a reconcile
+        tombstones the ones it no longer lists, and training skips a task without data."""
+        ids = sorted({int(t) for t in task_ids})
+        removed = 0
+        with self._tx() as conn:
+            for start in range(0, len(ids), 10_000):  # under SQLite's bound-parameter limit
+                chunk = ids[start : start + 10_000]
+                conn.execute(
+                    features.delete().where(
+                        (features.c.project_id == project_id) & features.c.task_id.in_(chunk)
+                    )
+                )
+                removed += conn.execute(
+                    tasks.delete().where(
+                        (tasks.c.project_id == project_id) & tasks.c.task_id.in_(chunk)
+                    )
+                ).rowcount
+        return removed
+
     def get_task_data(self, project_id: int, task_id: int) -> dict[str, Any] | None:
         with self._tx() as conn:
             row = conn.execute(

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from backend.box_queries import BoxQueryManager
@@ -155,3 +156,23 @@ def test_an_answer_drawn_on_a_resized_copy_is_matched_in_the_queries_frame(store
     counts = _manager(store).record_answer(1, 1)
     assert counts is not None and counts["confirmed"] == 1 and counts["background"] == 0
     assert _kinds(store) == [["confirmed"]]
+
+
+def test_a_reconcile_forgets_tasks_deleted_in_label_studio_not_ones_created_meanwhile(
+    store: Store,
+) -> None:
+    """Tasks deleted in Label Studio stayed in the store for good: in orders, and in search
+    results by their vectors. A task a TASKS_CREATED webhook records while the listing is in
+    flight is missing from the answer too, and stays."""
+    store.upsert_tasks(1, [(t, {"image": f"{t}.jpg"}) for t in (1, 2, 3)])
+    store.put_features(1, "search", [(t, np.ones(4, np.float32)) for t in (1, 2, 3)])
+
+    class Studio(_StudioAnsweringBeforeAWebhook):
+        def list_tasks(self, project_id: int) -> list[dict[str, Any]]:
+            store.upsert_tasks(1, [(4, {"image": "4.jpg"})])  # the webhook, mid-listing
+            return super().list_tasks(project_id)  # tasks 1 and 2: 3 was deleted
+
+    report = reconcile_project(store, Studio(store, [], []), 1, CONFIG)  # type: ignore[arg-type]
+    assert report.removed_tasks == 1
+    assert sorted(t for t, _ in store.list_tasks(1)) == [1, 2, 4]
+    assert store.get_features(1, "search")[0] == [1, 2]
