@@ -74,5 +74,33 @@ def test_start_up_reconcile_pulls_what_no_webhook_delivered(
         kept = service.store.list_annotations(image_project.id)
         assert [a.annotation_id for a in kept] == [first["id"]]
         assert service.store.annotation_counts(image_project.id)["deleted"] == 1
+
+        label_studio.client.tasks.delete(str(task.id))  # deleted in Label Studio: forgotten
+        reconcile()
+        assert sorted(t for t, _ in service.store.list_tasks(image_project.id)) == sorted(ids)
     finally:
         service.close()
+
+
+def test_a_utility_score_is_merged_into_the_tasks_data_in_label_studio(
+    label_studio: LabelStudioServer, image_project: ImageProject
+) -> None:
+    """The score goes into Label Studio's current data of the task: the rank an order pushed
+    since the caller's copy stays, a task deleted meanwhile is skipped, an unchanged score is not
+    written again."""
+    from backend.labelstudio.queue import write_task_fields
+
+    first, second = image_project.task_ids[:2]
+    sdk = label_studio.client
+    data = dict(sdk.tasks.get(str(first)).data)
+    sdk.tasks.update(str(first), data={**data, "boxloop_rank": "000000005120"})
+    sdk.tasks.delete(str(second))
+    score = {"boxloop_utility": 0.25}
+    written = write_task_fields(sdk, image_project.id, {first: score, second: score})
+    assert written == 1
+    assert dict(sdk.tasks.get(str(first)).data) == {
+        **data,
+        "boxloop_rank": "000000005120",
+        "boxloop_utility": 0.25,
+    }
+    assert write_task_fields(sdk, image_project.id, {first: score}) == 0
