@@ -22,9 +22,14 @@ from typing import Any
 
 import numpy as np
 
+from backend.ordering.greedy import exact_sq_distances
 from backend.ordering.strategies import SEARCH_ORDER, OrderResult, check_strategy, natural_key
 
 _BLOCK = 256
+#: Width, relative to a row's largest distance, of the band around the running minimum inside
+#: which :func:`_exact_running_min` recomputes distances exactly: well over the float32 error of
+#: :func:`_distances` (about ``sqrt(1e-7)`` of the vectors' scale for near-equal vectors).
+_EXACT_BAND = 1e-3
 
 
 def _distances(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -105,19 +110,42 @@ def extend_order(
             block = np.array(todo[s : s + _BLOCK], np.int64)
             table = _distances(feats, block)
             for r, x in enumerate(block.tolist()):
-                p, value = _greedy_position(table[r], cur, dist, x, frozen, strat)
+                to_items = _exact_running_min(table[r, np.asarray(cur, np.int64)], feats, cur, x)
+                p, value = _greedy_position(to_items, cur, dist, x, frozen, strat)
                 cur.insert(p, x)
                 dist.insert(p, value)
     return OrderResult(np.array(cur, np.int64), np.array(dist, np.float64))
 
 
+def _exact_running_min(
+    approx: np.ndarray, features: np.ndarray, cur: list[int], x: int
+) -> np.ndarray:
+    """``approx`` (distances of ``x`` to the items ``cur``) with every value that may set the
+    running minimum recomputed exactly, as the full order computes it (``exact_sq_distances``).
+
+    Why: the full order compares exact float64 distances, so a copy of an ordered image ties its
+    twin's pick distance and loses the tie by index; compared in float32 precision it won by
+    1e-8 and went in front of its twin. Values outside the band stay approximate: they are above
+    the running minimum whatever their error, so they never set it.
+    """
+    if not len(approx):
+        return approx
+    band = _EXACT_BAND * float(np.max(approx))
+    running = np.minimum.accumulate(approx)
+    near = np.flatnonzero(approx <= running + band)
+    exact = approx.copy()
+    rows = features[np.asarray(cur, np.int64)[near]]
+    exact[near] = np.sqrt(exact_sq_distances(rows, features[x]))
+    return exact
+
+
 def _greedy_position(
-    row: np.ndarray, cur: list[int], dist: list[float], x: int, frozen: int, strategy: str
+    to_items: np.ndarray, cur: list[int], dist: list[float], x: int, frozen: int, strategy: str
 ) -> tuple[int, float]:
-    """First open position where ``x`` would have won the greedy step, and its distance there."""
+    """First open position where ``x`` would have won the greedy step, and its distance there;
+    ``to_items``: its distances to the items of ``cur``."""
     if not cur:
         return 0, float("nan")
-    to_items = row[np.asarray(cur, np.int64)]
     before = np.empty(len(cur) + 1)
     before[0] = np.inf
     np.minimum.accumulate(to_items, out=before[1:])  # before[p] = distance of x to cur[:p]

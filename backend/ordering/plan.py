@@ -207,6 +207,30 @@ def set_view_id(store: Store, plan: OrderPlan, view_id: int | None) -> OrderPlan
     )
 
 
+def _without_removed_tasks(store: Store, plan: OrderPlan) -> OrderPlan:
+    """``plan`` without the tasks the store no longer holds (deleted in Label Studio, forgotten
+    at a reconcile): their vectors are gone, and placing new tasks failed on them for good. The
+    others keep their order and pick distances (an approximation after the first removed one,
+    as for an insertion)."""
+    held = {t for t, _ in store.list_tasks(plan.project_id)}
+    keep = [i for i, t in enumerate(plan.task_ids) if t in held]
+    if len(keep) == len(plan.task_ids):
+        return plan
+    order = [plan.task_ids[i] for i in keep]
+    distance = [plan.distance[i] for i in keep]
+    missing = [t for t in plan.missing_features if t in held]
+    params = {
+        **plan.params,
+        "ranks": [plan.ranks[t] for t in order],
+        "distance": distance,
+        "missing_features": missing,
+    }
+    ranks = {t: plan.ranks[t] for t in order}
+    return OrderPlan(
+        plan.project_id, plan.strategy, order, ranks, distance, params, plan.view_id, missing
+    )
+
+
 def place_new_tasks(
     store: Store,
     project_id: int,
@@ -223,19 +247,21 @@ def place_new_tasks(
     plan = load_plan(store, project_id)
     if plan is None:
         raise ValueError(f"project {project_id} has no stored order; build one first")
+    plan = _without_removed_tasks(store, plan)
     p = plan.params
     in_order = set(plan.task_ids)
     new = sorted({int(t) for t in new_task_ids} - in_order)
     if not new:
         return plan, []
+    missing_before = set(plan.missing_features)
+    known_missing = [t for t in plan.task_ids if t in missing_before]
+    placed = [t for t in plan.task_ids if t not in missing_before]
+    placed_dist = [plan.distance[i] for i, t in enumerate(plan.task_ids) if t not in missing_before]
+    # the labelled prefix, in ``placed``: counted in the whole order, a labelled task without
+    # features (at the end) froze every position and new tasks went last
     labeled = {int(t) for t in labeled_task_ids}
-    positions = [i for i, t in enumerate(plan.task_ids) if t in labeled]
+    positions = [i for i, t in enumerate(placed) if t in labeled]
     frozen = max(int(p.get("n_start") or 0), positions[-1] + 1 if positions else 0)
-    known_missing = [t for t in plan.task_ids if t in set(plan.missing_features)]
-    placed = [t for t in plan.task_ids if t not in set(plan.missing_features)]
-    placed_dist = [
-        plan.distance[i] for i, t in enumerate(plan.task_ids) if t not in set(plan.missing_features)
-    ]
     universe = placed + new
     ids, feats, _missing_new = _load(
         store, project_id, plan.strategy, p.get("extractor"), p.get("pca_dim"), universe
