@@ -287,9 +287,9 @@ class BoxQueryManager:
 
     # ------------------------------------------------------------------ answers
     def record_answer(self, project_id: int, task_id: int) -> dict[str, int] | None:
-        """Resolve the task's open queries, in every episode that asked them, against the task's
-        newest annotation (the one training takes); returns the counts of this answer, or None
-        when no query was open.
+        """Resolve the task's queries, in every episode that asked them, against the task's
+        newest annotation (the one training takes), again when that annotation is updated;
+        returns the counts of this answer, or None when the task was not asked.
 
         An empty annotation (the annotator deleted every box shown) answers too: each query is
         background. Answers are matched in the queries' frame (see :func:`_in_frame`)."""
@@ -310,7 +310,9 @@ class BoxQueryManager:
         drawn = 0
         resolved: list[int] = []
         for number, params, queries in episodes:
-            mine = [i for i, q in enumerate(queries) if q["task"] == task_id and q["kind"] is None]
+            # answered ones too: an update of the answer resolves them again (they kept the
+            # first answer's kinds, though training takes the newest annotation)
+            mine = [i for i, q in enumerate(queries) if q["task"] == task_id]
             if not mine:
                 continue
             label_now = episode_label_map(params, project.labels)

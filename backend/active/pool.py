@@ -216,7 +216,9 @@ def box_features_at(
     batch_size: int = 8,
 ) -> list[np.ndarray]:
     """Core-set features of given boxes (e.g. the labelled ones, L_B), one ``(M_i, D)`` array
-    per image, pooled like :func:`predict_pool`'s on the level their size picks."""
+    per image, pooled like :func:`predict_pool`'s on the level their size picks. Boxes measured
+    on another copy of the image (their ``image_size``: Label Studio's ``original_width``) are
+    scaled to the image first: taken as they were, they pooled the wrong place."""
     model.eval()
     out: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
@@ -224,7 +226,9 @@ def box_features_at(
         tensors, ratios = zip(*(letterbox_tensor(im, input_hw) for im in chunk), strict=True)
         _, stems = model.forward_with_stems(torch.stack(list(tensors)))
         for j, r in enumerate(ratios):
-            given = boxes[start + j]
+            given, image = boxes[start + j], chunk[j]
+            if given.image_size != image.size and len(given):
+                given = given.scaled(image.width / given.width, image.height / given.height)
             xyxy = torch.from_numpy(given.xyxy.astype(np.float32)).reshape(-1, 4) * float(r)
             side = (
                 (xyxy[:, 2] - xyxy[:, 0]).clamp(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clamp(min=0)

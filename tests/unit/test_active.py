@@ -310,3 +310,20 @@ def test_the_pool_keeps_boxes_above_t_d_and_tops_up_to_k_while_scores_are_low() 
     assert pool_members(pool, 0.1, 4).tolist() == [0, 1, 2, 4]  # topped up by score
     eligible = np.array([False, True, True, True, True])
     assert pool_members(pool, 0.1, 3, eligible=eligible).tolist() == [0, 1, 2, 4]
+
+
+def test_labelled_box_features_follow_the_boxes_frame() -> None:
+    """Boxes measured on another copy of the image (Label Studio's ``original_width``) were
+    pooled as if in the loaded image's pixels: the core-set's starting list held the features
+    of other places."""
+    torch.manual_seed(0)
+    model = YoloxNano(num_classes=3).eval()
+    pixels = np.random.default_rng(0).integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    here = Boxes(np.array([[10, 10, 60, 50]], np.float32), np.array([0]), (160, 90))
+    twice_as_big = Boxes(np.array([[20, 20, 120, 100]], np.float32), np.array([0]), (320, 180))
+    a, b = (
+        box_features_at(model, [image], [boxes], (96, 160))[0] for boxes in (here, twice_as_big)
+    )
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert np.linalg.norm(a) > 1e-4  # a feature, not an empty pool

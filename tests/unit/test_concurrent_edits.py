@@ -176,3 +176,18 @@ def test_a_reconcile_forgets_tasks_deleted_in_label_studio_not_ones_created_mean
     assert report.removed_tasks == 1
     assert sorted(t for t, _ in store.list_tasks(1)) == [1, 2, 4]
     assert store.get_features(1, "search")[0] == [1, 2]
+
+
+def test_an_updated_answer_resolves_its_queries_again(store: Store) -> None:
+    """The queries kept the first answer's kinds: an empty first submission made the query
+    background, and the update that kept the box (the annotation training takes) changed nothing.
+    """
+    params = {"labels": ["Square", "Disc"], "unqueried": []}
+    store.add_box_episode(1, params, [{**_query(1, 1), "size": [320, 240], "kind": None}])
+    ingest_annotation(store, 1, CONFIG, {"id": 11, "task": 1, "result": []})
+    _manager(store).record_answer(1, 1)
+    assert _kinds(store) == [["background"]]
+    ingest_annotation(store, 1, CONFIG, _annotation(11, 1, "Square", (10, 10, 60, 60)))
+    counts = _manager(store).record_answer(1, 1)
+    assert counts is not None and counts["confirmed"] == 1
+    assert _kinds(store) == [["confirmed"]]
