@@ -95,8 +95,11 @@ sys.exit(worker.main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("entry", ["worker", "cli"])
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    ("entry", "signum"),
+    [("worker", signal.SIGTERM), ("worker", signal.SIGHUP), ("cli", signal.SIGTERM)],
+    ids=["worker-SIGTERM", "worker-SIGHUP", "cli-SIGTERM"],
+)
 def test_a_worker_stopped_by_a_signal_marks_its_run_interrupted(
     tmp_path: Path, signum: signal.Signals, entry: str
 ) -> None:
