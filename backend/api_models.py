@@ -222,7 +222,12 @@ class Prediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    results: list[Prediction] = Field(..., description="One per task, in order.")
+    results: list[Prediction | list[Prediction]] = Field(
+        ...,
+        description="One per task, in order. A task that failed (listed under `errors`) gets an "
+        "empty list: Label Studio then stores no prediction for it and asks again later, where an "
+        "empty prediction of this model version would be kept as the task's pre-annotation.",
+    )
     model_version: str | None
     errors: list[TaskError] = Field(
         default_factory=list, description="Present when some tasks failed (each failed alone)."

@@ -363,7 +363,9 @@ def create_app(settings: Settings | None = None, service: BoxloopService | None 
             return _error(worst, str(failed[0].error), errors=errors)
         version = predictions[0].model_version if predictions else None
         content: dict[str, Any] = {
-            "results": [p.to_json() for p in predictions],
+            # a failed task gets no prediction ([]), not an empty one of this version: Label
+            # Studio keeps that and never asks for the task again at this version
+            "results": [[] if p.error is not None else p.to_json() for p in predictions],
             "model_version": version,
         }
         if errors:

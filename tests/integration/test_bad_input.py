@@ -89,6 +89,8 @@ def test_a_decompression_bomb_fails_its_task_alone_with_413(
     body = answer.json()
     assert len(body["results"]) == 3
     assert [e["task"] for e in body["errors"]] == [2]
+    assert body["results"][1] == []  # no prediction: an empty one would be kept for good
+    assert body["results"][0]["result"] is not None
     assert body["errors"][0]["status"] == 413
     assert "400.0 megapixels" in body["errors"][0]["error"]
     assert "decompression bomb" in body["errors"][0]["error"]
