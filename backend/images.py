@@ -292,6 +292,11 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
             http.close()
 
 
+#: Paths Label Studio serves (uploads, local storage, the newer storage route); any other
+#: absolute path is a local file, held to the allowed roots (one under a ``/data`` volume too).
+_STUDIO_PATHS = ("/data/upload/", "/data/local-files", "/storage-data/")
+
+
 def read_image_bytes(
     reference: str, source: ImageSource, *, client: httpx.Client | None = None
 ) -> bytes:
@@ -308,7 +313,7 @@ def read_image_bytes(
         return _fetch_http(reference, source, name, client)
     if parsed.scheme == "file":
         return _read_local(Path(unquote(parsed.path)), source, name)
-    if reference.startswith("/data/"):
+    if reference.startswith(_STUDIO_PATHS):
         if not source.label_studio_url:
             raise ImageForbidden(
                 f"{name}: a Label Studio path, but no Label Studio URL is known (set "

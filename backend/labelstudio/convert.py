@@ -201,6 +201,9 @@ def regions_to_boxes(
                 f"boxes of <RectangleLabels name={config.from_name!r}>, the label config's first "
                 "(merge the box controls into one to train on all of them)"
             )
+        if region.get("type") == "rectangle":  # the control's own box without its label:
+            # skipped, its object trained as "no object"
+            raise AnnotationParseError("rectangle region has no label")
         if region.get("type") != "rectanglelabels" or region.get("from_name") != config.from_name:
             continue
         value = region.get("value")
@@ -309,4 +312,4 @@ def prediction_of(
     label indices). ``/predict`` and bulk pre-annotation both serve this."""
     regions = boxes_to_regions(boxes, config, labels)
     served = boxes[[i for i, name in enumerate(boxes.labels) if labels[int(name)] in config.labels]]
-    return regions, task_score(served)
+    return regions, task_score(served.clipped())  # the boxes sent: a box outside the image is not

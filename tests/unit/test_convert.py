@@ -242,3 +242,26 @@ def test_a_control_over_several_images_is_an_error_not_a_silent_pick() -> None:
     )
     with pytest.raises(LabelConfigError, match=r"several images \('left', 'right'\)"):
         parse_label_config(xml)
+
+
+def test_a_box_of_the_control_without_its_label_is_an_error_not_background() -> None:
+    """A ``rectangle`` region of the project's control was skipped (its object trained as no
+    object), while the same box with ``rectanglelabels: []`` was an error."""
+    config = parse_label_config(LABEL_CONFIG)
+    bare = {**_square(), "type": "rectangle"}
+    with pytest.raises(AnnotationParseError, match="no label"):
+        regions_to_boxes([_square(), bare], config, (100, 100))
+
+
+def test_the_task_score_is_that_of_the_boxes_sent() -> None:
+    """A box wholly outside the image is not sent, but its score was averaged in: one box of 0.9
+    sent, task score 0.5 (the score Uncertainty sampling orders by)."""
+    config = parse_label_config(LABEL_CONFIG)
+    boxes = Boxes(
+        np.array([[10, 10, 40, 40], [200, 200, 260, 260]], np.float32),
+        np.array([0, 0]),
+        (100, 100),
+        np.array([0.9, 0.1], np.float32),
+    )
+    regions, score = prediction_of(boxes, config, list(config.labels))
+    assert len(regions) == 1 and score == pytest.approx(0.9)

@@ -12,6 +12,7 @@ from PIL import Image
 from backend.images import (
     ImageDecodeError,
     ImageError,
+    ImageFetchError,
     ImageForbidden,
     ImageNotFound,
     ImageSource,
@@ -176,3 +177,16 @@ def test_image_hosts_allow_list() -> None:
         load_image("/data/upload/1/x.png", source)
     with pytest.raises(ImageForbidden, match="BOXLOOP_ALLOWED_IMAGE_HOSTS"):
         load_image("http://10.0.0.1:8080/data/upload/1/x.png", source)
+
+
+def test_an_absolute_path_under_data_is_a_local_file_unless_label_studio_serves_it(
+    tmp_path: Path,
+) -> None:
+    """Every path under ``/data/`` was sent to Label Studio (with the token), so images under a
+    ``/data`` volume (the Docker image's data directory) were never read from disk; only Label
+    Studio's own routes go there."""
+    source = ImageSource("http://127.0.0.1:9", "t0ken", (tmp_path,))
+    with pytest.raises(ImageForbidden, match="outside the allowed roots"):
+        load_image("/data/frames/a.png", source)  # a local file: held to the roots, not fetched
+    with pytest.raises(ImageFetchError):  # Label Studio's route: fetched (nothing listens on 9)
+        load_image("/data/upload/1/a.png", source)
