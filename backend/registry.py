@@ -205,7 +205,7 @@ class ModelRegistry:
         path = self.settings.resolved_onnx_model_path
         if path is None:
             return None
-        coco, names = load_coco_yolox_nano(Path(path))
+        coco, names = load_coco_yolox_nano(Path(path), self.settings.resolved_onnx_class_names_path)
         version = self.current(project_id, labels).version
         return version, initial_yolox(coco, names, list(labels)), None
 

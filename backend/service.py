@@ -159,11 +159,13 @@ class BoxloopService:
         return self.models.current(project_id, labels)
 
     def _on_new_version(self, project_id: int, version: str) -> None:
-        """A training job finished: swap a promoted version in; a rejected one changes nothing."""
+        """A training job finished: swap a promoted version in; a rejected one changes nothing
+        but the pruning (``swap_in`` prunes after a promotion; rejected candidates piled up)."""
         if not self.models.swap_in(project_id, version):
             log.info(
                 "project %s: %s was not promoted, the serving version stays", project_id, version
             )
+            self.models.prune(project_id)
             self.maybe_schedule_training(project_id)
             return
         order = self.store.get_order(project_id)

@@ -106,7 +106,11 @@ class Settings(BaseSettings):
         description="Inference-only COCO ONNX detector (YOLOX) used before the first training; "
         "unset: the model `boxloop models fetch` put in the data dir, if there.",
     )
-    onnx_class_names_path: Path | None = None
+    onnx_class_names_path: Path | None = Field(
+        None,
+        description="The ONNX model's class names, one a line in output order; unset: "
+        "coco_classes.txt beside the model. Serving and training both read it.",
+    )
     pretrained_input: Literal["square", "aspect"] = Field(
         "square",
         description="How the COCO model letterboxes an image before the first training: square "
@@ -148,7 +152,7 @@ class Settings(BaseSettings):
     yolox_backbone_lr_mult: float = Field(0.1, ge=0)
     yolox_neck_lr_mult: float = Field(0.3, ge=0)
     yolox_image_visits: int = Field(
-        600, description="Images a round sees in all; epochs = visits / images, clamped."
+        600, ge=1, description="Images a round sees in all; epochs = visits / images, clamped."
     )
     yolox_min_epochs: int = Field(8, ge=1)
     yolox_max_epochs: int = Field(30, ge=1)
@@ -161,13 +165,17 @@ class Settings(BaseSettings):
         "neither trained on.",
     )
     yolox_input_area: int = Field(
-        416 * 416, description="Letterbox area; its shape follows the images' aspect ratio."
+        416 * 416, ge=1, description="Letterbox area; its shape follows the images' aspect ratio."
     )
     gate_validation_fraction: float = Field(
-        0.2, description="Annotated tasks a training round holds back to judge its candidate."
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Annotated tasks a training round holds back to judge its candidate.",
     )
     gate_cv_below: int = Field(
         30,
+        ge=0,
         description="Below this many annotated tasks, judge by 2-fold cross-validation: a "
         "held-back slice would hold under 6 tasks, too few for the gate's test to show a gain.",
     )
@@ -311,6 +319,17 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _epoch_clamp_in_order(self) -> Settings:
+        """``[yolox_min_epochs, yolox_max_epochs]`` must be a range: the other way round was
+        accepted here and then failed every training job (``YoloxTrainConfig`` refuses it)."""
+        if self.yolox_min_epochs > self.yolox_max_epochs:
+            raise ValueError(
+                f"BOXLOOP_YOLOX_MIN_EPOCHS ({self.yolox_min_epochs}) is above "
+                f"BOXLOOP_YOLOX_MAX_EPOCHS ({self.yolox_max_epochs})"
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -338,6 +357,21 @@ class Settings(BaseSettings):
             return self.onnx_model_path
         fetched = self.fetched_onnx_model_path
         return fetched if fetched.is_file() else None
+
+    @property
+    def resolved_onnx_class_names_path(self) -> Path | None:
+        """The class names of :attr:`resolved_onnx_model_path`'s outputs:
+        ``onnx_class_names_path`` when set, else ``coco_classes.txt`` beside the model; ``None``
+        without a model.
+
+        The one place that decides it, for serving and training alike: training read the file
+        beside the model whatever the setting said, so it failed where serving worked, or copied
+        the wrong COCO rows into the class head from a file beside the model in another order.
+        """
+        model = self.resolved_onnx_model_path
+        if model is None:
+            return None
+        return self.onnx_class_names_path or Path(model).parent / "coco_classes.txt"
 
 
 class SettingsError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,8 @@ from PIL import Image
 from backend.active import noisy_box_weights
 from backend.box_queries import unverified_boxes
 from backend.boxes import Boxes
+from backend.detectors.fasterrcnn import resolve_arch
+from backend.detectors.versions import read_metadata
 from backend.detectors.yolox import load_coco_yolox_nano
 from backend.images import (
     ImageError,
@@ -325,7 +328,9 @@ def _train_yolox_round(
             "training yolox_nano needs the COCO YOLOX-Nano ONNX model: run `boxloop models fetch` "
             "or set BOXLOOP_ONNX_MODEL_PATH"
         )
-    coco_model, coco_names = load_coco_yolox_nano(Path(onnx_path))
+    coco_model, coco_names = load_coco_yolox_nano(
+        Path(onnx_path), settings.resolved_onnx_class_names_path
+    )
     init = initial_yolox(coco_model, coco_names, config.labels)
     init_trained_on: frozenset[int | str] = frozenset()
     gate = GateConfig.from_settings(settings)
@@ -377,18 +382,37 @@ def _train_torchvision(
     metadata: dict[str, Any],
     progress: ProgressFn,
 ) -> dict[str, Any]:
-    """Fine-tune a torchvision detector, warm-started from the previous version (no gate: the
-    ImageNet Faster R-CNN is the benchmark's comparison row, kept as it was)."""
-    previous = store.latest_model_version(project_id)
-    init: torch.nn.Module | None = None
-    if previous is not None and list(previous.labels) == list(config.labels):
-        try:
-            init, _ = load_model_version(Path(previous.path))
-        except (FileNotFoundError, ValueError, RuntimeError):
-            init = None
+    """Fine-tune a torchvision detector, warm-started from the serving version when it can be
+    (:func:`torchvision_warm_start`; no gate: the ImageNet Faster R-CNN is the benchmark's
+    comparison row, kept as it was)."""
     train_config = TrainConfig.from_settings(settings)
+    init = torchvision_warm_start(settings, store, project_id, config.labels, train_config.arch)
     model = train_detector(
         gathered.samples, list(config.labels), train_config, init=init, progress=progress
     )
     save_model_version(model, directory, {**metadata, "train_config": train_config.to_dict()})
     return {"status": "promoted", "reason": "no gate for torchvision detectors"}
+
+
+def torchvision_warm_start(
+    settings: Settings, store: Store, project_id: int, labels: Sequence[str], arch: str
+) -> torch.nn.Module | None:
+    """The serving version of ``project_id`` to continue from, when it is an ``arch`` model of
+    ``labels``; else None (train a fresh one).
+
+    Why the serving version only, and only of the configured architecture: the newest version
+    was taken, even a rejected one, so after YOLOX rounds a switch of ``BOXLOOP_DETECTOR`` to a
+    torchvision detector fed a YOLOX model to its loop and every job failed (and a Faster R-CNN
+    of another backbone would have trained on as that backbone, not the one configured).
+    """
+    record = ModelRegistry(settings, store).serving_record(project_id)
+    if record is None or list(record.labels) != list(labels):
+        return None
+    try:
+        stored = read_metadata(Path(record.path)).get("arch")
+        if not isinstance(stored, dict) or stored.get("arch") != resolve_arch(arch):
+            log.info("%s is no %s model: training a fresh one", record.version, arch)
+            return None
+        return load_model_version(Path(record.path))[0]
+    except (FileNotFoundError, ValueError, RuntimeError):
+        return None

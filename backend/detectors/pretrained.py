@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 PretrainedInput = Literal["square", "aspect"]
 
 
-def dynamic_model_path(onnx_path: Path, cache_dir: Path) -> Path:
-    """``onnx_path``'s weights exported with dynamic height and width (cached in ``cache_dir``).
+def dynamic_model_path(
+    onnx_path: Path, cache_dir: Path, class_names_path: Path | None = None
+) -> Path:
+    """``onnx_path``'s weights exported with dynamic height and width (cached in ``cache_dir``);
+    ``class_names_path`` as for :func:`~backend.detectors.yolox.load_coco_yolox_nano`.
 
     The export runs in a child process: loading the PyTorch model and tracing it leave about
     180 MiB in a process's heap that it never hands back (``benchmark/aspect_memory.py``), and
@@ -48,10 +51,11 @@ def dynamic_model_path(onnx_path: Path, cache_dir: Path) -> Path:
     if target.is_file():
         return target
     partial = target.with_suffix(f".{os.getpid()}.partial")
+    names = str(class_names_path) if class_names_path else None
     spawn = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
-            child.submit(_export_dynamic, str(onnx_path), str(partial)).result()
+            child.submit(_export_dynamic, str(onnx_path), names, str(partial)).result()
         partial.replace(target)  # atomic: a concurrent loader sees the whole file or none
     finally:
         partial.unlink(missing_ok=True)
@@ -59,10 +63,10 @@ def dynamic_model_path(onnx_path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _export_dynamic(onnx_path: str, out: str) -> None:
+def _export_dynamic(onnx_path: str, class_names: str | None, out: str) -> None:
     """In the child process: import the ONNX file's weights and export them, H and W dynamic."""
     try:
-        model, _ = load_coco_yolox_nano(Path(onnx_path))
+        model, _ = load_coco_yolox_nano(Path(onnx_path), Path(class_names) if class_names else None)
     except DecodeError as exc:  # onnx.load of a file that is not a protobuf
         raise ValueError(f"{onnx_path} is not an ONNX model: {exc}") from None
     export_onnx(model, Path(out), (416, 416), dynamic_hw=True)
@@ -77,9 +81,13 @@ def load_pretrained(
     if path is None:
         return None
     path = Path(path)
-    class_names = settings.onnx_class_names_path or path.parent / "coco_classes.txt"
+    class_names = settings.resolved_onnx_class_names_path
     follow_aspect = settings.pretrained_input == "aspect"
-    served = dynamic_model_path(path, settings.models_dir / "pretrained") if follow_aspect else path
+    served = (
+        dynamic_model_path(path, settings.models_dir / "pretrained", class_names)
+        if follow_aspect
+        else path
+    )
     detector = OnnxYoloxDetector.from_path(
         served,
         class_names,

@@ -193,9 +193,10 @@ def load_version_detector(
 
     YOLOX versions are served from their ``model.onnx`` through onnxruntime (the pretrained
     model's path, several times faster than eager PyTorch here) at the score threshold the
-    promotion gate chose for them (``metadata["score_threshold"]``; a version that saves no
-    time at any threshold has ``serves_boxes`` false and predicts nothing). ``score_floor``
-    overrides the threshold (the gate scores candidates down to a low floor).
+    promotion gate chose for them (``metadata["score_threshold"]``; a version that costs more
+    than drawing by hand at every threshold has ``serves_boxes`` false and predicts nothing; a
+    tie serves). ``score_floor`` overrides the threshold (the gate scores candidates down to a
+    low floor).
     """
     metadata = read_metadata(directory)
     version = str(metadata.get("version") or Path(directory).name)

@@ -67,7 +67,8 @@ class ValidationScore:
             ``W_T`` (ties go to the higher one), or with ``prefer_threshold`` given, the one
             nearest to it among those within one standard error of that least ``W_T`` (see
             :func:`score_predictions`).
-        beats_manual: whether ``W_T`` at ``best_threshold`` is below ``w_manual``.
+        beats_manual: whether ``W_T`` at ``best_threshold`` is below ``w_manual`` (strictly;
+            whether the version sends boxes at all is :attr:`serves_boxes`).
     """
 
     map50: float
@@ -78,6 +79,22 @@ class ValidationScore:
     thresholds: tuple[ThresholdScore, ...]
     best_threshold: float
     beats_manual: bool
+
+    @property
+    def serves_boxes(self) -> bool:
+        """Whether a version scored so sends boxes: unless its best threshold costs the
+        annotator more than drawing by hand (``W_T`` above ``w_manual``).
+
+        A tie serves. On a slice with no box to draw (``w_manual`` 0) sending none is a tie and
+        the best any model can do there; the strict :attr:`beats_manual` turned boxes off for
+        every version scored on such a slice, so a promoted one sent nothing on any image, on
+        the evidence of images with nothing to find. With boxes to draw, a tie costs what
+        drawing by hand does (even one that sends no box: then nothing is lost either way).
+        :func:`score_predictions` never lets its one-standard-error rule pick a threshold that
+        costs more than drawing by hand when another does not, so this is false only when every
+        threshold does.
+        """
+        return self.best.w_t <= self.w_manual
 
     @property
     def best(self) -> ThresholdScore:
@@ -140,7 +157,11 @@ def score_predictions(
     the paired per-image differences is as good as the least, and of those the one nearest to
     ``prefer_threshold`` wins. On four images, the least-``W_T`` threshold is often an
     accident of one image (the grid of issue 12 served a version at 0.05 that way); on hundreds,
-    the standard error shrinks and the rule picks the least.
+    the standard error shrinks and the rule picks the least. It picks only among thresholds
+    that cost no more than drawing by hand (``W_T ≤ w_manual``) when the least does: on a slice
+    without boxes, a threshold with one false box on one image is within one standard error of
+    none at all, and the version would otherwise send no boxes
+    (:attr:`ValidationScore.serves_boxes`).
 
     Raises ``ValueError`` on mismatched lengths or image sizes, predictions without scores, or
     no or repeated or out-of-range score thresholds.
@@ -180,7 +201,8 @@ def score_predictions(
         )
     best = min(entries, key=lambda e: (e.w_t, -e.score_threshold))
     if prefer_threshold is not None:
-        best = _one_standard_error(entries, best, prefer_threshold)
+        affordable = [e for e in entries if e.w_t <= w_manual] if best.w_t <= w_manual else entries
+        best = _one_standard_error(affordable, best, prefer_threshold)
     return ValidationScore(
         map50=mean_ap.map50,
         map=mean_ap.map50_95,

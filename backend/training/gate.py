@@ -48,7 +48,8 @@ candidate that continues from the serving version (``Settings.yolox_warm_start``
 default) would otherwise be judged on images both models trained on.
 
 A promoted version serves at its chosen threshold; one whose best threshold still costs more
-than drawing by hand serves no boxes (``serves_boxes`` false). In a cross-validation round the
+than drawing by hand serves no boxes (``serves_boxes`` false; a tie serves, see
+:attr:`~backend.scoring.ValidationScore.serves_boxes`). In a cross-validation round the
 threshold was chosen on the fold models' scores. With ``calibration_images`` set and unannotated
 images given, the round serves the candidate at the score that keeps as many boxes on them as
 the fold models kept at the chosen threshold (:mod:`backend.training.calibration`; off by
@@ -541,7 +542,7 @@ def run_round(
         candidate_score=candidate_score,
         serving_score=serving_score,
         threshold=threshold,
-        serves_boxes=threshold_score.beats_manual,
+        serves_boxes=threshold_score.serves_boxes,
         input_hw=hw,
         n_train=n_train,
         n_validation=len(val_index),

@@ -544,3 +544,59 @@ def test_a_warm_start_keeps_what_its_starting_point_saw_out_of_the_scoring(
     )  # fmt: skip
     validated = set(range(10)) - set(sliced.trained_on)
     assert validated and not validated & seen and seen <= set(sliced.trained_on)
+
+
+# ------------------------------------------------------------------ serving boxes at all
+def test_a_tie_with_drawing_by_hand_serves_boxes() -> None:
+    """Boxes are off only when every threshold costs more than drawing by hand."""
+    # a slice without boxes: sending none ties drawing by hand (0 = 0), the best any model can do
+    empty = [Boxes.empty((100, 100)) for _ in range(4)]
+    quiet = [Boxes.empty((100, 100), with_scores=True)] * 3
+    negatives = score_predictions(
+        empty,
+        [_boxes([(60, 60, 90, 90, 1, 0.4)]), *quiet],  # one false box, at 0.4, on one image
+        ["a", "b"],
+        score_thresholds=THRESHOLDS,
+        prefer_threshold=0.3,
+    )
+    # 0.3 is within one standard error of the least (half a box on one image of four), but it
+    # costs more than drawing by hand and 0.5 does not
+    assert negatives.best_threshold == 0.5 and negatives.best.w_t == 0 == negatives.w_manual
+    assert negatives.serves_boxes and not negatives.beats_manual
+    # with a box to draw: finding nothing (or one right and two false boxes) ties, and serves
+    one = [_gt([(10, 10, 40, 40, 0)])]
+    assert _score([Boxes.empty((100, 100), with_scores=True)], one).serves_boxes
+    mixed = _boxes([(10, 10, 40, 40, 0, 0.9), (50, 0, 99, 30, 1, 0.9), (0, 50, 30, 99, 1, 0.9)])
+    tie = _score([mixed], [_gt([(10, 10, 40, 40, 0), (60, 60, 90, 90, 1)])])
+    assert tie.best.w_t == tie.w_manual == 2 and tie.serves_boxes
+    # a false box above every threshold: each costs more than drawing the one box by hand
+    worse = _score([_boxes([(60, 60, 90, 90, 1, 0.9)])], one)
+    assert worse.best.w_t == 1.5 and not worse.serves_boxes
+
+
+def test_a_version_promoted_on_a_slice_without_boxes_serves_boxes(tmp_path: Path) -> None:
+    """Every slice image has no box; the serving model draws a false one on each. The candidate
+    draws none there, wins (W_B 0 against 4) and must then serve at its threshold: recorded
+    ``serves_boxes`` false, it sent nothing on any image until another version was promoted."""
+    gate = GateConfig(cv_below=2, sign_flip_samples=50)
+    labeled = _rectangle_images(12)
+    _, slice_index = validation_split([item.key for item in labeled], gate)
+    labeled = [
+        dataclasses.replace(item, boxes=Boxes.empty((64, 64))) if i in slice_index else item
+        for i, item in enumerate(labeled)
+    ]
+
+    def serving(images: list[Image.Image]) -> list[Boxes]:
+        return [
+            Boxes(np.array([[5, 5, 30, 30]], np.float32), np.array([0]), im.size,
+                  np.array([0.9], np.float32))
+            for im in images
+        ]  # fmt: skip
+
+    outcome = _tiny_round(
+        tmp_path, labeled, _tiny_config(4, max_epochs=1), gate, serving_predict=serving
+    )
+    assert outcome.promoted and outcome.candidate_score.w_manual == 0
+    assert outcome.serves_boxes and outcome.metrics()["serves_boxes"]
+    detector = load_version_detector(tmp_path / "v1", Settings(data_dir=tmp_path / "data"))
+    assert detector.score_threshold == outcome.threshold < 1  # type: ignore[attr-defined]

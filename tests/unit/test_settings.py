@@ -9,6 +9,8 @@ import pytest
 
 from backend.cli import main
 from backend.settings import SettingsError, load_settings
+from backend.training.gate import GateConfig
+from backend.training.yolox_train import YoloxTrainConfig, input_shape_for
 
 
 @pytest.mark.parametrize(
@@ -93,6 +95,57 @@ def test_the_cli_reports_bad_settings_and_refusals_in_one_line(
     monkeypatch.setenv("BOXLOOP_FEATURE_EXTRACTOR", "imgnet_vgg99")
     assert main(["openapi"]) == 2
     assert "BOXLOOP_FEATURE_EXTRACTOR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BOXLOOP_GATE_VALIDATION_FRACTION": "1.5"}, "BOXLOOP_GATE_VALIDATION_FRACTION"),
+        ({"BOXLOOP_GATE_VALIDATION_FRACTION": "0"}, "BOXLOOP_GATE_VALIDATION_FRACTION"),
+        ({"BOXLOOP_GATE_CV_BELOW": "-3"}, "BOXLOOP_GATE_CV_BELOW"),
+        ({"BOXLOOP_YOLOX_IMAGE_VISITS": "0"}, "BOXLOOP_YOLOX_IMAGE_VISITS"),
+        ({"BOXLOOP_YOLOX_INPUT_AREA": "0"}, "BOXLOOP_YOLOX_INPUT_AREA"),
+        (
+            {"BOXLOOP_YOLOX_MIN_EPOCHS": "40"},
+            r"MIN_EPOCHS \(40\) is above BOXLOOP_YOLOX_MAX_EPOCHS",
+        ),
+        (
+            {"BOXLOOP_YOLOX_MIN_EPOCHS": "3", "BOXLOOP_YOLOX_MAX_EPOCHS": "2"},
+            "is above BOXLOOP_YOLOX_MAX_EPOCHS",
+        ),
+    ],
+)
+def test_training_settings_out_of_range_stop_boxloop_at_start(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    """They were accepted at start, and then every training job failed on them (the gate's
+    and the YOLOX trainer's configs refuse them)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=message):
+        load_settings()
+    monkeypatch.setenv("BOXLOOP_DATA_DIR", str(tmp_path / "data"))
+    assert main(["openapi"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_the_training_settings_bounds_are_what_training_accepts(tmp_path: Path) -> None:
+    """Every value at a bound is one the round's configs take."""
+    settings = load_settings(
+        data_dir=tmp_path,
+        gate_validation_fraction=0.99,
+        gate_cv_below=0,
+        yolox_image_visits=1,
+        yolox_min_epochs=5,
+        yolox_max_epochs=5,
+        yolox_input_area=1,
+    )
+    GateConfig.from_settings(settings)
+    assert input_shape_for([(640, 480)], YoloxTrainConfig.from_settings(settings)) == (224, 224)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "2147483648", "seven"])

@@ -118,14 +118,22 @@ def _num_classes(graph: onnx.GraphProto) -> int:
     return int(dims[2].dim_value) - 5
 
 
-def load_coco_yolox_nano(onnx_path: Path) -> tuple[YoloxNano, list[str]]:
+def load_coco_yolox_nano(
+    onnx_path: Path, class_names_path: Path | None = None
+) -> tuple[YoloxNano, list[str]]:
     """The shared COCO YOLOX-Nano as a :class:`YoloxNano` in eval mode, and its class names
-    (``coco_classes.txt`` beside the ONNX file)."""
+    (``class_names_path``, default ``coco_classes.txt`` beside the ONNX file).
+
+    The backend passes ``Settings.resolved_onnx_class_names_path``, the file serving reads: the
+    names decide which pretrained row each label's class head starts from.
+    """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
     graph = onnx.load(str(onnx_path)).graph
-    names = read_class_names(onnx_path.parent / "coco_classes.txt")
+    names = read_class_names(
+        Path(class_names_path) if class_names_path else onnx_path.parent / "coco_classes.txt"
+    )
     num_classes = _num_classes(graph)
     if len(names) != num_classes:
         raise ValueError(f"{onnx_path} predicts {num_classes} classes but lists {len(names)} names")
