@@ -14,7 +14,7 @@ import io
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlparse
@@ -71,6 +71,10 @@ class ImageSource:
     max_pixels: int = 40_000_000
     max_bytes: int = 50 * 1024 * 1024
     timeout_s: float = 20.0
+    #: The ``Authorization`` header Label Studio wants now (the SDK's: ``Bearer <access>`` for a
+    #: personal access token, refreshed when expired); None: ``Token <token>``, a legacy token.
+    #: A PAT sent as ``Token`` was refused, so every image of a project failed with a 403.
+    auth: Callable[[], dict[str, str]] | None = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:  # never print the token
         return (
@@ -248,7 +252,9 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
             "(BOXLOOP_LABEL_STUDIO_URL) and not on BOXLOOP_ALLOWED_IMAGE_HOSTS; not fetched"
         )
     # the token goes to Label Studio only, never to another allowed host
-    headers = {"Authorization": f"Token {source.token}"} if source.token and studio else {}
+    headers: dict[str, str] = {}
+    if source.token and studio:
+        headers = source.auth() if source.auth else {"Authorization": f"Token {source.token}"}
     own = client is None
     http = client or httpx.Client(timeout=source.timeout_s, follow_redirects=False)
     try:
@@ -348,6 +354,7 @@ def image_source_for(
     max_bytes: int,
     timeout_s: float,
     allowed_hosts: Sequence[str] = (),
+    auth: Callable[[], dict[str, str]] | None = None,
 ) -> ImageSource:
     """The configured Label Studio URL wins; the ``/setup`` hostname is used only without one,
     and only when it is on ``allowed_hosts`` (see :func:`trusted_studio_url`)."""
@@ -359,6 +366,7 @@ def image_source_for(
         max_pixels=max_pixels,
         max_bytes=max_bytes,
         timeout_s=timeout_s,
+        auth=auth,
     )
 
 

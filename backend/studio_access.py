@@ -12,6 +12,7 @@ environment and every image fetch agree:
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from backend.images import ImageSource, image_source_for, trusted_studio_url
@@ -31,6 +32,8 @@ class StudioAccess:
         self.settings = settings
         self.store = store
         self._setup_tokens: dict[int, str] = {}
+        self._clients: dict[tuple[str, str], StudioClient] = {}
+        self._lock = threading.Lock()
 
     def remember_setup_token(self, project_id: int, token: str) -> None:
         """The access token ``/setup`` carried (used only where none is configured)."""
@@ -59,9 +62,18 @@ class StudioAccess:
         token = self.token(project_id)
         if not url or not token:
             return None
+        return self._client(url, token)
+
+    def _client(self, url: str, token: str) -> StudioClient:
+        """One client per server and token: a personal access token's access token, refreshed
+        by the SDK, is then fetched once, not at every image source."""
         from backend.labelstudio.client import StudioClient
 
-        return StudioClient(url, token)
+        with self._lock:
+            key = (url, token)
+            if key not in self._clients:
+                self._clients[key] = StudioClient(url, token)
+            return self._clients[key]
 
     def worker_env(self, project_id: int) -> dict[str, str]:
         """``BOXLOOP_LABEL_STUDIO_*`` for a child process (training, bulk predict) of a project."""
@@ -74,12 +86,15 @@ class StudioAccess:
         return env
 
     def image_source(self, project: Project | None) -> ImageSource:
-        """Where and how a project's task images are fetched (token only to Label Studio)."""
+        """Where and how a project's task images are fetched (token only to Label Studio, in
+        the header the SDK sends it in: see :attr:`ImageSource.auth`)."""
         project_id = project.id if project else None
+        url, token = self.url(project), self.token(project_id)
         return image_source_for(
             label_studio_url=self.settings.label_studio_url,
             setup_hostname=project.hostname if project else None,
-            token=self.token(project_id),
+            token=token,
+            auth=self._client(url, token).auth_headers if url and token else None,
             allowed_local_roots=self.settings.allowed_local_roots,
             max_pixels=self.settings.max_image_pixels,
             max_bytes=self.settings.max_image_bytes,

@@ -28,7 +28,6 @@ from backend.images import (
     ImageError,
     ImageSource,
     decode_image,
-    image_source_for,
     load_image,
     read_image_bytes,
 )
@@ -41,6 +40,7 @@ from backend.labelstudio.convert import (
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import Project, Store, latest_per_task, utcnow
+from backend.studio_access import StudioAccess
 from backend.training import (
     ProgressFn,
     TrainConfig,
@@ -76,19 +76,9 @@ class GatheredSamples:
     skipped: dict[str, int]
 
 
-def _image_source(settings: Settings, project: Project) -> ImageSource:
-    return image_source_for(
-        label_studio_url=settings.label_studio_url,
-        setup_hostname=project.hostname,
-        token=settings.label_studio_token.get_secret_value()
-        if settings.label_studio_token
-        else None,
-        allowed_local_roots=settings.allowed_local_roots,
-        max_pixels=settings.max_image_pixels,
-        max_bytes=settings.max_image_bytes,
-        timeout_s=settings.image_fetch_timeout_s,
-        allowed_hosts=settings.allowed_image_hosts,  # as serving: images from allowed hosts
-    )
+def _image_source(settings: Settings, store: Store, project: Project) -> ImageSource:
+    """As serving fetches the project's images (same hosts, same token and header)."""
+    return StudioAccess(settings, store).image_source(project)
 
 
 def unannotated_images(
@@ -105,7 +95,7 @@ def unannotated_images(
     (:mod:`backend.training.calibration`); a task whose image does not load is left out.
     """
     tasks = [(t, data) for t, data in store.list_tasks(project.id) if t not in annotated]
-    source = _image_source(settings, project)
+    source = _image_source(settings, store, project)
     images: list[Image.Image] = []
     for index in unlabeled_sample([t for t, _ in tasks], 2 * limit):  # spares for failed loads
         reference = tasks[index][1].get(config.image_key)
@@ -129,7 +119,7 @@ def gather_samples(
     image has another size than the one the annotator saw; an annotation the store could not
     parse is skipped and counted, never re-parsed here.
     """
-    source = _image_source(settings, project)
+    source = _image_source(settings, store, project)
     skipped = {"no_task_data": 0, "image_error": 0, "parse_error": 0}
     samples: list[TrainSample] = []
     task_ids: list[int] = []

@@ -66,3 +66,43 @@ def test_configured_url_and_token_win_over_setup(tmp_path: Path) -> None:
     assert access.configured and access.token(1) == "configured" and access.token(None)
     assert access.worker_env(1)["BOXLOOP_LABEL_STUDIO_URL"] == "http://studio:8080"
     assert access.image_source_of(1).token == "configured"
+
+
+def test_images_are_fetched_with_the_header_the_sdk_sends_a_personal_access_token_in(
+    tmp_path: Path,
+) -> None:
+    """The API calls sent a personal access token's access token as ``Bearer``, but image
+    fetches sent the PAT as ``Token <PAT>``: Label Studio refused them (legacy tokens are off by
+    default in 1.23), and every task of the project failed with a 403."""
+    import io
+    import time
+    import types
+
+    import httpx
+    import jwt
+    from PIL import Image
+
+    from backend.images import read_image_bytes
+
+    claims = {"exp": int(time.time()) + 3600, "user_id": 1}
+    pat = jwt.encode({**claims, "token_type": "refresh"}, "k" * 32, algorithm="HS256")
+    access = jwt.encode({**claims, "token_type": "access"}, "k" * 32, algorithm="HS256")
+    studio = _access(tmp_path, label_studio_url="http://ls:8080", label_studio_token=pat)
+    client = studio.client(1)
+    assert client is not None and studio.client(1) is client  # one client: one access token
+    tokens = client.sdk._client_wrapper._tokens_client  # the SDK's POST /api/token/refresh/
+    tokens.refresh = lambda *a, **k: types.SimpleNamespace(access=access)
+    seen: list[str] = []
+
+    def label_studio(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization", ""))
+        if seen[-1] != f"Bearer {access}":
+            return httpx.Response(401, json={"detail": "Authentication credentials invalid"})
+        png = io.BytesIO()
+        Image.new("RGB", (4, 3)).save(png, "PNG")
+        return httpx.Response(200, content=png.getvalue(), headers={"content-type": "image/png"})
+
+    source = studio.image_source(studio.store.get_project(1))
+    http = httpx.Client(transport=httpx.MockTransport(label_studio))
+    assert read_image_bytes("/data/upload/1/a.png", source, client=http).startswith(b"\x89PNG")
+    assert seen == [f"Bearer {access}"]
