@@ -337,7 +337,8 @@ class SearchService:
         and push the new ranks to Label Studio the way ``boxloop order`` does."""
         old = load_plan(self.store, project_id)
         known = [t for t, _ in self.store.list_tasks(project_id)]
-        rest = old.task_ids if old is not None else known
+        held = set(known)  # an order made before a task was deleted in Label Studio still has it
+        rest = [t for t in old.task_ids if t in held] if old is not None else known
         first = list(dict.fromkeys(task_ids))
         chosen = set(first)
         order = first + [t for t in rest if t not in chosen]

@@ -427,6 +427,14 @@ def test_a_task_whose_image_changes_is_searched_by_its_new_image(project) -> Non
         assert abs(before[1] - before[2]) > 1e-3  # a disc and a square
         service.store.upsert_tasks(6, [(1, {"image": str(images / "2.png")})])
         after = scores()
+        # a task deleted in Label Studio leaves the results and the order a search puts first
+        front = {"objects": [square], "k": 2, "front": True}
+        assert client.post("/projects/6/search", json=front).status_code == 200
+        service.store.remove_tasks(6, [3])
+        moved = client.post("/projects/6/search", json=front).json()
+        assert 3 not in scores() and moved["moved_to_front"]
+        order = service.store.get_order(6)
+        assert order is not None and sorted(order.task_ids) == [1, 2, 4, 5, 6]
     assert after[1] == pytest.approx(after[2], abs=1e-5)
     assert {t: s for t, s in after.items() if t != 1} == pytest.approx(
         {t: s for t, s in before.items() if t != 1}, abs=1e-5
