@@ -89,7 +89,7 @@ def _bomb_pixels(exc: Exception) -> str:
     return f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
+def to_8bit(image: Image.Image) -> Image.Image:
     """An ``L`` image scaled from a high-bit-depth greyscale mode; any other image as it is.
 
     Why: Pillow's ``convert`` clips ``I;16``, ``I`` and ``F`` values at 255, so a 16-bit PNG (depth
@@ -127,7 +127,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     ``max_pixels`` -- or a decompression bomb, whose header claims more pixels than Pillow's own
     limit -- costs a header read and raises :class:`ImageTooLarge` (413). Any failure while
     decoding raises :class:`ImageDecodeError` (422) naming the exception, never anything else.
-    16-bit and float greyscale images are scaled to 8 bits first (:func:`_to_8bit`).
+    16-bit and float greyscale images are scaled to 8 bits first (:func:`to_8bit`).
     """
     try:
         image = Image.open(io.BytesIO(data))
@@ -147,7 +147,7 @@ def decode_image(data: bytes, *, max_pixels: int, name: str = "image") -> Image.
     try:
         image.load()
         upright: Image.Image = ImageOps.exif_transpose(image) or image
-        return _to_8bit(upright).convert("RGB")
+        return to_8bit(upright).convert("RGB")
     except Image.DecompressionBombError as exc:  # a frame larger than the header said
         raise ImageTooLarge(f"{name}: decoding would exceed {_bomb_pixels(exc)}") from exc
     except Exception as exc:  # truncated data, broken chunks, bad EXIF, out of memory ...

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from backend.boxes import Boxes
+from backend.images import to_8bit
 
 __all__ = [
     "ImageLike",
@@ -120,7 +121,7 @@ def load_image_like(source: ImageLike) -> Image.Image:
         image = source
     elif isinstance(source, str | Path):
         with Image.open(source) as opened:
-            image = opened.convert("RGB")
+            image = to_8bit(opened).convert("RGB")  # a 16-bit file was clipped to white
     elif callable(source):
         image = source()
     else:

@@ -101,6 +101,17 @@ def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped_white() -> None:
     assert np.abs(rgb[..., 0] - ramp / 257).max() <= 1  # value / 257
 
 
+def test_a_16_bit_training_image_given_by_path_is_scaled_too(tmp_path: Path) -> None:
+    """Training images given as paths (the benchmark's datasets) were opened apart from
+    :func:`decode_image` and still clipped white."""
+    from backend.training.samples import load_image_like
+
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    rgb = np.asarray(load_image_like(tmp_path / "ramp.png")).astype(np.int32)
+    assert np.abs(rgb[..., 0] - ramp / 257).max() <= 1
+
+
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
