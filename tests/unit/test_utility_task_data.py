@@ -66,8 +66,11 @@ def studio(monkeypatch: pytest.MonkeyPatch) -> Any:
     class Studio(FakeStudio):
         patches = 0
 
+        gets = 0
+
         def __call__(self, request: httpx.Request) -> httpx.Response:
             found = re.fullmatch(r"/api/tasks/(\d+)/?", request.url.path)
+            self.gets += int(bool(found) and request.method == "GET")
             if found and request.method == "PATCH":
                 task_id = int(found.group(1))
                 if task_id not in self.tasks:
@@ -128,13 +131,18 @@ def test_a_predict_score_is_merged_into_the_current_data_not_the_requests_copy(
     assert studio.patches == patches and studio.tasks == {1: want}
 
 
+@pytest.mark.parametrize("list_above", [50, 0], ids=["a-get-each", "one-listing"])
 def test_scores_made_for_an_order_survive_the_next_sync(
-    studio: Any, store: Store, tmp_path: Path
+    studio: Any, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, list_above: int
 ) -> None:
     """``move_to_end`` scored the pool while making an order and stored the scores in boxloop's
     store only; the next sync from Label Studio (every order, the start-up reconcile) replaced
-    the task data, so the scores were gone and every order scored the whole pool again."""
+    the task data, so the scores were gone and every order scored the whole pool again. Many
+    tasks are read in one listing, a few one by one: the same data is written either way."""
+    from backend.labelstudio import queue as studio_queue
     from tests.unit.test_labelstudio_client import studio_for
+
+    monkeypatch.setattr(studio_queue, "LIST_TASKS_ABOVE", list_above)
 
     images = tmp_path / "images"
     images.mkdir()
@@ -155,6 +163,7 @@ def test_scores_made_for_an_order_survive_the_next_sync(
 
     plan = queue.order(1, OrderRequest(strategy="random", push=False))
     assert scorer.scored == 6
+    assert studio.gets == (6 if list_above else 0)  # one GET a task, or the listing alone
     low = [t for t in range(1, 7) if 40 * t / 255 < 0.5]
     assert plan.task_ids[-len(low) :] == [t for t in plan.task_ids if t in low]
     queue.sync_tasks(1)  # what every order and the start-up reconcile do
