@@ -378,12 +378,7 @@ def _in_frame(answer: Boxes | None, size: Sequence[int] | None) -> Boxes:
     if size is None:
         return Boxes.empty((0, 0)) if answer is None else answer
     width, height = int(size[0]), int(size[1])
-    if answer is None:
-        return Boxes.empty((width, height))
-    if answer.image_size == (width, height):
-        return answer
-    scaled = answer.scaled(width / answer.width, height / answer.height)
-    return Boxes(scaled.xyxy, scaled.labels, (width, height), scaled.scores, scaled.ignore)
+    return Boxes.empty((width, height)) if answer is None else answer.in_frame((width, height))
 
 
 def episode_label_map(params: Mapping[str, Any], labels: Sequence[str]) -> Callable[[int], int]:

@@ -140,11 +140,21 @@ class Boxes:
         clipped = Boxes(xyxy, self.labels, self.image_size, self.scores, self.ignore)
         return clipped[(xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])]
 
-    def scaled(self, sx: float, sy: float) -> Boxes:
-        """The same boxes on an image resized by ``(sx, sy)``."""
-        xyxy = self.xyxy * np.array([sx, sy, sx, sy], np.float32)
-        size = (round(self.width * sx), round(self.height * sy))
-        return Boxes(xyxy, self.labels, size, self.scores, self.ignore)
+    def in_frame(self, size: tuple[int, int]) -> Boxes:
+        """The same boxes in the pixels of a ``size`` = ``(width, height)`` copy of the image
+        (themselves when already in it).
+
+        Label Studio measures boxes on the image it shows (``original_width``), which may be
+        another copy than the one boxloop loads: whatever reads stored boxes against an image
+        (training, search training, the core-set, answers to box queries) brings them here.
+        """
+        width, height = int(size[0]), int(size[1])
+        if self.image_size == (width, height):
+            return self
+        xyxy = self.xyxy
+        if len(self) and self.width and self.height:
+            xyxy = xyxy * np.array([width / self.width, height / self.height] * 2, np.float32)
+        return Boxes(xyxy, self.labels, (width, height), self.scores, self.ignore)
 
     def iou(self, other: Boxes) -> np.ndarray:
         """``(len(self), len(other))`` IoU matrix (torchvision's ``box_iou``)."""

@@ -434,8 +434,7 @@ def train_from_project(
             log.warning("search training: task %s skipped: %s", annotation.task_id, exc)
             continue
         w, h = image.size
-        if boxes.image_size != (w, h):  # drawn on another copy of the image (original_width)
-            boxes = boxes.scaled(w / boxes.width, h / boxes.height)
+        boxes = boxes.in_frame((w, h))  # drawn on another copy of the image (original_width)
         crops = [
             image.crop((float(x0), float(y0), max(float(x1), x0 + 1), max(float(y1), y0 + 1)))
             for x0, y0, x1, y1 in boxes.xyxy

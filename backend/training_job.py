@@ -161,9 +161,7 @@ def gather_samples(
                 log.warning("task %s: %s", annotation.task_id, exc)
                 skipped["parse_error"] += 1
                 continue
-        if boxes.image_size != image.size and len(boxes):
-            boxes = boxes.scaled(image.width / boxes.width, image.height / boxes.height)
-        boxes = Boxes(boxes.xyxy, boxes.labels, image.size)
+        boxes = Boxes(boxes.xyxy, boxes.labels, boxes.image_size).in_frame(image.size)
         weights = None
         if annotation.task_id in unverified:
             shown, noisy_weight = unverified[annotation.task_id]

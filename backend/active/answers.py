@@ -120,10 +120,7 @@ def noisy_box_weights(
     weights = np.ones(len(submitted), np.float32)
     if not len(submitted) or not len(unverified):
         return weights
-    if unverified.image_size != submitted.image_size:
-        unverified = unverified.scaled(
-            submitted.width / unverified.width, submitted.height / unverified.height
-        )
+    unverified = unverified.in_frame(submitted.image_size)
     iou = submitted.iou(unverified)
     same = submitted.labels[:, None] == unverified.labels[None, :]
     weights[((iou >= same_iou) & same).any(axis=1)] = noisy_weight

@@ -226,9 +226,7 @@ def box_features_at(
         tensors, ratios = zip(*(letterbox_tensor(im, input_hw) for im in chunk), strict=True)
         _, stems = model.forward_with_stems(torch.stack(list(tensors)))
         for j, r in enumerate(ratios):
-            given, image = boxes[start + j], chunk[j]
-            if given.image_size != image.size and len(given):
-                given = given.scaled(image.width / given.width, image.height / given.height)
+            given = boxes[start + j].in_frame(chunk[j].size)
             xyxy = torch.from_numpy(given.xyxy.astype(np.float32)).reshape(-1, 4) * float(r)
             side = (
                 (xyxy[:, 2] - xyxy[:, 0]).clamp(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clamp(min=0)

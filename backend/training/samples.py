@@ -141,9 +141,7 @@ def sample_target(
         raise ValueError(
             f"box label indices {sorted(set(boxes.labels.tolist()))} outside 0..{num_labels - 1}"
         )
-    kept = boxes.kept()
-    if kept.image_size != image_size and len(kept):
-        kept = kept.scaled(image_size[0] / kept.width, image_size[1] / kept.height)
+    kept = boxes.kept().in_frame(image_size)
     kept = Boxes(kept.xyxy, kept.labels, image_size).clipped()
     xyxy = kept.xyxy.copy()
     if flip:
