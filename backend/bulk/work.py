@@ -97,6 +97,7 @@ class DetectorSpec:
     max_detections: int = 100
     num_threads: int = 1
     follow_aspect: bool = False  # the COCO model served with pretrained_input="aspect"
+    class_names: tuple[str, ...] | None = None  # the model's classes, as loaded (not re-read)
 
     @property
     def name(self) -> str:
@@ -122,6 +123,7 @@ class DetectorSpec:
             max_detections=int(detector.max_detections),
             num_threads=num_threads,
             follow_aspect=bool(getattr(detector, "follow_aspect", False)),
+            class_names=tuple(detector.class_names),
         )
 
     def load(self) -> BatchModel:
@@ -137,6 +139,7 @@ class DetectorSpec:
             max_detections=self.max_detections,
             class_map=None if self.class_map is None else dict(self.class_map),
             follow_aspect=self.follow_aspect,
+            class_names=None if self.class_names is None else list(self.class_names),
         )
         detector.version = self.version
         return _DetectorModel(detector)

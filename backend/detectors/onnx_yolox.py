@@ -187,8 +187,14 @@ class OnnxYoloxDetector:
         max_detections: int = 100,
         class_map: dict[int, int] | None = None,
         follow_aspect: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> OnnxYoloxDetector:
-        """Load ``model_path``; class names default to ``coco_classes.txt`` beside it."""
+        """Load ``model_path``; class names default to ``coco_classes.txt`` beside it.
+
+        ``class_names`` given wins over the file: a fine-tuned version's classes are the
+        project's labels, and a label that is blank or spans lines does not survive a file of
+        one name a line (the class count would no longer fit the model's output).
+        """
         model_path = Path(model_path)
         if not model_path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {model_path}")
@@ -203,7 +209,7 @@ class OnnxYoloxDetector:
         )
         detector = cls(
             session,
-            read_class_names(names_path),
+            list(class_names) if class_names is not None else read_class_names(names_path),
             labels,
             version=f"pretrained-{model_path.stem}",
             score_threshold=score_threshold,

@@ -216,6 +216,7 @@ def load_version_detector(
         score_threshold=threshold,
         max_detections=settings.max_detections,
         class_map={i: i for i in range(len(metadata["labels"]))},
+        class_names=list(metadata["labels"]),  # labels.txt loses a blank or multi-line label
     )
     detector.version = version
     return detector

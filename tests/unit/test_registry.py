@@ -220,3 +220,27 @@ def test_a_version_promoted_by_another_process_replaces_the_loaded_one(
     assert registry.current(1).version == "v2"
     _add(registry, "v3", "rejected")  # a rejected candidate changes nothing
     assert registry.current(1).version == "v2"
+
+
+@pytest.mark.parametrize("odd_label", [" ", "Other\nvehicle"])
+def test_a_version_serves_labels_that_are_blank_or_span_lines(
+    tmp_path: Path, odd_label: str
+) -> None:
+    """Label Studio accepts such label values; ``labels.txt`` (one name a line) loses them, so
+    the version's class count stopped fitting its ONNX output and every ``/predict`` failed."""
+    from backend.bulk.work import DetectorSpec
+    from backend.detectors.versions import load_version_detector
+
+    labels = ["Car", odd_label]
+    torch.manual_seed(0)
+    model = YoloxNano(num_classes=len(labels)).eval()
+    save_model_version(model, tmp_path / "v1", {"labels": labels, "input_hw": [224, 224]})
+    detector = load_version_detector(tmp_path / "v1", Settings(data_dir=tmp_path / "data"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 160, 3), np.uint8))
+    boxes = detector.predict([image])[0]
+    assert detector.labels == labels and detector.class_names == labels  # type: ignore[attr-defined]
+    assert boxes.image_size == (160, 120)
+    assert (boxes.labels < len(labels)).all()
+    rebuilt = DetectorSpec.from_detector(detector).load()  # bulk runs on Ray rebuild it
+    assert rebuilt.detector.class_names == labels  # type: ignore[attr-defined]
+    assert (rebuilt.run([image])[0].xyxy == boxes.xyxy).all()
