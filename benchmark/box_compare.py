@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,22 @@ def compare_grids(grids: Sequence[Path]) -> str:
             for runs in per_grid.values()
             if runs
         )
-        stats: dict[tuple[Path, str], tuple[float, float]] = {}
+        stats: dict[tuple[Path, str], tuple[float, float, str]] = {}
         for g, runs in per_grid.items():
             for approach in approaches:
                 values = [
                     map_at(r["curves"][approach], budget) for r in runs if approach in r["curves"]
                 ]
-                if values:
-                    stats[g, approach] = (float(np.mean(values)), float(np.std(values, ddof=1)))
+                # a seed whose curve does not span the budget (NaN) is left out and counted
+                spanning = [v for v in values if not math.isnan(v)]
+                if spanning:
+                    sd = float(np.std(spanning, ddof=1)) if len(spanning) > 1 else 0.0
+                    note = (
+                        ""
+                        if len(spanning) == len(values)
+                        else (f" ({len(spanning)}/{len(values)} seeds)")
+                    )
+                    stats[g, approach] = (float(np.mean(spanning)), sd, note)
         lines += [
             f"## {dataset} at {budget} boxes",
             "",
@@ -92,8 +101,8 @@ def compare_grids(grids: Sequence[Path]) -> str:
                 if (g, approach) not in stats:
                     cells.append("—")
                     continue
-                mean, sd = stats[g, approach]
-                text = f"{mean:.3f} ± {sd:.3f}"
+                mean, sd, note = stats[g, approach]
+                text = f"{mean:.3f} ± {sd:.3f}{note}"
                 level, measure = approach.split(":")
                 twin = stats.get((g, f"image:{measure}"))
                 if level == "box" and twin is not None and mean - sd > twin[0] + twin[1]:

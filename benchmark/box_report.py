@@ -5,7 +5,9 @@
   between episodes; "—" where a seed never reaches it), as a share of the pool's objects;
 * mAP at a common box budget (the smallest final budget of the approaches), so box- and
   image-level querying are compared at equal box counts;
-* the annotator's actions under both cost conventions (background queries cost a look).
+* both of these under both cost conventions: boxes labelled (the paper's) and boxes looked at
+  (background, duplicate and ignored queries cost a look too);
+* the queries that found no box: background apart from duplicate and ignored ones.
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ def boxes_to_reach(
 
 
 def map_at(curve: Sequence[dict[str, Any]], boxes: float, cost: str = "boxes_labeled") -> float:
-    """mAP interpolated at ``boxes`` (NaN beyond the curve's last point)."""
+    """mAP interpolated at ``boxes``; NaN outside the curve: beyond its last point, and below its
+    first (a seed whose initial set already held more boxes never had a model at ``boxes``)."""
     x, y = _xy(curve, cost)
-    if boxes > x[-1] + 1e-9:
+    if boxes < x.min() - 1e-9 or boxes > x.max() + 1e-9:
         return math.nan
     order = np.argsort(x, kind="stable")
     return float(np.interp(boxes, x[order], y[order]))
@@ -114,33 +117,41 @@ def write_box_report(
             f"supervised mAP@0.5 {_ms(full)}.",
             "",
             "| approach | boxes to 80 % of full | to 90 % | to 100 % | mAP at the common "
-            "budget | final boxes labelled / looked at | background queries |",
-            "|---|---|---|---|---|---|---|",
+            "budget | final boxes labelled / looked at | background queries | duplicate / "
+            "ignored queries |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        budget = min(r["curves"][a][-1]["boxes_labeled"] for r in mine for a in approaches)
+        budget, reach = _cost_cells(mine, approaches, "boxes_labeled")
         for a in approaches:
-            reach = []
-            for level in LEVELS:
-                values = [
-                    boxes_to_reach(r["curves"][a], level * r["full_map50"]) / objects for r in mine
-                ]
-                reach.append(_pct(values))
-            at = [map_at(r["curves"][a], budget) for r in mine]
             last = [r["curves"][a][-1] for r in mine]
             labeled = np.mean([p["boxes_labeled"] for p in last])
             looked = np.mean([p["boxes_looked_at"] for p in last])
-            background = np.mean(
-                [p.get("background", 0) + p.get("duplicate", 0) + p.get("ignored", 0) for p in last]
-            )
+            background = np.mean([p.get("background", 0) for p in last])
+            wasted = np.mean([p.get("duplicate", 0) + p.get("ignored", 0) for p in last])
             lines.append(
-                f"| {a} | {' | '.join(reach)} | {_ms(at)} | {labeled:.0f} / {looked:.0f} | "
-                f"{background:.0f} |"
+                f"| {a} | {' | '.join(reach[a])} | {labeled:.0f} / {looked:.0f} | "
+                f"{background:.0f} | {wasted:.0f} |"
             )
+        looked_budget, looked_cells = _cost_cells(mine, approaches, "boxes_looked_at")
         lines += [
             "",
             f"Common budget: {budget} boxes labelled ({budget / objects:.0%} of the pool's "
             "objects). Shares are of the pool's objects; a seed that never reaches a level is "
-            "left out of the mean and counted in brackets.",
+            "left out of the mean and counted in brackets, as is a seed whose curve does not "
+            "span the common budget. Queries over the whole campaign, mean over seeds: "
+            "*background* (no object there), *duplicate* (a second query on one object) or "
+            "*ignored* (on a difficult or crowd object).",
+            "",
+            "The same counted in boxes looked at (every background, duplicate or ignored query "
+            f"costs a look too); common budget {looked_budget} boxes looked at "
+            f"({looked_budget / objects:.0%} of the pool's objects):",
+            "",
+            "| approach | looked at to 80 % of full | to 90 % | to 100 % | mAP at the common "
+            "looked-at budget |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [f"| {a} | {' | '.join(looked_cells[a])} |" for a in approaches]
+        lines += [
             "",
             "| approach | " + " | ".join(f"episode {i}" for i in range(config.episodes + 1)) + " |",
             "|---|" + "---|" * (config.episodes + 1),
@@ -158,6 +169,28 @@ def write_box_report(
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return [report, *files]
+
+
+def _cost_cells(
+    runs: Sequence[dict[str, Any]], approaches: Sequence[str], cost: str
+) -> tuple[float, dict[str, list[str]]]:
+    """One cost convention's cells per approach: boxes to reach each of ``LEVELS`` of the fully
+    supervised mAP (a share of the pool's objects) and mAP at the common budget, the smallest
+    final ``cost`` of any approach. Returns the budget and the cells."""
+    objects = runs[0]["pool_objects"]
+    budget = min(r["curves"][a][-1][cost] for r in runs for a in approaches)
+    cells: dict[str, list[str]] = {}
+    for a in approaches:
+        cells[a] = [
+            _pct(
+                [
+                    boxes_to_reach(r["curves"][a], level * r["full_map50"], cost) / objects
+                    for r in runs
+                ]
+            )
+            for level in LEVELS
+        ] + [_ms([map_at(r["curves"][a], budget, cost) for r in runs])]
+    return budget, cells
 
 
 def _pct(values: Sequence[float]) -> str:

@@ -114,6 +114,11 @@ def cluster_bootstrap(
     return float(diff.mean()), float(low), float(high)
 
 
+def _share(truths: np.ndarray) -> float:
+    """Share of useful (1) items; NaN for an empty test (no items to take a share of)."""
+    return float(truths.mean()) if len(truths) else float("nan")
+
+
 def _accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return float((pred == truth).mean()) if len(truth) else float("nan")
 
@@ -182,6 +187,8 @@ def fit_labeling(
         "unseen": len(unseen),
         "train_useful_share": float(y_train.mean()) if len(y_train) else float("nan"),
         "test_useful_share": float(y_test.mean()) if len(y_test) else float("nan"),
+        # the unseen test's own base rate: its accuracies read against this, not the JPEG one
+        "unseen_useful_share": _share(y_unseen),
         # over every item of the labeling's JPEG group (train + test: the same for any split)
         "graded_mean": float(np.nanmean([i.graded[labeling] for i in train + test_items])),
         "clipped_mean": float(np.nanmean([i.clipped[labeling] for i in train + test_items])),
@@ -312,6 +319,7 @@ def evaluate_labeling_folds(
         "unseen": sum(f["unseen"] for f in per_fold if "skipped" not in f),
         "train_useful_share": float(np.mean([f["train_useful_share"] for f in per_fold])),
         "test_useful_share": float(predictions.truths["jpeg"].mean()),
+        "unseen_useful_share": _share(predictions.truths["unseen"]),
         "graded_mean": per_fold[0]["graded_mean"],
         "clipped_mean": per_fold[0]["clipped_mean"],
         "train_seconds": round(sum(f.get("train_seconds", 0.0) for f in per_fold), 1),

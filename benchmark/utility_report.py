@@ -24,6 +24,24 @@ def _mean_sd(values: Sequence[float | None]) -> str:
     return f"{100 * np.mean(clean):.1f} ± {100 * np.std(clean, ddof=1):.1f}"
 
 
+def _count(values: Sequence[int]) -> str:
+    """Test items over seeds: one number when every seed has it, else mean ± sd (each seed
+    splits the sources anew, so one seed's count would stand in for counts it is not)."""
+    if len(set(values)) == 1:
+        return str(values[0])
+    return f"{np.mean(values):.0f} ± {np.std(values, ddof=1):.0f}"
+
+
+def _useful_share(chosen: Sequence[dict[str, Any]], key: str) -> str:
+    """The useful share of test ``key``'s own items (the accuracy a constant "useful" gets).
+    The unseen test has its own; results stored before it was kept say so instead of showing
+    the JPEG test's share in its place."""
+    name = "unseen_useful_share" if key == "unseen" else "test_useful_share"
+    if any(name not in r for r in chosen):
+        return "not stored"
+    return _mean_sd([r[name] for r in chosen])
+
+
 def brisque_overlap(useful: np.ndarray, useless: np.ndarray, bins: np.ndarray) -> float:
     """Overlap coefficient of two normalised histograms: Σ min(p, q) (1 = indistinguishable)."""
     if not len(useful) or not len(useless):
@@ -113,8 +131,8 @@ def write_utility_report(out: Path, summary: dict[str, Any], items: Sequence[Any
             if not chosen:
                 lines.append(f"| {labeling} | – | – |" + " – |" * len(METHODS))
                 continue
-            count = chosen[0]["unseen" if key == "unseen" else "test"]
-            share = _mean_sd([r["test_useful_share"] for r in chosen])
+            count = _count([r["unseen" if key == "unseen" else "test"] for r in chosen])
+            share = _useful_share(chosen, key)
             cells = [_mean_sd([r["accuracy"].get(m, {}).get(key) for r in chosen]) for m in METHODS]
             lines.append(f"| {labeling} | {count} | {share} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -187,3 +187,110 @@ def test_pooled_folds_are_summarised_as_one_test_set() -> None:
     assert row["predictor_drop_rate"] == pytest.approx(3 / 10)
     diff = row["difference"]["jpeg"]
     assert diff["diff"] == pytest.approx(0.3) and diff["low"] <= 0.3 <= diff["high"]
+
+
+def _labelled(source: str, group: str, label: int) -> Item:
+    """One distorted copy of ``source`` in ``group`` that the vote labels ``label``."""
+    item = _item("a", source)
+    return dataclasses.replace(
+        item,
+        group=group,
+        labels={"vote": label},
+        graded={"vote": 0.0},
+        clipped={"vote": 0.0},
+    )
+
+
+def test_the_unseen_test_keeps_its_own_useful_share() -> None:
+    """The JPEG test is 1/2 useful, the unseen test of the same sources 1/4: each is stored."""
+    from benchmark.utility_bench import fit_labeling
+
+    items = [_labelled("s0", "train", 1), _labelled("s1", "train", 1)]  # training: one class
+    items += [_labelled("t0", "train", 1), _labelled("t1", "train", 0)]
+    items += [_labelled(f"t{k % 2}", "unseen", int(k == 0)) for k in range(4)]
+    config = load_utility_config({})
+    facts, net, _ = fit_labeling(items, "vote", {("a", "t0"), ("a", "t1")}, 0, config)
+    assert net is None and "skipped" in facts  # the facts are stored even for a skipped fit
+    assert facts["test_useful_share"] == pytest.approx(1 / 2)
+    assert facts["unseen_useful_share"] == pytest.approx(1 / 4)
+
+
+def test_pooled_folds_keep_the_unseen_tests_own_useful_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Folds pooled: the unseen share is over every fold's unseen items (3 of 5 useful), not
+    the JPEG test's share (1 of 3)."""
+    import benchmark.utility_bench as bench
+    from benchmark.utility_bench import SplitPredictions, evaluate_labeling_folds
+    from benchmark.utility_config import BASELINES
+
+    def part(jpeg: list[int], unseen: list[int]) -> SplitPredictions:
+        truths = {"jpeg": np.array(jpeg), "png": np.array(jpeg), "unseen": np.array(unseen)}
+        ones = {k: np.ones(len(v)) for k, v in truths.items()}
+        clusters = {k: np.array([f"s{i}" for i in range(len(v))]) for k, v in truths.items()}
+        correct = {m: ones for m in ("predictor", *BASELINES)}
+        return SplitPredictions(truths, correct, clusters, np.array(jpeg))
+
+    parts = iter([part([1, 0], [1, 1, 0, 1]), part([0], [0])])
+
+    def fake_fit(*_: object) -> tuple[dict[str, object], object, SplitPredictions]:
+        facts = {"train": 1, "test": 1, "unseen": 1, "train_useful_share": 0.5}
+        return {**facts, "graded_mean": 0.0, "clipped_mean": 0.0}, object(), next(parts)
+
+    monkeypatch.setattr(bench, "fit_labeling", fake_fit)
+    config = load_utility_config({"bootstrap": 20})
+    row, _ = evaluate_labeling_folds([], "vote", [set(), set()], 0, config)
+    assert row["test_useful_share"] == pytest.approx(1 / 3)
+    assert row["unseen_useful_share"] == pytest.approx(3 / 5)
+
+
+def _report_summary(runs: list[dict[str, object]]) -> dict[str, object]:
+    """The smallest ``results.json`` summary the report reads, around ``runs``."""
+    config = {
+        "qualities": [5], "heldout_qualities": [8], "unseen": ["blur:4"], "labelers": [416],
+        "unused_size": 320, "seeds": [0, 1], "folds": None, "test_fraction": 0.2,
+        "predictor": {},
+    }  # fmt: skip
+    facts = {
+        "datasets": {"voc:X": 4}, "sources_with_a_found_box": 4, "sources": 4, "items": 8,
+        "onnx416_vs_pytorch416_max_score_diff": 0.0,
+    }  # fmt: skip
+    labels = {"vote": {"jpeg_q5": {"useful": 1, "useless": 1, "dropped": 0}}}
+    return {
+        "config": config, "facts": facts, "labels": labels, "runs": runs, "seconds": 1.0,
+        "machine": {"load": []},
+    }  # fmt: skip
+
+
+def _report_run(seed: int, test: int, unseen: int, **shares: float) -> dict[str, object]:
+    accuracy = {"predictor": {"jpeg": 0.5, "png": 0.5, "unseen": 0.5}}
+    difference = {k: {"diff": None} for k in ("jpeg", "png", "unseen")}
+    return {
+        "labeling": "vote", "seed": seed, "test": test, "unseen": unseen,
+        "accuracy": accuracy, "difference": difference, **shares,
+    }  # fmt: skip
+
+
+def _table_row(report: str, title: str) -> str:
+    section = report.split(f"### {title}\n")[1].split("\n#")[0]
+    return next(line for line in section.splitlines() if line.startswith("| vote |"))
+
+
+def test_unseen_table_shows_its_own_share_and_every_seeds_item_count(tmp_path: Path) -> None:
+    from benchmark.utility_report import write_utility_report
+
+    runs = [
+        _report_run(0, 30, 10, test_useful_share=0.5, unseen_useful_share=0.2),
+        _report_run(1, 30, 14, test_useful_share=0.5, unseen_useful_share=0.4),
+    ]
+    write_utility_report(tmp_path, _report_summary(runs), [])
+    report = (tmp_path / "report.md").read_text()
+    assert _table_row(report, "JPEG test").startswith("| vote | 30 | 50.0 ± 0.0 |")
+    # the unseen share is its own (30 ± 14 %), the item count covers both seeds (12 ± 3)
+    assert _table_row(report, "unseen distortion").startswith("| vote | 12 ± 3 | 30.0 ± 14.1 |")
+    # results stored before the unseen share was kept: unknown, never the JPEG test's share
+    old = [_report_run(seed, 30, 10, test_useful_share=0.5) for seed in (0, 1)]
+    write_utility_report(tmp_path, _report_summary(old), [])
+    report = (tmp_path / "report.md").read_text()
+    assert _table_row(report, "unseen distortion").startswith("| vote | 10 | not stored |")
+    assert _table_row(report, "same pixels as PNG").startswith("| vote | 30 | 50.0 ± 0.0 |")
