@@ -1,15 +1,18 @@
 """Fetching and decoding task images, with errors that say what went wrong.
 
 Label Studio tasks point at images as ``/data/local-files/?d=...`` or
-``/data/upload/...`` (served by Label Studio, need its token), as absolute URLs,
-or as local paths. Fetches go only to the configured Label Studio host, to the
-hosts of an explicit allow-list, or to files under the allowed local roots: a
-task -- or a ``/setup`` call naming some ``hostname`` -- cannot make the backend
-read arbitrary files or call arbitrary hosts.
+``/data/upload/...`` (served by Label Studio, need its token), as cloud storage URIs
+(``s3://``, ``gs://``, ``azure-blob://``: resolved through Label Studio, see
+:func:`presign_url`), as absolute URLs, or as local paths. Fetches go only to the
+configured Label Studio host, to the hosts of an explicit allow-list, to the one
+presigned URL Label Studio redirects a cloud URI to, or to files under the allowed
+local roots: a task -- or a ``/setup`` call naming some ``hostname`` -- cannot make
+the backend read arbitrary files or call arbitrary hosts.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 import warnings
@@ -75,11 +78,15 @@ class ImageSource:
     #: personal access token, refreshed when expired); None: ``Token <token>``, a legacy token.
     #: A PAT sent as ``Token`` was refused, so every image of a project failed with a 403.
     auth: Callable[[], dict[str, str]] | None = field(default=None, repr=False, compare=False)
+    #: The Label Studio project the images belong to: cloud storage URIs (``s3://...``) are
+    #: resolved through that project's storages (:func:`presign_url`).
+    project_id: int | None = None
 
     def __repr__(self) -> str:  # never print the token
         return (
             f"ImageSource(label_studio_url={self.label_studio_url!r}, token={'***' if self.token else None},"
-            f" allowed_local_roots={self.allowed_local_roots!r}, allowed_hosts={self.allowed_hosts!r})"
+            f" allowed_local_roots={self.allowed_local_roots!r}, allowed_hosts={self.allowed_hosts!r},"
+            f" project_id={self.project_id!r})"
         )
 
 
@@ -244,7 +251,92 @@ def trusted_studio_url(
     return None
 
 
-def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client | None) -> bytes:
+#: The redirects Label Studio's presign route may answer with (it sends 303); followed once.
+_PRESIGN_REDIRECTS = (302, 303, 307)
+
+
+def _check_status(response: httpx.Response, name: str, *, presign: bool, storage: bool) -> None:
+    """Raise the error a non-2xx answer means. ``presign``: the answer of Label Studio's presign
+    route; ``storage``: the answer of the presigned URL it redirected to (the bucket)."""
+    status = response.status_code
+    if storage:
+        if status in (401, 403):
+            raise ImageForbidden(
+                f"{name}: the cloud storage refused the presigned URL Label Studio gave ({status}): "
+                "it may have expired, or the storage's credentials in Label Studio cannot read it"
+            )
+        if status == 404:
+            raise ImageNotFound(f"{name}: the cloud storage answered 404 (no such object)")
+        if status >= 400:
+            raise ImageFetchError(f"{name}: the cloud storage answered {status}")
+        if status >= 300:
+            raise ImageForbidden(
+                f"{name}: the cloud storage answered another redirect ({status}); only one "
+                "redirect, Label Studio's to the presigned URL, is followed"
+            )
+        return
+    if status in (401, 403):
+        raise ImageForbidden(
+            f"{name}: Label Studio refused the image ({status}); check the "
+            "token (BOXLOOP_LABEL_STUDIO_TOKEN) and legacy tokens being enabled"
+        )
+    if status == 404:
+        if presign:
+            raise ImageNotFound(
+                f"{name}: Label Studio answered 404 to the presign request: no cloud storage of "
+                "the project holds that URI (add or fix the project's source storage)"
+            )
+        raise ImageNotFound(f"{name}: Label Studio answered 404 for the image")
+    if status >= 400:
+        raise ImageFetchError(f"{name}: Label Studio answered {status}")
+    if status >= 300:
+        raise ImageForbidden(
+            f"{name}: the image host answered a redirect ({status}), "
+            "usually to a login page: the token was not accepted; redirects are not followed"
+        )
+
+
+def _read_body(response: httpx.Response, source: ImageSource, name: str) -> bytes:
+    """The body of a 2xx answer, refused when it is text or JSON or over the size limit."""
+    kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("text/") or kind.endswith("json"):
+        raise ImageFetchError(
+            f"{name}: the image host answered {kind}, not an image (status {response.status_code})"
+        )
+    chunks: list[bytes] = []
+    total = 0
+    for chunk in response.iter_bytes():
+        total += len(chunk)
+        if total > source.max_bytes:
+            raise ImageTooLarge(f"{name}: over the {source.max_bytes} byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _presigned_target(response: httpx.Response, name: str) -> str:
+    """The http(s) URL Label Studio's presign route redirected to."""
+    location = response.headers.get("location", "").strip()
+    target = urljoin(str(response.url), location) if location else ""
+    if urlparse(target).scheme.lower() not in _DEFAULT_PORTS:
+        raise ImageForbidden(
+            f"{name}: Label Studio's presign route redirected to {target[:80]!r}, not an http(s) "
+            "URL; not fetched"
+        )
+    return target
+
+
+def _fetch_http(
+    url: str,
+    source: ImageSource,
+    name: str,
+    client: httpx.Client | None,
+    *,
+    presign: bool = False,
+) -> bytes:
+    """GET an image from Label Studio or an allowed host; no redirect is followed, except with
+    ``presign`` (``url`` is Label Studio's presign route): exactly one, to the presigned URL
+    Label Studio chose, which gets neither the token nor cookies (it carries its own signature)
+    and is not held to the allow-list (the configured Label Studio picked it)."""
     studio = bool(source.label_studio_url) and _same_origin(url, source.label_studio_url or "")
     if not studio and not host_allowed(url, source.allowed_hosts):
         raise ImageForbidden(
@@ -258,35 +350,20 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
     own = client is None
     http = client or httpx.Client(timeout=source.timeout_s, follow_redirects=False)
     try:
-        with http.stream("GET", url, headers=headers) as response:
-            if response.status_code in (401, 403):
-                raise ImageForbidden(
-                    f"{name}: Label Studio refused the image ({response.status_code}); check the "
-                    "token (BOXLOOP_LABEL_STUDIO_TOKEN) and legacy tokens being enabled"
-                )
-            if response.status_code == 404:
-                raise ImageNotFound(f"{name}: Label Studio answered 404 for the image")
-            if response.status_code >= 400:
-                raise ImageFetchError(f"{name}: Label Studio answered {response.status_code}")
-            if response.status_code >= 300:
-                raise ImageForbidden(
-                    f"{name}: the image host answered a redirect ({response.status_code}), "
-                    "usually to a login page: the token was not accepted; redirects are not followed"
-                )
-            kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
-            if kind.startswith("text/") or kind.endswith("json"):
-                raise ImageFetchError(
-                    f"{name}: the image host answered {kind}, not an image "
-                    f"(status {response.status_code})"
-                )
-            chunks: list[bytes] = []
-            total = 0
-            for chunk in response.iter_bytes():
-                total += len(chunk)
-                if total > source.max_bytes:
-                    raise ImageTooLarge(f"{name}: over the {source.max_bytes} byte limit")
-                chunks.append(chunk)
-            return b"".join(chunks)
+        with http.stream("GET", url, headers=headers, follow_redirects=False) as response:
+            if not (presign and response.status_code in _PRESIGN_REDIRECTS):
+                _check_status(response, name, presign=presign, storage=False)
+                return _read_body(response, source, name)
+            target = _presigned_target(response, name)
+        request = http.build_request("GET", target)
+        for header in ("authorization", "cookie", "proxy-authorization"):
+            request.headers.pop(header, None)  # whatever the client carries for Label Studio
+        redirected = http.send(request, stream=True, auth=None, follow_redirects=False)
+        try:
+            _check_status(redirected, name, presign=False, storage=True)
+            return _read_body(redirected, source, name)
+        finally:
+            redirected.close()
     except httpx.InvalidURL as exc:  # a control character, or past httpx's length limit
         raise ImageError(f"{name!a}: not a URL that can be fetched ({exc})") from exc
     except httpx.HTTPError as exc:
@@ -298,28 +375,80 @@ def _fetch_http(url: str, source: ImageSource, name: str, client: httpx.Client |
             http.close()
 
 
+#: Prefixes of Label Studio's cloud storage URIs (the SDK's ``is_cloud_storage_uri``).
+_CLOUD_PREFIXES = ("s3:", "gs:", "azure-blob:")
+
+
+def is_cloud_storage_uri(reference: object) -> bool:
+    """An S3, GCS or Azure Blob URI as Label Studio's cloud source storages put in task data."""
+    return isinstance(reference, str) and reference.startswith(_CLOUD_PREFIXES)
+
+
+def presign_url(label_studio_url: str, project_id: int, uri: str) -> str:
+    """Label Studio's route that resolves a cloud URI of a project's storage.
+
+    It answers a 303 redirect to a presigned URL of the bucket (storage with ``presign`` on), or
+    the bytes themselves, read from the bucket by Label Studio (``presign`` off); 404 when no
+    source storage of the project covers the URI. The SDK's ``get_local_path`` uses the task
+    route (``/tasks/{id}/presign/``); the project route needs no task id.
+    """
+    fileuri = base64.urlsafe_b64encode(uri.encode("utf-8")).decode("ascii")
+    return f"{label_studio_url.rstrip('/')}/projects/{int(project_id)}/presign/?fileuri={fileuri}"
+
+
+def _fetch_cloud(uri: str, source: ImageSource, name: str, client: httpx.Client | None) -> bytes:
+    if not source.label_studio_url:
+        raise ImageForbidden(
+            f"{name}: a cloud storage URI is read through Label Studio, but no Label Studio URL "
+            "is known (set BOXLOOP_LABEL_STUDIO_URL and BOXLOOP_LABEL_STUDIO_TOKEN)"
+        )
+    if source.project_id is None:
+        raise ImageForbidden(
+            f"{name}: a cloud storage URI is resolved through its Label Studio project's "
+            "storage, but no project id is known for this image"
+        )
+    try:
+        url = presign_url(source.label_studio_url, source.project_id, uri)
+    except UnicodeError as exc:  # a lone surrogate: no storage holds such a key
+        raise ImageError(f"{name!a}: not a URI that can be resolved ({exc})") from exc
+    return _fetch_http(url, source, name, client, presign=True)
+
+
 #: Paths Label Studio serves (uploads, local storage, the newer storage route); any other
 #: absolute path is a local file, held to the allowed roots (one under a ``/data`` volume too).
 _STUDIO_PATHS = ("/data/upload/", "/data/local-files", "/storage-data/")
+#: Label Studio's resolve routes of cloud storage URIs, as its task API (``/api/tasks``) hands
+#: them out in place of ``s3://...``: the same answers as :func:`presign_url`'s route.
+_RESOLVE_PATH = re.compile(r"/(?:tasks|projects)/\d+/(?:resolve|presign)/\?fileuri=")
 
 
 def read_image_bytes(
     reference: str, source: ImageSource, *, client: httpx.Client | None = None
 ) -> bytes:
-    """Bytes of the image a task refers to (URL, Label Studio path, or local path)."""
+    """Bytes of the image a task refers to (URL, Label Studio path, cloud storage URI resolved
+    through Label Studio -- raw, as ``/predict`` gets it, or as the task API's resolve path --,
+    or local path)."""
     if not isinstance(reference, str) or not reference.strip():
         raise ImageDecodeError("task has no image reference")
     name = reference if len(reference) < 120 else reference[:117] + "..."
     _refuse_nul(reference, name)
+    if is_cloud_storage_uri(reference):  # Label Studio parses it, not urlparse
+        return _fetch_cloud(reference, source, name, client)
     try:
         parsed = urlparse(reference)
     except ValueError as exc:  # e.g. brackets that hold no IPv6 address: http://[bad]/x.png
         raise ImageError(f"{name!r}: not a URL or path that can be read ({exc})") from exc
     if parsed.scheme in ("http", "https"):
-        return _fetch_http(reference, source, name, client)
+        # Label Studio's own resolve route, spelt out with its host (its HOSTNAME setting)
+        resolve = bool(source.label_studio_url) and (
+            _same_origin(reference, source.label_studio_url or "")
+            and _RESOLVE_PATH.match(f"{parsed.path}?{parsed.query}") is not None
+        )
+        return _fetch_http(reference, source, name, client, presign=resolve)
     if parsed.scheme == "file":
         return _read_local(Path(unquote(parsed.path)), source, name)
-    if reference.startswith(_STUDIO_PATHS):
+    resolve = _RESOLVE_PATH.match(reference) is not None
+    if resolve or reference.startswith(_STUDIO_PATHS):
         if not source.label_studio_url:
             raise ImageForbidden(
                 f"{name}: a Label Studio path, but no Label Studio URL is known (set "
@@ -330,6 +459,7 @@ def read_image_bytes(
             source,
             name,
             client,
+            presign=resolve,
         )
     if parsed.scheme:
         raise ImageForbidden(f"{name}: unsupported URL scheme {parsed.scheme!r}")
@@ -355,9 +485,11 @@ def image_source_for(
     timeout_s: float,
     allowed_hosts: Sequence[str] = (),
     auth: Callable[[], dict[str, str]] | None = None,
+    project_id: int | None = None,
 ) -> ImageSource:
     """The configured Label Studio URL wins; the ``/setup`` hostname is used only without one,
-    and only when it is on ``allowed_hosts`` (see :func:`trusted_studio_url`)."""
+    and only when it is on ``allowed_hosts`` (see :func:`trusted_studio_url`). ``project_id``:
+    the Label Studio project cloud storage URIs are resolved through."""
     return ImageSource(
         label_studio_url=trusted_studio_url(label_studio_url, setup_hostname, allowed_hosts),
         token=token,
@@ -367,6 +499,7 @@ def image_source_for(
         max_bytes=max_bytes,
         timeout_s=timeout_s,
         auth=auth,
+        project_id=project_id,
     )
 
 

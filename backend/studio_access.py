@@ -13,6 +13,7 @@ environment and every image fetch agree:
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from backend.images import ImageSource, image_source_for, trusted_studio_url
@@ -87,7 +88,8 @@ class StudioAccess:
 
     def image_source(self, project: Project | None) -> ImageSource:
         """Where and how a project's task images are fetched (token only to Label Studio, in
-        the header the SDK sends it in: see :attr:`ImageSource.auth`)."""
+        the header the SDK sends it in: see :attr:`ImageSource.auth`), and the project whose
+        cloud storages resolve ``s3://``/``gs://``/``azure-blob://`` images."""
         project_id = project.id if project else None
         url, token = self.url(project), self.token(project_id)
         return image_source_for(
@@ -100,9 +102,13 @@ class StudioAccess:
             max_bytes=self.settings.max_image_bytes,
             timeout_s=self.settings.image_fetch_timeout_s,
             allowed_hosts=self.settings.allowed_image_hosts,
+            project_id=project_id,
         )
 
     def image_source_of(self, project_id: int | None) -> ImageSource:
-        """:meth:`image_source` of a project id (None or unknown: no Label Studio, no token)."""
+        """:meth:`image_source` of a project id (None or unknown: no /setup hostname, no /setup
+        token; the configured ones still apply). The id is kept even for a project boxloop has
+        not stored, so its cloud storage URIs resolve with a configured URL and token."""
         project = self.store.get_project(project_id) if project_id is not None else None
-        return self.image_source(project)
+        source = self.image_source(project)
+        return source if source.project_id == project_id else replace(source, project_id=project_id)
