@@ -15,7 +15,12 @@ from typing import Any
 import yaml
 
 from backend.active import check_measure
-from benchmark.config import ConfigError, DatasetConfig, reject_unknown_keys
+from benchmark.config import (
+    ConfigError,
+    DatasetConfig,
+    check_distinct_names,
+    reject_unknown_keys,
+)
 
 __all__ = ["QUICK", "QUICK_DATASET", "BoxBenchConfig", "load_box_config", "load_box_yaml"]
 
@@ -65,6 +70,7 @@ class BoxBenchConfig:
             raise ConfigError("init_fraction must be in (0, 1) and k_fraction in (0, 1]")
         if self.episodes < 1 or not self.datasets:
             raise ConfigError("a box bench needs datasets and at least one episode")
+        check_distinct_names(self.datasets)
 
     @property
     def approaches(self) -> list[str]:

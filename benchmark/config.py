@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +167,33 @@ class DatasetConfig:
         return count
 
 
+def _file_name_form(name: str) -> str:
+    """How a dataset name ends up in a run file's name: the harnesses replace what is not a
+    letter or digit (the box bench: anything but letters and digits), and a file system may
+    ignore case."""
+    return "".join(ch if ch.isalnum() else "_" for ch in name).casefold()
+
+
+def check_distinct_names(datasets: Iterable[DatasetConfig]) -> None:
+    """A :class:`ConfigError` when two datasets of a grid share a name (or a run-file name).
+
+    Why: run files, caches and report rows are keyed by :attr:`DatasetConfig.display_name`, so
+    two datasets named alike (one folder with another ``?split=``, ``labels=`` or
+    ``max_images``) would write the same files, one run overwriting the other's.
+    """
+    seen: dict[str, DatasetConfig] = {}
+    for dataset in datasets:
+        other = seen.setdefault(_file_name_form(dataset.display_name), dataset)
+        if other is not dataset:
+            names = {other.display_name, dataset.display_name}
+            raise ConfigError(
+                f"datasets {other.spec!r} and {dataset.spec!r} are both named "
+                f"{' / '.join(repr(n) for n in sorted(names))}, so their runs would overwrite "
+                "each other's files: give each dataset entry its own `name:` "
+                "(a mapping with `spec:` and `name:` instead of a bare spec)"
+            )
+
+
 @dataclass(frozen=True)
 class PretrainedConfig:
     """The inference-only COCO detector (paths default to the shared YOLOX-Nano model)."""
@@ -230,6 +257,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ConfigError("no datasets")
+        check_distinct_names(self.datasets)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if self.batch_size < 1:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from backend.detectors.pretrained import load_pretrained
 from backend.scoring.validation import score_predictions
 from backend.settings import load_settings
-from benchmark.datasets import expand_path, load_dataset
+from benchmark.datasets import decode_images, expand_path, load_dataset
 
 DATASETS = (
     "voc:$BOXLOOP_SHARED_DATA/voc/VOCdevkit/VOC2012",
@@ -60,9 +60,9 @@ def run(onnx_model: Path, repeats: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as cache:
         for spec in DATASETS:
-            dataset = load_dataset(spec)
+            dataset, decoded = decode_images(load_dataset(spec))  # undecodable: skipped
             labels = list(dataset.labels)
-            images = [s.load_image() for s in dataset.samples]
+            images = [decoded[s.image_id] for s in dataset.samples]
             gts = [s.boxes for s in dataset.samples]
             manual = np.array([len(g.kept()) for g in gts], float)
             per_mode: dict[str, Any] = {}
@@ -104,6 +104,7 @@ def run(onnx_model: Path, repeats: int) -> dict[str, Any]:
                 "dataset": dataset.name,
                 "images": len(images),
                 "boxes": int(manual.sum()),
+                "skipped_images": [s.to_dict() for s in dataset.skipped],
             }
             for mode in MODES:
                 entry = per_mode[mode]

@@ -8,6 +8,10 @@ map to COCO classes through ``sketches/category_map.tsv``.
 Features (the frozen backbone's 7×7 maps of whole images, pooled crops of every box, pooled whole
 images for the single-object baseline, pooled sketch rasters) are computed once and cached
 in ``benchmark/results/search/cache/`` (git-ignored), keyed by the extractors' names.
+
+An image that cannot be decoded is left out with a warning
+(:func:`benchmark.datasets.decode_images`) and named in :attr:`SearchData.skipped`: one broken
+file does not stop the benchmark.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from PIL import Image
 
 from backend.search.backbone import pooled_extractor, spatial_map_extractor
 from backend.search.sketch import load_quickdraw, render_strokes
-from benchmark.datasets import Dataset, default_shared_data, load_dataset
+from benchmark.datasets import Dataset, decode_images, default_shared_data, load_dataset
 
 __all__ = [
     "COLLECTION_SPECS",
@@ -80,6 +84,7 @@ class SearchData:
         boxes: per image, ``(n, 4)`` canvas fractions; ``box_labels``: per image, class ids.
         crops: per image, ``(n, 1280)`` pooled crop features.
         sketch_features / sketch_labels / sketch_strokes: every sketch of a mapped class.
+        skipped: ``dataset/image_id`` of each image left out because it could not be decoded.
     """
 
     labels: list[str]
@@ -93,6 +98,7 @@ class SearchData:
     sketch_features: np.ndarray
     sketch_labels: np.ndarray
     sketch_strokes: list[tuple[tuple[tuple[float, float], ...], ...]]
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_names)
@@ -176,10 +182,13 @@ def load_search_data(
     box_labels: list[np.ndarray] = []
     crop_images: list[Image.Image] = []
     crop_owner: list[int] = []
-    for ds, role in datasets:
-        samples = ds.samples[:max_images_per_set] if max_images_per_set else ds.samples
-        for sample in samples:
-            image = sample.load_image()
+    skipped: list[str] = []
+    for loaded, role in datasets:
+        capped = min(max_images_per_set or len(loaded), len(loaded))
+        ds, decoded = decode_images(loaded.subset(list(range(capped))))  # undecodable: skipped
+        skipped += [f"{ds.name}/{s.image_id}" for s in ds.skipped]
+        for sample in ds.samples:
+            image = decoded.pop(sample.image_id)
             kept = sample.boxes.kept()
             w, h = sample.image_size
             rows, cls = [], []
@@ -222,6 +231,7 @@ def load_search_data(
         s_feats,
         np.asarray(s_labels, np.int64),
         strokes,
+        skipped,
     )
     _save_cached(path, data)
     return data
@@ -239,6 +249,7 @@ def _save_cached(path: Path, data: SearchData) -> None:
                     "names": data.image_names,
                     "roles": data.image_role,
                     "strokes": data.sketch_strokes,
+                    "skipped": data.skipped,
                 }
             )
         ),
@@ -271,4 +282,5 @@ def _load_cached(path: Path) -> SearchData:
         z["sketch_features"],
         z["sketch_labels"],
         strokes,
+        meta.get("skipped", []),
     )

@@ -38,7 +38,15 @@ from PIL import Image
 
 from backend.features import SimNetConfig, effnet_lite0_extractor, split_halves, train_simnet
 from backend.features.base import FeatureExtractor
-from benchmark.datasets import Dataset, default_shared_data, load_coco, load_kitti, load_voc
+from benchmark.datasets import (
+    Dataset,
+    SkippedImage,
+    decode_images,
+    default_shared_data,
+    load_coco,
+    load_kitti,
+    load_voc,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simnet_vs_imgnet.json"
 
@@ -111,21 +119,25 @@ def bootstrap_diff(
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def load_pool(root: Path) -> tuple[list[Image.Image], list[str | None], int]:
-    """All pool images, the dominant class of the first ``n_labelled`` (VOC + COCO) ones."""
-    voc = load_voc(root / "voc" / "VOCdevkit" / "VOC2012")
-    coco = load_coco(root / "coco" / "mini")
-    extra: list[Dataset] = [load_voc(root / "voc" / "raccoon"), load_kitti(root / "kitti" / "tiny")]
+def load_pool(
+    root: Path,
+) -> tuple[list[Image.Image], list[str | None], int, list[SkippedImage]]:
+    """All pool images, the dominant class of the first ``n_labelled`` (VOC + COCO) ones, and the
+    images left out because they could not be decoded (each with a warning)."""
+    labelled = [load_voc(root / "voc" / "VOCdevkit" / "VOC2012"), load_coco(root / "coco" / "mini")]
+    extra = [load_voc(root / "voc" / "raccoon"), load_kitti(root / "kitti" / "tiny")]
     images: list[Image.Image] = []
     labels: list[str | None] = []
-    for ds in (voc, coco):
-        for i, sample in enumerate(ds.samples):
-            images.append(sample.load_image())
-            labels.append(dominant_class(ds, i))
-    n_labelled = len(images)
-    for ds in extra:
-        images.extend(s.load_image() for s in ds.samples)
-    return images, labels, n_labelled
+    skipped: list[SkippedImage] = []
+    n_labelled = 0
+    for k, loaded in enumerate([*labelled, *extra]):
+        ds, decoded = decode_images(loaded)  # an undecodable image is skipped, not fatal
+        skipped += ds.skipped
+        images.extend(decoded[s.image_id] for s in ds.samples)
+        if k < len(labelled):
+            labels.extend(dominant_class(ds, i) for i in range(len(ds)))
+            n_labelled = len(images)
+    return images, labels, n_labelled, skipped
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -144,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not root.is_dir():
         raise SystemExit(f"shared data not found at {root} (set BOXLOOP_SHARED_DATA)")
     load_before = [round(v, 2) for v in os.getloadavg()]
-    images, labels, n_lab = load_pool(root)
+    images, labels, n_lab, skipped = load_pool(root)
     print(f"pool: {len(images)} images, {n_lab} with a dominant class", flush=True)
     imgnet = effnet_lite0_extractor(args.work_dir / "onnx", num_threads=args.threads)
     f_img = imgnet.extract(images, progress=False)
@@ -162,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "load_before": load_before,
             "threads": args.threads,
             "classes": sorted({lbl for lbl in labels[:n_lab] if lbl}),
+            "skipped_images": [s.to_dict() for s in skipped],
         },
         "imgnet": {
             "extractor": imgnet.name,

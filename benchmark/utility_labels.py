@@ -2,7 +2,8 @@
 judge it (utility labels), score the baselines and cache the predictor's input.
 
 Run once per config and cached in ``OUT/cache/items.pkl``; every seed of stage 2
-(:mod:`benchmark.utility_bench`) reuses it. Worker processes label chunks of sources.
+(:mod:`benchmark.utility_bench`) reuses it. Worker processes label chunks of sources. A source
+image that cannot be decoded is skipped with a warning and listed in the facts.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from backend.utility.labels import detector_utility, vote
 from backend.utility.predictor import (
     TrunkEncoder,
 )
-from benchmark.datasets import Dataset, load_dataset
-from benchmark.datasets.common import default_shared_data, expand_path
+from benchmark.datasets import Dataset, ImageDecodeError, SkippedImage, load_dataset
+from benchmark.datasets.common import default_shared_data, expand_path, skip_image
 from benchmark.utility_config import COMBINED, UtilityBenchConfig
 
 __all__ = ["Item", "build_items", "labeler_name", "load_datasets"]
@@ -107,6 +108,7 @@ def build_items(
     items: list[Item] = []
     twin_diff: list[float] = []
     pristine_defined = 0
+    skipped: list[SkippedImage] = []
     timings = dict.fromkeys(("detect", "brisque", "encode", "trunk"), 0.0)
     total = sum(len(d) for d in datasets)
     bar = tqdm(total=total, desc="utility labels", unit="src", disable=not progress)
@@ -126,14 +128,16 @@ def build_items(
                 results.append(future.result())
                 bar.update(job[2] - job[1])
     bar.close()
-    for chunk_items, chunk_twin, chunk_defined, chunk_timings in results:
+    for chunk_items, chunk_twin, chunk_defined, chunk_timings, chunk_skipped in results:
         items += chunk_items
         twin_diff += chunk_twin
         pristine_defined += chunk_defined
+        skipped += chunk_skipped
         for key, value in chunk_timings.items():
             timings[key] += value
     facts = {
-        "sources": total,
+        "sources": total - len(skipped),
+        "skipped_images": [s.to_dict() for s in skipped],
         "sources_with_a_found_box": pristine_defined,
         "items": len(items),
         "onnx416_vs_pytorch416_max_score_diff": float(max(twin_diff) if twin_diff else 0.0),
@@ -147,8 +151,11 @@ def build_items(
 
 def _label_chunk(
     config: UtilityBenchConfig, cache_dir: Path, d_index: int, begin: int, end: int
-) -> tuple[list[Item], list[float], int, dict[str, float]]:
-    """Label the samples ``begin:end`` of dataset ``d_index`` (one thread; a worker's job)."""
+) -> tuple[list[Item], list[float], int, dict[str, float], list[SkippedImage]]:
+    """Label the samples ``begin:end`` of dataset ``d_index`` (one thread; a worker's job).
+
+    A sample whose image cannot be decoded is skipped with a warning and returned last.
+    """
     torch.set_num_threads(1)
     onnx_path = default_shared_data() / "models" / "yolox_nano_coco" / "yolox_nano.onnx"
     dataset = load_datasets(config)[d_index]
@@ -168,10 +175,15 @@ def _label_chunk(
     items: list[Item] = []
     twin_diff: list[float] = []
     defined = 0
+    skipped: list[SkippedImage] = []
     timings = dict.fromkeys(("detect", "brisque", "encode", "trunk"), 0.0)
     for index in range(begin, end):
         sample = dataset.samples[index]
-        image = sample.load_image()
+        try:
+            image = sample.load_image()
+        except ImageDecodeError as exc:  # one broken file does not stop the bench
+            skipped.append(skip_image(sample.image_id, sample.image_path, exc.__cause__ or exc))
+            continue
         gt = sample.boxes
         start = time.perf_counter()
         pristine = {s: d.predict([image])[0] for s, d in labelers.items()}
@@ -206,7 +218,7 @@ def _label_chunk(
                 item.png_maps = next(maps)
         timings["trunk"] += time.perf_counter() - start
         items += made
-    return items, twin_diff, defined, timings
+    return items, twin_diff, defined, timings, skipped
 
 
 def _max_score_difference(a: OnnxYoloxDetector, b: OnnxYoloxDetector, image: Any) -> float:

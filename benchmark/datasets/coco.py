@@ -7,6 +7,11 @@ continuous pixels and become ``xyxy``. ``iscrowd`` regions stay as ignored
 boxes of their class (COCOeval ignores detections inside them, measuring
 overlap as intersection over the detection's area: ``ignore_overlap="pred_area"``).
 Images without annotations are kept: they are legitimate negatives.
+
+A box of zero width or height is left out with one :class:`ZeroAreaBoxWarning` per file and
+counted in ``Dataset.meta["zero_area_boxes"]``: the official ``instances_train2017.json`` has two
+(annotations 918 and 2206849, cocoapi issue 355), and one such box must not stop the whole set
+from loading. Non-finite or reversed boxes still raise: those are corruption, not a known quirk.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,8 @@ from benchmark.datasets.common import (
     ImageDecodeError,
     Sample,
     SkippedImage,
+    ZeroAreaBox,
+    ZeroAreaBoxWarning,
     check_box,
     image_size_of,
     make_boxes,
@@ -116,6 +124,7 @@ def load_coco(
 
     samples = []
     skipped: list[SkippedImage] = []
+    zero_area: list[int] = []  # annotation ids
     for info in coco.dataset["images"]:
         image_path = image_dir / str(info["file_name"])
         if not image_path.is_file():
@@ -133,7 +142,11 @@ def load_coco(
             )
         xyxy, idx, ign = [], [], []
         for ann in coco.imgToAnns.get(info["id"], []):
-            xyxy_i, label, crowd = _annotation(ann, cat_to_label, size, ann_file)
+            try:
+                xyxy_i, label, crowd = _annotation(ann, cat_to_label, size, ann_file)
+            except ZeroAreaBox:
+                zero_area.append(ann["id"])
+                continue
             xyxy.append(xyxy_i)
             idx.append(label)
             ign.append(crowd)
@@ -144,6 +157,13 @@ def load_coco(
     stray = [a["id"] for a in coco.dataset["annotations"] if a["image_id"] not in image_ids]
     if stray:
         raise DatasetError(f"{ann_file}: annotations {stray[:5]} refer to unknown images")
+    if zero_area:
+        warnings.warn(
+            f"{ann_file}: left out {len(zero_area)} box(es) of zero width or height "
+            f"(annotation ids {zero_area[:5]}{' ...' if len(zero_area) > 5 else ''})",
+            ZeroAreaBoxWarning,
+            stacklevel=2,
+        )
     return require_images(
         Dataset(
             name=f"coco:{ann_file.parent.parent.name}",
@@ -151,7 +171,11 @@ def load_coco(
             labels=labels,
             samples=samples,
             ignore_overlap="pred_area",
-            meta={"format": "coco", "annotations": str(ann_file.resolve())},
+            meta={
+                "format": "coco",
+                "annotations": str(ann_file.resolve()),
+                "zero_area_boxes": str(len(zero_area)),
+            },
             skipped=skipped,
         )
     )

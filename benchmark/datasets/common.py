@@ -12,6 +12,11 @@ does not stop a benchmark: the loaders skip an image whose header cannot be read
 and :func:`decode_images` skips one whose pixels cannot be decoded, each with a
 :class:`SkippedImageWarning`, and record it in :attr:`Dataset.skipped`. Only a
 dataset left with no image at all is an error.
+
+Images are decoded as the backend decodes a task image
+(:func:`backend.images.decode_image`: EXIF orientation applied, 16-bit greyscale scaled to
+8 bits), so the detectors see the pixels they would see in Label Studio and the boxes, drawn on
+the upright picture, sit on them.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ import numpy as np
 from PIL import Image
 
 from backend.boxes import Boxes, IgnoreOverlap
+from backend.images import ImageError, decode_image
 
 IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg")
+#: The benchmark refuses only what Pillow itself refuses (a decompression bomb: over twice
+#: ``Image.MAX_IMAGE_PIXELS``), as it always has; the backend's lower limit is a service setting.
+MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+#: EXIF orientations that turn the stored frame by 90 degrees: width and height swap.
+_SIDEWAYS_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
 
 
 class DatasetError(ValueError):
@@ -40,6 +52,14 @@ class ImageDecodeError(DatasetError):
 
 class SkippedImageWarning(UserWarning):
     """An undecodable image was left out of a dataset."""
+
+
+class ZeroAreaBox(DatasetError):
+    """A finite box with zero width or height (see :func:`check_box`)."""
+
+
+class ZeroAreaBoxWarning(UserWarning):
+    """Boxes of zero width or height were left out of a dataset's ground truth."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +102,15 @@ class Sample:
         return self.boxes.image_size
 
     def load_image(self) -> Image.Image:
-        """The image decoded as RGB (the detectors and extractors take RGB PIL images)."""
+        """The image decoded as RGB, upright, by the backend's own decoder.
+
+        Why the backend's: a benchmark that decoded otherwise (EXIF orientation ignored,
+        16-bit values clipped to white) would score the detector on pixels it never sees.
+        """
         try:
-            with Image.open(self.image_path) as image:
-                return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            data = self.image_path.read_bytes()
+            return decode_image(data, max_pixels=MAX_PIXELS, name=self.image_path.name)
+        except (OSError, ImageError) as exc:
             raise ImageDecodeError(f"{self.image_path}: cannot decode image ({exc})") from exc
 
 
@@ -150,12 +174,20 @@ class Dataset:
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the image header (no full decode)."""
+    """The upright ``(width, height)`` from the image header (no full decode).
+
+    Upright: with the EXIF orientation applied, as :meth:`Sample.load_image` (and Label Studio,
+    where the boxes were drawn) shows the image; a photo stored sideways has its sides swapped.
+    """
     try:
         with Image.open(path) as image:
-            return int(image.width), int(image.height)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            width, height = int(image.width), int(image.height)
+            # the base class's getexif reads the header's EXIF only: PNG's own would decode
+            # every pixel to look for an eXIf chunk after the image data
+            orientation = Image.Image.getexif(image).get(_EXIF_ORIENTATION)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{path}: cannot read image header ({exc})") from exc
+    return (height, width) if orientation in _SIDEWAYS_ORIENTATIONS else (width, height)
 
 
 def require_images(dataset: Dataset) -> Dataset:
@@ -203,18 +235,19 @@ def check_box(
 ) -> tuple[float, float, float, float]:
     """Validate one box and clip it to the image.
 
-    A box with non-finite coordinates or no area is a broken annotation and
-    raises; a box that pokes past the border by a few pixels (common in VOC
-    and KITTI truncation) is clipped, since dropping or keeping it unclipped
-    would both change the ground truth more than the clip does.
+    A box with non-finite coordinates or reversed corners is a broken annotation
+    and raises :class:`DatasetError`; a finite box of zero width or height raises
+    :class:`ZeroAreaBox`, which a loader may catch where such boxes are a known
+    quirk of the source (COCO). A box that pokes past the border by a few pixels
+    (common in VOC and KITTI truncation) is clipped, since dropping or keeping it
+    unclipped would both change the ground truth more than the clip does.
     """
     x0, y0, x1, y1 = xyxy
     if not all(np.isfinite(v) for v in xyxy):
         raise DatasetError(f"{where}: non-finite box coordinates {xyxy}")
     if x1 <= x0 or y1 <= y0:
-        raise DatasetError(
-            f"{where}: box {xyxy} has no area (need x_max > x_min and y_max > y_min)"
-        )
+        kind = DatasetError if x1 < x0 or y1 < y0 else ZeroAreaBox
+        raise kind(f"{where}: box {xyxy} has no area (need x_max > x_min and y_max > y_min)")
     w, h = image_size
     cx0, cy0 = min(max(x0, 0.0), w), min(max(y0, 0.0), h)
     cx1, cy1 = min(max(x1, 0.0), w), min(max(y1, 0.0), h)

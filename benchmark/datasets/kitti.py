@@ -83,6 +83,7 @@ def parse_kitti_label(
             raise DatasetError(
                 f"{where}: object type {kind!r} is not in the label list {list(label_index)}"
             )
+        # a box of no area raises: unlike COCO's two, none is a known quirk of KITTI's labels
         xyxy.append(check_box(where, box, image_size))  # type: ignore[arg-type]
     return xyxy, labels, ignore
 

@@ -163,6 +163,8 @@ def parse_voc_xml(
         difficult_text = obj.get("difficult", "0")
         if difficult_text not in ("0", "1"):
             raise DatasetError(f"{where}: <difficult> must be 0 or 1, got {difficult_text!r}")
+        # corners are 1-based inclusive, so even xmin == xmax is one pixel wide: a box of no
+        # area here has xmax < xmin, a broken annotation, and check_box's error stands
         xyxy = check_box(where, (xmin - 1.0, ymin - 1.0, xmax, ymax), header_size)
         objects.append((name, xyxy, difficult_text == "1"))
     return objects, header_size

@@ -6,7 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from benchmark.box_config import load_box_yaml
+import pytest
+
+from benchmark.box_config import load_box_config, load_box_yaml
+from benchmark.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,3 +29,15 @@ def test_stored_box_grids_keep_their_run_keys_and_a_warm_start_gets_its_own() ->
     warm = dataclasses.replace(config, warm_start=True)
     dataset = config.datasets[0]
     assert warm.run_key(dataset, 0) != config.run_key(dataset, 0)
+
+
+def test_box_grid_refuses_two_datasets_named_alike() -> None:
+    """The box bench writes ``runs/<name>__seed<s>.json``: two datasets of one name would share
+    it, so the grid is refused until each has its own ``name:``."""
+    bccd = "voc:/data/voc/BCCD"
+    with pytest.raises(ConfigError, match=r"both named 'voc:BCCD'.*`name:`"):
+        load_box_config({"datasets": [bccd, {"spec": bccd, "max_images": 20}]})
+    config = load_box_config(
+        {"datasets": [bccd, {"spec": bccd, "max_images": 20, "name": "voc:BCCD-20"}]}
+    )
+    assert [d.display_name for d in config.datasets] == ["voc:BCCD", "voc:BCCD-20"]

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend.boxes import Boxes
+from backend.images import decode_image
 from benchmark.datasets import (
     ANY_CLASS,
     KITTI_CLASSES,
     VOC_CLASSES,
     DatasetError,
+    Sample,
     SkippedImageWarning,
     decode_images,
     default_shared_data,
@@ -26,6 +29,7 @@ from benchmark.datasets import (
     load_voc,
     parse_spec,
 )
+from benchmark.datasets.common import ZeroAreaBoxWarning
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48)) -> None:
@@ -103,6 +107,7 @@ def test_voc_without_split_takes_all_xml(tmp_path: Path) -> None:
     [
         ("<object><name>dog</name></object>", "bndbox"),
         (voc_object("dog", (10, 1, 5, 9)), "no area"),
+        (voc_object("dog", (10, 1, 9, 9)), "no area"),  # 1-based: xmax = xmin - 1, reversed
         (voc_object("dog", ("a", 1, 5, 9)), "not a number"),  # type: ignore[arg-type]
         (voc_object("dog", (1, 1, 5, 9), "yes"), "difficult"),
         ("<object><bndbox><xmin>1</xmin></bndbox></object>", "<name>"),
@@ -285,6 +290,132 @@ def test_prepare_dataset_skips_and_records_a_truncated_jpeg(tmp_path: Path) -> N
     assert [s.image_id for s in prepared.dataset.skipped] == ["im3"]
 
 
+# ------------------------------------------------------------------------------ decoding as the backend
+def exif_voc(root: Path, orientation: int) -> Path:
+    """A 64x48 picture with a red square at its top left, stored as a camera stores it for
+    ``orientation`` (3: upside down; 6: turned a quarter), annotated on the upright picture."""
+    upright = np.full((48, 64, 3), 40, np.uint8)
+    upright[2:18, 2:18] = (255, 0, 0)
+    picture = Image.fromarray(upright)
+    stored = (
+        picture.rotate(180) if orientation == 3 else picture.transpose(Image.Transpose.ROTATE_90)
+    )
+    make_voc(root, {"a": voc_object("dog", (3, 3, 18, 18))})  # XML <size> 64x48: upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(root / "JPEGImages" / "a.jpg", exif=exif, quality=95)
+    return root
+
+
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_exif_oriented_photo_is_loaded_upright_as_the_backend_shows_it(
+    tmp_path: Path, orientation: int
+) -> None:
+    sample = load_voc(exif_voc(tmp_path / "voc", orientation)).samples[0]
+    assert sample.image_size == (64, 48)  # the upright size, not the stored 48x64
+    image = sample.load_image()
+    assert image.size == (64, 48)
+    backend = decode_image(sample.image_path.read_bytes(), max_pixels=10**8)
+    assert np.array_equal(np.asarray(image), np.asarray(backend))
+    x0, y0, x1, y1 = (int(v) for v in sample.boxes.xyxy[0])
+    red, green, _ = np.asarray(image)[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+    assert red > 200 and green < 30  # the box sits on the red square
+
+
+def test_16_bit_image_is_scaled_like_the_backend_not_clipped_white(tmp_path: Path) -> None:
+    gradient = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    path = tmp_path / "depth.png"
+    Image.fromarray(gradient).save(path)
+    image = Sample("depth", path, Boxes.empty((64, 48))).load_image()
+    pixels = np.asarray(image)
+    assert np.array_equal(pixels, np.asarray(decode_image(path.read_bytes(), max_pixels=10**8)))
+    assert abs(float(pixels.mean()) - 127.5) < 1  # clipping at 255 gave a mean of ~254
+
+
+def test_search_data_skips_and_records_an_undecodable_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmark.search_data as search_data
+
+    class Extractor:
+        name = "stub"
+
+        def extract(self, images: list[Image.Image], progress: bool = False) -> np.ndarray:
+            return np.zeros((len(images), 4), np.float32)
+
+    cat = voc_object("cat", (2, 2, 20, 20))
+    root = make_voc(tmp_path / "voc", {"a": cat, "b": cat, "c": cat})
+    truncate(root / "JPEGImages" / "b.jpg")
+    monkeypatch.setattr(search_data, "spatial_map_extractor", lambda *a, **k: Extractor())
+    monkeypatch.setattr(search_data, "pooled_extractor", lambda *a, **k: Extractor())
+    monkeypatch.setattr(search_data, "COLLECTION_SPECS", ((f"voc:{root}", "search"),))
+    monkeypatch.setattr(search_data, "_sketch_categories", lambda shared: [])
+    with pytest.warns(SkippedImageWarning, match="'b'"):
+        data = search_data.load_search_data(tmp_path, cache_dir=tmp_path / "cache", num_threads=1)
+    assert data.image_names == ["voc:voc/a", "voc:voc/c"] and data.skipped == ["voc:voc/b"]
+    cached = search_data.load_search_data(tmp_path, cache_dir=tmp_path / "cache", num_threads=1)
+    assert cached.skipped == ["voc:voc/b"]  # the record survives the feature cache
+
+
+def test_pretrained_input_skips_and_records_an_undecodable_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmark.pretrained_input as pretrained_input
+
+    class Detector:
+        def predict(self, images: list[Image.Image]) -> list[Boxes]:
+            return [Boxes.empty(im.size, with_scores=True) for im in images]
+
+        def input_size_for(self, size: tuple[int, int]) -> tuple[int, int]:
+            return (416, 416)
+
+    cat = voc_object("cat", (2, 2, 20, 20))
+    root = make_voc(tmp_path / "voc", {"a": cat, "b": cat, "c": cat})
+    truncate(root / "JPEGImages" / "c.jpg")
+    monkeypatch.setattr(pretrained_input, "DATASETS", (f"voc:{root}",))
+    monkeypatch.setattr(pretrained_input, "load_settings", lambda **kw: None)
+    monkeypatch.setattr(pretrained_input, "load_pretrained", lambda settings, labels: Detector())
+    with pytest.warns(SkippedImageWarning, match="'c'"):
+        row = pretrained_input.run(tmp_path / "model.onnx", repeats=1)["rows"][0]
+    assert row["images"] == 2 and row["boxes"] == 2
+    assert [s["image_id"] for s in row["skipped_images"]] == ["c"]
+
+
+def test_simnet_pool_skips_and_records_an_undecodable_image(tmp_path: Path) -> None:
+    from benchmark.simnet_vs_imgnet import load_pool
+
+    cat = voc_object("cat", (2, 2, 20, 20))
+    make_voc(tmp_path / "voc" / "VOCdevkit" / "VOC2012", {"v1": cat, "v2": cat})
+    make_coco(tmp_path / "coco" / "mini")
+    make_voc(tmp_path / "voc" / "raccoon", {"r1": voc_object("raccoon", (2, 2, 9, 9)), "r2": ""})
+    make_kitti(tmp_path / "kitti" / "tiny", {"000000": [row("Car", (1, 1, 9, 9))]})
+    truncate(tmp_path / "voc" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "v1.jpg")
+    truncate(tmp_path / "voc" / "raccoon" / "JPEGImages" / "r2.jpg")
+    with pytest.warns(SkippedImageWarning):
+        images, labels, n_labelled, skipped = load_pool(tmp_path)
+    assert [s.image_id for s in skipped] == ["v1", "r2"]
+    assert (len(images), n_labelled) == (1 + 2 + 1 + 1, 3)  # v2, COCO 11 and 12, r1, 000000
+    assert labels == ["cat", "kite", None]  # v2, COCO image 11 (its kite), image 12 (no box)
+
+
+def test_utility_labels_skip_and_record_an_undecodable_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import benchmark.utility_labels as utility_labels
+    from benchmark.utility_config import UtilityBenchConfig
+
+    root = make_voc(tmp_path / "voc", {"a": voc_object("cat", (2, 2, 20, 20))})
+    truncate(root / "JPEGImages" / "a.jpg")
+    monkeypatch.setattr(utility_labels, "load_datasets", lambda config: [load_voc(root)])
+    monkeypatch.setattr(utility_labels, "TrunkEncoder", lambda *a, **k: None)
+    monkeypatch.setattr(utility_labels, "coco_yolox_at", lambda *a, **k: None)
+    config = UtilityBenchConfig(datasets=[f"voc:{root}"])
+    with pytest.warns(SkippedImageWarning, match="'a'"):
+        items, _, defined, _, skipped = utility_labels._label_chunk(config, tmp_path, 0, 0, 1)
+    assert (items, defined) == ([], 0)
+    assert [(s.image_id, s.path.name) for s in skipped] == [("a", "a.jpg")]
+
+
 # ------------------------------------------------------------------------------ KITTI
 KITTI_ROW = "{kind} 0.00 0 -0.20 {x0} {y0} {x1} {y1} 1.89 0.48 1.20 1.84 1.47 8.41 0.01"
 
@@ -329,6 +460,7 @@ def test_kitti_jpeg_and_box_clipped_to_image(tmp_path: Path) -> None:
         (row("Car", (1, 2, 30, 20)).replace(" 1 2 30 20", " 1 x 30 20"), "not numbers"),
         (row("Zeppelin", (1, 2, 30, 20)), "'Zeppelin' is not in the label list"),
         (row("Van", (30, 2, 10, 20)), "no area"),
+        (row("Van", (30, 2, 30, 20)), "no area"),  # zero width: no known KITTI quirk, raises
     ],
 )
 def test_kitti_malformed_lines_raise_with_location(tmp_path: Path, line: str, message: str) -> None:
@@ -418,7 +550,8 @@ def _broken(tmp_path: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
         (lambda d: d["annotations"][0].update(category_id=99), "unknown category_id 99"),
         (lambda d: d["annotations"][0].update(image_id=99), "unknown images"),
         (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "bbox must be"),
-        (lambda d: d["annotations"][0].update(bbox=[1, 2, 0, 5]), "no area"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 5]), "no area"),
+        (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 5]), "non-finite"),
         (lambda d: d["annotations"][0].update(iscrowd=2), "iscrowd"),
         (lambda d: d["images"][0].update(file_name="nope.jpg"), "'nope.jpg' not in"),
         (lambda d: d["images"][0].update(width=65), "65x48 in the JSON"),
@@ -430,6 +563,25 @@ def _broken(tmp_path: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
 def test_coco_malformed_raise(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(DatasetError, match=message):
         load_coco(_broken(tmp_path, mutate))
+
+
+def test_coco_zero_area_boxes_are_left_out_with_one_warning(tmp_path: Path) -> None:
+    """The official train2017 JSON has two boxes of zero height (ann 918: ``[296.65, 388.33,
+    1.03, 0.0]``, cocoapi#355): they are dropped and counted, the rest of the set loads."""
+
+    def mutate(data: dict) -> None:  # type: ignore[type-arg]
+        data["annotations"] += [
+            {"id": 918, "image_id": 11, "category_id": 7, "bbox": [29.65, 38.33, 1.03, 0.0]},
+            {"id": 919, "image_id": 12, "category_id": 7, "bbox": [3, 4, 0, 9], "iscrowd": 1},
+        ]
+
+    with pytest.warns(ZeroAreaBoxWarning, match=r"2 box\(es\).*\[918, 919\]") as record:
+        ds = load_coco(_broken(tmp_path, mutate))
+    assert len([w for w in record if w.category is ZeroAreaBoxWarning]) == 1
+    assert ds.meta["zero_area_boxes"] == "2"
+    np.testing.assert_allclose(ds.samples[0].boxes.xyxy, [[1, 2, 11, 22], [5, 5, 10, 10]])
+    assert len(ds.samples[1].boxes) == 0
+    assert load_coco(make_coco(tmp_path / "clean")).meta["zero_area_boxes"] == "0"
 
 
 def test_coco_bad_json_and_unknown_label(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmark.config import ConfigError, PretrainedConfig, load_config
+from benchmark.config import ConfigError, PretrainedConfig, config_from_dict, load_config
 from benchmark.runner import run_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,3 +31,27 @@ def test_stored_loop_grid_keeps_its_run_keys_and_an_aspect_input_gets_its_own() 
     assert run_key(aspect, dataset) != run_key(config, dataset)
     with pytest.raises(ConfigError, match="square or aspect"):
         PretrainedConfig(input="wide")
+
+
+def test_two_datasets_named_alike_are_refused_at_load() -> None:
+    """One folder with another ``?split=`` or ``max_images`` gets the same default name, so the
+    two would write one run file, one run overwriting the other: a ``name:`` each is required."""
+    bccd = "voc:/data/voc/BCCD"
+    grid = {"approaches": ["random"], "seeds": [0]}
+    for datasets in (
+        [f"{bccd}?split=train", f"{bccd}?split=test"],
+        [{"spec": bccd}, {"spec": bccd, "max_images": 20}],
+        [{"spec": bccd, "name": "voc:bccd"}, {"spec": "voc:/other/x", "name": "voc_BCCD"}],
+    ):
+        with pytest.raises(ConfigError, match=r"overwrite each other's files.*`name:`"):
+            config_from_dict({**grid, "datasets": datasets})
+    named = config_from_dict(
+        {
+            **grid,
+            "datasets": [
+                {"spec": f"{bccd}?split=train", "name": "bccd-train"},
+                {"spec": f"{bccd}?split=test", "name": "bccd-test"},
+            ],
+        }
+    )
+    assert [d.display_name for d in named.datasets] == ["bccd-train", "bccd-test"]
