@@ -225,6 +225,13 @@ class Store:
         labels: Sequence[str],
         hostname: str | None = None,
     ) -> Project:
+        """Store a new project, or update one's label config (its ``trained_revision`` and
+        ``created_at`` stay, and its hostname unless another is given).
+
+        One ``INSERT ... ON CONFLICT DO UPDATE``: a look for the project, then an insert, failed
+        with a duplicate key when two writers stored the same new project at once (``/setup``
+        and a webhook carrying the label config, or two servers), on SQLite and PostgreSQL.
+        """
         values = {
             "label_config": label_config,
             "from_name": from_name,
@@ -233,18 +240,13 @@ class Store:
             "labels": list(labels),
             "updated_at": utcnow(),
         }
-        if hostname:
+        insert = _dialect_insert(self.engine.dialect.name)(projects).values(
+            id=project_id, trained_revision=0, hostname=hostname, **values
+        )
+        if hostname:  # an update without one keeps the stored hostname
             values["hostname"] = hostname
         with self._tx() as conn:
-            exists = conn.execute(select(projects.c.id).where(projects.c.id == project_id)).first()
-            if exists:
-                conn.execute(update(projects).where(projects.c.id == project_id).values(**values))
-            else:
-                conn.execute(
-                    projects.insert().values(
-                        id=project_id, trained_revision=0, **{"hostname": hostname, **values}
-                    )
-                )
+            conn.execute(insert.on_conflict_do_update(index_elements=[projects.c.id], set_=values))
         project = self.get_project(project_id)
         assert project is not None
         return project
@@ -906,39 +908,62 @@ class Store:
     def put_features(
         self, project_id: int, extractor: str, items: Iterable[tuple[int, np.ndarray]]
     ) -> None:
+        """Store (or replace) the vectors of tasks; a task given twice keeps the last one.
+
+        One ``INSERT ... ON CONFLICT DO UPDATE`` per task: a delete then an insert failed with a
+        duplicate key on PostgreSQL when two processes stored the same task's vector at once
+        (``boxloop order`` while the server places new tasks, two servers).
+        """
+        vectors: dict[int, np.ndarray] = {}
+        for task_id, vector in items:
+            vectors[int(task_id)] = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+        if not vectors:
+            return
+        rows = [
+            {
+                "project_id": project_id,
+                "task_id": task_id,
+                "extractor": extractor,
+                "dim": len(vec),
+                "vector": vec.tobytes(),
+                "created_at": utcnow(),
+            }
+            for task_id, vec in vectors.items()
+        ]
+        insert = _dialect_insert(self.engine.dialect.name)(features)
+        statement = insert.on_conflict_do_update(
+            index_elements=["project_id", "task_id", "extractor"],
+            set_={
+                "dim": insert.excluded.dim,
+                "vector": insert.excluded.vector,
+                "created_at": insert.excluded.created_at,
+            },
+        )
         with self._tx() as conn:
-            for task_id, vector in items:
-                vec = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
-                key = (
-                    (features.c.project_id == project_id)
-                    & (features.c.task_id == task_id)
-                    & (features.c.extractor == extractor)
-                )
-                conn.execute(features.delete().where(key))
-                conn.execute(
-                    features.insert().values(
-                        project_id=project_id,
-                        task_id=task_id,
-                        extractor=extractor,
-                        dim=len(vec),
-                        vector=vec.tobytes(),
-                        created_at=utcnow(),
-                    )
-                )
+            conn.execute(statement, rows)
 
     def get_features(
         self, project_id: int, extractor: str, task_ids: Sequence[int] | None = None
     ) -> tuple[list[int], np.ndarray]:
-        """Stored vectors as ``(task_ids, (N, d) float32 array)``, ordered by task id."""
+        """Stored vectors as ``(task_ids, (N, d) float32 array)``, ordered by task id.
+
+        Asked for ``task_ids``, they are read 10,000 at a time, in order: psycopg takes at most
+        65,535 parameters in a statement, and ordering or indexing a project bigger than that
+        asked for all its tasks in one ``IN (...)`` and failed on PostgreSQL.
+        """
         query = (
             select(features.c.task_id, features.c.dim, features.c.vector)
             .where((features.c.project_id == project_id) & (features.c.extractor == extractor))
             .order_by(features.c.task_id)
         )
-        if task_ids is not None:
-            query = query.where(features.c.task_id.in_(list(task_ids)))
         with self._tx() as conn:
-            rows = conn.execute(query).all()
+            if task_ids is None:
+                rows = list(conn.execute(query).all())
+            else:
+                ids, rows = sorted({int(t) for t in task_ids}), []
+                for start in range(0, len(ids), 10_000):  # under the drivers' parameter limits
+                    chunk = ids[start : start + 10_000]
+                    rows += conn.execute(query.where(features.c.task_id.in_(chunk))).all()
         if not rows:
             return [], np.zeros((0, 0), np.float32)
         ids = [int(r[0]) for r in rows]
@@ -954,18 +979,26 @@ class Store:
         task_ids: Sequence[int],
         view_id: int | None = None,
     ) -> None:
+        """Replace the project's order (every field, ``view_id`` too).
+
+        One ``INSERT ... ON CONFLICT DO UPDATE``: a delete then an insert failed with a
+        duplicate key on PostgreSQL when two processes stored an order of a project at once.
+        """
+        insert = _dialect_insert(self.engine.dialect.name)(orders).values(
+            project_id=project_id,
+            strategy=strategy,
+            params=params,
+            task_ids=[int(t) for t in task_ids],
+            view_id=view_id,
+            updated_at=utcnow(),
+        )
+        replaced = ("strategy", "params", "task_ids", "view_id", "updated_at")
+        statement = insert.on_conflict_do_update(
+            index_elements=[orders.c.project_id],
+            set_={name: insert.excluded[name] for name in replaced},
+        )
         with self._tx() as conn:
-            conn.execute(orders.delete().where(orders.c.project_id == project_id))
-            conn.execute(
-                orders.insert().values(
-                    project_id=project_id,
-                    strategy=strategy,
-                    params=params,
-                    task_ids=[int(t) for t in task_ids],
-                    view_id=view_id,
-                    updated_at=utcnow(),
-                )
-            )
+            conn.execute(statement)
 
     def get_order(self, project_id: int) -> TaskOrder | None:
         with self._tx() as conn:
@@ -1133,7 +1166,10 @@ def _text(value: Any) -> Any:
 
 
 def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+    """``value`` as the text two annotation results are compared by: as stored, so with its
+    non-finite numbers as null (:func:`jsonsafe.finite`). The raw value held NaN where the stored
+    one held null, and every re-delivery of such an annotation was new work for the trainer."""
+    return json.dumps(jsonsafe.finite(value), sort_keys=True, default=str)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -18,31 +18,22 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import JSON, Column, DateTime, Engine, Integer, MetaData, Table, inspect, text
 from sqlalchemy.engine import Connection
 
 __all__ = ["SCRIPT_LOCATION", "alembic_config", "current_revision", "head", "upgrade"]
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 
+#: The tables of the first boxloop (up to a679896^), before ``box_episodes`` existed.
+_ORIGINAL_TABLES = frozenset(
+    {"projects", "tasks", "annotations", "model_versions", "training_jobs", "features", "orders"}
+)
+
 #: The tables each revision added, newest first: where a pre-Alembic database sits.
 _PRE_ALEMBIC = (
     ("0002", frozenset({"bulk_runs", "bulk_predictions"})),
-    (
-        "0001",
-        frozenset(
-            {
-                "projects",
-                "tasks",
-                "annotations",
-                "model_versions",
-                "training_jobs",
-                "features",
-                "orders",
-                "box_episodes",
-            }
-        ),
-    ),
+    ("0001", _ORIGINAL_TABLES | {"box_episodes"}),
 )
 
 #: PostgreSQL advisory lock held while migrating: two processes opening one fresh database at
@@ -87,11 +78,33 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def pre_alembic_revision(tables: set[str]) -> str | None:
-    """The revision a database without ``alembic_version`` is at, judged by its tables."""
+    """The revision a database without ``alembic_version`` is at, judged by its tables.
+
+    One made before ``box_episodes`` existed (the seven original tables only) counts as
+    ``0001``: :func:`upgrade` adds that table before it stamps the database there.
+    """
+    if tables >= _ORIGINAL_TABLES:
+        tables = tables | {"box_episodes"}
     for revision, added in _PRE_ALEMBIC:
         if added <= tables:
             return revision
     return None
+
+
+def _create_box_episodes(conn: Connection) -> None:
+    """The ``box_episodes`` table as revision ``0001`` creates it, for a pre-Alembic database
+    made before it existed (stamped at ``0001``, it would never be created otherwise)."""
+    table = Table(
+        "box_episodes",
+        MetaData(),
+        Column("project_id", Integer, primary_key=True, autoincrement=False),
+        Column("episode", Integer, primary_key=True, autoincrement=False),
+        Column("params", JSON, nullable=False),
+        Column("queries", JSON, nullable=False),
+        Column("created_at", DateTime, nullable=False),
+        Column("updated_at", DateTime, nullable=False),
+    )
+    table.create(conn)
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -100,19 +113,33 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     Already there (every open but the first) costs one small query. A brand-new database runs
     every revision; a pre-Alembic one is stamped first so its tables are not created again.
     This is what ``alembic upgrade`` does through ``env.py``, run here on the cached scripts.
+
+    Processes opening one database at once migrate one after the other: PostgreSQL under an
+    advisory lock, SQLite with its write lock taken up front (``BEGIN IMMEDIATE``). Without it
+    SQLite ran each DDL statement in a transaction of its own, and two processes opening a new
+    file both ran ``0001``: one failed with "table ... already exists".
     """
     from backend.tables import metadata
 
     script = _script()
+    target = head() if revision == "head" else revision
+    with engine.connect() as conn:  # every open but the first: one small query and no lock
+        if current_revision(conn) == target:
+            return
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         current = current_revision(conn)
-        if current == (head() if revision == "head" else revision):
+        if current == target:  # another process migrated it while this one waited
             return
         if current is None:
-            stamp = pre_alembic_revision(set(inspect(conn).get_table_names()))
+            tables = set(inspect(conn).get_table_names())
+            stamp = pre_alembic_revision(tables)
             if stamp is not None:
+                if "box_episodes" not in tables:
+                    _create_box_episodes(conn)
                 MigrationContext.configure(conn).stamp(script, stamp)
 
         def steps(rev: Any, _context: MigrationContext) -> Any:

@@ -3,7 +3,10 @@ PostgreSQL), and the migrations at head build exactly the schema the code descri
 
 from __future__ import annotations
 
+import multiprocessing
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -15,6 +18,12 @@ from backend.store import Store
 from backend.tables import annotations_table, metadata, model_versions, projects
 
 BULK_TABLES = {"bulk_runs", "bulk_predictions"}
+#: The tables boxloop versions made before migrations lacked, by commit.
+OLD_VERSIONS = {
+    "as-of-a679896^": frozenset(BULK_TABLES | {"box_episodes"}),
+    "as-of-8c04528": frozenset(BULK_TABLES),
+    "as-of-bd1b1c1": frozenset(),
+}
 #: columns later revisions added to tables that existed before migrations (0004: job owners)
 ADDED_LATER = {"training_jobs": ("owner", "heartbeat_at")}
 OLD_RESULT = [{"type": "rectanglelabels", "value": {"x": 1.5, "rectanglelabels": ["a"]}}]
@@ -30,12 +39,12 @@ def _revision(engine: Engine) -> str | None:
         return migrations.current_revision(conn)
 
 
-def _old_create_all(engine: Engine, *, with_bulk: bool) -> None:
+def _old_create_all(engine: Engine, *, missing: frozenset[str]) -> None:
     """What boxloop did before migrations: ``create_all`` of its tables, no ``alembic_version``
-    (without the bulk tables: as of commit 8c04528; with them: as of bd1b1c1)."""
+    (without the ``missing`` ones: see :data:`OLD_VERSIONS`)."""
     old = MetaData()
     for table in metadata.sorted_tables:
-        if with_bulk or table.name not in BULK_TABLES:
+        if table.name not in missing:
             copy = table.to_metadata(old)
             for name in ADDED_LATER.get(table.name, ()):
                 copy._columns.remove(copy.c[name])  # no public API removes a column
@@ -113,6 +122,9 @@ def _open_and_check(url: str) -> None:
         store.mark_bulk(7, "project-7-v1", {700: "done"}, run)
         assert store.bulk_states(7, "project-7-v1") == {700: "done", 701: "pushing"}
         assert [r.id for r in store.list_bulk_runs(7)] == [run]
+        # and so does box_episodes, whichever boxloop made the database
+        assert store.add_box_episode(7, {"k": 1}, []) == 1
+        assert store.list_box_episodes(7) == [(1, {"k": 1}, [])]
     finally:
         store.close()
 
@@ -141,15 +153,16 @@ def test_a_database_at_the_baseline_revision_is_upgraded_with_its_rows(store_url
     _open_and_check(store_url)
 
 
-@pytest.mark.parametrize("with_bulk", [False, True], ids=["as-of-8c04528", "as-of-bd1b1c1"])
+@pytest.mark.parametrize("missing", OLD_VERSIONS.values(), ids=OLD_VERSIONS.keys())
 def test_a_database_made_before_migrations_is_stamped_and_upgraded(
-    store_url: str, with_bulk: bool
+    store_url: str, missing: frozenset[str]
 ) -> None:
     """No ``alembic_version`` table: it is stamped at the revision whose tables it has (creating
-    them again would fail), then upgraded."""
+    them again would fail), then upgraded. One made before ``box_episodes`` existed gets that
+    table first: it was not recognised, and ``Store()`` failed at every start."""
     engine = create_engine(store_url)
     try:
-        _old_create_all(engine, with_bulk=with_bulk)
+        _old_create_all(engine, missing=missing)
         assert "alembic_version" not in inspect(engine).get_table_names()
         _write_old_rows(engine)
     finally:
@@ -162,6 +175,8 @@ def test_pre_alembic_databases_are_placed_by_their_tables() -> None:
     baseline |= {"features", "orders", "box_episodes"}
     assert migrations.pre_alembic_revision(set()) is None  # brand new: straight to head
     assert migrations.pre_alembic_revision(baseline) == "0001"
+    assert migrations.pre_alembic_revision(baseline - {"box_episodes"}) == "0001"
+    assert migrations.pre_alembic_revision(baseline - {"box_episodes", "orders"}) is None
     assert migrations.pre_alembic_revision(baseline | BULK_TABLES) == "0002"
 
 
@@ -223,3 +238,46 @@ def test_label_config_names_of_any_length_are_stored_after_0003(store_url: str) 
         assert stored.image_key == "k" * 300 and stored.hostname == long_host
     finally:
         store.close()
+
+
+def _open_each_when_told(urls: list[str], barrier: Any, outcomes: Any) -> None:
+    """A process opening the store at each of ``urls`` at the same moment as another one."""
+    for url in urls:
+        barrier.wait(timeout=120)
+        try:
+            Store(url).close()
+            outcomes.put((url, "ok"))
+        except Exception as exc:  # pragma: no cover - the failure is what we look for
+            outcomes.put((url, f"{type(exc).__name__}: {exc}"))
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_migrate_one_after_the_other(
+    tmp_path: Path,
+) -> None:
+    """A server and a ``boxloop`` command (or two workers) opening one new SQLite file at once:
+    SQLite ran each DDL statement on its own, so both ran ``0001`` and one failed with "table
+    ... already exists". The write lock taken first orders them, as PostgreSQL's advisory lock
+    does there. Two processes, started once, open six new files together, one at a time."""
+    urls = [f"sqlite:///{tmp_path / f'state-{trial}.db'}" for trial in range(6)]
+    # forked: they start with everything imported (a spawned one took seconds to import it)
+    context = multiprocessing.get_context("fork")
+    barrier, outcomes = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(target=_open_each_when_told, args=(urls, barrier, outcomes))
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        results = [outcomes.get(timeout=180) for _ in range(2 * len(urls))]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+    assert [outcome for _, outcome in results] == ["ok"] * len(results), results
+    for url in urls:
+        engine = create_engine(url)
+        try:
+            assert _revision(engine) == migrations.head()
+            assert _schema_differences(engine) == []
+        finally:
+            engine.dispose()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from backend.ingest import (
 )
 from backend.labelstudio.convert import LabelConfig
 from backend.store import Store
-from backend.tables import annotations_table
+from backend.tables import annotations_table, projects
 
 
 @pytest.fixture
@@ -113,6 +114,133 @@ def test_features_and_orders(store: Store) -> None:
     store.set_order(1, "dissimilar", {"seed": 0}, [30, 10, 20], view_id=4)
     order = store.get_order(1)
     assert order is not None and order.task_ids == [30, 10, 20] and order.view_id == 4
+
+
+def test_features_of_more_task_ids_than_a_statement_takes_are_read_in_order(
+    store: Store,
+) -> None:
+    """psycopg takes at most 65,535 parameters in a statement: ordering or indexing a project
+    of more tasks asked for all their ids in one ``IN (...)`` and failed on PostgreSQL."""
+    asked = list(range(1, 70_002))
+    stored = asked[::7]  # 10,001 vectors, in every chunk of the ids asked for
+    vectors = {t: np.array([t, -t], np.float32) for t in stored}
+    store.put_features(1, "imgnet-v1", reversed(vectors.items()))
+    shuffled = [*asked, 5, 8]  # ids twice, and ids without a vector
+    np.random.default_rng(0).shuffle(shuffled)
+    ids, matrix = store.get_features(1, "imgnet-v1", task_ids=shuffled)
+    assert ids == stored  # by task id, each once
+    np.testing.assert_array_equal(matrix, np.stack([vectors[t] for t in stored]))
+    assert store.get_features(1, "imgnet-v1", task_ids=[])[0] == []
+
+
+def test_an_annotation_holding_non_finite_numbers_keeps_its_revision_when_delivered_again(
+    store: Store,
+) -> None:
+    """NaN and infinities are stored as null (backend.jsonsafe): compared with the incoming
+    NaN, the stored result never matched, and every re-delivery was new work for the trainer."""
+    _project(store)
+    value = {"x": float("nan"), "y": float("inf"), "nested": [float("-inf"), 2.5]}
+    result = [{"type": "rectanglelabels", "value": value}]
+    deliveries = [store.upsert_annotation(1, 10, 5, result, None) for _ in range(3)]
+    assert deliveries == [(1, True), (1, False), (1, False)]
+    assert store.count_annotations_since(1, 1) == 0
+    (stored,) = store.list_annotations(1)
+    assert stored.result[0]["value"] == {"x": None, "y": None, "nested": [None, 2.5]}
+
+
+def test_a_project_update_keeps_its_trained_revision_and_creation_time(store: Store) -> None:
+    _project(store)
+    store.set_trained_revision(1, 5)
+    with store.engine.connect() as conn:
+        created = conn.execute(select(projects.c.created_at)).scalar_one()
+    store.upsert_project(
+        1, label_config="<View/>", from_name="l2", to_name="i2", image_key="img",
+        labels=["c"], hostname="http://other",
+    )  # fmt: skip
+    project = store.get_project(1)
+    assert project is not None and project.trained_revision == 5
+    assert (project.from_name, project.image_key, project.labels) == ("l2", "img", ["c"])
+    assert project.hostname == "http://other"  # a hostname given replaces the stored one
+    with store.engine.connect() as conn:
+        assert conn.execute(select(projects.c.created_at)).scalar_one() == created
+
+
+def _race(url: str, rounds: int, work: Callable[[Store, int, int], object]) -> list[str]:
+    """``work(store, writer, round)`` from two threads at once, each with a Store of its own
+    (as two processes have) on the database at ``url``, ``rounds`` times; the errors."""
+    stores = [Store(url), Store(url)]
+    errors: list[str] = []
+    try:
+        for round_ in range(rounds):
+            barrier = threading.Barrier(2)
+
+            def go(writer: int, round_: int = round_, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                try:
+                    work(stores[writer], writer, round_)
+                except Exception as exc:  # pragma: no cover - the failure is what we look for
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+            threads = [threading.Thread(target=go, args=(w,)) for w in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        for store in stores:
+            store.close()
+    return errors
+
+
+def test_two_writers_storing_a_new_project_at_once_both_succeed(store_url: str) -> None:
+    """/setup and a webhook carrying the label config (or two servers) store the same new
+    project at once: a look for it then an insert failed with a duplicate key on both
+    databases, a 500 that lost the webhook's annotation."""
+
+    def upsert(store: Store, writer: int, round_: int) -> None:
+        store.upsert_project(
+            round_ + 1, label_config=f"<View w='{writer}'/>", from_name="label",
+            to_name="image", image_key="image", labels=["a"],
+            hostname="http://ls" if writer == 0 else None,
+        )  # fmt: skip
+
+    assert _race(store_url, 20, upsert) == []
+    store = Store(store_url)
+    try:
+        projects_ = store.list_projects()
+        assert [p.id for p in projects_] == list(range(1, 21))
+        assert {p.hostname for p in projects_} == {"http://ls"}  # None never replaces it
+        assert {p.trained_revision for p in projects_} == {0}
+    finally:
+        store.close()
+
+
+def test_two_writers_storing_the_same_vectors_and_order_at_once_both_succeed(
+    store_url: str,
+) -> None:
+    """A delete then an insert failed with a duplicate key on PostgreSQL when two processes
+    stored one task's vector or one project's order at once."""
+
+    def put(store: Store, writer: int, round_: int) -> None:
+        tasks = range(round_ * 20, round_ * 20 + 20)
+        store.put_features(1, "imgnet-v1", [(t, np.full(4, writer, np.float32)) for t in tasks])
+
+    def order(store: Store, writer: int, round_: int) -> None:
+        store.set_order(1, "random", {"writer": writer}, [round_, writer], view_id=writer or None)
+
+    assert _race(store_url, 20, put) == []
+    assert _race(store_url, 20, order) == []
+    store = Store(store_url)
+    try:
+        ids, matrix = store.get_features(1, "imgnet-v1")
+        assert ids == list(range(400)) and matrix.shape == (400, 4)
+        assert all(len(set(row)) == 1 and row[0] in (0, 1) for row in matrix.tolist())
+        order = store.get_order(1)
+        assert order is not None and order.strategy == "random"
+        writer = order.params["writer"]  # one writer's order, whole
+        assert order.task_ids == [19, writer] and order.view_id == (writer or None)
+    finally:
+        store.close()
 
 
 def test_a_task_whose_image_changes_loses_its_vectors_and_only_then(store: Store) -> None:
