@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import ConfigError
+from benchmark.config import ConfigError, load_yaml_mapping
 from benchmark.datasets import DatasetError
 
 
@@ -51,13 +51,11 @@ def register(modes: Any) -> argparse.ArgumentParser:
 
 
 def build_box_config(args: argparse.Namespace) -> Any:
-    import yaml
-
     from benchmark.box_config import QUICK, QUICK_DATASET, load_box_config
 
     data: dict[str, Any] = {}
     if args.config is not None:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        data = load_yaml_mapping(args.config)
     elif not args.dataset:
         raise ConfigError("give --config FILE or at least one --dataset SPEC")
     if args.dataset:
@@ -67,7 +65,7 @@ def build_box_config(args: argparse.Namespace) -> Any:
         data["yolox"] = {**QUICK["yolox"], **dict(data.get("yolox", {}))}
         data["datasets"] = [
             {**({"spec": d} if isinstance(d, str) else d), **QUICK_DATASET}
-            for d in data["datasets"]
+            for d in data.get("datasets") or []
         ]
         data.setdefault("name", "box-quick")
         if args.out is None and args.config is None:

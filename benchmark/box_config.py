@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from backend.active import check_measure
 from benchmark.config import (
     ConfigError,
     DatasetConfig,
     check_distinct_names,
+    load_yaml_mapping,
+    parse_datasets,
+    parse_seeds,
     reject_unknown_keys,
 )
 
@@ -70,6 +71,8 @@ class BoxBenchConfig:
             raise ConfigError("init_fraction must be in (0, 1) and k_fraction in (0, 1]")
         if self.episodes < 1 or not self.datasets:
             raise ConfigError("a box bench needs datasets and at least one episode")
+        if not self.seeds:
+            raise ConfigError("a box bench needs at least one seed")
         check_distinct_names(self.datasets)
 
     @property
@@ -101,15 +104,14 @@ def load_box_config(data: dict[str, Any]) -> BoxBenchConfig:
     datasets = values.pop("datasets", [])
     if not datasets:
         raise ConfigError("a box bench needs at least one dataset")
-    parsed = tuple(DatasetConfig(**({"spec": d} if isinstance(d, str) else d)) for d in datasets)
-    for key in ("seeds", "box_measures", "image_measures"):
+    parsed = tuple(parse_datasets(datasets))
+    if "seeds" in values:
+        values["seeds"] = tuple(parse_seeds(values["seeds"]))
+    for key in ("box_measures", "image_measures"):
         if key in values:
             values[key] = tuple(values[key])
     return BoxBenchConfig(datasets=parsed, **values)
 
 
 def load_box_yaml(path: Path) -> BoxBenchConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping")
-    return load_box_config(data)
+    return load_box_config(load_yaml_mapping(path))

@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -123,10 +124,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--holdout", type=float, help="held-out images for mAP: a fraction < 1 or a count"
     )
     parser.add_argument(
+        "--yolox",
+        action="append",
+        metavar="KEY=VALUE",
+        help="YOLOX loop training setting, the default loop's (repeatable; a "
+        "backend.training.yolox_train.YoloxTrainConfig field), e.g. max_epochs=10",
+    )
+    parser.add_argument(
         "--train",
         action="append",
         metavar="KEY=VALUE",
-        help="training setting (repeatable), e.g. epochs=2",
+        help="Faster R-CNN training setting (repeatable; a backend.training.TrainConfig field), "
+        "e.g. epochs=2: only for grids with STRATEGY@fasterrcnn approaches (--config)",
     )
     parser.add_argument(
         "--threads", type=int, help="torch / onnxruntime threads per run (default 2)"
@@ -187,6 +196,48 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _key_values(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` flags as a mapping (values as YAML scalars, see :func:`_parse_value`)."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        values[key.strip()] = _parse_value(value)
+    return values
+
+
+def _with_features(specs: Sequence[Any], features: Sequence[str]) -> list[str]:
+    """The grid's approaches with each similar / dissimilar one run on each of ``features``
+    (its detector kept), as ``--strategy`` builds them: ``--features`` overrides a YAML grid's
+    features as the other flags override its keys, instead of being dropped."""
+    approaches = [Approach.parse(spec) for spec in specs]
+    if not any(a.strategy in ("similar", "dissimilar") for a in approaches):
+        raise ConfigError(
+            "--features needs --strategy similar or dissimilar (or a --config grid with "
+            "similar or dissimilar approaches)"
+        )
+    out: list[Approach] = []
+    for approach in approaches:
+        if approach.strategy in ("similar", "dissimilar"):
+            out += [dataclasses.replace(approach, features=f) for f in features]
+        else:
+            out.append(approach)
+    return [a.spec for a in dict.fromkeys(out)]
+
+
+def _check_train_flag(config: ExperimentConfig) -> None:
+    """Refuse ``--train`` on a grid it cannot change: it sets the Faster R-CNN loop's training
+    (``STRATEGY@fasterrcnn`` approaches) only, and the YOLOX loop reads ``--yolox``, so on any
+    other grid it would only force a rerun with identical training."""
+    if not any(a.retrains and a.detector == "fasterrcnn" for a in config.approaches):
+        raise ConfigError(
+            "--train sets the Faster R-CNN loop's training, and no approach of this grid uses it "
+            "(STRATEGY@fasterrcnn, from a --config grid); the YOLOX loop's training is "
+            "--yolox KEY=VALUE (e.g. --yolox max_epochs=10)"
+        )
+
+
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     """The experiment grid from ``--config`` (if any) with the flags applied on top."""
     data: dict[str, Any] = {}
@@ -198,6 +249,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         data["datasets"] = [{"spec": spec} for spec in args.dataset]
     if args.strategy:
         features = args.features or ["imgnet"]
+        if args.features and not {"similar", "dissimilar"} & set(args.strategy):
+            raise ConfigError("--features needs --strategy similar or dissimilar")
         approaches: list[Approach] = []
         for strategy in args.strategy:
             if strategy in ("similar", "dissimilar"):
@@ -205,8 +258,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
             else:
                 approaches.append(Approach(strategy))
         data["approaches"] = [a.spec for a in approaches]
-    elif args.features and args.config is None:
-        raise ConfigError("--features needs --strategy similar or dissimilar")
+    elif args.features:
+        data["approaches"] = _with_features(data.get("approaches", []), args.features)
     data.setdefault("approaches", [])
     if args.seed_list:
         data["seeds"] = args.seed_list
@@ -224,13 +277,9 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
             data[key] = value
     if args.no_baselines:
         data["baselines"] = False
-    train = dict(data.get("train", {}))
-    for item in args.train or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--train {item!r}: expected KEY=VALUE")
-        train[key.strip()] = _parse_value(value)
+    train = {**dict(data.get("train", {})), **_key_values(args.train, "--train")}
     data["train"] = train
+    data["yolox"] = {**dict(data.get("yolox", {})), **_key_values(args.yolox, "--yolox")}
     dataset_overrides: dict[str, Any] = {}
     if args.quick:
         data["batch_size"] = args.batch_size or QUICK_OVERRIDES["batch_size"]
@@ -254,7 +303,10 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         data.setdefault("name", "quick" if args.quick else "cli")
         if "output" not in data:
             data["output"] = f"benchmark/results/{data['name']}"
-    return config_from_dict(data)
+    config = config_from_dict(data)
+    if args.train:
+        _check_train_flag(config)
+    return config
 
 
 def quick_train_settings() -> dict[str, Any]:

@@ -333,7 +333,9 @@ class ExperimentConfig:
         return replace(self, **changes)
 
 
-def _dataset(value: Any) -> DatasetConfig:
+def parse_dataset(value: Any) -> DatasetConfig:
+    """One dataset entry of a grid: a spec, or a mapping of :class:`DatasetConfig` fields
+    (unknown keys refused, so a typo is an error instead of a ``TypeError``)."""
     if isinstance(value, str):
         return DatasetConfig(spec=value)
     if isinstance(value, dict):
@@ -351,17 +353,15 @@ def config_from_dict(data: dict[str, Any], default_name: str = "experiment") -> 
     reject_unknown_keys(data, ExperimentConfig, "config")
     values = dict(data)
     values.setdefault("name", default_name)
-    values["datasets"] = [_dataset(d) for d in _as_list(values.get("datasets"), "datasets")]
+    values["datasets"] = parse_datasets(values.get("datasets"))
     values["approaches"] = [
         Approach.parse(a) for a in _as_list(values.get("approaches", []), "approaches")
     ]
-    if isinstance(values.get("seeds"), int):  # "seeds: 3" means seeds 0, 1, 2
-        values["seeds"] = list(range(values["seeds"]))
-    for key in ("seeds", "iou_thresholds", "score_thresholds", "seconds_per_box"):
+    if "seeds" in values:
+        values["seeds"] = parse_seeds(values["seeds"])
+    for key in ("iou_thresholds", "score_thresholds", "seconds_per_box"):
         if key in values:
             values[key] = _as_list(values[key], key)
-    if "seeds" in values:
-        values["seeds"] = [int(s) for s in values["seeds"]]
     if isinstance(values.get("pretrained"), dict):
         values["pretrained"] = PretrainedConfig(**values["pretrained"])
     for key in ("train", "yolox", "gate", "features"):
@@ -370,17 +370,57 @@ def config_from_dict(data: dict[str, Any], default_name: str = "experiment") -> 
     return ExperimentConfig(**values)
 
 
+def parse_datasets(value: Any) -> list[DatasetConfig]:
+    """A grid's ``datasets``: one entry or a list of them (see :func:`parse_dataset`)."""
+    return [parse_dataset(d) for d in _as_list(value, "datasets")]
+
+
+def parse_seeds(value: Any) -> list[int]:
+    """A grid's ``seeds``: a list of seeds, or a count N for seeds 0..N-1 (``seeds: 3``).
+
+    Refused when empty or repeated: a grid without seeds runs nothing (and a bench finding no
+    run fails only after its costly first stage), and a repeated seed repeats a run.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        seeds: Any = list(range(value))
+    else:
+        seeds = _as_list(value, "seeds")
+    try:
+        seeds = [int(s) for s in seeds]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"seeds must be integers or a count, got {value!r}") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct and non-empty, got {seeds}")
+    return seeds
+
+
 def _as_list(value: Any, key: str) -> list[Any]:
     if value is None:
         raise ConfigError(f"{key!r} is required")
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read a YAML experiment grid."""
+def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (an empty file is ``{}``); a :class:`ConfigError` naming
+    the file when it cannot be read, is no YAML or holds no mapping, so every bench reports a
+    broken grid file as one line instead of a traceback."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return config_from_dict(data or {}, default_name=path.stem)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a YAML experiment grid."""
+    return config_from_dict(load_yaml_mapping(path), default_name=Path(path).stem)

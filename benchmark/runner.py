@@ -54,6 +54,8 @@ from backend.scoring import evaluate_map
 from backend.settings import load_settings
 from backend.training import TrainConfig, TrainSample, train_detector
 from backend.training.calibration import unlabeled_sample
+from backend.training.gate import GateConfig
+from backend.training.yolox_train import YoloxTrainConfig
 from benchmark.config import (
     PRETRAINED,
     Approach,
@@ -61,6 +63,7 @@ from benchmark.config import (
     DatasetConfig,
     ExperimentConfig,
     PretrainedConfig,
+    reject_unknown_keys,
 )
 from benchmark.corrections import refresh_corrections
 from benchmark.datasets import Dataset, decode_images, expand_path, load_dataset
@@ -147,16 +150,35 @@ def extract_features(
     return extractor.extract(images, progress=False)
 
 
+def resolved_training(config: ExperimentConfig) -> dict[str, Any]:
+    """The grid's ``train`` (Faster R-CNN), ``yolox`` and ``gate`` settings resolved against the
+    backend's defaults.
+
+    A :class:`ConfigError` naming the section when a key is no field of its config class or a
+    value is refused: the YAML's sections and ``--train`` / ``--yolox`` are checked here before
+    a grid writes anything, instead of a ``TypeError`` stopping it.
+    """
+    reject_unknown_keys(config.yolox, YoloxTrainConfig, "yolox")
+    reject_unknown_keys(config.gate, GateConfig, "gate")
+    resolvers: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+        "fasterrcnn": ("train", lambda: train_config_dict(config.train)),
+        "yolox": ("yolox", lambda: yolox_config(config.yolox).to_dict()),
+        "gate": ("gate", lambda: gate_config(config.gate).to_dict()),
+    }
+    resolved: dict[str, Any] = {}
+    for name, (section, resolve) in resolvers.items():
+        try:
+            resolved[name] = resolve()
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{section}: {exc}") from exc
+    return resolved
+
+
 def run_key(config: ExperimentConfig, dataset: DatasetConfig) -> str:
     """:meth:`ExperimentConfig.run_key` with the training config resolved against the backend."""
-    return config.run_key(
-        dataset,
-        {
-            "fasterrcnn": train_config_dict(config.train),
-            "yolox": yolox_config(config.yolox).to_dict(),
-            "gate": gate_config(config.gate).to_dict(),
-        },
-    )
+    return config.run_key(dataset, resolved_training(config))
 
 
 def set_threads(threads: int) -> None:
@@ -607,6 +629,7 @@ def run_grid(
     With ``config.workers > 1`` the runs still to do go to that many processes; each run's
     result is the same as in one process (a run seeds everything it draws from).
     """
+    resolved_training(config)  # a wrong training setting stops the grid before it writes
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "experiment.json", config.to_dict())

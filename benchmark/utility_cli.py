@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import ConfigError
+from benchmark.config import ConfigError, load_yaml_mapping
 from benchmark.datasets import DatasetError
 
 
@@ -47,13 +47,11 @@ def register(modes: Any) -> argparse.ArgumentParser:
 
 
 def build_utility_config(args: argparse.Namespace) -> Any:
-    import yaml
-
     from benchmark.utility_config import QUICK, load_utility_config
 
     data: dict[str, Any] = {}
     if args.config is not None:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        data = load_yaml_mapping(args.config)
     if args.quick:
         data = {**data, **{k: v for k, v in QUICK.items() if k != "predictor"}}
         data["predictor"] = {**dict(data.get("predictor", {})), **QUICK["predictor"]}

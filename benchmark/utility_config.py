@@ -14,7 +14,7 @@ from backend.utility.distortions import (
 from backend.utility.predictor import (
     PredictorConfig,
 )
-from benchmark.config import ConfigError, reject_unknown_keys
+from benchmark.config import ConfigError, parse_seeds, reject_unknown_keys
 
 __all__ = ["BASELINES", "COMBINED", "QUICK", "UtilityBenchConfig", "load_utility_config"]
 
@@ -71,6 +71,8 @@ class UtilityBenchConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ConfigError("bench utility needs at least one dataset")
+        if not self.seeds:
+            raise ConfigError("bench utility needs at least one seed")
         if not self.labelers:
             raise ConfigError("bench utility needs at least one labeler size")
         if self.unused_size in self.labelers:
@@ -116,7 +118,9 @@ def load_utility_config(data: dict[str, Any]) -> UtilityBenchConfig:
         pconfig = PredictorConfig(**predictor)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"predictor: {exc}") from exc
-    for key in ("qualities", "heldout_qualities", "labelers", "seeds"):
+    if "seeds" in values:
+        values["seeds"] = tuple(parse_seeds(values["seeds"]))
+    for key in ("qualities", "heldout_qualities", "labelers"):
         if key in values:
             values[key] = tuple(int(v) for v in values[key])
     if "unseen" in values:

@@ -119,7 +119,7 @@ def test_quick_bench_on_generated_dataset(
         "--dataset", f"voc:{root}",
         "--strategy", "dissimilar", "--features", "imgnet",
         "--seeds", "2", "--quick", "--holdout", "3", "--batch-size", "4",
-        "--train", "epochs=1", "--train", "min_size=160", "--train", "max_size=224",
+        "--yolox", "max_epochs=2",
         "--out", str(out), "--no-progress",
     ]  # fmt: skip
     with pytest.warns(SkippedImageWarning, match="img012"):
@@ -132,7 +132,7 @@ def test_quick_bench_on_generated_dataset(
     }
     for run in runs:
         check_run(run)
-        assert run["config"]["train"]["epochs"] == 1 and run["dataset"]["pool_images"] == 9
+        assert run["config"]["yolox"]["max_epochs"] == 2 and run["dataset"]["pool_images"] == 9
         assert [b["images"] for b in run["batches"]] == [4, 4, 1]
         assert [s["image_id"] for s in run["dataset"]["skipped_images"]] == ["img012"]
     # The pool is the same for every run; the orders differ between strategies.
@@ -177,9 +177,8 @@ def test_quick_bench_on_generated_dataset(
         f"name: shapes\noutput: {out}\nseeds: [0, 1]\nbatch_size: 4\nfinal_round: false\n"
         f"datasets:\n  - spec: voc:{root}\n    max_images: 24\n    holdout: 3\n"
         "approaches: [dissimilar:imgnet]\niou_thresholds: [0.5, 0.6]\nseconds_per_box: [10]\n"
-        "train: {epochs: 1, min_size: 160, max_size: 224}\n"
-        # what --quick sets for the product's loop, so the runs are the same runs
-        f"yolox: {json.dumps(QUICK_YOLOX)}\ngate: {json.dumps(QUICK_GATE)}\n"
+        # what --quick and --yolox set for the product's loop, so the runs are the same runs
+        f"yolox: {json.dumps({**QUICK_YOLOX, 'max_epochs': 2})}\ngate: {json.dumps(QUICK_GATE)}\n"
     )
     assert main(["bench", "--config", str(yaml_path), "--no-progress"]) == 0
     assert "0 run(s) done, 6 reused" in capsys.readouterr().out
@@ -216,7 +215,6 @@ def test_quick_bench_on_shared_kitti_subset(
     argv = [
         "bench", "--dataset", f"kitti:{kitti}", "--strategy", "temporal", "--seeds", "1",
         "--quick", "--max-images", "10", "--holdout", "2", "--batch-size", "4",
-        "--train", "epochs=1", "--train", "min_size=192", "--train", "max_size=640",
         "--out", str(out), "--no-progress",
     ]  # fmt: skip
     assert main(argv) == 0

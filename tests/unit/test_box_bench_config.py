@@ -41,3 +41,25 @@ def test_box_grid_refuses_two_datasets_named_alike() -> None:
         {"datasets": [bccd, {"spec": bccd, "max_images": 20, "name": "voc:BCCD-20"}]}
     )
     assert [d.display_name for d in config.datasets] == ["voc:BCCD", "voc:BCCD-20"]
+
+
+def test_box_grid_reads_seeds_and_datasets_as_the_main_bench_does() -> None:
+    """``seeds: 3`` means seeds 0, 1, 2 (it was a ``TypeError``); no seeds, or an unknown key in
+    a dataset entry (a ``TypeError`` before), is a :class:`ConfigError` naming it."""
+    spec = "voc:/data/voc/BCCD"
+    assert load_box_config({"datasets": [spec], "seeds": 3}).seeds == (0, 1, 2)
+    assert load_box_config({"datasets": spec, "seeds": [5]}).seeds == (5,)
+    with pytest.raises(ConfigError, match="distinct and non-empty"):
+        load_box_config({"datasets": [spec], "seeds": []})
+    with pytest.raises(ConfigError, match=r"unknown keys \['holdout_fraction'\]"):
+        load_box_config({"datasets": [{"spec": spec, "holdout_fraction": 0.2}]})
+
+
+def test_box_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "box.yaml"
+    path.write_text("datasets: [voc:/x\n")
+    with pytest.raises(ConfigError, match=r"box\.yaml: not valid YAML"):
+        load_box_yaml(path)
+    path.write_text("- voc:/x\n")
+    with pytest.raises(ConfigError, match=r"box\.yaml: config must be a mapping, got list"):
+        load_box_yaml(path)

@@ -3,14 +3,25 @@ defaults, and must give a new key when set."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmark.config import ConfigError, PretrainedConfig, config_from_dict, load_config
-from benchmark.runner import run_key
+from benchmark.cli import add_arguments, build_config
+from benchmark.config import (
+    ConfigError,
+    ExperimentConfig,
+    PretrainedConfig,
+    config_from_dict,
+    load_config,
+    load_yaml_mapping,
+    parse_seeds,
+)
+from benchmark.product_loop import yolox_config
+from benchmark.runner import QUICK_YOLOX, run_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,3 +66,66 @@ def test_two_datasets_named_alike_are_refused_at_load() -> None:
         }
     )
     assert [d.display_name for d in named.datasets] == ["bccd-train", "bccd-test"]
+
+
+def bench_config(tmp_path: Path, grid: str, *flags: str) -> ExperimentConfig:
+    """The grid ``boxloop bench --config GRID FLAGS`` would run (nothing is run)."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return build_config(parser.parse_args(["--config", str(path), *flags]))
+
+
+GRID = "datasets: ['kitti:/x']\nseeds: [0]\napproaches: [dissimilar:imgnet, temporal]\n"
+
+
+def test_yolox_flag_reaches_the_product_loop_and_train_reaches_faster_rcnn(tmp_path: Path) -> None:
+    """``--yolox`` fills the grid's ``yolox`` section (what :class:`ProductLoop` trains with),
+    over the YAML's and ``--quick``'s; ``--train`` is taken only by a grid with a Faster R-CNN
+    loop, the one that reads it."""
+    plain = bench_config(tmp_path, GRID)
+    tuned = bench_config(tmp_path, GRID + "yolox: {lr: 0.002}\n", "--yolox", "max_epochs=10")
+    assert tuned.yolox == {"lr": 0.002, "max_epochs": 10}
+    assert yolox_config(tuned.yolox).max_epochs == 10
+    assert run_key(tuned, tuned.datasets[0]) != run_key(plain, plain.datasets[0])
+    quick = bench_config(tmp_path, GRID, "--quick", "--yolox", "max_epochs=3")
+    assert quick.yolox == {**QUICK_YOLOX, "max_epochs": 3}
+    with pytest.raises(ConfigError, match="--train sets the Faster R-CNN loop's training"):
+        bench_config(tmp_path, GRID, "--train", "epochs=1")
+    mixed = bench_config(
+        tmp_path, GRID.replace("temporal", "temporal@fasterrcnn"), "--train", "epochs=1"
+    )
+    assert mixed.train == {"epochs": 1}
+    assert run_key(mixed, mixed.datasets[0]) != run_key(plain, plain.datasets[0])
+
+
+def test_features_flag_overrides_a_yaml_grids_features(tmp_path: Path) -> None:
+    """``--config GRID --features F``: each similar / dissimilar approach of the grid runs on
+    the features given (its detector kept), as every other flag overrides the YAML."""
+    grid = GRID.replace("temporal", "similar:imgnet@fasterrcnn")
+    config = bench_config(tmp_path, grid, "--features", "simnet", "--features", "imgnet")
+    assert [a.spec for a in config.approaches] == [
+        "pretrained", "random", "dissimilar:simnet", "dissimilar:imgnet",
+        "similar:simnet@fasterrcnn", "similar:imgnet@fasterrcnn",
+    ]  # fmt: skip
+    assert [a.spec for a in bench_config(tmp_path, grid).approaches][2:] == [
+        "dissimilar:imgnet",
+        "similar:imgnet@fasterrcnn",
+    ]
+
+
+def test_seed_count_and_yaml_errors_of_the_grid_loader(tmp_path: Path) -> None:
+    assert parse_seeds(3) == [0, 1, 2] and parse_seeds([2, "5"]) == [2, 5]
+    for bad in (0, [], [1, 1]):
+        with pytest.raises(ConfigError, match="distinct and non-empty"):
+            parse_seeds(bad)
+    with pytest.raises(ConfigError, match="integers or a count"):
+        parse_seeds(["x"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("seeds: [0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML at line 2") as info:
+        load_yaml_mapping(path)
+    assert "\n" not in str(info.value)
+    path.write_text("")
+    assert load_yaml_mapping(path) == {}
