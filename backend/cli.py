@@ -256,7 +256,7 @@ def _models_fetch(args: argparse.Namespace) -> int:
         )
         return 1
     if args.if_missing and present is not None:
-        print(f"pre-annotation model present: {present}; nothing to fetch", file=sys.stderr)
+        print(f"COCO model present: {present}; nothing to fetch", file=sys.stderr)
         print(json.dumps({"installed": str(present), "skipped": True}))
         return 0
     try:
@@ -271,8 +271,9 @@ def _models_fetch(args: argparse.Namespace) -> int:
     except ModelFetchError as exc:
         print(f"boxloop models fetch: error: {exc}", file=sys.stderr)
         print(
-            "nothing was installed; pre-annotation before the first training needs this model "
-            "(retry, pass --url URL_OR_FILE, or set BOXLOOP_ONNX_MODEL_PATH)",
+            "nothing was installed; pre-annotation before the first training and training the "
+            "default detector (yolox_nano) need this model (retry, pass --url URL_OR_FILE, or "
+            "set BOXLOOP_ONNX_MODEL_PATH)",
             file=sys.stderr,
         )
         return 1
@@ -398,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_predict)
 
     models = sub.add_parser(
-        "models", help="fetch or show the COCO YOLOX model that pre-annotates before training"
+        "models",
+        help="fetch or show the COCO YOLOX model: it pre-annotates before training, and the "
+        "default detector (yolox_nano) trains from it",
     )
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser(
@@ -447,18 +450,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: Exception) -> str:
+    """What :func:`main` prints for an error it ends a command with."""
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, ServiceError):
+        return exc.message
+    if isinstance(exc, OperationalError):  # unreachable, refused, wrong password, locked...
+        first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "no detail"
+        return f"cannot use the database: {type(exc.orig).__name__}: {first}"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{exc.strerror}: {where}" if where else exc.strerror
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand. Settings that cannot be used and a refusal of the service (an
-    unknown project, no model yet) end it with a one-line error and exit code 2, as argparse
-    does for bad arguments, never with a traceback."""
+    """Run one subcommand. Settings that cannot be used, a refusal of the service (an unknown
+    project, no model yet), a data dir or output path that cannot be written and a database
+    that cannot be reached end it with a one-line error and exit code 2, as argparse does for
+    bad arguments, never with a traceback."""
+    from sqlalchemy.exc import OperationalError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (SettingsError, ServiceError) as exc:
+    except (SettingsError, ServiceError, OSError, OperationalError) as exc:
         command = " ".join(filter(None, ("boxloop", getattr(args, "command", None))))
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
-        print(f"{command}: error: {message}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -351,11 +351,17 @@ def fetch_model(
             say(f"the model already at {target} does not verify ({exc}); fetching it again")
         else:
             if not names_path.is_file():
-                _write_atomic_text(names_path, "\n".join(COCO_CLASSES) + "\n")
+                try:
+                    _write_atomic_text(names_path, "\n".join(COCO_CLASSES) + "\n")
+                except OSError as exc:
+                    raise ModelFetchError(_cannot_write(target.parent, exc)) from exc
             say(f"{target} is already present and verified (use --force to fetch it again)")
             return info
 
-    created = _mkdirs(target.parent)
+    try:
+        created = _mkdirs(target.parent)
+    except OSError as exc:
+        raise ModelFetchError(_cannot_write(target.parent, exc)) from exc
     tmp_model: Path | None = None
     try:
         fd, tmp_name = tempfile.mkstemp(
@@ -375,7 +381,7 @@ def fetch_model(
         os.chmod(tmp_model, 0o644)
         os.replace(tmp_model, target)
         tmp_model = None
-    except BaseException:
+    except BaseException as exc:
         if tmp_model is not None:
             tmp_model.unlink(missing_ok=True)
         for directory in created:  # deepest first; only the ones this call made, if still empty
@@ -383,12 +389,23 @@ def fetch_model(
                 directory.rmdir()
             except OSError:
                 break
+        if isinstance(exc, OSError):
+            raise ModelFetchError(_cannot_write(target.parent, exc)) from exc
         raise
     say(
         f"verified and installed {target} ({info.bytes} bytes, sha256 {info.sha256[:16]}…, "
         f"input {info.input_size[0]}×{info.input_size[1]}, output {info.output_shape})"
     )
     return ModelInfo(**{**asdict(info), "path": str(target)})
+
+
+def _cannot_write(directory: Path, exc: OSError) -> str:
+    """One line for an ``OSError`` while installing into ``directory`` (a data dir under a
+    file, no permission, a full disk, an unreadable source file): the CLI shows it as a
+    :class:`ModelFetchError`, not a traceback."""
+    named = exc.filename is not None and str(exc.filename) != str(directory)
+    where = f": {exc.filename}" if named else ""
+    return f"cannot install the model into {directory}: {exc.strerror or exc}{where}"
 
 
 def _normalised_pin(pin: str | None) -> str | None:
@@ -432,7 +449,8 @@ def model_status(settings: Settings, *, verify: bool = False) -> dict[str, Any]:
     }
     if resolved is None:
         status["note"] = (
-            "no pre-annotation before the first training; run `boxloop models fetch` "
+            "no pre-annotation before the first training, and training the default detector "
+            "(yolox_nano, which starts from this model) fails; run `boxloop models fetch` "
             "(or set BOXLOOP_ONNX_MODEL_PATH)"
         )
     if verify and resolved is not None:

@@ -367,7 +367,11 @@ class SearchService:
 def sketch_files(directory: Path, labels: list[str], column: str | None = None) -> dict[Path, str]:
     """Quick, Draw! ndjson files for ``labels``, each with its label: ``<label>.ndjson`` anywhere
     under ``directory`` (any case), and, with a ``category_map.tsv`` there (columns ``file`` and
-    ``column``, as the shared sketches have), every file whose row names a label."""
+    ``column``, as the shared sketches have), every file whose row names a label.
+
+    A row naming a label whose file is not there (a partial copy of the folder) is a
+    :class:`ServiceError` 422 listing every such file: training read the files after its pass
+    over the images, and stopped there with a traceback."""
     import csv
 
     directory = Path(directory)
@@ -378,12 +382,23 @@ def sketch_files(directory: Path, labels: list[str], column: str | None = None) 
         if label is not None:
             out[path] = label
     table = directory / "category_map.tsv"
+    missing: list[str] = []
     if column and table.is_file():
         with table.open() as fh:
             for row in csv.DictReader(fh, delimiter="\t"):
                 label = lower.get((row.get(column) or "").lower())
                 if label is not None and row.get("file"):
-                    out[directory / row["file"]] = label
+                    path = directory / row["file"]
+                    if path.is_file():
+                        out[path] = label
+                    else:
+                        missing.append(f"{row['file']} ({label})")
+    if missing:
+        raise ServiceError(
+            422,
+            f"{table} names {len(missing)} sketch file(s) of the project's labels that are not "
+            f"in {directory}: {', '.join(missing)}",
+        )
     return out
 
 
@@ -412,6 +427,10 @@ def train_from_project(
         raise ServiceError(404, f"project {project_id} is unknown to boxloop")
     labels = list(project.labels)
     index = {label: i for i, label in enumerate(labels)}
+    # the sketch files first: a missing one is told before the long pass over the images
+    files = sketch_files(sketch_dir, labels, map_column)
+    if not files:
+        raise ServiceError(409, f"no sketch in {sketch_dir} names a label of project {project_id}")
     data = dict(store.list_tasks(project_id))
     cache = onnx_cache_dir(settings)
     maps_x = spatial_map_extractor(cache, num_threads=settings.num_threads)
@@ -457,7 +476,7 @@ def train_from_project(
             f"({', '.join(sorted(boxed))}); the search model learns to tell at least two apart",
         )
     strokes, s_labels = [], []
-    for path, label in sketch_files(sketch_dir, labels, map_column).items():
+    for path, label in files.items():
         try:
             drawings = load_quickdraw(path, limit=sketches_per_file)
         except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:

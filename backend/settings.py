@@ -40,7 +40,10 @@ def _default_shared_data() -> Path:
 class Settings(BaseSettings):
     """All boxloop configuration. Read with :func:`get_settings`."""
 
-    model_config = SettingsConfigDict(env_prefix="BOXLOOP_", extra="ignore")
+    # env_ignore_empty: `VAR=` in an env file or `${VAR:-}` in compose means unset; read as a
+    # value it became the path "." (a model path that hid the fetched model, a utility model
+    # that turned utility on). The auth variables keep refusing it: _auth_protects_something.
+    model_config = SettingsConfigDict(env_prefix="BOXLOOP_", extra="ignore", env_ignore_empty=True)
 
     # --- storage -------------------------------------------------------------------------------
     data_dir: Path = Field(Path("./var/boxloop"), description="Database, model versions, features.")
@@ -268,7 +271,11 @@ class Settings(BaseSettings):
     )
 
     # --- misc --------------------------------------------------------------------------------
-    log_level: str = "INFO"
+    log_level: str = Field(
+        "INFO",
+        description="CRITICAL, ERROR, WARNING, INFO or DEBUG (any case): the levels both Python's "
+        "logging and uvicorn know.",
+    )
 
     @field_validator("allowed_local_roots", mode="before")
     @classmethod
@@ -290,23 +297,77 @@ class Settings(BaseSettings):
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_not_a_file(cls, value: Path) -> Path:
+        """A file there is named as such; it failed at the first write with "File exists"."""
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a directory")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        """One of the levels both ``logging`` and uvicorn accept, upper case: ``serve`` hands
+        it to both, and a level only one knows (``verbose``; ``warn``, ``trace``) crashed it."""
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is no log level; use one of {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str | None) -> str | None:
+        """A URL SQLAlchemy parses, of a database the store runs on, with its driver installed:
+        a bad one failed only when the store opened, with a traceback."""
+        if not value:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not an SQLAlchemy URL (e.g. sqlite:////srv/boxloop.db or "
+                "postgresql+psycopg://user:password@host/boxloop)"
+            ) from None
+        if url.get_backend_name() == "postgres":
+            raise ValueError(f"{url.drivername}:// is no SQLAlchemy dialect: write postgresql://")
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"{url.get_backend_name()!r} is not supported: boxloop stores to SQLite or "
+                "PostgreSQL"
+            )
+        try:
+            url.get_dialect().import_dbapi()
+        except ArgumentError as exc:  # NoSuchModuleError: an unknown driver
+            raise ValueError(f"unknown driver {url.drivername!r}: {exc}") from None
+        except ImportError as exc:
+            raise ValueError(
+                f"the driver of {url.drivername}:// is not installed ({exc.name}); "
+                "postgresql+psycopg:// uses the installed psycopg"
+            ) from None
+        return value
+
     @model_validator(mode="after")
     def _auth_protects_something(self) -> Settings:
         """Refuse auth settings that look set but protect nothing: an empty token accepted
         ``Bearer `` with nothing after it, a user without a password let anyone who knew the
-        name in, and a password without a user turned no check on at all."""
-        token = self.auth_token.get_secret_value() if self.auth_token is not None else None
+        name in, and a password without a user turned no check on at all.
+
+        An empty auth variable is refused, not read as unset like other empty variables: it
+        looks like auth was meant, and unset it serves without any."""
+        token = _secret_or_empty(self.auth_token, "BOXLOOP_AUTH_TOKEN")
         if token is not None and not token.strip():
             raise ValueError(
                 "BOXLOOP_AUTH_TOKEN is set but empty: give a token, or unset it to serve "
                 "without one"
             )
         user = self.basic_auth_user
-        password = (
-            self.basic_auth_password.get_secret_value()
-            if self.basic_auth_password is not None
-            else None
-        )
+        if user is None and _empty_in_environment("BOXLOOP_BASIC_AUTH_USER"):
+            user = ""
+        password = _secret_or_empty(self.basic_auth_password, "BOXLOOP_BASIC_AUTH_PASSWORD")
         if (user is None) != (password is None) or (user is not None and not user.strip()):
             raise ValueError(
                 "basic auth needs both BOXLOOP_BASIC_AUTH_USER and BOXLOOP_BASIC_AUTH_PASSWORD, "
@@ -374,6 +435,24 @@ class Settings(BaseSettings):
         return self.onnx_class_names_path or Path(model).parent / "coco_classes.txt"
 
 
+#: The log levels both Python's ``logging`` and uvicorn know (``warn`` and ``fatal`` are only
+#: logging's, ``trace`` only uvicorn's).
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+def _empty_in_environment(name: str) -> bool:
+    """Whether the variable ``name`` is set to the empty string (matched as pydantic-settings
+    matches names: in any case)."""
+    return any(key.upper() == name and value == "" for key, value in os.environ.items())
+
+
+def _secret_or_empty(secret: SecretStr | None, variable: str) -> str | None:
+    """The secret's value; ``""`` when it is unset only because ``variable`` is empty."""
+    if secret is not None:
+        return secret.get_secret_value()
+    return "" if _empty_in_environment(variable) else None
+
+
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names the file, key or variable, and why."""
 
@@ -420,7 +499,10 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
                 f"settings file {path}: no such setting: {', '.join(unknown)} "
                 "(the keys are the BOXLOOP_* names in lower case, without the prefix)"
             )
-        file_values = {k: v for k, v in loaded.items() if f"BOXLOOP_{k.upper()}" not in os.environ}
+        # an empty variable is unset (Settings' env_ignore_empty): the file's value stands
+        file_values = {
+            k: v for k, v in loaded.items() if not os.environ.get(f"BOXLOOP_{k.upper()}")
+        }
     try:
         return Settings(**{**file_values, **overrides})
     except ValidationError as exc:

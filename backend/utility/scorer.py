@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from backend.utility.policy import UtilityPolicy
 from backend.utility.predictor import UtilityPredictor
 
@@ -32,13 +32,27 @@ class UtilityScorer:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UtilityScorer | None:
-        """``None`` when ``BOXLOOP_UTILITY_MODEL`` is unset; a missing file is an error at start."""
+        """``None`` when ``BOXLOOP_UTILITY_MODEL`` is unset. A file that is missing or does not
+        load is a :class:`SettingsError` naming the variable and the path, so the server stops
+        at start with one line (it was a traceback)."""
         if settings.utility_model is None:
             return None
+        path = Path(settings.utility_model)
+        if not path.is_file():
+            raise SettingsError(f"BOXLOOP_UTILITY_MODEL names {path}, which is no file")
         policy = UtilityPolicy(
             settings.utility_action, settings.utility_threshold, settings.utility_data_field
         )
-        return cls(Path(settings.utility_model), policy, settings.num_threads)
+        try:
+            return cls(path, policy, settings.num_threads)
+        except (
+            Exception
+        ) as exc:  # onnxruntime's errors (InvalidProtobuf, ...) derive from Exception
+            raise SettingsError(
+                f"BOXLOOP_UTILITY_MODEL names {path}, which does not load as a utility predictor "
+                f"(an ONNX file from `boxloop bench utility`): {type(exc).__name__}: "
+                f"{str(exc)[:300]}"
+            ) from exc
 
     @property
     def field(self) -> str:

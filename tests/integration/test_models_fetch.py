@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -371,3 +372,61 @@ def test_a_model_path_setting_that_names_no_file_is_said_not_skipped(
         assert main(["models", "fetch", "--quiet", *flags]) == 1
         assert "nowhere.onnx, which is no file" in capsys.readouterr().err
     assert _files(data_dir) == []
+
+
+def _dockerfile_script(name: str) -> str:
+    """The file docker/Dockerfile writes to /usr/local/bin/<name> (a ``COPY <<"EOF"`` heredoc)."""
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    match = re.search(rf'^COPY [^\n]*<<"EOF" /usr/local/bin/{name}\n(.*?)^EOF$', text, re.S | re.M)
+    assert match is not None, f"docker/Dockerfile writes no /usr/local/bin/{name}"
+    assert f'ENTRYPOINT ["{name}"]' in text
+    return match.group(1)
+
+
+def _run_entrypoint(tmp_path: Path, env: dict[str, str], *command: str) -> tuple[str, str]:
+    """Run the image's entrypoint with the real ``boxloop models`` and a ``boxloop serve`` that
+    only says it started; its stdout and stderr."""
+    entrypoint = tmp_path / "boxloop-entrypoint"
+    entrypoint.write_text(_dockerfile_script("boxloop-entrypoint"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "boxloop").write_text(
+        f'#!/bin/sh\n[ "$1" = models ] && exec {sys.executable} -m backend.cli "$@"\n'
+        'echo "started: $*"\n'
+    )
+    (bin_dir / "boxloop").chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BOXLOOP_")}
+    clean.update(PATH=f"{bin_dir}:{clean['PATH']}", PYTHONPATH=str(REPO), **env)
+    proc = subprocess.run(
+        ["sh", str(entrypoint), *command],
+        cwd=REPO,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, proc.stderr
+
+
+def test_the_docker_image_fetches_the_model_on_start_and_serves_without_it(
+    tmp_path: Path, onnx_path: Path
+) -> None:
+    """The image never fetched the model, so with the default detector every training job
+    failed; a start without network must still serve, saying why nothing trains."""
+    data = tmp_path / "data"
+    env = {"BOXLOOP_DATA_DIR": str(data), "BOXLOOP_MODEL_URL": f"http://127.0.0.1:{free_port()}/m"}
+    out, err = _run_entrypoint(tmp_path, env, "boxloop", "serve")
+    assert out == "started: serve\n"
+    assert "could not fetch the COCO YOLOX-Nano model" in err and "training" in err
+    assert not Settings(data_dir=data).fetched_onnx_model_path.exists()
+
+    env["BOXLOOP_MODEL_URL"] = str(onnx_path)
+    out, err = _run_entrypoint(tmp_path, env, "boxloop", "serve")
+    assert out == "started: serve\n" and "could not fetch" not in err
+    fetched = Settings(data_dir=data).fetched_onnx_model_path
+    assert fetched.read_bytes() == onnx_path.read_bytes()
+    out, err = _run_entrypoint(tmp_path, env, "boxloop", "serve")  # the next start: kept
+    assert "nothing to fetch" in err and "fetching" not in err
+    out, err = _run_entrypoint(tmp_path, env, "boxloop", "status")  # other commands: as given
+    assert out == "started: status\n" and err == ""

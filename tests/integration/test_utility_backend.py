@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from backend.app import create_app
 from backend.queueing import OrderRequest
 from backend.service import BoxloopService
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from backend.utility.predictor import UtilityNet, UtilityPredictor, export_predictor
 
 CONFIG = (
@@ -133,5 +133,5 @@ def test_new_tasks_under_move_to_end_are_scored_and_low_ones_placed_last(setup) 
 
 def test_a_missing_predictor_is_a_clear_error_at_start(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, utility_model=tmp_path / "nope.onnx")
-    with pytest.raises(FileNotFoundError, match="utility predictor not found"):
+    with pytest.raises(SettingsError, match=r"BOXLOOP_UTILITY_MODEL names .* which is no file"):
         BoxloopService(settings)

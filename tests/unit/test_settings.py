@@ -3,14 +3,26 @@ in one line and exits 2, never with a traceback."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
+from backend.app import create_app
 from backend.cli import main
 from backend.settings import SettingsError, load_settings
 from backend.training.gate import GateConfig
 from backend.training.yolox_train import YoloxTrainConfig, input_shape_for
+from tests.conftest import REPO, free_port
 
 
 @pytest.mark.parametrize(
@@ -157,3 +169,217 @@ def test_cli_project_ids_are_label_studio_ids(
         main(["train", "--project", value])
     assert exit_.value.code == 2
     assert "is not a project id (1 to 2147483647)" in capsys.readouterr().err
+
+
+# --- empty variables, log level, database URL ------------------------------------------------
+
+
+def test_an_empty_variable_is_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``VAR=`` in an env file or ``${VAR:-}`` in compose: a path was ".", which hid the fetched
+    model (onnx_model_path) or turned utility on (utility_model); an int or bool failed."""
+    for name in (
+        "ONNX_MODEL_PATH", "UTILITY_MODEL", "PORT", "RECONCILE_ON_STARTUP",
+        "ALLOWED_LOCAL_ROOTS", "LOG_LEVEL", "DATABASE_URL", "MODEL_URL", "MODEL_SHA256",
+    ):  # fmt: skip
+        monkeypatch.setenv(f"BOXLOOP_{name}", "")
+    settings = load_settings(data_dir=tmp_path)
+    assert settings.onnx_model_path is None and settings.utility_model is None
+    assert settings.port == 9090 and settings.reconcile_on_startup is True
+    assert settings.allowed_local_roots == [] and settings.log_level == "INFO"
+    assert settings.database_url is None and settings.model_sha256 is None
+    fetched = settings.fetched_onnx_model_path
+    fetched.parent.mkdir(parents=True)
+    fetched.write_bytes(b"onnx")
+    assert settings.resolved_onnx_model_path == fetched
+
+
+def test_an_empty_variable_leaves_the_settings_file_its_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "boxloop.yaml"
+    path.write_text("port: 8001\nscore_threshold: 0.4\n")
+    monkeypatch.setenv("BOXLOOP_PORT", "")
+    monkeypatch.setenv("BOXLOOP_SCORE_THRESHOLD", "0.5")
+    settings = load_settings(path)
+    assert settings.port == 8001 and settings.score_threshold == 0.5
+
+
+@pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), (" Warning ", "WARNING")])
+def test_log_levels_are_read_in_any_case(
+    monkeypatch: pytest.MonkeyPatch, value: str, level: str
+) -> None:
+    monkeypatch.setenv("BOXLOOP_LOG_LEVEL", value)
+    assert load_settings().log_level == level
+
+
+@pytest.mark.parametrize("value", ["verbose", "warn", "trace", "fatal", "notset"])
+def test_a_log_level_only_one_of_logging_and_uvicorn_knows_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("BOXLOOP_LOG_LEVEL", value)
+    with pytest.raises(SettingsError, match=r"log_level \(BOXLOOP_LOG_LEVEL\).*no log level"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////srv/boxloop.db",
+        "postgresql://boxloop:pw@db/boxloop",
+        "postgresql+psycopg://boxloop@/boxloop?host=/run/postgresql",
+    ],
+)
+def test_database_urls_of_sqlite_and_postgresql_are_taken(url: str) -> None:
+    assert load_settings(database_url=url).resolved_database_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("garbage", "not an SQLAlchemy URL"),
+        ("postgres://u@h/x", "write postgresql://"),
+        ("mysql://u@h/x", "'mysql' is not supported"),
+        ("postgresql+nodriver://u@h/x", "unknown driver"),
+        ("postgresql+psycopg2://u@h/x", "is not installed (psycopg2)"),
+    ],
+)
+def test_a_database_url_boxloop_cannot_use_is_refused(url: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=r"database_url \(BOXLOOP_DATABASE_URL\)") as refused:
+        load_settings(database_url=url)
+    assert message in str(refused.value)
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SettingsError, match=r"BOXLOOP_DATA_DIR.*is a file, not a directory"):
+        load_settings(data_dir=tmp_path / "afile")
+
+
+# --- scripts/serve.sh and the Docker image read the settings as boxloop does ------------------
+
+_RESOLVED = """\
+import argparse, json, sys
+if sys.argv[1] == "models":
+    sys.exit(0)
+from backend.settings import load_settings
+parser = argparse.ArgumentParser()  # `boxloop serve`'s options
+parser.add_argument("command")
+parser.add_argument("--host")
+parser.add_argument("--port", type=int)
+args = parser.parse_args(sys.argv[1:])
+given = {k: getattr(args, k) for k in ("host", "port") if getattr(args, k)}
+s = load_settings(**given)
+print(json.dumps({"argv": sys.argv[1:], "host": s.host, "port": s.port,
+                  "data_dir": str(s.data_dir), "onnx": str(s.onnx_model_path)}))
+"""
+
+
+def _serve_sh(tmp_path: Path, env: dict[str, str], *args: str) -> dict[str, Any]:
+    """Run the real scripts/serve.sh in a copy of the repo whose setup.sh does nothing and whose
+    ``boxloop`` prints the settings ``boxloop serve`` would start with."""
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        (repo / "scripts").mkdir(parents=True)
+        shutil.copy(REPO / "scripts" / "serve.sh", repo / "scripts" / "serve.sh")
+        (repo / "scripts" / "setup.sh").write_text("#!/bin/sh\nexit 0\n")
+        (repo / "scripts" / "setup.sh").chmod(0o755)
+        (repo / ".venv" / "bin").mkdir(parents=True)
+        (repo / ".venv" / "bin" / "python").symlink_to(sys.executable)
+        boxloop = repo / ".venv" / "bin" / "boxloop"
+        boxloop.write_text(f"#!{sys.executable}\n{_RESOLVED}")
+        boxloop.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BOXLOOP_")}
+    clean.update(PYTHONPATH=str(REPO), BOXLOOP_SHARED_DATA=str(tmp_path / "no-shared"), **env)
+    proc = subprocess.run(
+        ["bash", str(repo / "scripts" / "serve.sh"), *args],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_serve_sh_takes_host_port_and_data_dir_from_the_config_file(tmp_path: Path) -> None:
+    """serve.sh passed ``--host 0.0.0.0 --port 9090`` and exported a data dir whatever the
+    BOXLOOP_CONFIG file said."""
+    config = tmp_path / "boxloop.yaml"
+    config.write_text(
+        "host: 127.0.0.1\nport: 8001\ndata_dir: /srv/boxloop-data\nonnx_model_path: /m/y.onnx\n"
+    )
+    (tmp_path / "no-shared" / "models" / "yolox_nano_coco").mkdir(parents=True)
+    (tmp_path / "no-shared" / "models" / "yolox_nano_coco" / "yolox_nano.onnx").write_bytes(b"")
+    assert _serve_sh(tmp_path, {"BOXLOOP_CONFIG": str(config)}) == {
+        "argv": ["serve"],
+        "host": "127.0.0.1",
+        "port": 8001,
+        "data_dir": "/srv/boxloop-data",
+        "onnx": "/m/y.onnx",
+    }
+    # variables win over the file, an empty one counts as unset, and arguments win over both
+    env = {"BOXLOOP_CONFIG": str(config), "BOXLOOP_PORT": "7000", "BOXLOOP_HOST": ""}
+    resolved = _serve_sh(tmp_path, env, "--host", "::1")
+    assert (resolved["host"], resolved["port"]) == ("::1", 7000)
+    assert resolved["data_dir"] == "/srv/boxloop-data"
+
+
+def test_serve_sh_keeps_its_defaults_when_nothing_sets_them(tmp_path: Path) -> None:
+    resolved = _serve_sh(tmp_path, {"BOXLOOP_PORT": ""})
+    assert (resolved["host"], resolved["port"]) == ("0.0.0.0", 9090)
+    assert resolved["data_dir"] == str(tmp_path / "repo" / "var" / "boxloop")
+
+
+def _dockerfile_script(name: str) -> str:
+    """The file docker/Dockerfile writes to /usr/local/bin/<name> (a ``COPY <<"EOF"`` heredoc)."""
+    text = (REPO / "docker" / "Dockerfile").read_text()
+    match = re.search(rf'^COPY [^\n]*<<"EOF" /usr/local/bin/{name}\n(.*?)^EOF$', text, re.S | re.M)
+    assert match is not None, f"docker/Dockerfile writes no /usr/local/bin/{name}"
+    assert f'"{name}"' in text  # and uses it
+    return match.group(1)
+
+
+def test_the_docker_health_probe_sends_the_configured_credentials(tmp_path: Path) -> None:
+    """With auth on, /health needs credentials like every route: the image's probe sent none, so
+    the container was never healthy."""
+    probe = tmp_path / "boxloop-healthcheck"
+    probe.write_text(_dockerfile_script("boxloop-healthcheck"))
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        reconcile_on_startup=False,
+        auth_token="t0ken",
+        basic_auth_user="ls",
+        basic_auth_password="pässword",
+    )
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("BOXLOOP_")}
+    base.update(PYTHONPATH=str(REPO), BOXLOOP_PORT=str(port))
+
+    def probe_with(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(probe)],
+            env={**base, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        assert probe_with(BOXLOOP_AUTH_TOKEN="t0ken").returncode == 0
+        basic = probe_with(BOXLOOP_BASIC_AUTH_USER="ls", BOXLOOP_BASIC_AUTH_PASSWORD="pässword")
+        assert basic.returncode == 0, basic.stderr
+        refused = probe_with()  # the server keeps its auth: no credentials, no health
+        assert refused.returncode == 1 and "401" in refused.stderr
+        assert probe_with(BOXLOOP_AUTH_TOKEN="wrong").returncode == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
