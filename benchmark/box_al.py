@@ -52,13 +52,23 @@ from backend.boxes import Boxes
 from backend.detectors.yolox import YoloxNano, load_coco_yolox_nano
 from backend.scoring import evaluate_map
 from backend.training.samples import TrainSample
-from backend.training.yolox_train import initial_yolox, input_shape_for, train_yolox
+from backend.training.yolox_train import (
+    YoloxTrainConfig,
+    initial_yolox,
+    input_shape_for,
+    train_yolox,
+)
 from benchmark.box_config import BoxBenchConfig
 from benchmark.box_report import write_box_report
 from benchmark.config import ConfigError, DatasetConfig
 from benchmark.datasets.common import expand_path
 from benchmark.product_loop import yolox_config
-from benchmark.runner import PreparedDataset, extract_features, prepare_dataset
+from benchmark.runner import (
+    PreparedDataset,
+    dataset_duplicates,
+    extract_features,
+    prepare_dataset,
+)
 
 __all__ = ["run_box_bench"]
 
@@ -86,11 +96,12 @@ class _Data:
     image_features: np.ndarray | None = None
 
     @classmethod
-    def of(cls, prepared: PreparedDataset, area: int) -> _Data:
+    def of(cls, prepared: PreparedDataset, yolox: YoloxTrainConfig) -> _Data:
+        """``yolox``: the config the campaign trains with; its input size (area, side bounds)
+        sizes the letterbox every model of the campaign trains and predicts at."""
         pool = prepared.pool.samples
         test = prepared.holdout.samples
         images = [prepared.images[s.image_id] for s in pool]
-        config = yolox_config({"input_area": area})
         return cls(
             labels=list(prepared.dataset.labels),
             pool_images=images,
@@ -98,7 +109,7 @@ class _Data:
             test_images=[prepared.images[s.image_id] for s in test],
             test_truth=[s.boxes for s in test],
             ignore_overlap=prepared.dataset.ignore_overlap,
-            input_hw=input_shape_for([im.size for im in images], config),
+            input_hw=input_shape_for([im.size for im in images], yolox),
         )
 
 
@@ -253,7 +264,7 @@ def run_dataset_seed(
     started = time.perf_counter()
     prepared = prepare_dataset(dataset)
     yolox = yolox_config(config.yolox, seed=seed, threads=config.threads)
-    data = _Data.of(prepared, yolox.input_area)
+    data = _Data.of(prepared, yolox)
     curves: dict[str, list[dict[str, Any]]] = dict(previous["curves"]) if previous else {}
     todo = [a for a in config.approaches if a not in curves]
     if "image:coreset" in todo:
@@ -312,8 +323,9 @@ def run_dataset_seed(
     seconds = time.perf_counter() - started + (float(previous["seconds"]) if previous else 0.0)
     return {
         "schema": SCHEMA,
-        "run_key": config.run_key(dataset, seed),
+        "run_key": config.run_key(dataset, seed, prepared.duplicates),
         "dataset": dataset.display_name,
+        "duplicate_images": prepared.duplicates,
         "seed": seed,
         "pool_images": n,
         "pool_objects": pool_objects,
@@ -343,9 +355,10 @@ def run_box_bench(
         (out / "experiment.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     runs = []
     for dataset in config.datasets:
+        duplicates = dataset_duplicates(dataset)  # file hashes: part of the split, so of the key
         for seed in config.seeds:
             path = runs_dir / f"{_slug(dataset.display_name)}__seed{seed}.json"
-            key = config.run_key(dataset, seed)
+            key = config.run_key(dataset, seed, duplicates)
             cached = None
             if path.is_file() and not force:
                 cached = json.loads(path.read_text())

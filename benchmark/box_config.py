@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,15 +80,25 @@ class BoxBenchConfig:
     def approaches(self) -> list[str]:
         return [f"box:{m}" for m in self.box_measures] + [f"image:{m}" for m in self.image_measures]
 
-    def run_key(self, dataset: DatasetConfig, seed: int) -> str:
+    def run_key(
+        self, dataset: DatasetConfig, seed: int, duplicates: Sequence[Sequence[str]] = ()
+    ) -> str:
         """Everything that changes a dataset-seed's campaigns but the list of approaches: a run
-        file holds one curve per approach, and a grid with more approaches adds theirs to it."""
+        file holds one curve per approach, and a grid with more approaches adds theirs to it.
+
+        ``duplicates``: the dataset's groups of byte-identical images, which the split keeps on
+        one side (``benchmark.runner.prepare_dataset``); a dataset with none keeps the key it
+        had before they were grouped, one with some gets a new one (its old runs split twins
+        between pool and held-out images).
+        """
         skip = ("name", "output", "seeds", "box_measures", "image_measures")
         data = {k: v for k, v in self.to_dict().items() if k not in skip}
         if not self.warm_start:  # the grids from before the key keep their run keys
             del data["warm_start"]
         data["datasets"] = [asdict(dataset)]
         data["seed"] = seed
+        if duplicates:
+            data["duplicate_images"] = [list(group) for group in duplicates]
         text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

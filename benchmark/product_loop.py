@@ -28,7 +28,7 @@ from backend.store import Store
 from backend.training.gate import GateConfig, LabeledImage, RoundOutcome, run_round
 from backend.training.yolox_train import YoloxTrainConfig, initial_yolox
 
-__all__ = ["ProductLoop", "gate_config", "yolox_config"]
+__all__ = ["ProductLoop", "check_floor", "gate_config", "yolox_config"]
 
 
 def yolox_config(overrides: dict[str, Any], seed: int = 0, threads: int = 2) -> YoloxTrainConfig:
@@ -43,6 +43,22 @@ def gate_config(overrides: dict[str, Any]) -> GateConfig:
     values = {**base.to_dict(), **overrides}
     values["thresholds"] = tuple(values["thresholds"])
     return GateConfig(**values)
+
+
+def check_floor(floor: float, gate: GateConfig) -> None:
+    """Refuse a prediction floor above the gate's lowest threshold or its score floor.
+
+    The loop keeps the serving version's boxes down to ``floor`` only: above the gate's
+    ``score_floor`` the serving version would be scored on fewer boxes than the candidate, and
+    above its lowest threshold a version served there would pre-annotate with boxes missing.
+    """
+    lowest = min((gate.score_floor, *gate.thresholds))
+    if floor > lowest:
+        raise ValueError(
+            f"prediction_floor {floor} is above the gate's lowest score {lowest} "
+            f"(score_floor {gate.score_floor}, thresholds from {min(gate.thresholds)}): the "
+            "serving version's boxes below the floor are not kept; lower prediction_floor"
+        )
 
 
 @dataclass
@@ -75,6 +91,8 @@ class ProductLoop:
         threads: int,
         warm_start: bool = True,
     ) -> None:
+        self.gate = gate_config(gate)
+        check_floor(floor, self.gate)
         self.labels = list(labels)
         self.warm_start = warm_start
         self.workdir = Path(workdir)
@@ -84,7 +102,6 @@ class ProductLoop:
         self.seed = seed
         self.threads = threads
         self.yolox_overrides = yolox
-        self.gate = gate_config(gate)
         self.settings: Settings = load_settings(
             data_dir=self.workdir,
             onnx_model_path=onnx_model,
@@ -123,6 +140,7 @@ class ProductLoop:
         its threshold to the candidate (as the training job does with unannotated tasks).
         """
         serving = self.serving.detector
+        floor = self.gate.score_floor
         directory = self.workdir / f"v{number}"
         # as the training job does (Settings.yolox_warm_start): continue from a trained version
         warm = self.serving.model if self.warm_start else None
@@ -130,7 +148,10 @@ class ProductLoop:
             [LabeledImage(key, image, boxes.kept()) for key, image, boxes in items],
             self.labels,
             init=self.init if warm is None else warm,
-            serving_predict=None if serving is None else lambda ims: serving.predict(list(ims)),
+            # as the product scores it: down to the gate's floor, not the loop's lower one
+            serving_predict=None
+            if serving is None
+            else lambda ims: [b.above(floor) for b in serving.predict(list(ims))],
             directory=directory,
             metadata={"version": f"bench-v{number}", "labels": self.labels},
             settings=self.settings,

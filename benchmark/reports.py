@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,10 +47,22 @@ from backend.scoring import (
     compute_workload,
     cumulative_seconds,
 )
-from benchmark.config import IGNORED_OBJECTS, ExperimentConfig, IgnoredObjects
+from benchmark.config import IGNORED_OBJECTS, DatasetConfig, ExperimentConfig, IgnoredObjects
 from benchmark.corrections import GATE, Score, batch_boxes, correction_key, refresh_corrections
 
 MANUAL = "Full manual"
+#: The layout of the run files :mod:`benchmark.runner` writes. A grid reuses only runs of this
+#: one; a report also reads the older ones (1: the Faster R-CNN loop's, as in stored results).
+SCHEMA = 2
+READABLE_SCHEMAS = range(1, SCHEMA + 1)
+#: A run's key from its dataset and the groups of identical images it recorded:
+#: :func:`benchmark.runner.run_key` with the grid's config bound (passed in: the runner
+#: imports this module).
+RunKey = Callable[[DatasetConfig, Sequence[Sequence[str]]], str]
+
+
+class StaleRunWarning(UserWarning):
+    """Run files under a grid's folder that belong to another grid and are left out."""
 
 
 @dataclass(frozen=True)
@@ -454,26 +467,72 @@ def _corrections_table(
     ).replace("**", "")
 
 
+def records_trained_images(runs: Iterable[dict[str, Any]]) -> bool:
+    """Whether every mAP point of every run says how many images its model trained on
+    (``trained_images``; runs from before it was recorded do not)."""
+    return all("trained_images" in p for r in runs for p in r.get("map_curve", []))
+
+
 def _map_table(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
-    columns: list[Column] = [
-        ("mAP@0.5 first model", lambda r: _first_map(r, "map50"), None),
+    runs = [r for approaches in grouped.values() for rs in approaches.values() for r in rs]
+    trained = records_trained_images(runs)
+    columns: list[Column] = (
+        [
+            ("mAP@0.5 first trained model", lambda r: _first_map(r, "map50", trained=True), None),
+            ("its training images", _first_trained_images, None),
+        ]
+        if trained
+        else [("mAP@0.5 first point", lambda r: _first_map(r, "map50"), None)]
+    )
+    columns += [
         ("mAP@0.5 final", lambda r: final_map(r, "map50"), None),
         ("mAP@[.5:.95] final", lambda r: final_map(r, "map50_95"), None),
     ]
+    first = (
+        "First trained model: the first model of the curve that trained on labelled images "
+        "(Faster R-CNN: M1, on B1; the YOLOX loop: the first promoted version, on as many images "
+        "as the next column says (a validation slice may be held back); the pretrained model "
+        "never trains: –)"
+        if trained
+        else "First point: the first model of the curve, not always one trained on B1 (the "
+        "pretrained baseline and the YOLOX loop where the COCO model knows the labels: the "
+        "untrained COCO model; the loop otherwise: the first promoted version; Faster R-CNN: "
+        "M1, trained on B1). These runs do not record what each point's model trained on"
+    )
     return _table(
         "Table 6. mAP on the held-out split (pycocotools)",
-        "First model: trained on B1 only; final: trained on every labelled batch. Difficult / DontCare "
-        "/ crowd regions are ignored as in each dataset's own evaluation, whatever `ignored_objects` "
-        "says (mAP follows the datasets' protocols).",
+        f"{first}; final: the curve's last point (Faster R-CNN with `final_round`: trained on "
+        "every batch; the YOLOX loop: the version serving after the last round, a rejected "
+        "candidate leaving its predecessor serving). Difficult / DontCare / crowd regions are ignored as in each "
+        "dataset's own evaluation, whatever `ignored_objects` says (mAP follows the datasets' "
+        "protocols).",
         grouped,
         columns,
         digits=3,
     )
 
 
-def _first_map(run: dict[str, Any], key: str) -> float:
-    curve = [p for p in run.get("map_curve", []) if p.get(key) is not None]
-    return float(curve[0][key]) if curve else math.nan
+def _first_point(run: dict[str, Any], key: str, trained: bool = False) -> dict[str, Any] | None:
+    """The curve's first point with a ``key`` value (``trained``: whose model trained on
+    labelled images, not the COCO model)."""
+    return next(
+        (
+            p
+            for p in run.get("map_curve", [])
+            if p.get(key) is not None and (not trained or p.get("trained_images", 0) > 0)
+        ),
+        None,
+    )
+
+
+def _first_map(run: dict[str, Any], key: str, trained: bool = False) -> float:
+    point = _first_point(run, key, trained)
+    return math.nan if point is None else float(point[key])
+
+
+def _first_trained_images(run: dict[str, Any]) -> float:
+    point = _first_point(run, "map50", trained=True)
+    return math.nan if point is None else float(point["trained_images"])
 
 
 def _timing_table(grouped: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
@@ -644,7 +703,7 @@ def plot_curves(runs: list[dict[str, Any]], config: ExperimentConfig, out_dir: P
             (line,) = ax.plot(x, mean, style, markersize=3, label=label)
             ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
             plotted = True
-        ax.set_xlabel("images labelled (training set of the model)")
+        ax.set_xlabel("images labelled (the loop's serving model may have trained on fewer)")
         ax.set_ylabel("held-out mAP@0.5")
         ax.set_ylim(bottom=0.0)
         ax.set_title(f"{dataset}: mAP vs images labelled")
@@ -659,18 +718,76 @@ def plot_curves(runs: list[dict[str, Any]], config: ExperimentConfig, out_dir: P
     return written
 
 
+def grid_dataset(run: dict[str, Any], config: ExperimentConfig) -> DatasetConfig | None:
+    """The dataset of ``config`` a run was made on (same name and spec), or None."""
+    stored = run.get("dataset", {})
+    return next(
+        (
+            d
+            for d in config.datasets
+            if d.display_name == stored.get("name") and d.spec == stored.get("spec")
+        ),
+        None,
+    )
+
+
+def belongs_to_grid(
+    run: dict[str, Any], config: ExperimentConfig, run_key: RunKey | None = None
+) -> bool:
+    """Whether a stored run is one of ``config``'s grid: a schema this module reads, its dataset,
+    approach, seed and batch size, and, given ``run_key``, its run key (which covers every setting
+    that changes a run). Why: a grid's folder keeps the run files of an earlier grid (other seeds, approaches,
+    an interrupted re-run with another batch size), which must not be averaged in.
+
+    The key is checked with the groups of identical images the run recorded (a report cannot
+    hash the dataset's files); a run from before they were recorded is checked without them.
+    """
+    dataset = grid_dataset(run, config)
+    if run.get("schema") not in READABLE_SCHEMAS or dataset is None:
+        return False
+    if run.get("approach", {}).get("slug") not in {a.slug for a in config.approaches}:
+        return False
+    if run.get("seed") not in config.seeds or run.get("batch_size") != config.batch_size:
+        return False
+    duplicates = run["dataset"].get("duplicate_images") or []
+    return run_key is None or run.get("run_key") == run_key(dataset, duplicates)
+
+
+def load_grid_runs(
+    out_dir: Path, config: ExperimentConfig, run_key: RunKey | None = None
+) -> list[dict[str, Any]]:
+    """The runs under ``out_dir/runs`` that :func:`belongs_to_grid`, counts they lack for
+    ``config`` made and stored back; the files left out are named in one warning."""
+    runs, skipped = [], []
+    for path in sorted((out_dir / "runs").glob("*.json")):
+        run = json.loads(path.read_text())
+        if not belongs_to_grid(run, config, run_key):
+            skipped.append(path.name)
+            continue
+        if refresh_corrections(run, config):  # a new τ, threshold, treatment or rule
+            write_json(path, run)
+        runs.append(run)
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} run file(s) under {out_dir / 'runs'} belong to another grid than "
+            f"experiment.json's and are left out: {', '.join(skipped)}",
+            StaleRunWarning,
+            stacklevel=2,
+        )
+    return runs
+
+
 def write_report(
-    out_dir: Path, config: ExperimentConfig, runs: list[dict[str, Any]] | None = None
+    out_dir: Path,
+    config: ExperimentConfig,
+    runs: list[dict[str, Any]] | None = None,
+    run_key: RunKey | None = None,
 ) -> list[Path]:
-    """``report.md`` and the PNG plots under ``out_dir`` (runs read from ``out_dir/runs`` if not
-    given; counts they lack for ``config`` are made and stored back into their files)."""
+    """``report.md`` and the PNG plots under ``out_dir`` (runs not given: those of ``config``'s
+    grid under ``out_dir/runs``, see :func:`load_grid_runs`; counts they lack for ``config`` are
+    made and stored back into their files)."""
     if runs is None:
-        runs = []
-        for path in sorted((out_dir / "runs").glob("*.json")):
-            run = json.loads(path.read_text())
-            if refresh_corrections(run, config):  # a new τ, threshold, treatment or rule
-                write_json(path, run)
-            runs.append(run)
+        runs = load_grid_runs(out_dir, config, run_key)
     rank = {d.spec: i for i, d in enumerate(config.datasets)}  # datasets in the config's order
     order = {a.label: i for i, a in enumerate(config.approaches)}  # then approaches, seeds
 

@@ -67,11 +67,8 @@ from benchmark.config import (
 )
 from benchmark.corrections import refresh_corrections
 from benchmark.datasets import Dataset, decode_images, expand_path, load_dataset
-from benchmark.product_loop import ProductLoop, gate_config, yolox_config
-from benchmark.reports import write_json, write_report
-
-SCHEMA = 2
-
+from benchmark.product_loop import ProductLoop, check_floor, gate_config, yolox_config
+from benchmark.reports import SCHEMA, write_json, write_report
 
 # ---------------------------------------------------------------------------------- the seam
 # The only place the harness touches the backend: each function is a thin call into its public
@@ -173,12 +170,28 @@ def resolved_training(config: ExperimentConfig) -> dict[str, Any]:
             raise
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{section}: {exc}") from exc
+    if any(a.retrains and a.detector == "yolox" for a in config.approaches):
+        try:  # the loop keeps predictions down to the floor only: the gate must see its own
+            check_floor(config.prediction_floor, gate_config(config.gate))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
     return resolved
 
 
-def run_key(config: ExperimentConfig, dataset: DatasetConfig) -> str:
-    """:meth:`ExperimentConfig.run_key` with the training config resolved against the backend."""
-    return config.run_key(dataset, resolved_training(config))
+def run_key(
+    config: ExperimentConfig, dataset: DatasetConfig, duplicates: Sequence[Sequence[str]] = ()
+) -> str:
+    """:meth:`ExperimentConfig.run_key` with the training config resolved against the backend.
+
+    ``duplicates``: the dataset's groups of byte-identical images (:func:`prepare_dataset`
+    keeps each on one side of the split). They change the key, so a run split before they
+    were grouped runs again, while a dataset without any keeps its key and its stored runs.
+    """
+    key = config.run_key(dataset, resolved_training(config))
+    if not duplicates:
+        return key
+    text = json.dumps([key, [list(group) for group in duplicates]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def set_threads(threads: int) -> None:
@@ -257,6 +270,8 @@ class PreparedDataset:
     features: dict[str, np.ndarray] = field(default_factory=dict)
     feature_seconds: dict[str, float] = field(default_factory=dict)
     load_seconds: float = 0.0
+    #: Image ids of byte-identical image files, grouped; each group lies wholly on one side.
+    duplicates: list[list[str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -266,25 +281,70 @@ class PreparedDataset:
         return [self.images[self.pool.samples[int(i)].image_id] for i in indices]
 
 
-def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
-    """Load, cap (seeded, same for every run), decode, split off the held-out images.
-
-    An image that cannot be decoded is skipped with a warning (and listed in the
-    run's ``dataset.skipped_images``) before the split; only a dataset with no image
-    left is an error.
-    """
-    start = time.perf_counter()
+def _capped_dataset(config: DatasetConfig) -> tuple[Dataset, np.random.Generator]:
+    """The dataset capped to ``max_images`` (a seeded sample) and the generator that drew it,
+    which then draws the held-out split."""
     dataset = load_dataset(config.spec)
     rng = np.random.default_rng(config.holdout_seed)
     n = len(dataset)
     if config.max_images is not None and config.max_images < n:
         keep = np.sort(rng.permutation(n)[: config.max_images])
         dataset = dataset.subset(keep)
+    return dataset, rng
+
+
+def duplicate_groups(dataset: Dataset) -> list[list[int]]:
+    """Indices of the samples whose image files are byte-identical, grouped (groups of two or
+    more, each in dataset order, ordered by their first member).
+
+    Why: an image with a twin in the held-out split is scored after the models trained on it,
+    which lifts the mAP curve (the shared raccoon set holds four such pairs).
+    """
+    by_digest: dict[str, list[int]] = {}
+    for i, sample in enumerate(dataset.samples):
+        digest = hashlib.sha256(sample.image_path.read_bytes()).hexdigest()
+        by_digest.setdefault(digest, []).append(i)
+    return [group for group in by_digest.values() if len(group) > 1]
+
+
+def dataset_duplicates(config: DatasetConfig) -> list[list[str]]:
+    """The image ids of :func:`duplicate_groups` on the capped dataset, without decoding it."""
+    dataset, _ = _capped_dataset(config)
+    return [[dataset.samples[i].image_id for i in group] for group in duplicate_groups(dataset)]
+
+
+def split_holdout(
+    perm: np.ndarray, n_holdout: int, groups: Sequence[Sequence[int]] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(held-out, pool)`` indices, each sorted: the first ``n_holdout`` of ``perm`` are held
+    out, then each group of identical images joins the side of its first member whole.
+
+    Without groups this is the plain cut of ``perm``, so a dataset without duplicates keeps
+    the split (and the runs) it had before duplicates were grouped.
+    """
+    held = np.zeros(len(perm), dtype=bool)
+    held[perm[:n_holdout]] = True
+    for group in groups:
+        held[list(group)] = held[group[0]]
+    return np.flatnonzero(held), np.flatnonzero(~held)
+
+
+def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
+    """Load, cap (seeded, same for every run), decode, split off the held-out images.
+
+    An image that cannot be decoded is skipped with a warning (and listed in the
+    run's ``dataset.skipped_images``) before the split; only a dataset with no image
+    left is an error. Byte-identical images go to one side of the split together
+    (:func:`split_holdout`) and are listed in the run's ``dataset.duplicate_images``.
+    """
+    start = time.perf_counter()
+    dataset, rng = _capped_dataset(config)
     dataset, images = decode_images(dataset)
     n = len(dataset)
-    n_holdout = config.holdout_count(n)
-    perm = rng.permutation(n)
-    holdout_idx, pool_idx = np.sort(perm[:n_holdout]), np.sort(perm[n_holdout:])
+    groups = duplicate_groups(dataset)
+    holdout_idx, pool_idx = split_holdout(rng.permutation(n), config.holdout_count(n), groups)
+    if len(pool_idx) == 0:
+        raise ConfigError(f"{config.spec}: identical images leave no pool beside the held-out")
     name = config.display_name
     prepared = PreparedDataset(
         config,
@@ -292,6 +352,7 @@ def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
         dataset.subset(pool_idx, name=name),
         dataset.subset(holdout_idx, name=name),
         images,
+        duplicates=[[dataset.samples[i].image_id for i in group] for group in groups],
     )
     prepared.load_seconds = time.perf_counter() - start
     return prepared
@@ -354,8 +415,10 @@ def run_one(
 
     # ---- order the pool and cut it into batches
     features: np.ndarray | None = None
+    features_cached = False  # computed by an earlier run: not inside this run's wall time
     if approach.features is not None:
         say(f"features {approach.features}")
+        features_cached = approach.features in prepared.features
         features = pool_features(prepared, approach.features, config)
         seconds["features"] = prepared.feature_seconds[approach.features]
     start = time.perf_counter()
@@ -370,21 +433,33 @@ def run_one(
     holdout_images = [prepared.images[s.image_id] for s in prepared.holdout.samples]
     map_curve: list[dict[str, Any]] = []
 
-    def evaluate(detector: Detector, images_labeled: int, round_no: int) -> None:
+    def evaluate(
+        detector: Detector, images_labeled: int, round_no: int, trained_images: int
+    ) -> None:
+        """One mAP point; ``trained_images``: how many images the scored model trained on (0:
+        the COCO model), which for the loop may lag ``images_labeled`` (a rejected candidate
+        leaves its predecessor serving)."""
         if not holdout_gts:
             return
         start = time.perf_counter()
         preds = detector.predict(holdout_images)
         result = evaluate_map(holdout_gts, preds, labels, pool.ignore_overlap)
         seconds["evaluate"] += time.perf_counter() - start
-        map_curve.append({"round": round_no, "images_labeled": images_labeled, **result.to_dict()})
+        map_curve.append(
+            {
+                "round": round_no,
+                "images_labeled": images_labeled,
+                "trained_images": trained_images,
+                **result.to_dict(),
+            }
+        )
 
     pretrained: Detector | None = None
     if not approach.retrains:
         pretrained = pretrained_detector(
             config.pretrained, labels, config.prediction_floor, config.output_dir / "cache"
         )
-        evaluate(pretrained, 0, 0)
+        evaluate(pretrained, 0, 0, 0)
     loop: ProductLoop | None = None
     if approach.retrains and approach.detector == "yolox":
         loop = ProductLoop(
@@ -401,7 +476,7 @@ def run_one(
             warm_start=config.warm_start,
         )
         if loop.serving.detector is not None:
-            evaluate(loop.serving.detector, 0, 0)
+            evaluate(loop.serving.detector, 0, 0, 0)
 
     batch_records: list[dict[str, Any]] = []
     labeled: list[int] = []
@@ -444,7 +519,7 @@ def run_one(
                 seconds["train"] += record["seconds"]["train"]
                 record["gate"] = {"candidate": f"v{k}", **outcome.metrics()}
                 if loop.serving.detector is not None:
-                    evaluate(loop.serving.detector, len(labeled), k)
+                    evaluate(loop.serving.detector, len(labeled), k, len(loop.serving.trained_on))
             detector = loop.serving.detector
             record["serving_version"] = loop.serving.version
             record["gate_threshold"] = loop.serving.threshold
@@ -462,7 +537,7 @@ def run_one(
             record["seconds"]["train"] = time.perf_counter() - start
             seconds["train"] += record["seconds"]["train"]
             detector = wrap(model, labels, config.prediction_floor, config.train)
-            evaluate(detector, len(labeled), k)
+            evaluate(detector, len(labeled), k, len(labeled))
         if detector is None:  # nothing serves (B1 of the Faster R-CNN loop, unmapped labels)
             record.update(manual=True, predictions=None, corrections={})
         else:
@@ -475,7 +550,12 @@ def run_one(
             record["seconds"]["predict"] = time.perf_counter() - start
             seconds["predict"] += record["seconds"]["predict"]
             record["manual"] = False
-            record["model_images"] = len(labeled) if approach.retrains else 0
+            # what the serving model trained on (a rejected round keeps its predecessor's)
+            record["model_images"] = (
+                len(loop.serving.trained_on)
+                if loop is not None
+                else (len(labeled) if approach.retrains else 0)
+            )
             record["predictions"] = {
                 pool.samples[i].image_id: _boxes_json(p) for i, p in zip(batch, preds, strict=True)
             }
@@ -498,13 +578,16 @@ def run_one(
             wrap(model, labels, config.prediction_floor, config.train),
             len(labeled),
             len(plan),
+            len(labeled),
         )
 
-    seconds["total"] = time.perf_counter() - t_start + seconds["features"]
+    seconds["total"] = time.perf_counter() - t_start
+    if features_cached:  # computed by an earlier run: outside this run's wall time
+        seconds["total"] += seconds["features"]
     result = {
         "schema": SCHEMA,
         "run_id": RunId(prepared.name, approach, seed).slug,
-        "run_key": run_key(config, prepared.config),
+        "run_key": run_key(config, prepared.config, prepared.duplicates),
         "experiment": config.name,
         "dataset": {
             "name": prepared.name,
@@ -517,6 +600,7 @@ def run_one(
             "holdout_images": len(prepared.holdout),
             "holdout_ids": [s.image_id for s in prepared.holdout.samples],
             "skipped_images": [s.to_dict() for s in prepared.dataset.skipped],
+            "duplicate_images": prepared.duplicates,
             "max_images": prepared.config.max_images,
         },
         "approach": {
@@ -548,7 +632,29 @@ def run_one(
 
 
 # ---------------------------------------------------------------------------------- the grid
-def _cached(path: Path, config: ExperimentConfig, key: str) -> dict[str, Any] | None:
+@dataclass
+class _DatasetKeys:
+    """The run key a stored run of one dataset must carry to be reused.
+
+    A run records the dataset's groups of identical images (``dataset.duplicate_images``); a
+    run from before they were recorded is checked against the dataset's own groups, hashed
+    once and only when such a run turns up.
+    """
+
+    config: ExperimentConfig
+    dataset: DatasetConfig
+    found: list[list[str]] | None = None
+
+    def of(self, run: dict[str, Any]) -> str:
+        groups = run.get("dataset", {}).get("duplicate_images")
+        if groups is None:
+            if self.found is None:
+                self.found = dataset_duplicates(self.dataset)
+            groups = self.found
+        return run_key(self.config, self.dataset, groups)
+
+
+def _cached(path: Path, config: ExperimentConfig, keys: _DatasetKeys) -> dict[str, Any] | None:
     """A finished run with the same run key, its corrections completed for this config's grid."""
     if not path.is_file():
         return None
@@ -556,7 +662,7 @@ def _cached(path: Path, config: ExperimentConfig, key: str) -> dict[str, Any] | 
         data = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if data.get("schema") != SCHEMA or data.get("run_key") != key:
+    if data.get("schema") != SCHEMA or data.get("run_key") != keys.of(data):
         return None
     if refresh_corrections(data, config):
         write_json(path, data)
@@ -641,12 +747,12 @@ def run_grid(
     reused = 0
     bar = tqdm(total=total, desc=config.name, unit="run", disable=not show_progress)
     for ds_config in config.datasets:
-        key = run_key(config, ds_config)
+        keys = _DatasetKeys(config, ds_config)
         for approach in config.approaches:
             for seed in config.seeds:
                 path = out / "runs" / f"{RunId(ds_config.display_name, approach, seed).slug}.json"
                 order.append(path)
-                cached = None if force else _cached(path, config, key)
+                cached = None if force else _cached(path, config, keys)
                 if cached is not None:
                     done[path] = cached
                     reused += 1

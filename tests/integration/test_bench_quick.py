@@ -20,7 +20,7 @@ from benchmark.config import Approach, ConfigError, config_from_dict, load_confi
 from benchmark.corrections import batch_boxes
 from benchmark.datasets import SkippedImageWarning, default_shared_data, load_voc
 from benchmark.reports import run_workload
-from benchmark.runner import QUICK_GATE, QUICK_YOLOX
+from benchmark.runner import QUICK_GATE, QUICK_TRAIN, QUICK_YOLOX
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ("square", "disc")
@@ -177,7 +177,8 @@ def test_quick_bench_on_generated_dataset(
         f"name: shapes\noutput: {out}\nseeds: [0, 1]\nbatch_size: 4\nfinal_round: false\n"
         f"datasets:\n  - spec: voc:{root}\n    max_images: 24\n    holdout: 3\n"
         "approaches: [dissimilar:imgnet]\niou_thresholds: [0.5, 0.6]\nseconds_per_box: [10]\n"
-        # what --quick and --yolox set for the product's loop, so the runs are the same runs
+        # what --quick and --yolox set, so the runs are the same runs (the key holds train too)
+        f"train: {json.dumps(QUICK_TRAIN)}\n"
         f"yolox: {json.dumps({**QUICK_YOLOX, 'max_epochs': 2})}\ngate: {json.dumps(QUICK_GATE)}\n"
     )
     assert main(["bench", "--config", str(yaml_path), "--no-progress"]) == 0

@@ -63,3 +63,34 @@ def test_box_yaml_errors_name_the_file(tmp_path: Path) -> None:
     path.write_text("- voc:/x\n")
     with pytest.raises(ConfigError, match=r"box\.yaml: config must be a mapping, got list"):
         load_box_yaml(path)
+
+
+def test_box_bench_sizes_its_input_with_the_grids_side_bounds(tmp_path: Path) -> None:
+    """A wide (KITTI-like) dataset under ``yolox: {max_side: 512}``: the campaign's input is the
+    shape the training config gives (at most 512 wide), not the default bounds' 768-wide one
+    (``_Data.of`` built a config of ``input_area`` alone and dropped the side bounds)."""
+    from PIL import Image
+
+    from backend.training.yolox_train import input_shape_for
+    from benchmark.box_al import _Data
+    from benchmark.product_loop import yolox_config
+    from benchmark.runner import prepare_dataset
+
+    root = tmp_path / "kitti" / "training"
+    (root / "image_2").mkdir(parents=True)
+    (root / "label_2").mkdir()
+    for i in range(4):
+        Image.new("RGB", (1240, 376), (90 + i, 90, 90)).save(root / "image_2" / f"{i:06d}.png")
+        (root / "label_2" / f"{i:06d}.txt").write_text(
+            "Car 0.00 0 -0.20 100 150 300 250 1.89 0.48 1.20 1.84 1.47 8.41 0.01\n"
+        )
+    config = load_box_config(
+        {"datasets": [{"spec": f"kitti:{root}", "holdout": 1}], "yolox": {"max_side": 512}}
+    )
+    yolox = yolox_config(config.yolox, seed=0, threads=1)
+    data = _Data.of(prepare_dataset(config.datasets[0]), yolox)
+    sizes = [im.size for im in data.pool_images]
+    assert len(sizes) == 3
+    assert data.input_hw == input_shape_for(sizes, yolox)
+    assert data.input_hw[1] <= 512
+    assert data.input_hw != input_shape_for(sizes, yolox_config({}))  # the bound matters here

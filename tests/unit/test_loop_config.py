@@ -129,3 +129,23 @@ def test_seed_count_and_yaml_errors_of_the_grid_loader(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
     path.write_text("")
     assert load_yaml_mapping(path) == {}
+
+
+def test_a_prediction_floor_above_the_gates_floor_is_refused_before_the_grid_writes(
+    tmp_path: Path,
+) -> None:
+    """The product loop keeps the serving version's boxes down to ``prediction_floor`` only,
+    and the gate scores it down to its own ``score_floor``: a higher floor was found only when
+    the first loop started, partway through a grid."""
+    from benchmark.runner import resolved_training
+
+    data = {
+        "name": "g",
+        "output": str(tmp_path / "out"),
+        "datasets": [f"voc:{tmp_path}/x"],
+        "approaches": ["random"],
+        "prediction_floor": 0.2,
+    }
+    with pytest.raises(ConfigError, match=r"prediction_floor 0\.2 is above the gate.s lowest"):
+        resolved_training(config_from_dict(data))
+    resolved_training(config_from_dict({**data, "prediction_floor": 0.05}))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +12,14 @@ import pytest
 from backend.boxes import ANY_CLASS
 from benchmark.config import Approach, DatasetConfig, ExperimentConfig
 from benchmark.corrections import GATE, batch_boxes, correction_key, refresh_corrections
-from benchmark.reports import markdown_report, run_workload
+from benchmark.reports import (
+    SCHEMA,
+    StaleRunWarning,
+    load_grid_runs,
+    markdown_report,
+    run_workload,
+    write_report,
+)
 
 SIZE = [100, 100]
 CAT = [0, 0, 40, 40]
@@ -204,3 +214,108 @@ def test_counts_made_under_the_old_counted_rule_are_made_again() -> None:
     run["batches"][1]["corrections"][stale_key] = {"stale": True}
     assert refresh_corrections(run, cfg)
     assert "stale" not in run["batches"][1]["corrections"][stale_key]
+
+
+# ------------------------------------------------------------------ the runs of a grid's folder
+def grid_config() -> ExperimentConfig:
+    return config(datasets=[DatasetConfig("voc:/nowhere", name="voc:toy")], batch_size=1)
+
+
+def grid_run(slug: str = "dissimilar-imgnet", seed: int = 0, **changes: Any) -> dict[str, Any]:
+    """A stored run of :func:`grid_config`'s grid (key ``"now"``), with ``changes``."""
+    run = make_run("Dis (ImgNet)", seed, gate_threshold=None)
+    run["dataset"]["spec"] = "voc:/nowhere"
+    run["approach"]["slug"] = slug
+    run.update(schema=SCHEMA, run_key="now", batch_size=1)
+    run.update(changes)
+    return run
+
+
+def key_now(dataset: DatasetConfig, duplicates: Sequence[Sequence[str]]) -> str:
+    """The run key this code gives (``runner.run_key`` bound to the config, in the CLI)."""
+    assert dataset.display_name == "voc:toy"
+    return "now+twins" if duplicates else "now"
+
+
+def test_report_of_a_folder_reads_only_the_runs_of_its_grid(tmp_path: Path) -> None:
+    """Before, ``--report DIR`` averaged in every ``runs/*.json``: an earlier grid's seeds and
+    approaches, and runs made with another batch size or settings."""
+    twins = grid_run(seed=1, run_key="now+twins")
+    twins["dataset"]["duplicate_images"] = [["a", "b"]]
+    files = {
+        "kept_seed0": grid_run(),
+        "kept_seed1_twins": twins,
+        "other_seed": grid_run(seed=2),
+        "other_approach": grid_run("similar-imgnet"),
+        "other_batch_size": grid_run(batch_size=4),
+        "other_key": grid_run(run_key="older"),
+        "twins_old_key": {**twins, "run_key": "now"},
+        "unknown_schema": grid_run(schema=SCHEMA + 1),
+    }
+    other_dataset = grid_run()
+    other_dataset["dataset"]["name"] = "voc:other"
+    files["other_dataset"] = other_dataset
+    (tmp_path / "runs").mkdir()
+    for name, run in files.items():
+        (tmp_path / "runs" / f"{name}.json").write_text(json.dumps(run))
+    cfg = grid_config()
+    with pytest.warns(StaleRunWarning) as caught:
+        write_report(tmp_path, cfg, run_key=key_now)
+    message = str(caught[0].message)
+    skipped = sorted(set(files) - {"kept_seed0", "kept_seed1_twins"})
+    assert len(caught) == 1 and message.endswith(", ".join(f"{n}.json" for n in skipped))
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("Runs: 2; seeds 0, 1;") == 1
+    # without the key function (it lives in the runner): the grid's membership only
+    with pytest.warns(StaleRunWarning):
+        runs = load_grid_runs(tmp_path, cfg)
+    assert sorted(r["run_key"] for r in runs) == ["now", "now", "now+twins", "older"]
+
+
+def test_report_reads_runs_of_an_older_schema(tmp_path: Path) -> None:
+    """Stored results of the Faster R-CNN loop (schema 1) stay readable with ``--report``."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "old.json").write_text(json.dumps(grid_run(schema=1)))
+    assert [r["schema"] for r in load_grid_runs(tmp_path, grid_config())] == [1]
+
+
+def map_point(images: int, map50: float, trained: int | None) -> dict[str, Any]:
+    point: dict[str, Any] = {"images_labeled": images, "map50": map50, "map50_95": map50 / 2}
+    if trained is not None:
+        point["trained_images"] = trained
+    return point
+
+
+def map_row(run: dict[str, Any]) -> tuple[str, list[str]]:
+    cfg = config()
+    refresh_corrections(run, cfg)
+    table = markdown_report([run], cfg).split("### Table 6")[1].split("###")[0]
+    header = next(line for line in table.splitlines() if line.startswith("| Dataset"))
+    row = next(line for line in table.splitlines() if "| Dis (ImgNet) |" in line)
+    return table, [
+        f"{h.strip()}={c.strip(' *')}"
+        for h, c in zip(header.split("|")[3:-2], row.split("|")[3:-2], strict=True)
+    ]
+
+
+def test_first_model_column_reads_the_first_trained_model() -> None:
+    """The loop's first mAP point is the COCO model (and a rejected round leaves it serving):
+    before, Table 6 called it the model "trained on B1 only"."""
+    run = make_run("Dis (ImgNet)", 0, gate_threshold=None)
+    run["map_curve"] = [map_point(0, 0.2, 0), map_point(1, 0.25, 0), map_point(2, 0.5, 1)]
+    table, cells = map_row(run)
+    assert cells == [
+        "mAP@0.5 first trained model=0.500",
+        "its training images=1.000",
+        "mAP@0.5 final=0.500",
+        "mAP@[.5:.95] final=0.250",
+    ]
+    assert "trained on B1 only" not in table
+
+
+def test_stored_runs_without_trained_images_get_an_honest_column() -> None:
+    run = make_run("Dis (ImgNet)", 0, gate_threshold=None)
+    run["map_curve"] = [map_point(0, 0.2, None), map_point(2, 0.5, None)]
+    table, cells = map_row(run)
+    assert cells[0] == "mAP@0.5 first point=0.200"
+    assert "not always one trained on B1" in table and "trained on B1 only" not in table
