@@ -345,6 +345,8 @@ def prepare_dataset(config: DatasetConfig) -> PreparedDataset:
     holdout_idx, pool_idx = split_holdout(rng.permutation(n), config.holdout_count(n), groups)
     if len(pool_idx) == 0:
         raise ConfigError(f"{config.spec}: identical images leave no pool beside the held-out")
+    if len(holdout_idx) == 0 and config.holdout_count(n) > 0:
+        raise ConfigError(f"{config.spec}: identical images leave no held-out images")
     name = config.display_name
     prepared = PreparedDataset(
         config,

@@ -94,3 +94,50 @@ def test_box_bench_sizes_its_input_with_the_grids_side_bounds(tmp_path: Path) ->
     assert data.input_hw == input_shape_for(sizes, yolox)
     assert data.input_hw[1] <= 512
     assert data.input_hw != input_shape_for(sizes, yolox_config({}))  # the bound matters here
+
+
+def test_a_stored_box_run_is_found_by_the_identical_images_it_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one truncated file are twins to a file hash but skipped when decoding: the
+    lookup used the files' groups and the stored key the decoded ones, so such a run was never
+    found again (every invocation reran it; ``--report`` said no stored runs)."""
+    import io
+    import json
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    import benchmark.box_al as box_al
+    from benchmark.box_config import BoxBenchConfig
+    from benchmark.config import DatasetConfig
+    from benchmark.runner import dataset_duplicates, prepare_dataset
+    from tests.unit.test_runner_split import make_voc
+
+    root = tmp_path / "voc"
+    spec = make_voc(root, 12)
+    buffer = io.BytesIO()
+    pixels = (np.random.default_rng(0).random((24, 32, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(buffer, "JPEG")
+    for stem in ("img010", "img011"):  # the same cut-short download twice
+        (root / "JPEGImages" / f"{stem}.jpg").write_bytes(buffer.getvalue()[:-40])
+    dataset = DatasetConfig(spec=spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_dataset(dataset)
+    assert dataset_duplicates(dataset) == [["img010", "img011"]] and prepared.duplicates == []
+    config = BoxBenchConfig(datasets=(dataset,), seeds=(0,), output=str(tmp_path / "grid"))
+    run = {
+        "schema": box_al.SCHEMA,
+        "run_key": config.run_key(dataset, 0, prepared.duplicates),  # as run_dataset_seed stores
+        "duplicate_images": prepared.duplicates,
+        "curves": {a: [] for a in config.approaches},
+    }
+    (tmp_path / "grid" / "runs").mkdir(parents=True)
+    (tmp_path / "grid" / "runs" / f"{box_al._slug(dataset.display_name)}__seed0.json").write_text(
+        json.dumps(run)
+    )
+    monkeypatch.setattr(box_al, "write_box_report", lambda out, config, runs: [])
+    runs, _ = box_al.run_box_bench(config, progress=False, report_only=True)
+    assert [r["run_key"] for r in runs] == [run["run_key"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,10 @@ from benchmark.datasets.common import ZeroAreaBoxWarning
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48)) -> None:
+    """A flat image of a colour of its own (the split keeps byte-identical images together)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (120, 80, 40)).save(path)
+    shade = zlib.crc32(path.stem.encode()) % 200
+    Image.new("RGB", size, (120, 80, shade)).save(path)
 
 
 # ------------------------------------------------------------------------------ VOC

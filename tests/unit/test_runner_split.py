@@ -248,3 +248,13 @@ def test_map_points_say_what_their_model_trained_on(
     # the COCO model before B1 and after the rejected round 1; then v2, trained on 3 of 4
     assert points == [(0, 0), (2, 0), (4, 3)]
     assert json.loads(json.dumps(run))["map_curve"][2]["trained_images"] == 3
+
+
+def test_a_split_that_identical_images_leave_one_sided_is_refused(tmp_path: Path) -> None:
+    """Every image a copy of one: the group goes to one side whole, leaving no pool or no
+    held-out images, and a grid would run without a pool or score no mAP."""
+    from benchmark.config import ConfigError
+
+    spec = make_voc(tmp_path / "voc", 6, twins={i: 0 for i in range(1, 6)})
+    with pytest.raises(ConfigError, match="identical images leave no"):
+        runner.prepare_dataset(DatasetConfig(spec=spec, holdout=2))
