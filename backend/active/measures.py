@@ -1,7 +1,10 @@
 """Informativeness of boxes and images, and the top-K selection of an episode.
 
 Box measures (higher = query first), from a box's distribution over "class c" (objectness ×
-class score) and "background" (1 − objectness), renormalised to sum to 1:
+class score, P_c) and "no class" (the rest, 1 − Σ_c P_c). YOLOX's class scores are independent
+sigmoids: where the P_c sum past 1 they are scaled down to sum to 1 (and "no class" is 0). The
+rest is not renormalised away: a single-class box is [P, 1 − P] whatever its objectness, so a box
+of objectness 1 and class score 0.3 is as doubtful to entropy and margin as to uncertainty.
 
 * ``random``: a seeded permutation (the baseline);
 * ``uncertainty``: 1 − P, P the highest class probability (the paper's measure);
@@ -25,6 +28,7 @@ import numpy as np
 
 from backend.active.pool import BoxPool
 from backend.ordering.greedy import greedy_order
+from backend.ordering.strategies import seed_indices
 
 __all__ = [
     "MEASURES",
@@ -48,13 +52,18 @@ def check_measure(name: str) -> Measure:
 
 
 def _outcomes(pool: BoxPool) -> np.ndarray:
-    """``(N, C + 1)`` distribution over the classes and background, rows summing to 1."""
-    probs = np.concatenate([pool.class_probs, (1.0 - pool.objectness)[:, None]], axis=1).astype(
-        np.float64
-    )
-    probs = np.clip(probs, 0.0, None)
-    total = probs.sum(axis=1, keepdims=True)
-    return probs / np.where(total > 0, total, 1.0)
+    """``(N, C + 1)`` distribution over the classes and "no class", rows summing to 1.
+
+    The class outcomes are objectness × class score, scaled down only where they sum past 1
+    (independent sigmoids may); "no class" takes what they leave. Renormalising
+    ``[P_c, 1 − objectness]`` instead dropped the share objectness × (1 − Σ class scores): at
+    objectness 1 a single-class box was [1, 0], "certain", whatever its class score.
+    """
+    classes = np.clip(np.asarray(pool.class_probs, np.float64), 0.0, None)
+    total = classes.sum(axis=1, keepdims=True)
+    classes = classes / np.maximum(total, 1.0)
+    rest = np.clip(1.0 - classes.sum(axis=1, keepdims=True), 0.0, None)
+    return np.concatenate([classes, rest], axis=1)
 
 
 def box_scores(pool: BoxPool, measure: Measure, seed: int = 0) -> np.ndarray:
@@ -117,19 +126,25 @@ def _farthest_first(
     seed: int,
     ids: np.ndarray,
 ) -> np.ndarray:
-    """``k`` of ``ids`` (rows of ``features``) by farthest-first from ``labeled``."""
+    """``k`` of ``ids`` (rows of ``features``) by farthest-first from ``labeled``.
+
+    With nothing labelled the first pick is a ``seed``-drawn candidate (the ordering package's
+    seeded start), counted as the first of the ``k``: :func:`greedy_order` from an empty list
+    always starts at row 0, so every seed began with the same candidate.
+    """
     if k <= 0 or len(ids) == 0:
         return np.zeros(0, np.int64)
     feats = np.asarray(features, np.float32)
-    start: list[int] = []
+    picks_wanted = min(k, len(ids))
     if labeled is not None and len(labeled):
         feats = np.concatenate([np.asarray(labeled, np.float32), feats])
         start = list(range(len(labeled)))
-        offset = len(labeled)
+        offset, limit = len(labeled), picks_wanted
     else:
-        offset = 0
-    result = greedy_order(feats, "dissimilar", start, seed=seed, limit=min(k, len(ids)))
-    picks = [int(i) - offset for i in result.order[len(start) :]]
+        start = seed_indices(len(ids), 1, seed)  # the first pick
+        offset, limit = 0, picks_wanted - 1
+    result = greedy_order(feats, "dissimilar", start, seed=seed, limit=limit)
+    picks = [int(i) - offset for i in result.order[offset:]]
     return ids[np.asarray(picks, np.int64)]
 
 

@@ -5,11 +5,11 @@ learning in object detection") treats every predicted box as a sample an annotat
 to confirm, adjust or reject. The pool is predicted at a low threshold ``t_d`` (recall matters
 more than precision: a missed object can never be queried) and keeps, per box,
 
-* the distribution over "class c" and "background" the YOLOX head gives it (objectness × class
-  score for each class, and 1 − objectness), from which :mod:`backend.active.measures` derives
-  uncertainty, entropy and margin;
+* the scores the YOLOX head gives it for each class (objectness × class score), from which
+  :mod:`backend.active.measures` derives uncertainty, entropy and margin;
 * a feature vector for core-set: the head's stem map (the level's neck feature projected to one
-  width on all levels) pooled over the box by RoIAlign on the level whose row predicted it.
+  width on all levels) pooled over the box by RoIAlign on the level its size picks — the same
+  rule as for the labelled boxes (:func:`box_features_at`), so that one box has one feature.
 
 Inference here runs the PyTorch model (the one just trained), not the ONNX export: the served
 path returns boxes only, and the pool needs the per-class scores and the features.
@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.ops import batched_nms, roi_align
 
 from backend.boxes import Boxes
-from backend.detectors.yolox import STRIDES, YoloxNano, decode, grids
+from backend.detectors.yolox import STRIDES, YoloxNano, decode
 from backend.training.yolox_train import letterbox_tensor
 
 __all__ = ["BoxPool", "box_features_at", "pool_members", "predict_pool", "stems_width"]
@@ -44,7 +44,7 @@ class BoxPool:
         xyxy: ``(N, 4)`` float32 corners in the image's own pixels.
         labels: ``(N,)`` predicted class (arg-max of ``class_probs``).
         scores: ``(N,)`` detection probability P = objectness × best class score.
-        class_probs: ``(N, C)`` objectness × each class score (the background is 1 − objectness).
+        class_probs: ``(N, C)`` objectness × each class score ("no class" is what they leave).
         objectness: ``(N,)``.
         features: ``(N, D)`` float32 box features (core-set), or ``None`` when not computed.
         image_sizes: ``(width, height)`` of every image, by index.
@@ -123,8 +123,6 @@ def predict_pool(
     """
     model.eval()
     sizes = tuple((im.width, im.height) for im in images)
-    cells_stride = grids(input_hw)[1][:, 0]
-    level_of_row = torch.bucketize(cells_stride, torch.tensor(STRIDES, dtype=torch.float32))
     parts: list[BoxPool] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -141,12 +139,16 @@ def predict_pool(
             boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=1)
             order = batched_nms(boxes, scores[keep], labels[keep], nms_threshold)[:max_per_image]
             kept = keep[order]
-            boxes = boxes[order]
-            feats: np.ndarray | None = None
-            if with_features:
-                feats = _pool_features(stems, j, boxes, level_of_row[kept])
             r = float(ratios[j])
             width, height = sizes[index]
+            # clipped to the image (in input pixels) before pooling: the pool keeps the clipped
+            # box, and box_features_at pools exactly that once it is labelled
+            boxes = boxes[order]
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clamp(0, width * r)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clamp(0, height * r)
+            feats: np.ndarray | None = None
+            if with_features:
+                feats = _pool_features(stems, j, boxes, _levels_by_size(boxes))
             xyxy = (boxes / r).numpy().astype(np.float32)
             xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
             xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
@@ -202,8 +204,8 @@ def _concat_features(parts: Sequence[BoxPool]) -> np.ndarray:
     return np.concatenate([p.features for p in parts if p.features is not None])
 
 
-#: Box side (input pixels, √area) from which a box is pooled on the next coarser level. Boxes that
-#: no prediction row stands for (labelled boxes) are given a level by size, as FPN does.
+#: Box side (input pixels, √area) from which a box is pooled on the next coarser level. Every box,
+#: predicted or labelled, is given its level by size, as FPN does.
 LEVEL_SIDES = (64.0, 128.0)
 
 
@@ -216,7 +218,7 @@ def box_features_at(
     batch_size: int = 8,
 ) -> list[np.ndarray]:
     """Core-set features of given boxes (e.g. the labelled ones, L_B), one ``(M_i, D)`` array
-    per image, pooled like :func:`predict_pool`'s on the level their size picks. Boxes measured
+    per image, pooled like :func:`predict_pool`'s, on the level their size picks. Boxes measured
     on another copy of the image (their ``image_size``: Label Studio's ``original_width``) are
     scaled to the image first: taken as they were, they pooled the wrong place."""
     model.eval()
@@ -228,12 +230,19 @@ def box_features_at(
         for j, r in enumerate(ratios):
             given = boxes[start + j].in_frame(chunk[j].size)
             xyxy = torch.from_numpy(given.xyxy.astype(np.float32)).reshape(-1, 4) * float(r)
-            side = (
-                (xyxy[:, 2] - xyxy[:, 0]).clamp(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clamp(min=0)
-            ).sqrt()
-            levels = torch.bucketize(side, torch.tensor(LEVEL_SIDES))
-            out.append(_pool_features(stems, j, xyxy, levels))
+            out.append(_pool_features(stems, j, xyxy, _levels_by_size(xyxy)))
     return out
+
+
+def _levels_by_size(xyxy: torch.Tensor) -> torch.Tensor:
+    """Pyramid level of each box (``(M, 4)`` input pixels) by its side √area (:data:`LEVEL_SIDES`).
+
+    Both paths pool by this rule: a pool box pooled on the level of the row that predicted it
+    got another vector than the same box once labelled (a third of real boxes), so the core-set
+    saw a labelled box as far from its own prediction.
+    """
+    side = ((xyxy[:, 2] - xyxy[:, 0]).clamp(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clamp(min=0)).sqrt()
+    return torch.bucketize(side, torch.tensor(LEVEL_SIDES))
 
 
 def stems_width(model: YoloxNano) -> int:

@@ -138,6 +138,31 @@ def test_uncertainty_entropy_and_margin_rank_the_doubtful_box_first() -> None:
     assert box_scores(tie, "margin")[0] == pytest.approx(1.0)
 
 
+def test_entropy_and_margin_keep_the_share_no_class_takes() -> None:
+    """The box's outcomes were ``[P_c, 1 − objectness]`` renormalised: at objectness 1 a
+    single-class box was [1, 0], "certain", whatever its class score. "No class" takes what the
+    classes leave, so a single-class box is [P, 1 − P], as uncertainty reads it."""
+    obj = [1.0, 0.99, 0.9, 0.6]
+    pool = _pool([[0.3], [0.2], [0.9], [0.9]], obj)  # P = 0.3, 0.198, 0.81, 0.54
+    p = pool.scores.astype(np.float64)
+    binary = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    for measure in ("entropy", "margin"):
+        scores = box_scores(pool, measure)
+        assert scores[0] > scores[2] and scores[1] > scores[2], measure
+        assert scores[0] > 0.5, measure  # the objectness-1 box is doubtful, not certain
+    np.testing.assert_allclose(box_scores(pool, "entropy"), binary, rtol=1e-5)
+    np.testing.assert_allclose(box_scores(pool, "margin"), 1 - np.abs(2 * p - 1), rtol=1e-5)
+    # several classes: one leading class at objectness ~1 with a low score leaves most to
+    # "no class"; sigmoid scores summing past 1 are scaled to sum to 1 ("no class" then 0)
+    multi = _pool([[0.35, 0.05, 0.05], [0.95, 0.02, 0.02], [0.9, 0.8, 0.1]], [1.0, 1.0, 1.0])
+    entropy, margin = box_scores(multi, "entropy"), box_scores(multi, "margin")
+    dist0 = np.array([0.35, 0.05, 0.05, 0.55])
+    assert entropy[0] == pytest.approx(-(dist0 * np.log(dist0)).sum(), rel=1e-5)
+    assert margin[0] == pytest.approx(1 - (0.55 - 0.35), rel=1e-5)
+    assert entropy[0] > entropy[1] and margin[0] > margin[1]
+    assert margin[2] == pytest.approx(1 - (0.9 - 0.8) / 1.8, rel=1e-5)
+
+
 def test_selection_respects_eligibility_and_is_seeded() -> None:
     pool = _pool([[0.9, 0.1]] * 6, [0.5, 0.9, 0.2, 0.8, 0.3, 0.7])
     eligible = np.array([True, True, False, True, True, True])
@@ -171,6 +196,34 @@ def test_box_coreset_is_farthest_first_from_the_labelled_boxes() -> None:
         i >= 20
         for i in select_boxes(pool, "coreset", 5, eligible=eligible, labeled_features=labeled)
     )
+
+
+def test_coreset_with_nothing_labelled_starts_at_a_seeded_candidate() -> None:
+    """With no labelled boxes farthest-first started at candidate 0 whatever the seed."""
+    feats = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    pool = _pool([[1.0]] * 50, [0.5] * 50)
+    pool = BoxPool(**{**pool.__dict__, "features": feats})
+    firsts = {int(select_boxes(pool, "coreset", 4, seed=s)[0]) for s in range(6)}
+    assert len(firsts) > 1
+    a = select_boxes(pool, "coreset", 4, seed=3)
+    assert a.tolist() == select_boxes(pool, "coreset", 4, seed=3).tolist()
+    assert len(set(a.tolist())) == 4  # the seeded start is the first of K
+    # then farthest-first from it
+    rest = greedy_order(feats, "dissimilar", [int(a[0])], limit=3).order
+    assert a.tolist() == rest.tolist()
+    eligible = np.zeros(50, bool)
+    eligible[30:] = True
+    picked = select_boxes(pool, "coreset", 5, eligible=eligible, seed=1)
+    assert len(picked) == 5 and (picked >= 30).all()
+    assert select_boxes(pool, "coreset", 1, seed=2).tolist() == [
+        int(select_boxes(pool, "coreset", 4, seed=2)[0])
+    ]
+    # image-level core-set from no labelled image, too
+    firsts = {
+        int(select_images(range(50), "coreset", 2, image_features=feats, seed=s)[0])
+        for s in range(6)
+    }
+    assert len(firsts) > 1
 
 
 def test_greedy_order_with_a_limit_is_the_prefix_of_the_full_order() -> None:
@@ -297,6 +350,39 @@ def test_the_pool_keeps_each_box_distribution_and_feature() -> None:
     got = box_features_at(model, images[1:2], [pool.boxes(rows, 1)], (96, 160))
     assert got[0].shape == (len(rows), 64)
     assert select_boxes(pool, "coreset", 4).tolist() == select_boxes(pool, "coreset", 4).tolist()
+
+
+def test_a_pool_box_has_the_feature_it_gets_once_labelled() -> None:
+    """The pool pooled a box on the level of the row that predicted it, the labelled boxes on
+    the level their size picks: the same box had two features and the core-set saw a labelled
+    box as far from its own prediction."""
+    torch.manual_seed(0)
+    model = YoloxNano(num_classes=3).eval()
+    # stride-8 rows predict nothing; stride-16 rows boxes of 32 px (size level 0), stride-32
+    # rows boxes of 96 px (size level 1): every box's row is a level off its size's
+    with torch.no_grad():
+        for level, (objectness, strides_wide) in zip(
+            model.head.per_level(), [(-9.0, 1.0), (2.0, 2.0), (4.0, 3.0)], strict=True
+        ):
+            assert level.obj_pred.bias is not None and level.cls_pred.bias is not None
+            assert level.reg_pred.bias is not None
+            level.obj_pred.bias.fill_(objectness)
+            level.cls_pred.bias.fill_(0.0)
+            level.reg_pred.bias[2:].fill_(float(np.log(strides_wide)))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)) for _ in range(2)]
+    hw = (192, 320)  # twice the image
+    pool = predict_pool(model, images, hw, score_threshold=0.01, max_per_image=100)
+    assert pool.features is not None
+    per_image = [pool.boxes(pool.rows_of(i), i) for i in range(len(images))]
+    again = np.concatenate(box_features_at(model, images, per_image, hw))
+    # boxes clipped at the image's edge too: the pool pools the box it keeps
+    edge = (pool.xyxy[:, :2] <= 0).any(1) | (pool.xyxy[:, 2] >= 160) | (pool.xyxy[:, 3] >= 90)
+    assert edge.any() and (~edge).any()
+    side = np.sqrt(np.prod(pool.xyxy[:, 2:] - pool.xyxy[:, :2], axis=1)) * 2
+    sizes = np.searchsorted([64.0, 128.0], side)
+    assert len(set(sizes.tolist())) >= 2, sizes  # more than one level is compared
+    np.testing.assert_allclose(again, pool.features, atol=1e-4)
 
 
 def test_the_pool_keeps_boxes_above_t_d_and_tops_up_to_k_while_scores_are_low() -> None:
