@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -27,7 +26,7 @@ import backend.service as service_module
 from backend.app import create_app
 from backend.boxes import Boxes
 from backend.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import serve_app
 from tests.synthetic import LABEL_CONFIG, write_dataset
 
 
@@ -201,21 +200,8 @@ def test_bodies_over_the_limit_get_413_unread(tmp_path: Path, images: list[Path]
 
 
 def _serve(settings: Settings) -> Iterator[int]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
+    with serve_app(settings) as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

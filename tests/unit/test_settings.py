@@ -9,20 +9,16 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from backend.app import create_app
 from backend.cli import main
 from backend.settings import SettingsError, load_settings
 from backend.training.gate import GateConfig
 from backend.training.yolox_train import YoloxTrainConfig, input_shape_for
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, serve_app
 
 
 @pytest.mark.parametrize(
@@ -351,35 +347,22 @@ def test_the_docker_health_probe_sends_the_configured_credentials(tmp_path: Path
         basic_auth_user="ls",
         basic_auth_password="pässword",
     )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("BOXLOOP_")}
-    base.update(PYTHONPATH=str(REPO), BOXLOOP_PORT=str(port))
+    with serve_app(settings) as port:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BOXLOOP_")}
+        base.update(PYTHONPATH=str(REPO), BOXLOOP_PORT=str(port))
 
-    def probe_with(**env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, str(probe)],
-            env={**base, **env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        def probe_with(**env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, str(probe)],
+                env={**base, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
-    try:
         assert probe_with(BOXLOOP_AUTH_TOKEN="t0ken").returncode == 0
         basic = probe_with(BOXLOOP_BASIC_AUTH_USER="ls", BOXLOOP_BASIC_AUTH_PASSWORD="pässword")
         assert basic.returncode == 0, basic.stderr
         refused = probe_with()  # the server keeps its auth: no credentials, no health
         assert refused.returncode == 1 and "401" in refused.stderr
         assert probe_with(BOXLOOP_AUTH_TOKEN="wrong").returncode == 1
-    finally:
-        server.should_exit = True
-        thread.join(10)
