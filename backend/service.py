@@ -229,7 +229,8 @@ class BoxloopService:
         else:
             raise ServiceError(422, "the request names no project and has no label_config")
         model = self.current_model(project_id, config.labels)
-        source = self.studio.image_source_of(project_id)  # its id resolves cloud URIs
+        studio = self.studio  # the stored project is not read again; its id resolves cloud URIs
+        source = studio.image_source(stored) if stored else studio.image_source_of(project_id)
         references = [self._image_reference(task, config) for task in tasks]
         futures = [
             self._fetch_pool.submit(load_image, ref[1], source, client=self._http)
